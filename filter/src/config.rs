@@ -1,0 +1,195 @@
+//! The plugin configuration: typed, strict, parsed once at configure time.
+
+use crate::route::Scope;
+use serde::Deserialize;
+
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 256 * 1024 * 1024;
+pub const DEFAULT_SIDECAR_CLUSTER: &str = "layer_sidecar";
+pub const DEFAULT_MIRROR_TIMEOUT_MS: u64 = 200;
+pub const DEFAULT_SIDECAR_TIMEOUT_MS: u64 = 30_000;
+
+/// How callers authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// The bearer is the caller's Turbopuffer key, forwarded unchanged.
+    #[default]
+    Passthrough,
+    /// Gateway keys with scopes; the upstream key comes from this configuration.
+    Keys,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    name: String,
+    sha256: String,
+    scope: Scope,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    auth_mode: AuthMode,
+    #[serde(default)]
+    keys: Vec<RawKey>,
+    upstream_api_key: Option<String>,
+    max_body_bytes: Option<u64>,
+    sidecar_cluster: Option<String>,
+    mirror_timeout_ms: Option<u64>,
+    sidecar_timeout_ms: Option<u64>,
+}
+
+/// A gateway key: its SHA-256 digest and scope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayKey {
+    pub name: String,
+    pub digest: [u8; 32],
+    pub scope: Scope,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub auth_mode: AuthMode,
+    pub keys: Vec<GatewayKey>,
+    /// The Turbopuffer key sent upstream in `keys` mode.
+    pub upstream_api_key: Option<String>,
+    pub max_body_bytes: u64,
+    pub sidecar_cluster: String,
+    pub mirror_timeout_ms: u64,
+    pub sidecar_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            auth_mode: AuthMode::Passthrough,
+            keys: Vec::new(),
+            upstream_api_key: None,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            sidecar_cluster: DEFAULT_SIDECAR_CLUSTER.to_owned(),
+            mirror_timeout_ms: DEFAULT_MIRROR_TIMEOUT_MS,
+            sidecar_timeout_ms: DEFAULT_SIDECAR_TIMEOUT_MS,
+        }
+    }
+}
+
+impl Config {
+    /// Parses and validates the plugin configuration; an empty configuration means defaults.
+    pub fn parse(bytes: &[u8]) -> Result<Config, String> {
+        let raw: RawConfig = if bytes.iter().all(u8::is_ascii_whitespace) {
+            RawConfig::default()
+        } else {
+            serde_json::from_slice(bytes).map_err(|e| format!("invalid plugin configuration: {e}"))?
+        };
+        let mut keys = Vec::with_capacity(raw.keys.len());
+        for k in raw.keys {
+            let digest = parse_digest(&k.sha256)
+                .ok_or_else(|| format!("key '{}': sha256 must be 64 hex digits", k.name))?;
+            keys.push(GatewayKey {
+                name: k.name,
+                digest,
+                scope: k.scope,
+            });
+        }
+        let upstream_api_key = raw.upstream_api_key.filter(|k| !k.is_empty());
+        if raw.auth_mode == AuthMode::Keys {
+            if keys.is_empty() {
+                return Err("auth_mode \"keys\" needs at least one entry in keys".to_owned());
+            }
+            if upstream_api_key.is_none() {
+                return Err("auth_mode \"keys\" needs upstream_api_key".to_owned());
+            }
+        } else if !keys.is_empty() {
+            return Err("keys are only used with auth_mode \"keys\"".to_owned());
+        }
+        let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        if max_body_bytes == 0 {
+            return Err("max_body_bytes must be positive".to_owned());
+        }
+        let sidecar_cluster = raw
+            .sidecar_cluster
+            .unwrap_or_else(|| DEFAULT_SIDECAR_CLUSTER.to_owned());
+        if sidecar_cluster.is_empty() {
+            return Err("sidecar_cluster must not be empty".to_owned());
+        }
+        let mirror_timeout_ms = raw.mirror_timeout_ms.unwrap_or(DEFAULT_MIRROR_TIMEOUT_MS);
+        let sidecar_timeout_ms = raw.sidecar_timeout_ms.unwrap_or(DEFAULT_SIDECAR_TIMEOUT_MS);
+        if mirror_timeout_ms == 0 || sidecar_timeout_ms == 0 {
+            return Err("timeouts must be positive".to_owned());
+        }
+        Ok(Config {
+            auth_mode: raw.auth_mode,
+            keys,
+            upstream_api_key,
+            max_body_bytes,
+            sidecar_cluster,
+            mirror_timeout_ms,
+            sidecar_timeout_ms,
+        })
+    }
+}
+
+fn parse_digest(hex: &str) -> Option<[u8; 32]> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const DIGEST: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    #[test]
+    fn empty_config_gives_defaults() {
+        assert_eq!(Config::parse(b"").unwrap(), Config::default());
+        assert_eq!(Config::parse(b"{}").unwrap(), Config::default());
+        assert_eq!(Config::default().max_body_bytes, 268_435_456);
+    }
+
+    #[test]
+    fn keys_mode() {
+        let c = Config::parse(
+            format!(r#"{{"auth_mode":"keys","keys":[{{"name":"ci","sha256":"{DIGEST}","scope":"write"}}],"upstream_api_key":"tpuf"}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(c.auth_mode, AuthMode::Keys);
+        assert_eq!(c.keys[0].scope, Scope::Write);
+        assert_eq!(c.keys[0].digest[0], 0x9f);
+        assert_eq!(c.upstream_api_key.as_deref(), Some("tpuf"));
+    }
+
+    #[test]
+    fn bad_configs_fail_loudly() {
+        for bad in [
+            r#"{"unknown":1}"#,
+            r#"{"auth_mode":"open"}"#,
+            r#"{"auth_mode":"keys","upstream_api_key":"x"}"#,
+            r#"{"auth_mode":"keys","keys":[{"name":"a","sha256":"abc","scope":"read"}],"upstream_api_key":"x"}"#,
+            r#"{"auth_mode":"keys","keys":[{"name":"a","sha256":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08","scope":"read"}]}"#,
+            r#"{"auth_mode":"keys","keys":[{"name":"a","sha256":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08","scope":"root"}],"upstream_api_key":"x"}"#,
+            r#"{"keys":[{"name":"a","sha256":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08","scope":"read"}]}"#,
+            r#"{"max_body_bytes":0}"#,
+            r#"{"max_body_bytes":-1}"#,
+            r#"{"mirror_timeout_ms":0}"#,
+            r#"{"sidecar_cluster":""}"#,
+            "not json",
+        ] {
+            assert!(Config::parse(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,604 @@
+//! The per-request state machine. The glue feeds it what Envoy reports and carries out the
+//! [`Step`] it returns; every decision (and the counters it implies) is made here.
+
+use crate::auth::{authenticate, Credential};
+use crate::body::{is_gzip, BodyBuffer, BodyError};
+use crate::config::{AuthMode, Config};
+use crate::error::LocalReply;
+use crate::metrics::Counter;
+use crate::outcome::{classify, ResponseClass};
+use crate::response::strip_affected_ids;
+use crate::route::{self, Route};
+use crate::sidecar_api;
+use crate::write::{plan, render, WritePlan};
+
+/// What Envoy reported about the request headers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestHead<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub authorization: Option<&'a str>,
+    pub content_length: Option<&'a str>,
+    pub content_encoding: Option<&'a str>,
+    pub content_type: Option<&'a str>,
+    pub request_id: &'a str,
+    pub end_of_stream: bool,
+}
+
+/// Header changes for the glue to make before it carries out the step.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HeaderEdits {
+    pub set: Vec<(&'static str, String)>,
+    pub remove: Vec<&'static str>,
+}
+
+/// What a callout is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Mirror,
+    Purge,
+    /// A pipeline or document-fetch request answered by the sidecar.
+    Route,
+}
+
+/// An HTTP call to the sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Callout {
+    pub purpose: Purpose,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub timeout_ms: u64,
+}
+
+/// What the glue does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Let the stream go on.
+    Continue,
+    /// Hold the stream (Envoy keeps buffering).
+    Pause,
+    /// Send this reply locally; the request is over.
+    Reply(LocalReply),
+    /// Replace the buffered body when given, then let the stream go on.
+    Forward(Option<Vec<u8>>),
+    /// Dispatch this callout and hold the stream until [`Exchange::on_callout_answer`].
+    Dispatch(Callout),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Start,
+    /// Collecting the request body.
+    Buffering,
+    /// The request went upstream.
+    Upstream,
+    /// Waiting for the sidecar to answer a route callout.
+    AwaitingRoute,
+    /// Collecting the response body (to read affected ids or replace the body).
+    ResponseBuffering,
+    /// Waiting for a mirror or purge callout before the response goes on.
+    AwaitingMirror,
+    /// A local reply was sent; nothing else happens.
+    Replied,
+    Done,
+}
+
+/// The write that went upstream, kept for the mirror.
+struct Sent {
+    namespace: String,
+    stamp: u64,
+    body: Vec<u8>,
+    plan: WritePlan,
+}
+
+/// One request's state.
+pub struct Exchange {
+    phase: Phase,
+    route: Route,
+    body: Option<BodyBuffer>,
+    sent: Option<Sent>,
+    /// Replacement for a router-made response body.
+    rewrite: Option<LocalReply>,
+    method: String,
+    path: String,
+    content_type: Option<String>,
+    forward_authorization: Option<String>,
+    request_id: String,
+    callout_purpose: Option<Purpose>,
+    callout_started_ms: u64,
+    max_body_bytes: u64,
+    mirror_timeout_ms: u64,
+    sidecar_timeout_ms: u64,
+    sidecar_cluster: String,
+    counters: Vec<Counter>,
+}
+
+impl Default for Exchange {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Exchange {
+    pub fn new() -> Self {
+        Exchange {
+            phase: Phase::Start,
+            route: Route::Other,
+            body: None,
+            sent: None,
+            rewrite: None,
+            method: String::new(),
+            path: String::new(),
+            content_type: None,
+            forward_authorization: None,
+            request_id: String::new(),
+            callout_purpose: None,
+            callout_started_ms: 0,
+            max_body_bytes: 0,
+            mirror_timeout_ms: 0,
+            sidecar_timeout_ms: 0,
+            sidecar_cluster: String::new(),
+            counters: Vec::new(),
+        }
+    }
+
+    /// Counters incremented since the last call.
+    pub fn take_counters(&mut self) -> Vec<Counter> {
+        std::mem::take(&mut self.counters)
+    }
+
+    pub fn route(&self) -> &Route {
+        &self.route
+    }
+
+    /// The callout the exchange is waiting for, if any.
+    pub fn awaiting(&self) -> Option<Purpose> {
+        self.callout_purpose
+    }
+
+    fn reply(&mut self, reply: LocalReply) -> Step {
+        self.phase = Phase::Replied;
+        self.body = None;
+        Step::Reply(reply)
+    }
+
+    /// Request headers: authenticate, classify, decide whether to buffer.
+    pub fn on_request_headers(&mut self, config: &Config, head: &RequestHead<'_>) -> (HeaderEdits, Step) {
+        let mut edits = HeaderEdits::default();
+        if self.phase != Phase::Start {
+            return (edits, Step::Continue);
+        }
+        self.route = route::classify(head.method, head.path);
+        if self.route == Route::Other {
+            self.phase = Phase::Upstream;
+            return (edits, Step::Continue);
+        }
+        let scope = route::required_scope(head.method, head.path);
+        match authenticate(config, head.authorization, scope) {
+            Ok(Credential::Keep) => {
+                self.forward_authorization = head.authorization.map(str::to_owned);
+            }
+            Ok(Credential::Replace(value)) => edits.set.push(("authorization", value)),
+            Err(reply) => {
+                self.counters.push(if reply.status == 401 {
+                    Counter::Unauthorized
+                } else {
+                    Counter::Forbidden
+                });
+                log::info!("request {}: rejected by auth ({})", head.request_id, reply.status);
+                return (edits, self.reply(reply));
+            }
+        }
+        if config.auth_mode == AuthMode::Keys {
+            self.forward_authorization = None;
+        }
+        self.request_id = head.request_id.to_owned();
+        self.max_body_bytes = config.max_body_bytes;
+        self.mirror_timeout_ms = config.mirror_timeout_ms;
+        self.sidecar_timeout_ms = config.sidecar_timeout_ms;
+        self.sidecar_cluster = config.sidecar_cluster.clone();
+        if !self.route.needs_body() {
+            self.phase = Phase::Upstream;
+            return (edits, Step::Continue);
+        }
+        if let Some(len) = head.content_length.and_then(|v| v.trim().parse::<u64>().ok()) {
+            if len > config.max_body_bytes {
+                self.counters.push(Counter::PayloadTooLarge);
+                return (
+                    edits,
+                    self.reply(LocalReply::payload_too_large(config.max_body_bytes)),
+                );
+            }
+        }
+        let gzip = is_gzip(head.content_encoding);
+        if let Some(enc) = head
+            .content_encoding
+            .filter(|e| !gzip && !e.trim().eq_ignore_ascii_case("identity"))
+        {
+            self.counters.push(Counter::WritesRejected("bad_encoding"));
+            let message = format!(
+                "unsupported content-encoding '{}'; send identity or gzip",
+                enc.trim()
+            );
+            return (edits, self.reply(LocalReply::validation(&message)));
+        }
+        if gzip {
+            self.counters.push(Counter::GzipDecoded);
+            edits.remove.push("content-encoding");
+        }
+        edits.remove.push("content-length");
+        if matches!(self.route, Route::Write { .. }) {
+            // The filter reads write responses (affected ids); keep them uncompressed.
+            edits.remove.push("accept-encoding");
+        }
+        self.method = head.method.to_owned();
+        self.path = head.path.to_owned();
+        self.content_type = head.content_type.map(str::to_owned);
+        self.body = Some(BodyBuffer::new(config.max_body_bytes, gzip));
+        self.phase = Phase::Buffering;
+        if head.end_of_stream {
+            return (edits, self.finish_request(0));
+        }
+        (edits, Step::Pause)
+    }
+
+    /// A request body chunk. `now_ms` is read only if the body completes.
+    pub fn on_request_body(&mut self, chunk: &[u8], end_of_stream: bool, now_ms: u64) -> Step {
+        if self.phase != Phase::Buffering {
+            return Step::Continue;
+        }
+        let pushed = match self.body.as_mut() {
+            Some(body) => body.push(chunk),
+            None => Ok(()),
+        };
+        if let Err(e) = pushed {
+            return self.body_error(e);
+        }
+        if end_of_stream {
+            self.finish_request(now_ms)
+        } else {
+            Step::Pause
+        }
+    }
+
+    /// Request trailers end the body (HTTP/2 requests may never flag end of stream on the body).
+    pub fn on_request_trailers(&mut self, now_ms: u64) -> Step {
+        if self.phase != Phase::Buffering {
+            return Step::Continue;
+        }
+        self.finish_request(now_ms)
+    }
+
+    fn body_error(&mut self, e: BodyError) -> Step {
+        match e {
+            BodyError::TooLarge => {
+                self.counters.push(Counter::PayloadTooLarge);
+                self.reply(LocalReply::payload_too_large(self.max_body_bytes))
+            }
+            BodyError::BadGzip(reason) => {
+                self.counters.push(Counter::WritesRejected("bad_encoding"));
+                self.reply(LocalReply::validation(&format!(
+                    "request body is not valid gzip: {reason}"
+                )))
+            }
+        }
+    }
+
+    fn finish_request(&mut self, now_ms: u64) -> Step {
+        let Some(buffer) = self.body.take() else {
+            return Step::Continue;
+        };
+        let decoded = match buffer.finish() {
+            Ok(b) => b,
+            Err(e) => return self.body_error(e),
+        };
+        match self.route.clone() {
+            Route::Write { namespace } => self.finish_write(namespace, decoded, now_ms),
+            Route::Pipeline | Route::DocumentFetch => {
+                self.phase = Phase::AwaitingRoute;
+                self.callout_purpose = Some(Purpose::Route);
+                self.callout_started_ms = now_ms;
+                self.counters.push(Counter::SidecarRouted);
+                let mut headers = self.callout_headers(&self.method.clone(), &self.path.clone());
+                if let Some(ct) = &self.content_type {
+                    headers.push(("content-type".to_owned(), ct.clone()));
+                }
+                if let Some(auth) = &self.forward_authorization {
+                    headers.push(("authorization".to_owned(), auth.clone()));
+                }
+                Step::Dispatch(Callout {
+                    purpose: Purpose::Route,
+                    headers,
+                    body: decoded,
+                    timeout_ms: self.sidecar_timeout_ms,
+                })
+            }
+            _ => {
+                self.phase = Phase::Upstream;
+                Step::Continue
+            }
+        }
+    }
+
+    fn finish_write(&mut self, namespace: String, body: Vec<u8>, stamp: u64) -> Step {
+        let plan = match plan(&body) {
+            Ok(p) => p,
+            Err(rejection) => {
+                self.counters.push(Counter::WritesRejected(rejection.reason()));
+                log::info!(
+                    "request {}: write to '{namespace}' rejected: {}",
+                    self.request_id,
+                    rejection.reason()
+                );
+                return self.reply(LocalReply::validation(&rejection.message()));
+            }
+        };
+        self.counters.push(Counter::WritesAccepted);
+        if plan.stamped_rows > 0 {
+            self.counters.push(Counter::RowsStamped(plan.stamped_rows));
+        }
+        if plan.response_driven && !plan.client_wants_ids {
+            self.counters.push(Counter::AffectedIdsRequested);
+        }
+        log::debug!(
+            "request {}: write to '{namespace}' accepted, {} rows stamped at {stamp}",
+            self.request_id,
+            plan.stamped_rows
+        );
+        self.phase = Phase::Upstream;
+        // The body is replaced whenever it changed or was decoded from gzip.
+        let out = if plan.is_identity() {
+            body
+        } else {
+            render(&body, &plan, stamp)
+        };
+        let forward = out.clone();
+        if plan.mirrors {
+            self.sent = Some(Sent {
+                namespace,
+                stamp,
+                body: out,
+                plan,
+            });
+        }
+        Step::Forward(Some(forward))
+    }
+
+    fn callout_headers(&self, method: &str, path: &str) -> Vec<(String, String)> {
+        vec![
+            (":method".to_owned(), method.to_owned()),
+            (":path".to_owned(), path.to_owned()),
+            (":authority".to_owned(), self.sidecar_cluster.clone()),
+            (sidecar_api::REQUEST_ID_HEADER.to_owned(), self.request_id.clone()),
+        ]
+    }
+
+    fn json_callout(&mut self, purpose: Purpose, path: &str, body: Vec<u8>, now_ms: u64) -> Step {
+        let mut headers = self.callout_headers("POST", path);
+        headers.push(("content-type".to_owned(), "application/json".to_owned()));
+        self.phase = Phase::AwaitingMirror;
+        self.callout_purpose = Some(purpose);
+        self.callout_started_ms = now_ms;
+        Step::Dispatch(Callout {
+            purpose,
+            headers,
+            body,
+            timeout_ms: self.mirror_timeout_ms,
+        })
+    }
+
+    /// Response headers. `code_details` is Envoy's `response.code_details`.
+    pub fn on_response_headers(
+        &mut self,
+        status: u16,
+        code_details: Option<&str>,
+        end_of_stream: bool,
+        now_ms: u64,
+    ) -> (HeaderEdits, Step) {
+        let mut edits = HeaderEdits::default();
+        if self.phase != Phase::Upstream {
+            return (edits, Step::Continue);
+        }
+        if let ResponseClass::Rewrite(reply) = classify(status, code_details) {
+            self.counters.push(match reply.status {
+                504 => Counter::GatewayTimeout,
+                413 => Counter::PayloadTooLarge,
+                _ => Counter::UpstreamError,
+            });
+            log::warn!(
+                "request {}: no upstream response ({code_details:?}), answering {}",
+                self.request_id,
+                reply.status
+            );
+            edits.set.push((":status", reply.status.to_string()));
+            edits.set.push(("content-type", "application/json".to_owned()));
+            edits.remove.push("content-length");
+            self.sent = None;
+            if end_of_stream {
+                self.phase = Phase::Done;
+                return (edits, Step::Continue);
+            }
+            self.rewrite = Some(reply);
+            self.phase = Phase::ResponseBuffering;
+            return (edits, Step::Continue);
+        }
+        let success = (200..300).contains(&status);
+        if !success {
+            self.phase = Phase::Done;
+            self.sent = None;
+            return (edits, Step::Continue);
+        }
+        match &self.route {
+            Route::DeleteNamespace { namespace } => {
+                let body = sidecar_api::purge_body(namespace);
+                (
+                    edits,
+                    self.json_callout(Purpose::Purge, sidecar_api::PURGE_PATH, body, now_ms),
+                )
+            }
+            Route::Write { .. } => match &self.sent {
+                Some(sent) if sent.plan.response_driven && !end_of_stream => {
+                    if !sent.plan.client_wants_ids {
+                        edits.remove.push("content-length");
+                    }
+                    self.phase = Phase::ResponseBuffering;
+                    (edits, Step::Continue)
+                }
+                Some(_) => {
+                    let step = self.mirror(None, now_ms);
+                    (edits, step)
+                }
+                None => {
+                    self.phase = Phase::Done;
+                    (edits, Step::Continue)
+                }
+            },
+            _ => {
+                self.phase = Phase::Done;
+                (edits, Step::Continue)
+            }
+        }
+    }
+
+    /// Whether the glue should hold response body chunks until the end of the stream.
+    pub fn wants_response_body(&self) -> bool {
+        self.phase == Phase::ResponseBuffering
+    }
+
+    /// The whole response body, once the stream ended. Returns a replacement body (if any) and
+    /// the next step.
+    pub fn on_response_complete(&mut self, body: &[u8], now_ms: u64) -> (Option<Vec<u8>>, Step) {
+        if self.phase != Phase::ResponseBuffering {
+            return (None, Step::Continue);
+        }
+        if let Some(reply) = self.rewrite.take() {
+            self.phase = Phase::Done;
+            return (Some(reply.body), Step::Continue);
+        }
+        let strip = self.sent.as_ref().is_some_and(|s| !s.plan.client_wants_ids);
+        let replacement = if strip { strip_affected_ids(body) } else { None };
+        if replacement.is_some() {
+            self.counters.push(Counter::AffectedIdsStripped);
+        }
+        let step = self.mirror(Some(body), now_ms);
+        (replacement, step)
+    }
+
+    fn mirror(&mut self, response: Option<&[u8]>, now_ms: u64) -> Step {
+        let Some(sent) = self.sent.take() else {
+            self.phase = Phase::Done;
+            return Step::Continue;
+        };
+        let body = sidecar_api::mirror_body(&sent.namespace, sent.stamp, &sent.body, response);
+        self.json_callout(Purpose::Mirror, sidecar_api::MIRROR_PATH, body, now_ms)
+    }
+
+    /// The sidecar answered a callout. `status` is `None` when the call failed (reset, timeout,
+    /// no `:status`).
+    pub fn on_callout_answer(
+        &mut self,
+        status: Option<u16>,
+        headers: &[(String, String)],
+        body: Vec<u8>,
+        now_ms: u64,
+    ) -> Step {
+        let Some(purpose) = self.callout_purpose.take() else {
+            return Step::Continue;
+        };
+        let elapsed = now_ms.saturating_sub(self.callout_started_ms);
+        match purpose {
+            Purpose::Route => {
+                if self.phase != Phase::AwaitingRoute {
+                    return Step::Continue;
+                }
+                match status {
+                    Some(status) => {
+                        let keep = ["content-type", "x-layer-cache", "retry-after", "location"];
+                        let headers = headers
+                            .iter()
+                            .filter(|(k, _)| keep.contains(&k.to_ascii_lowercase().as_str()))
+                            .cloned()
+                            .collect();
+                        self.reply(LocalReply {
+                            status,
+                            body,
+                            headers,
+                        })
+                    }
+                    None => {
+                        self.counters.push(Counter::SidecarUnavailable);
+                        let why = if elapsed >= self.sidecar_timeout_ms {
+                            "timed out"
+                        } else {
+                            "no response"
+                        };
+                        self.reply(LocalReply::cache_unavailable(why))
+                    }
+                }
+            }
+            Purpose::Mirror | Purpose::Purge => {
+                if self.phase != Phase::AwaitingMirror {
+                    return Step::Continue;
+                }
+                self.phase = Phase::Done;
+                let ok = status.is_some_and(|s| (200..300).contains(&s));
+                let counter = match (purpose, ok) {
+                    (Purpose::Purge, true) => Counter::PurgeOk,
+                    (Purpose::Purge, false) => Counter::PurgeFailed,
+                    (_, true) => Counter::MirrorOk,
+                    (_, false) if status.is_none() && elapsed >= self.mirror_timeout_ms => {
+                        Counter::MirrorTimeout
+                    }
+                    (_, false) => Counter::MirrorFailed,
+                };
+                if !ok {
+                    log::warn!(
+                        "request {}: {purpose:?} callout failed (status {status:?})",
+                        self.request_id
+                    );
+                }
+                self.counters.push(counter);
+                Step::Continue
+            }
+        }
+    }
+
+    /// The glue could not dispatch the callout (unknown cluster, bad headers).
+    pub fn on_callout_dispatch_failed(&mut self) -> Step {
+        self.counters.push(Counter::CalloutDispatchFailed);
+        match self.callout_purpose.take() {
+            Some(Purpose::Route) => {
+                self.counters.push(Counter::SidecarUnavailable);
+                self.reply(LocalReply::cache_unavailable("callout could not be dispatched"))
+            }
+            Some(purpose) => {
+                self.counters.push(if purpose == Purpose::Purge {
+                    Counter::PurgeFailed
+                } else {
+                    Counter::MirrorFailed
+                });
+                self.phase = Phase::Done;
+                Step::Continue
+            }
+            None => Step::Continue,
+        }
+    }
+}
+
+/// Formats 16 random bytes as a version-4 UUID (for requests that arrive without an id).
+pub fn request_id_from(mut bytes: [u8; 16]) -> String {
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,391 @@
+#![allow(clippy::unwrap_used, clippy::panic)]
+use super::*;
+use crate::metrics::Counter;
+
+const NOW: u64 = 1_732_400_000_000;
+
+fn head<'a>(method: &'a str, path: &'a str) -> RequestHead<'a> {
+    RequestHead {
+        method,
+        path,
+        authorization: Some("Bearer k"),
+        request_id: "rid",
+        ..RequestHead::default()
+    }
+}
+
+fn json(reply: &LocalReply) -> serde_json::Value {
+    serde_json::from_slice(&reply.body).unwrap()
+}
+
+fn start_write(config: &Config) -> Exchange {
+    let mut ex = Exchange::new();
+    let (edits, step) = ex.on_request_headers(config, &head("POST", "/v2/namespaces/ns"));
+    assert_eq!(step, Step::Pause);
+    assert!(edits.remove.contains(&"content-length"));
+    ex
+}
+
+fn forwarded(step: Step) -> Vec<u8> {
+    match step {
+        Step::Forward(Some(b)) => b,
+        other => panic!("expected a forwarded body, got {other:?}"),
+    }
+}
+
+#[test]
+fn write_is_buffered_validated_and_stamped_across_chunks() {
+    let config = Config::default();
+    let body = br#"{"upsert_rows":[{"id":1,"v":[1,2]}]}"#;
+    let mut ex = start_write(&config);
+    for chunk in body[..body.len() - 3].chunks(5) {
+        assert_eq!(ex.on_request_body(chunk, false, NOW), Step::Pause);
+    }
+    let out = forwarded(ex.on_request_body(&body[body.len() - 3..], true, NOW));
+    assert_eq!(
+        out,
+        br#"{"upsert_rows":[{"id":1,"v":[1,2],"_hevlayer_upserted_at":1732400000000}]}"#
+    );
+    let counters = ex.take_counters();
+    assert!(counters.contains(&Counter::WritesAccepted));
+    assert!(counters.contains(&Counter::RowsStamped(1)));
+}
+
+#[test]
+fn trailers_finish_the_body() {
+    let config = Config::default();
+    let mut ex = start_write(&config);
+    assert_eq!(ex.on_request_body(br#"{"deletes":[1]}"#, false, NOW), Step::Pause);
+    assert_eq!(forwarded(ex.on_request_trailers(NOW)), br#"{"deletes":[1]}"#);
+}
+
+#[test]
+fn invalid_writes_get_a_local_422() {
+    let config = Config::default();
+    let mut ex = start_write(&config);
+    match ex.on_request_body(b"{}", true, NOW) {
+        Step::Reply(r) => {
+            assert_eq!(r.status, 422);
+            assert_eq!(
+                json(&r)["message"],
+                "Request must include a native Turbopuffer write operation"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(ex.take_counters(), vec![Counter::WritesRejected("no_operation")]);
+    // After the reply nothing else happens, whatever Envoy calls next.
+    assert_eq!(
+        ex.on_response_headers(200, Some("via_upstream"), false, NOW).1,
+        Step::Continue
+    );
+}
+
+#[test]
+fn a_write_without_a_body_is_rejected() {
+    let mut ex = Exchange::new();
+    let mut h = head("POST", "/v2/namespaces/ns");
+    h.end_of_stream = true;
+    match ex.on_request_headers(&Config::default(), &h).1 {
+        Step::Reply(r) => assert_eq!(r.status, 422),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn oversize_bodies_get_413_by_header_and_by_size() {
+    let config = Config {
+        max_body_bytes: 10,
+        ..Config::default()
+    };
+    let mut ex = Exchange::new();
+    let mut h = head("POST", "/v2/namespaces/ns");
+    h.content_length = Some("11");
+    match ex.on_request_headers(&config, &h).1 {
+        Step::Reply(r) => assert_eq!(
+            (r.status, json(&r)["error"].as_str()),
+            (413, Some("payload_too_large"))
+        ),
+        other => panic!("{other:?}"),
+    }
+    let mut ex = start_write(&config);
+    assert_eq!(ex.on_request_body(b"{\"deletes\"", false, NOW), Step::Pause);
+    match ex.on_request_body(b":[1]}", false, NOW) {
+        Step::Reply(r) => assert_eq!(r.status, 413),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(ex.take_counters(), vec![Counter::PayloadTooLarge]);
+}
+
+#[test]
+fn gzip_bodies_are_decoded_and_unknown_encodings_refused() {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(br#"{"deletes":["a"]}"#).unwrap();
+    let gz = enc.finish().unwrap();
+    let mut ex = Exchange::new();
+    let mut h = head("POST", "/v2/namespaces/ns");
+    h.content_encoding = Some("gzip");
+    let (edits, _) = ex.on_request_headers(&Config::default(), &h);
+    assert!(edits.remove.contains(&"content-encoding"));
+    assert_eq!(
+        forwarded(ex.on_request_body(&gz, true, NOW)),
+        br#"{"deletes":["a"]}"#
+    );
+
+    let mut ex = Exchange::new();
+    h.content_encoding = Some("br");
+    match ex.on_request_headers(&Config::default(), &h).1 {
+        Step::Reply(r) => assert_eq!(r.status, 422),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn passthrough_routes_are_untouched() {
+    for (m, p) in [
+        ("POST", "/v2/namespaces/ns/query"),
+        ("GET", "/v1/namespaces"),
+        ("DELETE", "/v2/namespaces/ns"),
+    ] {
+        let mut ex = Exchange::new();
+        let (edits, step) = ex.on_request_headers(&Config::default(), &head(m, p));
+        assert_eq!((edits, step), (HeaderEdits::default(), Step::Continue), "{m} {p}");
+    }
+    let mut ex = Exchange::new();
+    let mut h = head("GET", "/healthz");
+    h.authorization = None;
+    assert_eq!(ex.on_request_headers(&Config::default(), &h).1, Step::Continue);
+}
+
+#[test]
+fn missing_bearer_is_401() {
+    let mut ex = Exchange::new();
+    let mut h = head("POST", "/v2/namespaces/ns/query");
+    h.authorization = None;
+    match ex.on_request_headers(&Config::default(), &h).1 {
+        Step::Reply(r) => assert_eq!(json(&r)["error"], "unauthorized"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(ex.take_counters(), vec![Counter::Unauthorized]);
+}
+
+#[test]
+fn router_replies_become_502_and_504() {
+    for (details, status) in [
+        ("upstream_reset_before_response_started{connection_failure}", 502),
+        ("upstream_response_timeout", 504),
+    ] {
+        let mut ex = start_write(&Config::default());
+        forwarded(ex.on_request_body(br#"{"upsert_rows":[{"id":1}]}"#, true, NOW));
+        let (edits, step) = ex.on_response_headers(503, Some(details), false, NOW);
+        assert_eq!(step, Step::Continue);
+        assert!(edits.set.contains(&(":status", status.to_string())));
+        assert!(ex.wants_response_body());
+        let (body, step) = ex.on_response_complete(b"upstream connect error", NOW);
+        assert_eq!(step, Step::Continue);
+        let v: serde_json::Value = serde_json::from_slice(&body.unwrap()).unwrap();
+        assert_eq!(
+            v["error"],
+            if status == 502 {
+                "upstream_error"
+            } else {
+                "gateway_timeout"
+            }
+        );
+    }
+}
+
+#[test]
+fn upstream_errors_pass_verbatim_and_are_not_mirrored() {
+    let mut ex = start_write(&Config::default());
+    forwarded(ex.on_request_body(br#"{"upsert_rows":[{"id":1}]}"#, true, NOW));
+    let (edits, step) = ex.on_response_headers(429, Some("via_upstream"), false, NOW);
+    assert_eq!((edits, step), (HeaderEdits::default(), Step::Continue));
+    assert!(!ex.wants_response_body());
+}
+
+#[test]
+fn successful_writes_are_mirrored_before_the_response_goes_on() {
+    let mut ex = start_write(&Config::default());
+    forwarded(ex.on_request_body(br#"{"upsert_rows":[{"id":1}]}"#, true, NOW));
+    let (_, step) = ex.on_response_headers(200, Some("via_upstream"), false, NOW + 1);
+    let Step::Dispatch(call) = step else {
+        panic!("{step:?}")
+    };
+    assert_eq!(call.purpose, Purpose::Mirror);
+    assert_eq!(call.timeout_ms, 200);
+    assert!(call
+        .headers
+        .contains(&(":path".to_owned(), "/internal/v1/mirror".to_owned())));
+    let msg: sidecar_api::MirrorRequest = serde_json::from_slice(&call.body).unwrap();
+    assert_eq!(msg.namespace, "ns");
+    assert_eq!(msg.upserted_at, NOW);
+    assert_eq!(msg.write["upsert_rows"][0]["_hevlayer_upserted_at"], NOW);
+    assert!(msg.response.is_none());
+    assert_eq!(
+        ex.on_callout_answer(Some(200), &[], b"{}".to_vec(), NOW + 5),
+        Step::Continue
+    );
+    assert!(ex.take_counters().contains(&Counter::MirrorOk));
+    // A late or repeated answer is ignored.
+    assert_eq!(
+        ex.on_callout_answer(Some(200), &[], Vec::new(), NOW + 6),
+        Step::Continue
+    );
+}
+
+#[test]
+fn mirror_failures_and_timeouts_never_change_the_response() {
+    for (status, elapsed, counter) in [
+        (Some(500), 3, Counter::MirrorFailed),
+        (None, 3, Counter::MirrorFailed),
+        (None, 250, Counter::MirrorTimeout),
+    ] {
+        let mut ex = start_write(&Config::default());
+        forwarded(ex.on_request_body(br#"{"deletes":[1]}"#, true, NOW));
+        let (_, step) = ex.on_response_headers(200, Some("via_upstream"), false, NOW);
+        assert!(matches!(step, Step::Dispatch(_)));
+        assert_eq!(
+            ex.on_callout_answer(status, &[], Vec::new(), NOW + elapsed),
+            Step::Continue
+        );
+        assert!(ex.take_counters().contains(&counter), "{status:?} {elapsed}");
+    }
+    let mut ex = start_write(&Config::default());
+    forwarded(ex.on_request_body(br#"{"deletes":[1]}"#, true, NOW));
+    ex.on_response_headers(200, Some("via_upstream"), false, NOW);
+    assert_eq!(ex.on_callout_dispatch_failed(), Step::Continue);
+}
+
+#[test]
+fn response_driven_writes_strip_ids_the_client_did_not_ask_for() {
+    let mut ex = start_write(&Config::default());
+    let out = forwarded(ex.on_request_body(br#"{"delete_by_filter":["a","Eq",1]}"#, true, NOW));
+    assert!(out.starts_with(br#"{"return_affected_ids":true,"#));
+    let (edits, step) = ex.on_response_headers(200, Some("via_upstream"), false, NOW);
+    assert_eq!(step, Step::Continue);
+    assert!(edits.remove.contains(&"content-length"));
+    assert!(ex.wants_response_body());
+    let upstream = br#"{"status":"OK","rows_affected":1,"deleted_ids":[4],"billing":{}}"#;
+    let (body, step) = ex.on_response_complete(upstream, NOW);
+    assert_eq!(
+        body.unwrap(),
+        br#"{"status":"OK","rows_affected":1,"billing":{}}"#
+    );
+    let Step::Dispatch(call) = step else { panic!() };
+    let msg: sidecar_api::MirrorRequest = serde_json::from_slice(&call.body).unwrap();
+    assert_eq!(msg.response.unwrap()["deleted_ids"][0], 4);
+}
+
+#[test]
+fn response_driven_writes_keep_ids_the_client_asked_for() {
+    let mut ex = start_write(&Config::default());
+    forwarded(ex.on_request_body(
+        br#"{"delete_by_filter":["a","Eq",1],"return_affected_ids":true}"#,
+        true,
+        NOW,
+    ));
+    let (edits, _) = ex.on_response_headers(200, Some("via_upstream"), false, NOW);
+    assert!(edits.remove.is_empty());
+    let (body, step) = ex.on_response_complete(br#"{"deleted_ids":[4]}"#, NOW);
+    assert!(body.is_none());
+    assert!(matches!(step, Step::Dispatch(_)));
+}
+
+#[test]
+fn namespace_delete_purges_after_success() {
+    let mut ex = Exchange::new();
+    assert_eq!(
+        ex.on_request_headers(&Config::default(), &head("DELETE", "/v2/namespaces/n%201"))
+            .1,
+        Step::Continue
+    );
+    let (_, step) = ex.on_response_headers(200, Some("via_upstream"), false, NOW);
+    let Step::Dispatch(call) = step else { panic!() };
+    assert_eq!(call.purpose, Purpose::Purge);
+    let msg: sidecar_api::PurgeRequest = serde_json::from_slice(&call.body).unwrap();
+    assert_eq!(msg.namespace, "n 1");
+    ex.on_callout_answer(Some(200), &[], Vec::new(), NOW);
+    assert!(ex.take_counters().contains(&Counter::PurgeOk));
+}
+
+#[test]
+fn pipeline_routes_go_to_the_sidecar() {
+    let mut ex = Exchange::new();
+    let mut h = head("PUT", "/v2/pipelines/p/documents/d");
+    h.content_type = Some("application/json");
+    assert_eq!(ex.on_request_headers(&Config::default(), &h).1, Step::Pause);
+    let Step::Dispatch(call) = ex.on_request_body(br#"{"chunks":[]}"#, true, NOW) else {
+        panic!()
+    };
+    assert_eq!(call.purpose, Purpose::Route);
+    assert_eq!(call.body, br#"{"chunks":[]}"#);
+    assert!(call.headers.contains(&(":method".to_owned(), "PUT".to_owned())));
+    assert!(call
+        .headers
+        .contains(&("authorization".to_owned(), "Bearer k".to_owned())));
+    let headers = vec![
+        ("content-type".to_owned(), "application/json".to_owned()),
+        ("server".to_owned(), "x".to_owned()),
+    ];
+    match ex.on_callout_answer(Some(201), &headers, b"{\"ok\":1}".to_vec(), NOW) {
+        Step::Reply(r) => {
+            assert_eq!(r.status, 201);
+            assert_eq!(
+                r.headers,
+                vec![("content-type".to_owned(), "application/json".to_owned())]
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Sidecar down: 503 cache_unavailable.
+    let mut ex = Exchange::new();
+    let mut h = head("GET", "/v2/pipelines");
+    h.end_of_stream = true;
+    let (_, step) = ex.on_request_headers(&Config::default(), &h);
+    assert!(matches!(step, Step::Dispatch(_)));
+    match ex.on_callout_answer(None, &[], Vec::new(), NOW) {
+        Step::Reply(r) => assert_eq!(json(&r)["error"], "cache_unavailable"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn keys_mode_replaces_the_callers_key_and_never_forwards_it() {
+    use sha2::Digest;
+    let config = Config {
+        auth_mode: AuthMode::Keys,
+        keys: vec![crate::config::GatewayKey {
+            name: "w".into(),
+            digest: sha2::Sha256::digest(b"k").into(),
+            scope: crate::route::Scope::Write,
+        }],
+        upstream_api_key: Some("up".into()),
+        ..Config::default()
+    };
+    let mut ex = Exchange::new();
+    let (edits, _) = ex.on_request_headers(&config, &head("POST", "/v2/namespaces/ns"));
+    assert!(edits.set.contains(&("authorization", "Bearer up".to_owned())));
+    let mut ex = Exchange::new();
+    let mut h = head("PUT", "/v2/pipelines/p/documents/d");
+    h.end_of_stream = true;
+    let (_, Step::Dispatch(call)) = ex.on_request_headers(&config, &h) else {
+        panic!()
+    };
+    assert!(!call.headers.iter().any(|(k, _)| k == "authorization"));
+    let mut ex = Exchange::new();
+    match ex
+        .on_request_headers(&config, &head("POST", "/v2/namespaces/ns/query"))
+        .1
+    {
+        Step::Reply(r) => assert_eq!(json(&r)["required_scope"], "read"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn request_ids_are_uuid_v4() {
+    let id = request_id_from([0xff; 16]);
+    assert_eq!(id, "ffffffff-ffff-4fff-bfff-ffffffffffff");
+}

@@ -1,0 +1,383 @@
+//! The proxy-wasm glue: moves headers and bytes between Envoy and [`Exchange`] and carries out the
+//! steps it returns. Every hostcall result is handled; nothing here panics.
+
+use crate::config::Config;
+use crate::error::LocalReply;
+use crate::exchange::{request_id_from, Callout, Exchange, HeaderEdits, Purpose, RequestHead, Step};
+use crate::metrics::Counter;
+use proxy_wasm::hostcalls as host;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+}}
+
+/// Counter ids, defined once per VM at configure time.
+#[derive(Default)]
+struct Metrics {
+    ids: HashMap<&'static str, u32>,
+}
+
+impl Metrics {
+    fn define() -> Metrics {
+        let mut ids = HashMap::new();
+        for name in Counter::all_names() {
+            match host::define_metric(MetricType::Counter, name) {
+                Ok(id) => {
+                    ids.insert(name, id);
+                }
+                Err(status) => log::warn!("could not define metric {name}: {status:?}"),
+            }
+        }
+        Metrics { ids }
+    }
+
+    fn record(&self, counters: Vec<Counter>) {
+        for counter in counters {
+            if let Some(&id) = self.ids.get(counter.name()) {
+                let amount = i64::try_from(counter.amount()).unwrap_or(i64::MAX);
+                if let Err(status) = host::increment_metric(id, amount) {
+                    log::debug!("could not increment {}: {status:?}", counter.name());
+                }
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Root {
+    config: Rc<Config>,
+    metrics: Rc<Metrics>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let bytes = match host::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+            Ok(bytes) => bytes.unwrap_or_default(),
+            Err(status) => {
+                log::error!("hevlayer: cannot read plugin configuration: {status:?}");
+                return false;
+            }
+        };
+        match Config::parse(&bytes) {
+            Ok(config) => {
+                log::info!(
+                    "hevlayer: configured (auth {:?}, body limit {} bytes, sidecar cluster '{}')",
+                    config.auth_mode,
+                    config.max_body_bytes,
+                    config.sidecar_cluster
+                );
+                self.config = Rc::new(config);
+                self.metrics = Rc::new(Metrics::define());
+                true
+            }
+            Err(e) => {
+                log::error!("hevlayer: {e}");
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Filter {
+            config: Rc::clone(&self.config),
+            metrics: Rc::clone(&self.metrics),
+            exchange: Exchange::new(),
+            request_seen: 0,
+            response_seen: 0,
+            callout: None,
+            answered: None,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+/// Where a step is carried out: it decides how "continue" and "reply" are expressed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Site {
+    RequestHeaders,
+    RequestBody,
+    ResponseHeaders,
+    ResponseBody,
+    Callout,
+}
+
+struct Filter {
+    config: Rc<Config>,
+    metrics: Rc<Metrics>,
+    exchange: Exchange,
+    /// Request body bytes already handed to the exchange (Envoy reports cumulative sizes).
+    request_seen: usize,
+    response_seen: usize,
+    /// The outstanding callout: its token and what it is for.
+    callout: Option<(u32, Purpose)>,
+    /// What the last answered callout was for (decides which half of the stream to resume).
+    answered: Option<Purpose>,
+}
+
+fn now_ms() -> u64 {
+    let now = host::get_current_time().unwrap_or_else(|_| std::time::SystemTime::now());
+    now.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn header(map: MapType, name: &str) -> Option<String> {
+    host::get_map_value(map, name).ok().flatten()
+}
+
+fn apply(map: MapType, edits: &HeaderEdits) {
+    for name in &edits.remove {
+        if let Err(status) = host::remove_map_value(map, name) {
+            log::warn!("could not remove header {name}: {status:?}");
+        }
+    }
+    for (name, value) in &edits.set {
+        if let Err(status) = host::set_map_value(map, name, Some(value)) {
+            log::warn!("could not set header {name}: {status:?}");
+        }
+    }
+}
+
+fn new_request_id() -> String {
+    let mut bytes = [0u8; 16];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No entropy source: fall back to the clock, which is still unique enough for logs.
+        bytes[..8].copy_from_slice(&now_ms().to_le_bytes());
+    }
+    request_id_from(bytes)
+}
+
+fn send_reply(reply: &LocalReply) {
+    let mut headers: Vec<(&str, &str)> = reply
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+    {
+        headers.push(("content-type", "application/json"));
+    }
+    if let Err(status) = host::send_http_response(u32::from(reply.status), headers, Some(&reply.body)) {
+        log::error!("could not send local reply {}: {status:?}", reply.status);
+    }
+}
+
+impl Filter {
+    fn record(&mut self) {
+        self.metrics.record(self.exchange.take_counters());
+    }
+
+    fn dispatch(&mut self, call: &Callout) -> Result<(), ()> {
+        let headers: Vec<(&str, &str)> = call
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        match host::dispatch_http_call(
+            &self.config.sidecar_cluster,
+            headers,
+            Some(&call.body),
+            Vec::new(),
+            Duration::from_millis(call.timeout_ms),
+        ) {
+            Ok(token) => {
+                self.callout = Some((token, call.purpose));
+                Ok(())
+            }
+            Err(status) => {
+                log::warn!(
+                    "could not dispatch {:?} callout to '{}': {status:?}",
+                    call.purpose,
+                    self.config.sidecar_cluster
+                );
+                Err(())
+            }
+        }
+    }
+
+    /// Carries out a step; `body_len` is the size of the buffered body a `Forward` replaces.
+    fn execute(&mut self, step: Step, site: Site, body_len: usize) -> Action {
+        let action = match step {
+            Step::Continue => self.proceed(site),
+            Step::Pause => Action::Pause,
+            Step::Reply(reply) => {
+                send_reply(&reply);
+                Action::Pause
+            }
+            Step::Forward(body) => {
+                if let Some(body) = body {
+                    if site != Site::RequestHeaders {
+                        if let Err(status) = host::set_buffer(BufferType::HttpRequestBody, 0, body_len, &body)
+                        {
+                            log::error!("could not replace the request body: {status:?}");
+                        }
+                    }
+                }
+                self.proceed(site)
+            }
+            Step::Dispatch(call) => match self.dispatch(&call) {
+                Ok(()) => Action::Pause,
+                Err(()) => {
+                    let next = self.exchange.on_callout_dispatch_failed();
+                    self.record();
+                    return self.execute(next, site, body_len);
+                }
+            },
+        };
+        self.record();
+        action
+    }
+
+    /// "Go on" at a site: a callback returns Continue; a callout answer resumes the stream.
+    fn proceed(&self, site: Site) -> Action {
+        if site == Site::Callout {
+            let resumed = match self.answered {
+                Some(Purpose::Route) => host::resume_http_request(),
+                _ => host::resume_http_response(),
+            };
+            if let Err(status) = resumed {
+                log::warn!("could not resume the stream: {status:?}");
+            }
+        }
+        Action::Continue
+    }
+}
+
+impl Context for Filter {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        match self.callout {
+            Some((expected, purpose)) if expected == token => {
+                self.answered = Some(purpose);
+                self.callout = None;
+            }
+            _ => {
+                log::warn!("ignoring a callout answer with unknown token {token}");
+                return;
+            }
+        }
+        let headers = host::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
+        let status = headers
+            .iter()
+            .find(|(k, _)| k == ":status")
+            .and_then(|(_, v)| v.parse::<u16>().ok());
+        let body = match host::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
+            Ok(b) => b.unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        let step = self.exchange.on_callout_answer(status, &headers, body, now_ms());
+        self.execute(step, Site::Callout, 0);
+    }
+}
+
+impl HttpContext for Filter {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let map = MapType::HttpRequestHeaders;
+        let request_id = match header(map, "x-request-id").filter(|v| !v.is_empty()) {
+            Some(id) => id,
+            None => {
+                let id = new_request_id();
+                if let Err(status) = host::set_map_value(map, "x-request-id", Some(&id)) {
+                    log::debug!("could not add x-request-id: {status:?}");
+                }
+                id
+            }
+        };
+        let method = header(map, ":method").unwrap_or_default();
+        let path = header(map, ":path").unwrap_or_default();
+        let authorization = header(map, "authorization");
+        let content_length = header(map, "content-length");
+        let content_encoding = header(map, "content-encoding");
+        let content_type = header(map, "content-type");
+        let head = RequestHead {
+            method: &method,
+            path: &path,
+            authorization: authorization.as_deref(),
+            content_length: content_length.as_deref(),
+            content_encoding: content_encoding.as_deref(),
+            content_type: content_type.as_deref(),
+            request_id: &request_id,
+            end_of_stream,
+        };
+        let config = Rc::clone(&self.config);
+        let (edits, step) = self.exchange.on_request_headers(&config, &head);
+        apply(map, &edits);
+        self.execute(step, Site::RequestHeaders, 0)
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let start = self.request_seen.min(body_size);
+        let chunk = match host::get_buffer(BufferType::HttpRequestBody, start, body_size - start) {
+            Ok(bytes) => bytes.unwrap_or_default(),
+            Err(status) => {
+                log::warn!("could not read the request body: {status:?}");
+                Vec::new()
+            }
+        };
+        self.request_seen = body_size;
+        let step = self.exchange.on_request_body(&chunk, end_of_stream, now_ms());
+        self.execute(step, Site::RequestBody, body_size)
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        let step = self.exchange.on_request_trailers(now_ms());
+        self.execute(step, Site::RequestBody, self.request_seen)
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let map = MapType::HttpResponseHeaders;
+        let status = header(map, ":status")
+            .and_then(|s| s.parse::<u16>().ok())
+            .unwrap_or(0);
+        let details = host::get_property(vec!["response", "code_details"])
+            .ok()
+            .flatten()
+            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        let (edits, step) =
+            self.exchange
+                .on_response_headers(status, details.as_deref(), end_of_stream, now_ms());
+        apply(map, &edits);
+        self.execute(step, Site::ResponseHeaders, 0)
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if !self.exchange.wants_response_body() {
+            return Action::Continue;
+        }
+        self.response_seen = body_size;
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = match host::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
+            Ok(b) => b.unwrap_or_default(),
+            Err(status) => {
+                log::warn!("could not read the response body: {status:?}");
+                Vec::new()
+            }
+        };
+        let (replacement, step) = self.exchange.on_response_complete(&body, now_ms());
+        if let Some(new_body) = replacement {
+            if let Err(status) = host::set_buffer(BufferType::HttpResponseBody, 0, body_size, &new_body) {
+                log::error!("could not replace the response body: {status:?}");
+            }
+        }
+        self.execute(step, Site::ResponseBody, body_size)
+    }
+}

@@ -1,0 +1,22 @@
+//! Layer gateway write filter.
+//!
+//! Everything except `glue` is plain Rust with no proxy-wasm dependency, tested natively: route
+//! classification, auth, body accumulation, the single-pass JSON scanner, validation and stamping,
+//! and the mapping of upstream outcomes. `glue` (wasm32 only) moves bytes and headers between Envoy
+//! and that core and carries out its decisions.
+
+pub mod auth;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod exchange;
+pub mod metrics;
+pub mod outcome;
+pub mod response;
+pub mod route;
+pub mod scan;
+pub mod sidecar_api;
+pub mod write;
+
+#[cfg(target_arch = "wasm32")]
+mod glue;

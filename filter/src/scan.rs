@@ -1,0 +1,514 @@
+//! A single-pass JSON cursor over a byte slice.
+//!
+//! It validates JSON grammar as it goes and reports byte positions, so callers can find where
+//! members and values begin and end and splice new bytes in without building a document tree.
+//! Numbers and strings are checked and skipped as tokens: a vector of 1536 floats is never parsed
+//! into floats.
+
+use std::fmt;
+
+/// Nesting deeper than this is refused rather than risking the wasm stack.
+pub const MAX_DEPTH: usize = 128;
+
+/// A grammar error at a byte offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyntaxError {
+    pub offset: usize,
+    pub problem: &'static str,
+}
+
+impl fmt::Display for SyntaxError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} at byte {}", self.problem, self.offset)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, SyntaxError>;
+
+/// The type of a JSON value, from its first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Object,
+    Array,
+    String,
+    Number,
+    Bool,
+    Null,
+}
+
+/// Where a string token sits: `start..end` is the content between the quotes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StrToken {
+    pub start: usize,
+    pub end: usize,
+    /// The content holds backslash escapes and must be decoded before comparing.
+    pub escaped: bool,
+}
+
+// Byte classes inside a string.
+const PLAIN: u8 = 0;
+const QUOTE: u8 = 1;
+const BACKSLASH: u8 = 2;
+const CONTROL: u8 = 3;
+const HIGH: u8 = 4;
+
+const STRING_CLASS: [u8; 256] = {
+    let mut t = [PLAIN; 256];
+    let mut i = 0;
+    while i < 0x20 {
+        t[i] = CONTROL;
+        i += 1;
+    }
+    t[b'"' as usize] = QUOTE;
+    t[b'\\' as usize] = BACKSLASH;
+    let mut h = 0x80;
+    while h < 256 {
+        t[h] = HIGH;
+        h += 1;
+    }
+    t
+};
+
+/// A cursor over a JSON text.
+pub struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    depth: usize,
+}
+
+impl<'a> Cursor<'a> {
+    pub fn new(bytes: &'a [u8]) -> Self {
+        Cursor {
+            bytes,
+            pos: 0,
+            depth: 0,
+        }
+    }
+
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    pub fn error<T>(&self, problem: &'static str) -> Result<T> {
+        Err(SyntaxError {
+            offset: self.pos,
+            problem,
+        })
+    }
+
+    fn eof<T>(&self) -> Result<T> {
+        Err(SyntaxError {
+            offset: self.bytes.len(),
+            problem: "unexpected end of input",
+        })
+    }
+
+    /// Skips JSON whitespace.
+    #[inline]
+    pub fn skip_ws(&mut self) {
+        while let Some(&c) = self.bytes.get(self.pos) {
+            if c == b' ' || c == b'\n' || c == b'\r' || c == b'\t' {
+                self.pos += 1;
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// The next non-whitespace byte, without consuming it.
+    #[inline]
+    pub fn peek(&mut self) -> Option<u8> {
+        self.skip_ws();
+        self.bytes.get(self.pos).copied()
+    }
+
+    /// The kind of the value starting at the next non-whitespace byte.
+    pub fn peek_kind(&mut self) -> Result<Kind> {
+        match self.peek() {
+            None => self.eof(),
+            Some(b'{') => Ok(Kind::Object),
+            Some(b'[') => Ok(Kind::Array),
+            Some(b'"') => Ok(Kind::String),
+            Some(b'-' | b'0'..=b'9') => Ok(Kind::Number),
+            Some(b't' | b'f') => Ok(Kind::Bool),
+            Some(b'n') => Ok(Kind::Null),
+            Some(_) => self.error("expected a JSON value"),
+        }
+    }
+
+    /// Consumes the byte `c` after optional whitespace.
+    pub fn expect(&mut self, c: u8, problem: &'static str) -> Result<()> {
+        match self.peek() {
+            Some(x) if x == c => {
+                self.pos += 1;
+                Ok(())
+            }
+            Some(_) => self.error(problem),
+            None => self.eof(),
+        }
+    }
+
+    /// Requires that only whitespace remains.
+    pub fn finish(&mut self) -> Result<()> {
+        match self.peek() {
+            None => Ok(()),
+            Some(_) => self.error("trailing characters after the JSON value"),
+        }
+    }
+
+    /// Skips one value of any kind, validating it, and returns its kind.
+    pub fn skip_value(&mut self) -> Result<Kind> {
+        let kind = self.peek_kind()?;
+        match kind {
+            Kind::Object => {
+                self.object(|cur, _key| cur.skip_value().map(|_| ()))?;
+            }
+            Kind::Array => {
+                self.array(|cur| cur.skip_value().map(|_| ()))?;
+            }
+            Kind::String => {
+                self.string()?;
+            }
+            Kind::Number => self.number()?,
+            Kind::Bool => {
+                if self.bytes[self.pos] == b't' {
+                    self.literal(b"true")?;
+                } else {
+                    self.literal(b"false")?;
+                }
+            }
+            Kind::Null => self.literal(b"null")?,
+        }
+        Ok(kind)
+    }
+
+    fn literal(&mut self, lit: &'static [u8]) -> Result<()> {
+        match self.bytes.get(self.pos..self.pos + lit.len()) {
+            Some(s) if s == lit => {
+                self.pos += lit.len();
+                Ok(())
+            }
+            Some(_) => self.error("invalid literal"),
+            None => self.eof(),
+        }
+    }
+
+    /// Consumes a number token, checking the JSON number grammar.
+    pub fn number(&mut self) -> Result<()> {
+        self.skip_ws();
+        let b = self.bytes;
+        let mut i = self.pos;
+        if b.get(i) == Some(&b'-') {
+            i += 1;
+        }
+        match b.get(i) {
+            Some(b'0') => i += 1,
+            Some(b'1'..=b'9') => {
+                i += 1;
+                while matches!(b.get(i), Some(b'0'..=b'9')) {
+                    i += 1;
+                }
+            }
+            _ => {
+                self.pos = i;
+                return self.error("invalid number");
+            }
+        }
+        if b.get(i) == Some(&b'.') {
+            i += 1;
+            if !matches!(b.get(i), Some(b'0'..=b'9')) {
+                self.pos = i;
+                return self.error("invalid number");
+            }
+            while matches!(b.get(i), Some(b'0'..=b'9')) {
+                i += 1;
+            }
+        }
+        if matches!(b.get(i), Some(b'e' | b'E')) {
+            i += 1;
+            if matches!(b.get(i), Some(b'+' | b'-')) {
+                i += 1;
+            }
+            if !matches!(b.get(i), Some(b'0'..=b'9')) {
+                self.pos = i;
+                return self.error("invalid number");
+            }
+            while matches!(b.get(i), Some(b'0'..=b'9')) {
+                i += 1;
+            }
+        }
+        self.pos = i;
+        Ok(())
+    }
+
+    /// Consumes a string token and returns where its content is.
+    pub fn string(&mut self) -> Result<StrToken> {
+        self.expect(b'"', "expected a string")?;
+        let b = self.bytes;
+        let start = self.pos;
+        let mut i = start;
+        let mut escaped = false;
+        let mut high = false;
+        loop {
+            let Some(&c) = b.get(i) else {
+                self.pos = i;
+                return self.eof();
+            };
+            match STRING_CLASS[c as usize] {
+                PLAIN => i += 1,
+                QUOTE => break,
+                BACKSLASH => {
+                    escaped = true;
+                    match b.get(i + 1) {
+                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => i += 2,
+                        Some(b'u') => {
+                            let hex = b.get(i + 2..i + 6);
+                            if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                                self.pos = i;
+                                return self.error("invalid \\u escape in string");
+                            }
+                            i += 6;
+                        }
+                        Some(_) => {
+                            self.pos = i;
+                            return self.error("invalid escape in string");
+                        }
+                        None => {
+                            self.pos = i;
+                            return self.eof();
+                        }
+                    }
+                }
+                CONTROL => {
+                    self.pos = i;
+                    return self.error("control character in string");
+                }
+                _ => {
+                    high = true;
+                    i += 1;
+                }
+            }
+        }
+        if high && std::str::from_utf8(&b[start..i]).is_err() {
+            self.pos = start;
+            return self.error("invalid UTF-8 in string");
+        }
+        self.pos = i + 1;
+        Ok(StrToken {
+            start,
+            end: i,
+            escaped,
+        })
+    }
+
+    /// Walks an object. For each member, `member` is called with the cursor positioned at the
+    /// member's value and must consume exactly that value. Returns the offset of the closing `}`.
+    pub fn object(&mut self, mut member: impl FnMut(&mut Self, Member) -> Result<()>) -> Result<usize> {
+        self.expect(b'{', "expected an object")?;
+        self.enter()?;
+        if self.peek() == Some(b'}') {
+            let close = self.pos;
+            self.pos += 1;
+            self.depth -= 1;
+            return Ok(close);
+        }
+        let mut index = 0;
+        loop {
+            self.skip_ws();
+            let key_start = self.pos;
+            if self.bytes.get(self.pos) != Some(&b'"') {
+                return if self.pos >= self.bytes.len() {
+                    self.eof()
+                } else {
+                    self.error("expected a member name")
+                };
+            }
+            let key = self.string()?;
+            self.expect(b':', "expected ':' after a member name")?;
+            self.skip_ws();
+            member(
+                self,
+                Member {
+                    index,
+                    key_start,
+                    key,
+                },
+            )?;
+            index += 1;
+            match self.peek() {
+                Some(b',') => self.pos += 1,
+                Some(b'}') => {
+                    let close = self.pos;
+                    self.pos += 1;
+                    self.depth -= 1;
+                    return Ok(close);
+                }
+                Some(_) => return self.error("expected ',' or '}' in object"),
+                None => return self.eof(),
+            }
+        }
+    }
+
+    /// Walks an array. `element` is called with the cursor at each element and must consume it.
+    /// Returns the number of elements.
+    pub fn array(&mut self, mut element: impl FnMut(&mut Self) -> Result<()>) -> Result<usize> {
+        self.expect(b'[', "expected an array")?;
+        self.enter()?;
+        if self.peek() == Some(b']') {
+            self.pos += 1;
+            self.depth -= 1;
+            return Ok(0);
+        }
+        let mut count = 0;
+        loop {
+            self.skip_ws();
+            element(self)?;
+            count += 1;
+            match self.peek() {
+                Some(b',') => self.pos += 1,
+                Some(b']') => {
+                    self.pos += 1;
+                    self.depth -= 1;
+                    return Ok(count);
+                }
+                Some(_) => return self.error("expected ',' or ']' in array"),
+                None => return self.eof(),
+            }
+        }
+    }
+
+    fn enter(&mut self) -> Result<()> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return self.error("nesting too deep");
+        }
+        Ok(())
+    }
+
+    /// The decoded text of a string token (allocates only when it has escapes).
+    pub fn text(&self, tok: StrToken) -> std::borrow::Cow<'a, str> {
+        decode(self.bytes, tok)
+    }
+}
+
+/// One object member as seen by [`Cursor::object`].
+#[derive(Debug, Clone, Copy)]
+pub struct Member {
+    /// Position among the object's members.
+    pub index: usize,
+    /// Offset of the opening quote of the member name.
+    pub key_start: usize,
+    pub key: StrToken,
+}
+
+/// Decodes a validated string token.
+pub fn decode(bytes: &[u8], tok: StrToken) -> std::borrow::Cow<'_, str> {
+    let raw = &bytes[tok.start..tok.end];
+    if !tok.escaped {
+        // Validated by `Cursor::string`.
+        return String::from_utf8_lossy(raw);
+    }
+    let mut quoted = Vec::with_capacity(raw.len() + 2);
+    quoted.push(b'"');
+    quoted.extend_from_slice(raw);
+    quoted.push(b'"');
+    // Lone surrogates are valid JSON grammar but not a Rust string; replace them.
+    match serde_json::from_slice::<String>(&quoted) {
+        Ok(s) => std::borrow::Cow::Owned(s),
+        Err(_) => String::from_utf8_lossy(raw).into_owned().into(),
+    }
+}
+
+/// Validates a whole JSON text.
+pub fn validate(bytes: &[u8]) -> Result<Kind> {
+    let mut cur = Cursor::new(bytes);
+    let kind = cur.skip_value()?;
+    cur.finish()?;
+    Ok(kind)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn accepts_what_serde_json_accepts() {
+        for text in [
+            "{}",
+            "[]",
+            " {\"a\" : [1, -2.5e+3, 0, true, false, null, \"x\\u00e9\\n\"]} ",
+            "\"caf\u{e9}\"",
+            "-0.0E-1",
+            "[[[[]]]]",
+        ] {
+            assert!(validate(text.as_bytes()).is_ok(), "{text}");
+            assert!(serde_json::from_str::<serde_json::Value>(text).is_ok(), "{text}");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_grammar_with_offsets() {
+        let cases: &[(&str, usize)] = &[
+            ("", 0),
+            ("{", 1),
+            ("{\"a\":1,}", 7),
+            ("[1 2]", 3),
+            ("01", 1),
+            ("1.", 2),
+            ("-", 1),
+            ("\"a\\x\"", 2),
+            ("{\"a\" 1}", 5),
+            ("nul", 3),
+            ("{} x", 3),
+            ("\"\u{1}\"", 1),
+            ("{1:2}", 1),
+        ];
+        for (text, offset) in cases {
+            let err = validate(text.as_bytes()).unwrap_err();
+            assert_eq!(err.offset, *offset, "{text:?}: {err}");
+            assert!(serde_json::from_str::<serde_json::Value>(text).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn rejects_invalid_utf8_and_deep_nesting() {
+        assert!(validate(b"\"\xff\"").is_err());
+        let deep = "[".repeat(MAX_DEPTH + 1) + &"]".repeat(MAX_DEPTH + 1);
+        assert_eq!(validate(deep.as_bytes()).unwrap_err().problem, "nesting too deep");
+        let ok = "[".repeat(MAX_DEPTH) + &"]".repeat(MAX_DEPTH);
+        assert!(validate(ok.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn decodes_escaped_names() {
+        let text = br#""\u005fhevlayer_x""#;
+        let mut cur = Cursor::new(text);
+        let tok = cur.string().unwrap();
+        assert!(tok.escaped);
+        assert_eq!(cur.text(tok), "_hevlayer_x");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn agrees_with_serde_json_on_arbitrary_bytes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let ours = validate(&bytes).is_ok();
+            let theirs = serde_json::from_slice::<serde_json::Value>(&bytes).is_ok();
+            proptest::prop_assert_eq!(ours, theirs);
+        }
+
+        #[test]
+        fn agrees_with_serde_json_on_json_like_text(text in "[\\[\\]{}\",:0-9a-z.eE+\\- \\\\]{0,40}") {
+            let ours = validate(text.as_bytes()).is_ok();
+            let theirs = serde_json::from_str::<serde_json::Value>(&text).is_ok();
+            // serde_json refuses lone surrogates in \u escapes; the grammar allows them.
+            if !text.contains("\\u") {
+                proptest::prop_assert_eq!(ours, theirs);
+            }
+        }
+    }
+}

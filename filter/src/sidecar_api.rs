@@ -1,0 +1,101 @@
+//! The filter <-> sidecar callout messages, defined once for both sides.
+//!
+//! The filter builds request bodies by splicing byte slices it already holds (the stamped write and
+//! the upstream response) so that it never parses or re-serialises a large write to talk to the
+//! sidecar; the sidecar deserialises them with the types below.
+
+use serde::{Deserialize, Serialize};
+
+/// Mirror a successful write into the document cache.
+pub const MIRROR_PATH: &str = "/internal/v1/mirror";
+/// Purge a namespace's cached documents after `DELETE /v2/namespaces/{ns}` succeeded.
+pub const PURGE_PATH: &str = "/internal/v1/purge";
+/// Header carrying the request id on every callout.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Body of `POST MIRROR_PATH`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorRequest {
+    /// Turbopuffer namespace the write went to.
+    pub namespace: String,
+    /// The request's `_hevlayer_upserted_at` stamp (epoch ms).
+    pub upserted_at: u64,
+    /// The stamped write body exactly as it went upstream.
+    pub write: serde_json::Value,
+    /// The upstream 2xx response body, present for response-driven writes (conditional and filter
+    /// writes); effects then apply only to the ids it lists.
+    #[serde(default)]
+    pub response: Option<serde_json::Value>,
+}
+
+/// Body of `POST PURGE_PATH`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeRequest {
+    pub namespace: String,
+}
+
+/// Successful answer to a mirror or purge callout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MirrorResponse {
+    /// Number of cached documents written, merged or evicted.
+    pub applied: u64,
+}
+
+/// Builds a `MirrorRequest` body from the raw bytes the filter holds, without parsing them.
+/// `write` must be a JSON object (the filter only mirrors bodies it validated) and `response`,
+/// when given, the upstream's JSON body.
+pub fn mirror_body(namespace: &str, upserted_at: u64, write: &[u8], response: Option<&[u8]>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(write.len() + response.map_or(0, <[u8]>::len) + namespace.len() + 80);
+    out.extend_from_slice(b"{\"namespace\":");
+    // Serialising a &str cannot fail.
+    out.extend_from_slice(serde_json::to_string(namespace).unwrap_or_default().as_bytes());
+    out.extend_from_slice(b",\"upserted_at\":");
+    out.extend_from_slice(upserted_at.to_string().as_bytes());
+    out.extend_from_slice(b",\"write\":");
+    out.extend_from_slice(write);
+    out.extend_from_slice(b",\"response\":");
+    match response {
+        Some(body) => out.extend_from_slice(body),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.push(b'}');
+    out
+}
+
+/// Body of `POST PURGE_PATH`.
+pub fn purge_body(namespace: &str) -> Vec<u8> {
+    serde_json::to_vec(&PurgeRequest {
+        namespace: namespace.to_owned(),
+    })
+    .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirror_body_parses_into_the_sidecar_type() {
+        let body = mirror_body(
+            "ns \"q\"",
+            42,
+            br#"{"upsert_rows":[{"id":1}]}"#,
+            Some(br#"{"upserted_ids":[1]}"#),
+        );
+        let parsed: MirrorRequest = serde_json::from_slice(&body).unwrap();
+        assert_eq!(parsed.namespace, "ns \"q\"");
+        assert_eq!(parsed.upserted_at, 42);
+        assert_eq!(parsed.write["upsert_rows"][0]["id"], 1);
+        assert_eq!(parsed.response.unwrap()["upserted_ids"][0], 1);
+        let no_resp: MirrorRequest = serde_json::from_slice(&mirror_body("n", 1, b"{}", None)).unwrap();
+        assert!(no_resp.response.is_none());
+    }
+
+    #[test]
+    fn purge_body_round_trips() {
+        let parsed: PurgeRequest = serde_json::from_slice(&purge_body("a/b")).unwrap();
+        assert_eq!(parsed.namespace, "a/b");
+    }
+}

@@ -1,0 +1,642 @@
+//! Validation and stamping of `POST /v2/namespaces/{ns}` bodies (SPEC §2.2, §2.3, §2.5).
+//!
+//! [`plan`] scans the body once, checking every rejection rule, and records the splices stamping
+//! needs: where each row object closes, where columnar writes close (with their id counts), and the
+//! client's own `_hevlayer_upserted_at` / `_hevlayer_shard` members to replace or drop. [`render`]
+//! then copies the body with those splices applied. Every other byte goes upstream unchanged.
+
+use crate::scan::{Cursor, Kind, Member, StrToken, SyntaxError};
+
+/// The stamp attribute.
+pub const STAMP: &str = "_hevlayer_upserted_at";
+/// Reserved; accepted from clients but dropped (the gateway does not shard).
+pub const SHARD: &str = "_hevlayer_shard";
+const RESERVED_PREFIX: &str = "_hevlayer_";
+
+const OPERATIONS: [&str; 10] = [
+    "upsert_rows",
+    "upsert_columns",
+    "patch_rows",
+    "patch_columns",
+    "deletes",
+    "delete_by_filter",
+    "patch_by_filter",
+    "copy_from_namespace",
+    "branch_from_namespace",
+    "schema",
+];
+
+const NO_OPERATION: &str = "Request must include a native Turbopuffer write operation";
+const REMOVED_CUSTOM: &str = "custom write bodies were removed; use native Turbopuffer write keys such as \
+     upsert_rows, patch_rows, patch_columns, and deletes";
+const REMOVED_BLOBS: &str = "document blob writes are no longer supported; store binary payloads externally \
+     and write an ordinary attribute with that location";
+
+/// Why a write body was refused; each is a 422 `validation_error`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    InvalidJson(SyntaxError),
+    NotAnObject,
+    NoOperation,
+    RemovedKey(&'static str),
+    Reserved(String),
+    Shape(String),
+}
+
+impl Rejection {
+    /// The exact message the client sees.
+    pub fn message(&self) -> String {
+        match self {
+            Rejection::InvalidJson(e) => format!("request body is not valid JSON: {e}"),
+            Rejection::NotAnObject => "request body must be a JSON object".to_owned(),
+            Rejection::NoOperation => NO_OPERATION.to_owned(),
+            Rejection::RemovedKey(m) => (*m).to_owned(),
+            Rejection::Reserved(name) => format!("attribute '{name}' uses the reserved _hevlayer_* prefix"),
+            Rejection::Shape(m) => m.clone(),
+        }
+    }
+
+    /// The counter label for this class of rejection.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::InvalidJson(_) | Rejection::NotAnObject => "invalid_json",
+            Rejection::NoOperation => "no_operation",
+            Rejection::RemovedKey(_) => "removed_key",
+            Rejection::Reserved(_) => "reserved_attribute",
+            Rejection::Shape(_) => "shape",
+        }
+    }
+}
+
+/// What goes in at a splice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Splice {
+    /// `,"_hevlayer_upserted_at":S` (without the comma in an empty object).
+    Member { comma: bool },
+    /// `S` in place of a client's value.
+    Value,
+    /// `,"_hevlayer_upserted_at":[S,S,..]` with one value per id.
+    Column { comma: bool, n: usize },
+    /// `[S,S,..]` in place of a client's column.
+    ColumnValue { n: usize },
+    /// Nothing: the bytes are removed.
+    Drop,
+    /// `"return_affected_ids":true,` right after the top-level `{` (no comma in an empty object).
+    AffectedIds { comma: bool },
+    /// `true` in place of the client's `return_affected_ids` value.
+    True,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Edit {
+    start: usize,
+    end: usize,
+    splice: Splice,
+}
+
+/// What [`plan`] learned about a valid write.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WritePlan {
+    edits: Vec<Edit>,
+    /// Rows (or column entries) that will carry the stamp.
+    pub stamped_rows: u64,
+    /// Conditional or filter write: the cache is updated from the ids Turbopuffer returns.
+    pub response_driven: bool,
+    /// The client itself sent `return_affected_ids: true`.
+    pub client_wants_ids: bool,
+    /// The write changes documents the cache may hold (upserts, patches, deletes, filter writes).
+    pub mirrors: bool,
+}
+
+impl WritePlan {
+    /// True when [`render`] would return the body unchanged.
+    pub fn is_identity(&self) -> bool {
+        self.edits.is_empty()
+    }
+}
+
+/// Scans a write body once: validates it (first error wins) and plans the stamp splices.
+pub fn plan(body: &[u8]) -> Result<WritePlan, Rejection> {
+    let mut cur = Cursor::new(body);
+    let mut scan = Scan::default();
+    match cur.peek_kind() {
+        Ok(Kind::Object) => {}
+        Ok(_) => {
+            cur.skip_value().map_err(Rejection::InvalidJson)?;
+            cur.finish().map_err(Rejection::InvalidJson)?;
+            return Err(Rejection::NotAnObject);
+        }
+        Err(e) => return Err(Rejection::InvalidJson(e)),
+    }
+    let open = cur.pos();
+    let mut members = 0;
+    cur.object(|cur, m| {
+        members += 1;
+        scan.top_member(cur, m)
+    })
+    .map_err(Rejection::InvalidJson)?;
+    cur.finish().map_err(Rejection::InvalidJson)?;
+
+    if let Some(key) = scan.removed_top_key {
+        return Err(Rejection::RemovedKey(key));
+    }
+    if !scan.has_operation {
+        return Err(Rejection::NoOperation);
+    }
+    if let Some(rejection) = scan.first_error {
+        return Err(rejection);
+    }
+    let mut plan = scan.plan;
+    if plan.response_driven && !plan.client_wants_ids {
+        match scan.affected_ids_value {
+            Some((start, end)) => plan.edits.push(Edit {
+                start,
+                end,
+                splice: Splice::True,
+            }),
+            None => plan.edits.push(Edit {
+                start: open + 1,
+                end: open + 1,
+                splice: Splice::AffectedIds { comma: members > 0 },
+            }),
+        }
+    }
+    plan.edits.sort_by_key(|e| (e.start, e.end));
+    Ok(plan)
+}
+
+/// Applies a plan's splices with the request's stamp (epoch ms).
+pub fn render(body: &[u8], plan: &WritePlan, stamp: u64) -> Vec<u8> {
+    let digits = stamp.to_string();
+    let s = digits.as_bytes();
+    let extra = plan.stamped_rows as usize * (STAMP.len() + s.len() + 5) + plan.edits.len() * 8 + 32;
+    let mut out = Vec::with_capacity(body.len() + extra);
+    let mut at = 0;
+    for edit in &plan.edits {
+        out.extend_from_slice(&body[at..edit.start]);
+        match edit.splice {
+            Splice::Member { comma } => {
+                if comma {
+                    out.push(b',');
+                }
+                push_key(&mut out);
+                out.extend_from_slice(s);
+            }
+            Splice::Value => out.extend_from_slice(s),
+            Splice::Column { comma, n } => {
+                if comma {
+                    out.push(b',');
+                }
+                push_key(&mut out);
+                push_column(&mut out, s, n);
+            }
+            Splice::ColumnValue { n } => push_column(&mut out, s, n),
+            Splice::Drop => {}
+            Splice::AffectedIds { comma } => {
+                out.extend_from_slice(b"\"return_affected_ids\":true");
+                if comma {
+                    out.push(b',');
+                }
+            }
+            Splice::True => out.extend_from_slice(b"true"),
+        }
+        at = edit.end;
+    }
+    out.extend_from_slice(&body[at..]);
+    out
+}
+
+fn push_key(out: &mut Vec<u8>) {
+    out.push(b'"');
+    out.extend_from_slice(STAMP.as_bytes());
+    out.extend_from_slice(b"\":");
+}
+
+fn push_column(out: &mut Vec<u8>, s: &[u8], n: usize) {
+    out.push(b'[');
+    for i in 0..n {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(s);
+    }
+    out.push(b']');
+}
+
+/// How an attribute name is treated in stamped objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Name {
+    Id,
+    Stamp,
+    Shard,
+    Reserved,
+    Blobs,
+    Vector,
+    Other,
+}
+
+fn classify(name: &str) -> Name {
+    match name {
+        "id" => Name::Id,
+        STAMP => Name::Stamp,
+        SHARD => Name::Shard,
+        "blobs" => Name::Blobs,
+        "vector" | "vectors" => Name::Vector,
+        n if n.starts_with(RESERVED_PREFIX) => Name::Reserved,
+        _ => Name::Other,
+    }
+}
+
+/// The operations that stamp, and how they differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    UpsertRows,
+    PatchRows,
+    UpsertColumns,
+    PatchColumns,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::UpsertRows => "upsert_rows",
+            Op::PatchRows => "patch_rows",
+            Op::UpsertColumns => "upsert_columns",
+            Op::PatchColumns => "patch_columns",
+        }
+    }
+}
+
+/// Scan state: the plan so far and the first rule violation in document order.
+#[derive(Default)]
+struct Scan {
+    plan: WritePlan,
+    has_operation: bool,
+    removed_top_key: Option<&'static str>,
+    first_error: Option<Rejection>,
+    affected_ids_value: Option<(usize, usize)>,
+}
+
+type Step = crate::scan::Result<()>;
+
+impl Scan {
+    fn fail(&mut self, rejection: Rejection) {
+        if self.first_error.is_none() {
+            self.first_error = Some(rejection);
+        }
+    }
+
+    fn shape(&mut self, message: String) {
+        self.fail(Rejection::Shape(message));
+    }
+
+    fn top_member(&mut self, cur: &mut Cursor<'_>, m: Member) -> Step {
+        let key = cur.text(m.key);
+        let kind = cur.peek_kind()?;
+        let is_null = kind == Kind::Null;
+        if OPERATIONS.contains(&key.as_ref()) && !is_null {
+            self.has_operation = true;
+        }
+        match key.as_ref() {
+            "upsert_rows" | "patch_rows" | "upsert_columns" | "patch_columns" if is_null => {
+                cur.skip_value().map(|_| ())
+            }
+            "upsert_rows" => self.rows(cur, Op::UpsertRows),
+            "patch_rows" => self.rows(cur, Op::PatchRows),
+            "upsert_columns" => self.columns(cur, Op::UpsertColumns),
+            "patch_columns" => self.columns(cur, Op::PatchColumns),
+            "deletes" => self.deletes(cur),
+            "patch_by_filter" => {
+                if !is_null {
+                    self.plan.response_driven = true;
+                    self.plan.mirrors = true;
+                }
+                self.patch_by_filter(cur)
+            }
+            "delete_by_filter" | "upsert_condition" | "patch_condition" | "delete_condition" => {
+                if !is_null {
+                    self.plan.response_driven = true;
+                    self.plan.mirrors |= key == "delete_by_filter";
+                }
+                cur.skip_value().map(|_| ())
+            }
+            "return_affected_ids" => {
+                let start = cur.pos();
+                if kind == Kind::Bool && cur.bytes().get(start) == Some(&b't') {
+                    self.plan.client_wants_ids = true;
+                }
+                cur.skip_value()?;
+                self.affected_ids_value = Some((start, cur.pos()));
+                Ok(())
+            }
+            "upserts" | "patches" => {
+                self.removed_top_key.get_or_insert(REMOVED_CUSTOM);
+                cur.skip_value().map(|_| ())
+            }
+            _ => cur.skip_value().map(|_| ()),
+        }
+    }
+
+    fn id_value(&mut self, cur: &mut Cursor<'_>, op: &str) -> Step {
+        let kind = cur.peek_kind()?;
+        let start = cur.pos();
+        cur.skip_value()?;
+        let valid = match kind {
+            Kind::String => true,
+            Kind::Number => {
+                let digits = &cur.bytes()[start..cur.pos()];
+                digits.iter().all(u8::is_ascii_digit)
+                    && std::str::from_utf8(digits).is_ok_and(|d| d.parse::<u64>().is_ok())
+            }
+            _ => false,
+        };
+        if !valid {
+            self.shape(format!("{op} id values must be strings or numbers"));
+        }
+        Ok(())
+    }
+
+    /// Checks an attribute name of a stamped object; returns how to treat it.
+    fn attribute(&mut self, cur: &Cursor<'_>, key: StrToken, op: &str) -> Name {
+        let name = cur.text(key);
+        let class = classify(&name);
+        match class {
+            Name::Reserved => self.fail(Rejection::Reserved(name.into_owned())),
+            Name::Blobs if op != "patch_by_filter" => self.fail(Rejection::RemovedKey(REMOVED_BLOBS)),
+            Name::Vector if op.starts_with("patch") => self.shape(format!(
+                "{op} cannot patch vector or vectors values; upsert full rows instead"
+            )),
+            _ => {}
+        }
+        class
+    }
+
+    fn rows(&mut self, cur: &mut Cursor<'_>, op: Op) -> Step {
+        self.plan.mirrors = true;
+        let name = op.name();
+        if cur.peek_kind()? != Kind::Array {
+            self.shape(format!("{name} must be an array of row objects"));
+            return cur.skip_value().map(|_| ());
+        }
+        cur.array(|cur| {
+            if cur.peek_kind()? != Kind::Object {
+                self.shape(format!("{name} entries must be objects"));
+                return cur.skip_value().map(|_| ());
+            }
+            self.stamped_object(cur, name, true)
+        })
+        .map(|_| ())
+    }
+
+    /// A row (or `patch_by_filter.patch`): check its names, replace or drop the client's stamp
+    /// members, and insert the stamp before the closing brace if the client had none.
+    fn stamped_object(&mut self, cur: &mut Cursor<'_>, op: &str, needs_id: bool) -> Step {
+        let mut has_id = false;
+        let mut has_stamp = false;
+        let mut kept = 0usize;
+        // End of the previous member's value, and a pending drop of a first member that must
+        // extend to the next member's start.
+        let mut prev_end: Option<usize> = None;
+        let mut pending_first_drop: Option<usize> = None;
+        let mut edits: Vec<Edit> = Vec::new();
+        let close = cur.object(|cur, m| {
+            if let Some(start) = pending_first_drop.take() {
+                edits.push(Edit {
+                    start,
+                    end: m.key_start,
+                    splice: Splice::Drop,
+                });
+            }
+            let class = self.attribute(cur, m.key, op);
+            let value_start = cur.pos();
+            match class {
+                Name::Id if needs_id => {
+                    has_id = true;
+                    self.id_value(cur, op)?;
+                }
+                _ => {
+                    cur.skip_value()?;
+                }
+            }
+            let value_end = cur.pos();
+            match class {
+                Name::Stamp => {
+                    has_stamp = true;
+                    kept += 1;
+                    edits.push(Edit {
+                        start: value_start,
+                        end: value_end,
+                        splice: Splice::Value,
+                    });
+                }
+                Name::Shard => match prev_end {
+                    Some(p) => edits.push(Edit {
+                        start: p,
+                        end: value_end,
+                        splice: Splice::Drop,
+                    }),
+                    None => pending_first_drop = Some(m.key_start),
+                },
+                _ => kept += 1,
+            }
+            if class != Name::Shard || prev_end.is_some() {
+                prev_end = Some(value_end);
+            }
+            Ok(())
+        })?;
+        if let Some(start) = pending_first_drop {
+            // The dropped member was the only one left at the start: drop up to the brace.
+            edits.push(Edit {
+                start,
+                end: close,
+                splice: Splice::Drop,
+            });
+        }
+        if needs_id && !has_id {
+            self.shape(format!("{op} entries must include id"));
+        }
+        if !has_stamp {
+            edits.push(Edit {
+                start: close,
+                end: close,
+                splice: Splice::Member { comma: kept > 0 },
+            });
+        }
+        self.plan.edits.extend(edits);
+        self.plan.stamped_rows += 1;
+        Ok(())
+    }
+
+    fn columns(&mut self, cur: &mut Cursor<'_>, op: Op) -> Step {
+        self.plan.mirrors = true;
+        let name = op.name();
+        if cur.peek_kind()? != Kind::Object {
+            self.shape(format!("{name} must be an object of column arrays"));
+            return cur.skip_value().map(|_| ());
+        }
+        let mut ids: Option<Option<usize>> = None; // Some(None): an id member that is not an array
+        let mut lengths: Vec<(String, usize)> = Vec::new();
+        let mut stamp_value: Option<(usize, usize)> = None;
+        let mut kept = 0usize;
+        let mut prev_end: Option<usize> = None;
+        let mut pending_first_drop: Option<usize> = None;
+        let mut drops: Vec<Edit> = Vec::new();
+        let mut errors: Vec<String> = Vec::new();
+        let close = cur.object(|cur, m| {
+            if let Some(start) = pending_first_drop.take() {
+                drops.push(Edit {
+                    start,
+                    end: m.key_start,
+                    splice: Splice::Drop,
+                });
+            }
+            let class = self.attribute(cur, m.key, name);
+            let value_start = cur.pos();
+            let is_array = cur.peek_kind()? == Kind::Array;
+            let count = if is_array {
+                if class == Name::Id {
+                    let mut bad_id = false;
+                    let n = cur.array(|cur| {
+                        let k = cur.peek_kind()?;
+                        let s = cur.pos();
+                        cur.skip_value()?;
+                        let d = &cur.bytes()[s..cur.pos()];
+                        let ok = k == Kind::String
+                            || (k == Kind::Number
+                                && d.iter().all(u8::is_ascii_digit)
+                                && std::str::from_utf8(d).is_ok_and(|t| t.parse::<u64>().is_ok()));
+                        bad_id |= !ok;
+                        Ok(())
+                    })?;
+                    if bad_id {
+                        errors.push(format!("{name} id values must be strings or numbers"));
+                    }
+                    n
+                } else {
+                    cur.array(|cur| cur.skip_value().map(|_| ()))?
+                }
+            } else {
+                cur.skip_value()?;
+                0
+            };
+            let value_end = cur.pos();
+            match class {
+                Name::Id => ids = Some(is_array.then_some(count)),
+                Name::Shard => {}
+                _ => {
+                    let column = cur.text(m.key).into_owned();
+                    if !is_array {
+                        errors.push(format!("{name} column '{column}' must be an array"));
+                    } else if class != Name::Stamp {
+                        lengths.push((column, count));
+                    }
+                }
+            }
+            match class {
+                Name::Stamp => {
+                    kept += 1;
+                    stamp_value = Some((value_start, value_end));
+                }
+                Name::Shard => match prev_end {
+                    Some(p) => drops.push(Edit {
+                        start: p,
+                        end: value_end,
+                        splice: Splice::Drop,
+                    }),
+                    None => pending_first_drop = Some(m.key_start),
+                },
+                _ => kept += 1,
+            }
+            if class != Name::Shard || prev_end.is_some() {
+                prev_end = Some(value_end);
+            }
+            Ok(())
+        })?;
+        if let Some(start) = pending_first_drop {
+            drops.push(Edit {
+                start,
+                end: close,
+                splice: Splice::Drop,
+            });
+        }
+        let n = match ids {
+            None => {
+                self.shape(format!("{name} must include an id column"));
+                return Ok(());
+            }
+            Some(None) => {
+                self.shape(format!("{name} id column must be an array"));
+                return Ok(());
+            }
+            Some(Some(0)) => {
+                self.shape(format!("{name} id column must not be empty"));
+                return Ok(());
+            }
+            Some(Some(n)) => n,
+        };
+        if let Some(e) = errors.into_iter().next() {
+            self.shape(e);
+            return Ok(());
+        }
+        if let Some((column, count)) = lengths.iter().find(|(_, c)| *c != n) {
+            self.shape(format!("{name} column '{column}' has {count} values for {n} ids"));
+            return Ok(());
+        }
+        self.plan.edits.extend(drops);
+        match stamp_value {
+            Some((start, end)) => self.plan.edits.push(Edit {
+                start,
+                end,
+                splice: Splice::ColumnValue { n },
+            }),
+            None => self.plan.edits.push(Edit {
+                start: close,
+                end: close,
+                splice: Splice::Column { comma: kept > 0, n },
+            }),
+        }
+        self.plan.stamped_rows += n as u64;
+        Ok(())
+    }
+
+    fn deletes(&mut self, cur: &mut Cursor<'_>) -> Step {
+        match cur.peek_kind()? {
+            Kind::Null => cur.skip_value().map(|_| ()),
+            Kind::Array => {
+                self.plan.mirrors = true;
+                let mut bad = false;
+                cur.array(|cur| {
+                    let k = cur.skip_value()?;
+                    bad |= !matches!(k, Kind::String | Kind::Number);
+                    Ok(())
+                })?;
+                if bad {
+                    self.shape("deletes values must be strings or numbers".to_owned());
+                }
+                Ok(())
+            }
+            _ => {
+                self.shape("deletes must be an array".to_owned());
+                cur.skip_value().map(|_| ())
+            }
+        }
+    }
+
+    fn patch_by_filter(&mut self, cur: &mut Cursor<'_>) -> Step {
+        if cur.peek_kind()? != Kind::Object {
+            // Turbopuffer judges a malformed patch_by_filter; there is nothing to stamp.
+            return cur.skip_value().map(|_| ());
+        }
+        cur.object(|cur, m| {
+            if cur.text(m.key) == "patch" && cur.peek_kind()? == Kind::Object {
+                self.stamped_object(cur, "patch_by_filter", false)
+            } else {
+                cur.skip_value().map(|_| ())
+            }
+        })
+        .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests;

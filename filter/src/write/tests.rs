@@ -1,0 +1,510 @@
+#![allow(clippy::unwrap_used, clippy::panic)]
+use super::*;
+use proptest::prelude::*;
+
+const S: u64 = 1_732_400_000_123;
+
+fn stamped(body: &str) -> String {
+    let plan = plan(body.as_bytes()).unwrap_or_else(|r| panic!("{body}: {}", r.message()));
+    String::from_utf8(render(body.as_bytes(), &plan, S)).unwrap()
+}
+
+fn rejected(body: &str) -> String {
+    match plan(body.as_bytes()) {
+        Ok(_) => panic!("accepted: {body}"),
+        Err(r) => r.message(),
+    }
+}
+
+#[test]
+fn stamps_upsert_rows_and_preserves_every_other_byte() {
+    let body = r#"{ "upsert_rows" : [ {"id": 1, "vector": [0.10, 1e3], "t":"x"} ,{"id":"b"} ], "distance_metric":"cosine_distance"}"#;
+    assert_eq!(
+        stamped(body),
+        r#"{ "upsert_rows" : [ {"id": 1, "vector": [0.10, 1e3], "t":"x","_hevlayer_upserted_at":1732400000123} ,{"id":"b","_hevlayer_upserted_at":1732400000123} ], "distance_metric":"cosine_distance"}"#
+    );
+    let p = plan(body.as_bytes()).unwrap();
+    assert_eq!(p.stamped_rows, 2);
+    assert!(p.mirrors && !p.response_driven);
+}
+
+#[test]
+fn stamps_patch_rows() {
+    assert_eq!(
+        stamped(r#"{"patch_rows":[{"id":7,"n":null}]}"#),
+        r#"{"patch_rows":[{"id":7,"n":null,"_hevlayer_upserted_at":1732400000123}]}"#
+    );
+}
+
+#[test]
+fn stamps_columns_with_one_value_per_id() {
+    assert_eq!(
+        stamped(r#"{"upsert_columns":{"id":[1,2,3],"vector":["AAAAAA==","AAAAAA==","AAAAAA=="]}}"#),
+        r#"{"upsert_columns":{"id":[1,2,3],"vector":["AAAAAA==","AAAAAA==","AAAAAA=="],"_hevlayer_upserted_at":[1732400000123,1732400000123,1732400000123]}}"#
+    );
+    assert_eq!(
+        stamped(r#"{"patch_columns":{"id":["a"],"x":[true]}}"#),
+        r#"{"patch_columns":{"id":["a"],"x":[true],"_hevlayer_upserted_at":[1732400000123]}}"#
+    );
+}
+
+#[test]
+fn stamps_patch_by_filter_and_requests_affected_ids() {
+    assert_eq!(
+        stamped(r#"{"patch_by_filter":{"filters":["a","Eq",1],"patch":{"b":2}}}"#),
+        r#"{"return_affected_ids":true,"patch_by_filter":{"filters":["a","Eq",1],"patch":{"b":2,"_hevlayer_upserted_at":1732400000123}}}"#
+    );
+    assert_eq!(
+        stamped(r#"{"patch_by_filter":{"filters":["a","Eq",1],"patch":{}}}"#),
+        r#"{"return_affected_ids":true,"patch_by_filter":{"filters":["a","Eq",1],"patch":{"_hevlayer_upserted_at":1732400000123}}}"#
+    );
+    let p = plan(br#"{"patch_by_filter":{"filters":["a","Eq",1],"patch":{"b":2}}}"#).unwrap();
+    assert!(p.response_driven && p.mirrors && !p.client_wants_ids);
+}
+
+#[test]
+fn leaves_unstamped_operations_alone() {
+    for body in [
+        r#"{"deletes":[1,"a"]}"#,
+        r#"{"schema":{"a":"string"}}"#,
+        r#"{"copy_from_namespace":"src"}"#,
+        r#"{"branch_from_namespace":{"source_namespace":"src"}}"#,
+        r#"{"upsert_rows":[],"future_key":{"x":1}}"#,
+    ] {
+        assert_eq!(stamped(body), body);
+    }
+    let copy = plan(br#"{"copy_from_namespace":"src"}"#).unwrap();
+    assert!(!copy.mirrors && copy.is_identity());
+}
+
+#[test]
+fn conditional_and_filter_writes_get_return_affected_ids() {
+    assert_eq!(
+        stamped(r#"{"delete_by_filter":["a","Eq",1]}"#),
+        r#"{"return_affected_ids":true,"delete_by_filter":["a","Eq",1]}"#
+    );
+    assert_eq!(
+        stamped(r#"{"deletes":[1],"delete_condition":["v","Lt",2],"return_affected_ids":false}"#),
+        r#"{"deletes":[1],"delete_condition":["v","Lt",2],"return_affected_ids":true}"#
+    );
+    let asked = r#"{"upsert_rows":[{"id":1}],"upsert_condition":["v","Lt",2],"return_affected_ids":true}"#;
+    let p = plan(asked.as_bytes()).unwrap();
+    assert!(p.client_wants_ids && p.response_driven);
+    assert_eq!(
+        stamped(asked),
+        r#"{"upsert_rows":[{"id":1,"_hevlayer_upserted_at":1732400000123}],"upsert_condition":["v","Lt",2],"return_affected_ids":true}"#
+    );
+}
+
+#[test]
+fn replaces_client_stamps_and_drops_client_shards() {
+    assert_eq!(
+        stamped(r#"{"upsert_rows":[{"id":1,"_hevlayer_upserted_at":5,"_hevlayer_shard":3,"a":1}]}"#),
+        r#"{"upsert_rows":[{"id":1,"_hevlayer_upserted_at":1732400000123,"a":1}]}"#
+    );
+    assert_eq!(
+        stamped(r#"{"upsert_rows":[{"_hevlayer_shard":3, "id":1}]}"#),
+        r#"{"upsert_rows":[{"id":1,"_hevlayer_upserted_at":1732400000123}]}"#
+    );
+    assert_eq!(
+        stamped(r#"{"patch_rows":[{"id":1,"_hevlayer_shard":3}]}"#),
+        r#"{"patch_rows":[{"id":1,"_hevlayer_upserted_at":1732400000123}]}"#
+    );
+    assert_eq!(
+        stamped(r#"{"upsert_columns":{"_hevlayer_shard":[1,2],"id":[1,2],"_hevlayer_upserted_at":[0,0]}}"#),
+        r#"{"upsert_columns":{"id":[1,2],"_hevlayer_upserted_at":[1732400000123,1732400000123]}}"#
+    );
+    assert_eq!(
+        stamped(r#"{"patch_by_filter":{"filters":[],"patch":{"_hevlayer_shard":1}}}"#),
+        r#"{"return_affected_ids":true,"patch_by_filter":{"filters":[],"patch":{"_hevlayer_upserted_at":1732400000123}}}"#
+    );
+}
+
+#[test]
+fn every_rejection_message() {
+    let removed_custom = "custom write bodies were removed; use native Turbopuffer write keys such as upsert_rows, patch_rows, patch_columns, and deletes";
+    let removed_blobs = "document blob writes are no longer supported; store binary payloads externally and write an ordinary attribute with that location";
+    let cases: &[(&str, &str)] = &[
+        ("{}", "Request must include a native Turbopuffer write operation"),
+        (
+            r#"{"foo":1}"#,
+            "Request must include a native Turbopuffer write operation",
+        ),
+        (
+            r#"{"upsert_rows":null}"#,
+            "Request must include a native Turbopuffer write operation",
+        ),
+        (
+            r#"{"distance_metric":"cosine_distance","return_affected_ids":true}"#,
+            "Request must include a native Turbopuffer write operation",
+        ),
+        (r#"{"upserts":[{"id":1}]}"#, removed_custom),
+        (r#"{"patches":[{"id":1}],"deletes":[1]}"#, removed_custom),
+        (r#"{"upsert_rows":[{"id":1,"blobs":{}}]}"#, removed_blobs),
+        (r#"{"patch_rows":[{"id":1,"blobs":{}}]}"#, removed_blobs),
+        (r#"{"upsert_columns":{"id":[1],"blobs":[1]}}"#, removed_blobs),
+        (r#"{"patch_columns":{"id":[1],"blobs":[1]}}"#, removed_blobs),
+        (
+            r#"{"upsert_rows":[{"id":1,"_hevlayer_x":1}]}"#,
+            "attribute '_hevlayer_x' uses the reserved _hevlayer_* prefix",
+        ),
+        (
+            r#"{"upsert_rows":[{"id":1,"\u005fhevlayer_x":1}]}"#,
+            "attribute '_hevlayer_x' uses the reserved _hevlayer_* prefix",
+        ),
+        (
+            r#"{"patch_rows":[{"id":1,"_hevlayer_parent_id":1}]}"#,
+            "attribute '_hevlayer_parent_id' uses the reserved _hevlayer_* prefix",
+        ),
+        (
+            r#"{"upsert_columns":{"id":[1],"_hevlayer_y":[1]}}"#,
+            "attribute '_hevlayer_y' uses the reserved _hevlayer_* prefix",
+        ),
+        (
+            r#"{"patch_columns":{"id":[1],"_hevlayer_y":[1]}}"#,
+            "attribute '_hevlayer_y' uses the reserved _hevlayer_* prefix",
+        ),
+        (
+            r#"{"patch_by_filter":{"filters":[],"patch":{"_hevlayer_z":1}}}"#,
+            "attribute '_hevlayer_z' uses the reserved _hevlayer_* prefix",
+        ),
+        (
+            r#"{"upsert_rows":{}}"#,
+            "upsert_rows must be an array of row objects",
+        ),
+        (
+            r#"{"patch_rows":"x"}"#,
+            "patch_rows must be an array of row objects",
+        ),
+        (r#"{"upsert_rows":[1]}"#, "upsert_rows entries must be objects"),
+        (r#"{"patch_rows":[[]]}"#, "patch_rows entries must be objects"),
+        (
+            r#"{"upsert_rows":[{"a":1}]}"#,
+            "upsert_rows entries must include id",
+        ),
+        (r#"{"patch_rows":[{}]}"#, "patch_rows entries must include id"),
+        (
+            r#"{"upsert_rows":[{"id":null}]}"#,
+            "upsert_rows id values must be strings or numbers",
+        ),
+        (
+            r#"{"upsert_rows":[{"id":-1}]}"#,
+            "upsert_rows id values must be strings or numbers",
+        ),
+        (
+            r#"{"upsert_rows":[{"id":1.5}]}"#,
+            "upsert_rows id values must be strings or numbers",
+        ),
+        (
+            r#"{"upsert_rows":[{"id":18446744073709551616}]}"#,
+            "upsert_rows id values must be strings or numbers",
+        ),
+        (
+            r#"{"patch_rows":[{"id":{}}]}"#,
+            "patch_rows id values must be strings or numbers",
+        ),
+        (
+            r#"{"upsert_columns":[]}"#,
+            "upsert_columns must be an object of column arrays",
+        ),
+        (
+            r#"{"patch_columns":1}"#,
+            "patch_columns must be an object of column arrays",
+        ),
+        (
+            r#"{"upsert_columns":{"a":[1]}}"#,
+            "upsert_columns must include an id column",
+        ),
+        (
+            r#"{"upsert_columns":{"id":1}}"#,
+            "upsert_columns id column must be an array",
+        ),
+        (
+            r#"{"patch_columns":{"id":[]}}"#,
+            "patch_columns id column must not be empty",
+        ),
+        (
+            r#"{"upsert_columns":{"id":[1],"a":2}}"#,
+            "upsert_columns column 'a' must be an array",
+        ),
+        (
+            r#"{"upsert_columns":{"a":[1,2,3],"id":[1,2]}}"#,
+            "upsert_columns column 'a' has 3 values for 2 ids",
+        ),
+        (
+            r#"{"patch_columns":{"id":[1,2],"a":[1]}}"#,
+            "patch_columns column 'a' has 1 values for 2 ids",
+        ),
+        (
+            r#"{"upsert_columns":{"id":[1,true]}}"#,
+            "upsert_columns id values must be strings or numbers",
+        ),
+        (
+            r#"{"patch_rows":[{"id":1,"vector":[1]}]}"#,
+            "patch_rows cannot patch vector or vectors values; upsert full rows instead",
+        ),
+        (
+            r#"{"patch_columns":{"id":[1],"vectors":[[[1]]]}}"#,
+            "patch_columns cannot patch vector or vectors values; upsert full rows instead",
+        ),
+        (
+            r#"{"patch_by_filter":{"filters":[],"patch":{"vector":[1]}}}"#,
+            "patch_by_filter cannot patch vector or vectors values; upsert full rows instead",
+        ),
+        (r#"{"deletes":{}}"#, "deletes must be an array"),
+        (
+            r#"{"deletes":[1,null]}"#,
+            "deletes values must be strings or numbers",
+        ),
+        ("[1]", "request body must be a JSON object"),
+        ("\"x\"", "request body must be a JSON object"),
+        (
+            "",
+            "request body is not valid JSON: unexpected end of input at byte 0",
+        ),
+        (
+            r#"{"upsert_rows":[{"id":1}"#,
+            "request body is not valid JSON: unexpected end of input at byte 24",
+        ),
+        (
+            r#"{"upsert_rows":[{"id":1,}]}"#,
+            "request body is not valid JSON: expected a member name at byte 24",
+        ),
+    ];
+    for (body, message) in cases {
+        assert_eq!(rejected(body), *message, "{body}");
+    }
+}
+
+#[test]
+fn first_error_wins() {
+    // Grammar errors anywhere beat rule errors; removed keys beat the rest; then document order.
+    assert!(rejected(r#"{"upserts":1,"upsert_rows":[{"id":1}],"x":}"#)
+        .starts_with("request body is not valid JSON"));
+    assert!(
+        rejected(r#"{"upsert_rows":[{"_hevlayer_a":1}],"upserts":[]}"#).starts_with("custom write bodies")
+    );
+    assert_eq!(
+        rejected(r#"{"upsert_rows":[{"_hevlayer_a":1,"blobs":1}],"deletes":{}}"#),
+        "attribute '_hevlayer_a' uses the reserved _hevlayer_* prefix"
+    );
+    assert_eq!(
+        rejected(r#"{"deletes":{},"upsert_rows":[{"_hevlayer_a":1}]}"#),
+        "deletes must be an array"
+    );
+    assert_eq!(
+        rejected(r#"{"upsert_rows":[{"id":1},{"a":1},5]}"#),
+        "upsert_rows entries must include id"
+    );
+}
+
+#[test]
+fn reason_labels() {
+    assert_eq!(plan(b"{").unwrap_err().reason(), "invalid_json");
+    assert_eq!(plan(b"{}").unwrap_err().reason(), "no_operation");
+    assert_eq!(plan(br#"{"upserts":[]}"#).unwrap_err().reason(), "removed_key");
+    assert_eq!(
+        plan(br#"{"upsert_rows":[{"id":1,"_hevlayer_q":1}]}"#)
+            .unwrap_err()
+            .reason(),
+        "reserved_attribute"
+    );
+    assert_eq!(plan(br#"{"deletes":1}"#).unwrap_err().reason(), "shape");
+}
+
+// ---- property tests ----
+
+fn ws() -> impl Strategy<Value = &'static str> {
+    prop::sample::select(vec!["", " ", "\n  ", "\t"])
+}
+
+fn scalar() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<i64>().prop_map(|n| n.to_string()),
+        any::<f32>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(|f| format!("{f:e}")),
+        "[a-z\\u{e9}\\u{4e2d} ]{0,8}".prop_map(|s| serde_json::to_string(&s).unwrap()),
+        Just("true".to_owned()),
+        Just("null".to_owned()),
+        Just("\"a\\\"b\\u00e9\"".to_owned()),
+    ]
+}
+
+fn vector() -> impl Strategy<Value = String> {
+    prop_oneof![
+        prop::collection::vec(any::<f32>().prop_filter("finite", |f| f.is_finite()), 1..6).prop_map(
+            |v| format!(
+                "[{}]",
+                v.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(",")
+            )
+        ),
+        "[A-Za-z0-9+/]{4,12}".prop_map(|s| format!("\"{s}==\"")),
+    ]
+}
+
+fn id() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<u64>().prop_map(|n| n.to_string()),
+        "[a-z0-9-]{1,10}".prop_map(|s| format!("\"{s}\""))
+    ]
+}
+
+fn row(with_vector: bool) -> impl Strategy<Value = String> {
+    (
+        id(),
+        prop::collection::vec(("[a-z]{1,6}", scalar()), 0..4),
+        vector(),
+        ws(),
+        ws(),
+    )
+        .prop_map(move |(id, attrs, vec, w1, w2)| {
+            let mut members = vec![format!("\"id\":{w1}{id}")];
+            if with_vector {
+                members.push(format!("\"vector\":{vec}"));
+            }
+            members.extend(attrs.into_iter().map(|(k, v)| format!("\"a_{k}\":{v}")));
+            format!("{{{w2}{}{w1}}}", members.join(&format!(",{w2}")))
+        })
+}
+
+fn columns(n: usize) -> impl Strategy<Value = String> {
+    (
+        prop::collection::vec(id(), n..=n),
+        prop::collection::vec(scalar(), n..=n),
+        ws(),
+    )
+        .prop_map(|(ids, vals, w)| {
+            format!(
+                "{{{w}\"id\":[{}],{w}\"a_col\":[{}]{w}}}",
+                ids.join(","),
+                vals.join(", ")
+            )
+        })
+}
+
+/// Valid write bodies of every stamped shape, with options and unknown keys around them.
+fn write_body() -> impl Strategy<Value = String> {
+    (
+        prop::collection::vec(row(true), 0..4),
+        prop::collection::vec(row(false), 0..3),
+        (1usize..4).prop_flat_map(columns),
+        prop::collection::vec(id(), 0..3),
+        prop::sample::subsequence(
+            vec![
+                "upsert_rows",
+                "patch_rows",
+                "upsert_columns",
+                "deletes",
+                "patch_by_filter",
+                "delete_by_filter",
+                "x_unknown",
+            ],
+            1..5,
+        )
+        .prop_filter("needs an operation", |keys| {
+            keys.iter().any(|k| *k != "x_unknown")
+        }),
+        ws(),
+        any::<bool>(),
+    )
+        .prop_map(|(upserts, patches, cols, deletes, keys, w, ask)| {
+            let mut members: Vec<String> = keys
+                .iter()
+                .map(|k| match *k {
+                    "upsert_rows" => format!("\"upsert_rows\":{w}[{}]", upserts.join(",")),
+                    "patch_rows" => format!("\"patch_rows\":[{}]", patches.join(&format!(",{w}"))),
+                    "upsert_columns" => format!("\"upsert_columns\":{cols}"),
+                    "deletes" => format!("\"deletes\":[{}]", deletes.join(",")),
+                    "patch_by_filter" => {
+                        "\"patch_by_filter\":{\"filters\":[\"a\",\"Eq\",1],\"patch\":{\"b\":1}}".to_owned()
+                    }
+                    "delete_by_filter" => "\"delete_by_filter\":[\"a\",\"Eq\",2]".to_owned(),
+                    _ => format!("\"x_unknown\":{w}{{\"k\":[1,2]}}"),
+                })
+                .collect();
+            if ask {
+                members.push("\"return_affected_ids\":true".to_owned());
+            }
+            format!("{w}{{{w}{}{w}}}{w}", members.join(&format!(",{w}")))
+        })
+}
+
+/// Removes exactly what stamping may add, so the rest can be compared with the input.
+fn unstamp(out: &str) -> String {
+    let s = S.to_string();
+    let mut text = out.replace(&format!(",\"_hevlayer_upserted_at\":{s}"), "");
+    text = text.replace(&format!("\"_hevlayer_upserted_at\":{s}"), "");
+    for n in (1..8).rev() {
+        let col = vec![s.clone(); n].join(",");
+        text = text.replace(&format!(",\"_hevlayer_upserted_at\":[{col}]"), "");
+    }
+    text.replace("\"return_affected_ids\":true,", "")
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    #[test]
+    fn output_minus_stamps_equals_input(body in write_body()) {
+        let p = plan(body.as_bytes()).unwrap();
+        let out = String::from_utf8(render(body.as_bytes(), &p, S)).unwrap();
+        prop_assert_eq!(unstamp(&out), body.clone());
+        // The output is valid JSON and every row and column carries the stamp.
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let mut counted = 0u64;
+        for op in ["upsert_rows", "patch_rows"] {
+            if let Some(rows) = v.get(op).and_then(|r| r.as_array()) {
+                for r in rows {
+                    prop_assert_eq!(r.get(STAMP).and_then(|x| x.as_u64()), Some(S));
+                    counted += 1;
+                }
+            }
+        }
+        if let Some(cols) = v.get("upsert_columns") {
+            let ids = cols["id"].as_array().unwrap().len();
+            let stamps = cols[STAMP].as_array().unwrap();
+            prop_assert_eq!(stamps.len(), ids);
+            prop_assert!(stamps.iter().all(|x| x.as_u64() == Some(S)));
+            counted += ids as u64;
+        }
+        if let Some(patch) = v.get("patch_by_filter").map(|p| &p["patch"]) {
+            prop_assert_eq!(patch.get(STAMP).and_then(|x| x.as_u64()), Some(S));
+            counted += 1;
+        }
+        prop_assert_eq!(p.stamped_rows, counted);
+        if p.response_driven {
+            prop_assert_eq!(v.get("return_affected_ids"), Some(&serde_json::Value::Bool(true)));
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_always_get_an_answer(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+        if let Ok(p) = plan(&bytes) {
+            let out = render(&bytes, &p, S);
+            prop_assert!(serde_json::from_slice::<serde_json::Value>(&out).is_ok());
+        }
+    }
+
+    #[test]
+    fn mutated_bodies_always_get_an_answer(body in write_body(), cut in any::<prop::sample::Index>(), byte in any::<u8>()) {
+        let mut bytes = body.into_bytes();
+        let i = cut.index(bytes.len());
+        bytes[i] = byte;
+        match plan(&bytes) {
+            Ok(p) => {
+                let out = render(&bytes, &p, S);
+                prop_assert!(serde_json::from_slice::<serde_json::Value>(&out).is_ok());
+            }
+            Err(r) => prop_assert!(!r.message().is_empty()),
+        }
+    }
+
+    #[test]
+    fn validity_agrees_with_serde_json(body in write_body(), cut in any::<prop::sample::Index>()) {
+        let bytes = &body.as_bytes()[..cut.index(body.len())];
+        let ours = !matches!(plan(bytes), Err(Rejection::InvalidJson(_)));
+        let theirs = serde_json::from_slice::<serde_json::Value>(bytes).is_ok();
+        prop_assert_eq!(ours, theirs);
+    }
+}

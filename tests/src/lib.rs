@@ -1,0 +1,1 @@
+//! Test support for the Layer gateway: a proxy-wasm host on wasmtime that runs the built filter.
