@@ -69,6 +69,52 @@ const STRING_CLASS: [u8; 256] = {
     t
 };
 
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+#[inline]
+fn word(b: &[u8], i: usize) -> Option<u64> {
+    let bytes: [u8; 8] = b.get(i..i + 8)?.try_into().ok()?;
+    Some(u64::from_le_bytes(bytes))
+}
+
+/// Index of the first byte at or after `i` that is not an ASCII digit, eight bytes at a time.
+#[inline]
+fn digit_run(b: &[u8], mut i: usize) -> usize {
+    while let Some(w) = word(b, i) {
+        // A byte's high bit is set in `low` if it is below '0' and in `high` if it is above '9'.
+        // Digits neither borrow nor carry, so the first flagged byte is exact.
+        let low = w.wrapping_sub(0x30 * ONES);
+        let high = w.wrapping_add(0x46 * ONES);
+        let flags = (low | high) & HIGHS;
+        if flags != 0 {
+            return i + (flags.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while matches!(b.get(i), Some(b'0'..=b'9')) {
+        i += 1;
+    }
+    i
+}
+
+/// Skips whole eight-byte words of plain string bytes (no quote, backslash, control or non-ASCII
+/// byte); the byte loop handles the rest.
+#[inline]
+fn plain_run(b: &[u8], mut i: usize) -> usize {
+    while let Some(w) = word(b, i) {
+        let quote = w ^ (b'"' as u64 * ONES);
+        let slash = w ^ (b'\\' as u64 * ONES);
+        let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
+        let control = w.wrapping_sub(0x20 * ONES) & !w & HIGHS;
+        if (zero_byte(quote) | zero_byte(slash) | control | (w & HIGHS)) != 0 {
+            return i;
+        }
+        i += 8;
+    }
+    i
+}
+
 /// A cursor over a JSON text.
 pub struct Cursor<'a> {
     bytes: &'a [u8],
@@ -167,9 +213,7 @@ impl<'a> Cursor<'a> {
             Kind::Object => {
                 self.object(|cur, _key| cur.skip_value().map(|_| ()))?;
             }
-            Kind::Array => {
-                self.array(|cur| cur.skip_value().map(|_| ()))?;
-            }
+            Kind::Array => self.skip_array()?,
             Kind::String => {
                 self.string()?;
             }
@@ -186,6 +230,45 @@ impl<'a> Cursor<'a> {
         Ok(kind)
     }
 
+    /// Skips an array; the hot path of vectors sent as number arrays.
+    fn skip_array(&mut self) -> Result<()> {
+        self.expect(b'[', "expected an array")?;
+        self.enter()?;
+        if self.peek() == Some(b']') {
+            self.pos += 1;
+            self.depth -= 1;
+            return Ok(());
+        }
+        loop {
+            match self.bytes.get(self.pos) {
+                Some(b'-' | b'0'..=b'9') => self.number_here()?,
+                Some(_) => {
+                    self.skip_value()?;
+                }
+                None => return self.eof(),
+            }
+            let next = match self.bytes.get(self.pos) {
+                Some(&c @ (b',' | b']')) => c,
+                _ => match self.peek() {
+                    Some(c) => c,
+                    None => return self.eof(),
+                },
+            };
+            self.pos += 1;
+            match next {
+                b',' => self.skip_ws(),
+                b']' => {
+                    self.depth -= 1;
+                    return Ok(());
+                }
+                _ => {
+                    self.pos -= 1;
+                    return self.error("expected ',' or ']' in array");
+                }
+            }
+        }
+    }
+
     fn literal(&mut self, lit: &'static [u8]) -> Result<()> {
         match self.bytes.get(self.pos..self.pos + lit.len()) {
             Some(s) if s == lit => {
@@ -200,6 +283,11 @@ impl<'a> Cursor<'a> {
     /// Consumes a number token, checking the JSON number grammar.
     pub fn number(&mut self) -> Result<()> {
         self.skip_ws();
+        self.number_here()
+    }
+
+    #[inline]
+    fn number_here(&mut self) -> Result<()> {
         let b = self.bytes;
         let mut i = self.pos;
         if b.get(i) == Some(&b'-') {
@@ -207,12 +295,7 @@ impl<'a> Cursor<'a> {
         }
         match b.get(i) {
             Some(b'0') => i += 1,
-            Some(b'1'..=b'9') => {
-                i += 1;
-                while matches!(b.get(i), Some(b'0'..=b'9')) {
-                    i += 1;
-                }
-            }
+            Some(b'1'..=b'9') => i = digit_run(b, i + 1),
             _ => {
                 self.pos = i;
                 return self.error("invalid number");
@@ -224,9 +307,7 @@ impl<'a> Cursor<'a> {
                 self.pos = i;
                 return self.error("invalid number");
             }
-            while matches!(b.get(i), Some(b'0'..=b'9')) {
-                i += 1;
-            }
+            i = digit_run(b, i + 1);
         }
         if matches!(b.get(i), Some(b'e' | b'E')) {
             i += 1;
@@ -237,9 +318,7 @@ impl<'a> Cursor<'a> {
                 self.pos = i;
                 return self.error("invalid number");
             }
-            while matches!(b.get(i), Some(b'0'..=b'9')) {
-                i += 1;
-            }
+            i = digit_run(b, i + 1);
         }
         self.pos = i;
         Ok(())
@@ -254,6 +333,7 @@ impl<'a> Cursor<'a> {
         let mut escaped = false;
         let mut high = false;
         loop {
+            i = plain_run(b, i);
             let Some(&c) = b.get(i) else {
                 self.pos = i;
                 return self.eof();
