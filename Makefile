@@ -6,12 +6,21 @@ WASM_TARGET := wasm32-wasip1
 FILTER_WASM := target/$(WASM_TARGET)/release/hevlayer_filter.wasm
 export HEVLAYER_FILTER_WASM ?= $(CURDIR)/$(FILTER_WASM)
 
+# Tools installed by the Makefile itself (ignored by git): a Python venv with Envoy and the test
+# clients, and the Turbopuffer emulator.
+TOOLS := $(CURDIR)/.tools
+VENV := $(TOOLS)/venv
+PY := $(VENV)/bin/python
+ENVOY := $(VENV)/bin/envoy
+MINIFUGU := $(TOOLS)/bin/minifugu
+
 .PHONY: help
 help:
 	@echo "make run    - start Envoy + filter + sidecar + local Turbopuffer emulator"
-	@echo "make test   - fmt, clippy, native tests, wasm build, wasmtime-hosted tests"
-	@echo "make bench  - benchmarks"
+	@echo "make test   - fmt, clippy, native tests, wasm build, wasmtime-hosted and end-to-end tests"
+	@echo "make bench  - benchmarks (filter, sidecar, gateway)"
 	@echo "make wasm   - release build of the filter for $(WASM_TARGET)"
+	@echo "make tools  - install Envoy, the emulator and the Python test tools into .tools/"
 
 .PHONY: wasm
 wasm: $(FILTER_WASM)
@@ -36,12 +45,23 @@ test-native:
 test-wasm: wasm
 	cargo test -p hevlayer-tests
 
-.PHONY: test
-test: fmt-check clippy test-native test-wasm
+# Extra checks appended by the sections below (Envoy validation, end-to-end tests, ...).
+TEST_EXTRA :=
+BENCH_EXTRA :=
 
-.PHONY: bench
-bench: wasm
+.PHONY: bench-filter
+bench-filter: wasm
 	cargo run --release -p hevlayer-tests --bin filter-bench
 
 .PHONY: FORCE
 FORCE:
+
+# ---- Envoy, tools, `make run`, end-to-end tests --------------------------------------------
+
+# ---- end of sections -------------------------------------------------------------------------
+
+.PHONY: test
+test: fmt-check clippy test-native test-wasm $(TEST_EXTRA)
+
+.PHONY: bench
+bench: bench-filter $(BENCH_EXTRA)
