@@ -47,9 +47,12 @@ pub struct BodyBuffer {
 }
 
 impl BodyBuffer {
-    pub fn new(limit: u64, gzip: bool) -> Self {
+    /// `expected` is the `content-length`, if any: a plain body's buffer is sized for it once.
+    pub fn new(limit: u64, gzip: bool, expected: Option<u64>) -> Self {
+        let capacity = if gzip { 0 } else { expected.unwrap_or(0).min(limit) };
+        let buf = Vec::with_capacity(usize::try_from(capacity).unwrap_or(0));
         let out = Limited {
-            buf: Vec::new(),
+            buf,
             limit,
             exceeded: false,
         };
@@ -127,7 +130,7 @@ mod tests {
     }
 
     fn collect(limit: u64, gz: bool, data: &[u8], chunk: usize) -> Result<Vec<u8>, BodyError> {
-        let mut b = BodyBuffer::new(limit, gz);
+        let mut b = BodyBuffer::new(limit, gz, Some(data.len() as u64));
         for c in data.chunks(chunk.max(1)) {
             b.push(c)?;
         }
@@ -138,7 +141,7 @@ mod tests {
     fn plain_bodies_and_limit() {
         assert_eq!(collect(10, false, b"0123456789", 3).unwrap(), b"0123456789");
         assert_eq!(collect(9, false, b"0123456789", 3), Err(BodyError::TooLarge));
-        assert_eq!(BodyBuffer::new(1, false).finish().unwrap(), b"");
+        assert_eq!(BodyBuffer::new(1, false, None).finish().unwrap(), b"");
     }
 
     #[test]

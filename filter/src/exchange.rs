@@ -11,6 +11,7 @@ use crate::response::strip_affected_ids;
 use crate::route::{self, Route};
 use crate::sidecar_api;
 use crate::write::{plan, render, WritePlan};
+use std::rc::Rc;
 
 /// What Envoy reported about the request headers.
 #[derive(Debug, Clone, Copy, Default)]
@@ -60,7 +61,7 @@ pub enum Step {
     /// Send this reply locally; the request is over.
     Reply(LocalReply),
     /// Replace the buffered body when given, then let the stream go on.
-    Forward(Option<Vec<u8>>),
+    Forward(Option<Rc<Vec<u8>>>),
     /// Dispatch this callout and hold the stream until [`Exchange::on_callout_answer`].
     Dispatch(Callout),
 }
@@ -87,7 +88,7 @@ enum Phase {
 struct Sent {
     namespace: String,
     stamp: u64,
-    body: Vec<u8>,
+    body: Rc<Vec<u8>>,
     plan: WritePlan,
 }
 
@@ -96,6 +97,8 @@ pub struct Exchange {
     phase: Phase,
     route: Route,
     body: Option<BodyBuffer>,
+    /// The request body arrives gzip-encoded and goes upstream decoded.
+    decoded: bool,
     sent: Option<Sent>,
     /// Replacement for a router-made response body.
     rewrite: Option<LocalReply>,
@@ -125,6 +128,7 @@ impl Exchange {
             phase: Phase::Start,
             route: Route::Other,
             body: None,
+            decoded: false,
             sent: None,
             rewrite: None,
             method: String::new(),
@@ -234,7 +238,9 @@ impl Exchange {
         self.method = head.method.to_owned();
         self.path = head.path.to_owned();
         self.content_type = head.content_type.map(str::to_owned);
-        self.body = Some(BodyBuffer::new(config.max_body_bytes, gzip));
+        self.decoded = gzip;
+        let expected = head.content_length.and_then(|v| v.trim().parse::<u64>().ok());
+        self.body = Some(BodyBuffer::new(config.max_body_bytes, gzip, expected));
         self.phase = Phase::Buffering;
         if head.end_of_stream {
             return (edits, self.finish_request(0));
@@ -347,12 +353,13 @@ impl Exchange {
         );
         self.phase = Phase::Upstream;
         // The body is replaced whenever it changed or was decoded from gzip.
-        let out = if plan.is_identity() {
+        let replace = !plan.is_identity() || self.decoded;
+        let out = Rc::new(if plan.is_identity() {
             body
         } else {
             render(&body, &plan, stamp)
-        };
-        let forward = out.clone();
+        });
+        let forward = replace.then(|| Rc::clone(&out));
         if plan.mirrors {
             self.sent = Some(Sent {
                 namespace,
@@ -361,7 +368,7 @@ impl Exchange {
                 plan,
             });
         }
-        Step::Forward(Some(forward))
+        Step::Forward(forward)
     }
 
     fn callout_headers(&self, method: &str, path: &str) -> Vec<(String, String)> {
