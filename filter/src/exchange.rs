@@ -251,7 +251,7 @@ impl Exchange {
     /// A request body chunk. `now_ms` is read only if the body completes.
     pub fn on_request_body(&mut self, chunk: &[u8], end_of_stream: bool, now_ms: u64) -> Step {
         if self.phase != Phase::Buffering {
-            return Step::Continue;
+            return self.after_request();
         }
         let pushed = match self.body.as_mut() {
             Some(body) => body.push(chunk),
@@ -270,9 +270,17 @@ impl Exchange {
     /// Request trailers end the body (HTTP/2 requests may never flag end of stream on the body).
     pub fn on_request_trailers(&mut self, now_ms: u64) -> Step {
         if self.phase != Phase::Buffering {
-            return Step::Continue;
+            return self.after_request();
         }
         self.finish_request(now_ms)
+    }
+
+    /// A request callback outside buffering: keep a replied or sidecar-answered stream held.
+    fn after_request(&self) -> Step {
+        match self.phase {
+            Phase::Replied | Phase::AwaitingRoute => Step::Pause,
+            _ => Step::Continue,
+        }
     }
 
     fn body_error(&mut self, e: BodyError) -> Step {

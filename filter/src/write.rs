@@ -247,24 +247,20 @@ fn classify(name: &str) -> Name {
     }
 }
 
-/// The operations that stamp, and how they differ.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
-    UpsertRows,
-    PatchRows,
-    UpsertColumns,
-    PatchColumns,
-}
-
-impl Op {
-    fn name(self) -> &'static str {
-        match self {
-            Op::UpsertRows => "upsert_rows",
-            Op::PatchRows => "patch_rows",
-            Op::UpsertColumns => "upsert_columns",
-            Op::PatchColumns => "patch_columns",
+/// Skips one id value; true if it is a string or an unsigned 64-bit integer.
+fn skip_id(cur: &mut Cursor<'_>) -> crate::scan::Result<bool> {
+    let kind = cur.peek_kind()?;
+    let start = cur.pos();
+    cur.skip_value()?;
+    Ok(match kind {
+        Kind::String => true,
+        Kind::Number => {
+            let digits = &cur.bytes()[start..cur.pos()];
+            digits.iter().all(u8::is_ascii_digit)
+                && std::str::from_utf8(digits).is_ok_and(|d| d.parse::<u64>().is_ok())
         }
-    }
+        _ => false,
+    })
 }
 
 /// Scan state: the plan so far and the first rule violation in document order.
@@ -301,10 +297,10 @@ impl Scan {
             "upsert_rows" | "patch_rows" | "upsert_columns" | "patch_columns" if is_null => {
                 cur.skip_value().map(|_| ())
             }
-            "upsert_rows" => self.rows(cur, Op::UpsertRows),
-            "patch_rows" => self.rows(cur, Op::PatchRows),
-            "upsert_columns" => self.columns(cur, Op::UpsertColumns),
-            "patch_columns" => self.columns(cur, Op::PatchColumns),
+            "upsert_rows" => self.rows(cur, "upsert_rows"),
+            "patch_rows" => self.rows(cur, "patch_rows"),
+            "upsert_columns" => self.columns(cur, "upsert_columns"),
+            "patch_columns" => self.columns(cur, "patch_columns"),
             "deletes" => self.deletes(cur),
             "patch_by_filter" => {
                 if !is_null {
@@ -338,19 +334,7 @@ impl Scan {
     }
 
     fn id_value(&mut self, cur: &mut Cursor<'_>, op: &str) -> Step {
-        let kind = cur.peek_kind()?;
-        let start = cur.pos();
-        cur.skip_value()?;
-        let valid = match kind {
-            Kind::String => true,
-            Kind::Number => {
-                let digits = &cur.bytes()[start..cur.pos()];
-                digits.iter().all(u8::is_ascii_digit)
-                    && std::str::from_utf8(digits).is_ok_and(|d| d.parse::<u64>().is_ok())
-            }
-            _ => false,
-        };
-        if !valid {
+        if !skip_id(cur)? {
             self.shape(format!("{op} id values must be strings or numbers"));
         }
         Ok(())
@@ -371,9 +355,8 @@ impl Scan {
         class
     }
 
-    fn rows(&mut self, cur: &mut Cursor<'_>, op: Op) -> Step {
+    fn rows(&mut self, cur: &mut Cursor<'_>, name: &'static str) -> Step {
         self.plan.mirrors = true;
-        let name = op.name();
         if cur.peek_kind()? != Kind::Array {
             self.shape(format!("{name} must be an array of row objects"));
             return cur.skip_value().map(|_| ());
@@ -467,9 +450,8 @@ impl Scan {
         Ok(())
     }
 
-    fn columns(&mut self, cur: &mut Cursor<'_>, op: Op) -> Step {
+    fn columns(&mut self, cur: &mut Cursor<'_>, name: &'static str) -> Step {
         self.plan.mirrors = true;
-        let name = op.name();
         if cur.peek_kind()? != Kind::Object {
             self.shape(format!("{name} must be an object of column arrays"));
             return cur.skip_value().map(|_| ());
@@ -497,15 +479,7 @@ impl Scan {
                 if class == Name::Id {
                     let mut bad_id = false;
                     let n = cur.array(|cur| {
-                        let k = cur.peek_kind()?;
-                        let s = cur.pos();
-                        cur.skip_value()?;
-                        let d = &cur.bytes()[s..cur.pos()];
-                        let ok = k == Kind::String
-                            || (k == Kind::Number
-                                && d.iter().all(u8::is_ascii_digit)
-                                && std::str::from_utf8(d).is_ok_and(|t| t.parse::<u64>().is_ok()));
-                        bad_id |= !ok;
+                        bad_id |= !skip_id(cur)?;
                         Ok(())
                     })?;
                     if bad_id {

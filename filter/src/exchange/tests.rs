@@ -75,6 +75,7 @@ fn invalid_writes_get_a_local_422() {
         other => panic!("{other:?}"),
     }
     assert_eq!(ex.take_counters(), vec![Counter::WritesRejected("no_operation")]);
+    assert_eq!(ex.on_request_trailers(NOW), Step::Pause);
     // After the reply nothing else happens, whatever Envoy calls next.
     assert_eq!(
         ex.on_response_headers(200, Some("via_upstream"), false, NOW).1,
