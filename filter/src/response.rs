@@ -1,6 +1,6 @@
 //! Reading and trimming write responses: the affected ids Turbopuffer returns (SPEC §2.5).
 
-use crate::scan::{Cursor, Kind};
+use crate::scan::{Cursor, Kind, MemberCuts};
 
 /// Members the gateway may have asked for on the client's behalf.
 pub const AFFECTED_ID_KEYS: [&str; 3] = ["upserted_ids", "patched_ids", "deleted_ids"];
@@ -12,34 +12,18 @@ pub fn strip_affected_ids(body: &[u8]) -> Option<Vec<u8>> {
     if cur.peek_kind().ok()? != Kind::Object {
         return None;
     }
-    // Byte ranges to cut, each one member with one adjacent comma.
-    let mut cuts: Vec<(usize, usize)> = Vec::new();
-    let mut prev_end: Option<usize> = None;
-    let mut pending_first: Option<usize> = None;
+    let mut plan = MemberCuts::default();
     let close = cur
         .object(|cur, m| {
-            if let Some(start) = pending_first.take() {
-                cuts.push((start, m.key_start));
-            }
+            plan.begin(&m);
             let drop = AFFECTED_ID_KEYS.contains(&cur.text(m.key).as_ref());
             cur.skip_value()?;
-            let end = cur.pos();
-            if drop {
-                match prev_end {
-                    Some(p) => cuts.push((p, end)),
-                    None => pending_first = Some(m.key_start),
-                }
-            }
-            if !drop || prev_end.is_some() {
-                prev_end = Some(end);
-            }
+            plan.end(&m, cur.pos(), drop);
             Ok(())
         })
         .ok()?;
     cur.finish().ok()?;
-    if let Some(start) = pending_first {
-        cuts.push((start, close));
-    }
+    let cuts = plan.close(close);
     if cuts.is_empty() {
         return None;
     }

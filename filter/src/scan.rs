@@ -485,6 +485,46 @@ pub struct Member {
     pub key: StrToken,
 }
 
+/// Plans the removal of some members of one object, each with one adjacent comma, so that what
+/// remains is still a valid object. Feed it every member in order, then close it.
+#[derive(Debug, Default)]
+pub struct MemberCuts {
+    prev_end: Option<usize>,
+    /// A dropped member with no kept member before it: its cut runs to the next member's start.
+    pending: Option<usize>,
+    ranges: Vec<(usize, usize)>,
+}
+
+impl MemberCuts {
+    /// At the start of a member, before its value is consumed.
+    pub fn begin(&mut self, member: &Member) {
+        if let Some(start) = self.pending.take() {
+            self.ranges.push((start, member.key_start));
+        }
+    }
+
+    /// After a member's value; `drop` removes the member.
+    pub fn end(&mut self, member: &Member, value_end: usize, drop: bool) {
+        match (drop, self.prev_end) {
+            (true, Some(prev)) => self.ranges.push((prev, value_end)),
+            (true, None) => {
+                self.pending = Some(member.key_start);
+                return;
+            }
+            (false, _) => {}
+        }
+        self.prev_end = Some(value_end);
+    }
+
+    /// The byte ranges to remove, given the offset of the object's closing brace.
+    pub fn close(mut self, close: usize) -> Vec<(usize, usize)> {
+        if let Some(start) = self.pending.take() {
+            self.ranges.push((start, close));
+        }
+        self.ranges
+    }
+}
+
 /// Decodes a validated string token.
 pub fn decode(bytes: &[u8], tok: StrToken) -> std::borrow::Cow<'_, str> {
     let raw = &bytes[tok.start..tok.end];

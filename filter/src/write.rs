@@ -5,7 +5,7 @@
 //! client's own `_hevlayer_upserted_at` / `_hevlayer_shard` members to replace or drop. [`render`]
 //! then copies the body with those splices applied. Every other byte goes upstream unchanged.
 
-use crate::scan::{Cursor, Kind, Member, StrToken, SyntaxError};
+use crate::scan::{Cursor, Kind, Member, MemberCuts, StrToken, SyntaxError};
 
 /// The stamp attribute.
 pub const STAMP: &str = "_hevlayer_upserted_at";
@@ -247,6 +247,14 @@ fn classify(name: &str) -> Name {
     }
 }
 
+fn drop_edit((start, end): (usize, usize)) -> Edit {
+    Edit {
+        start,
+        end,
+        splice: Splice::Drop,
+    }
+}
+
 /// Skips one id value; true if it is a string or an unsigned 64-bit integer.
 fn skip_id(cur: &mut Cursor<'_>) -> crate::scan::Result<bool> {
     let kind = cur.peek_kind()?;
@@ -377,19 +385,10 @@ impl Scan {
         let mut has_id = false;
         let mut has_stamp = false;
         let mut kept = 0usize;
-        // End of the previous member's value, and a pending drop of a first member that must
-        // extend to the next member's start.
-        let mut prev_end: Option<usize> = None;
-        let mut pending_first_drop: Option<usize> = None;
+        let mut cuts = MemberCuts::default();
         let mut edits: Vec<Edit> = Vec::new();
         let close = cur.object(|cur, m| {
-            if let Some(start) = pending_first_drop.take() {
-                edits.push(Edit {
-                    start,
-                    end: m.key_start,
-                    splice: Splice::Drop,
-                });
-            }
+            cuts.begin(&m);
             let class = self.attribute(cur, m.key, op);
             let value_start = cur.pos();
             match class {
@@ -412,29 +411,13 @@ impl Scan {
                         splice: Splice::Value,
                     });
                 }
-                Name::Shard => match prev_end {
-                    Some(p) => edits.push(Edit {
-                        start: p,
-                        end: value_end,
-                        splice: Splice::Drop,
-                    }),
-                    None => pending_first_drop = Some(m.key_start),
-                },
+                Name::Shard => {}
                 _ => kept += 1,
             }
-            if class != Name::Shard || prev_end.is_some() {
-                prev_end = Some(value_end);
-            }
+            cuts.end(&m, value_end, class == Name::Shard);
             Ok(())
         })?;
-        if let Some(start) = pending_first_drop {
-            // The dropped member was the only one left at the start: drop up to the brace.
-            edits.push(Edit {
-                start,
-                end: close,
-                splice: Splice::Drop,
-            });
-        }
+        edits.extend(cuts.close(close).into_iter().map(drop_edit));
         if needs_id && !has_id {
             self.shape(format!("{op} entries must include id"));
         }
@@ -460,18 +443,10 @@ impl Scan {
         let mut lengths: Vec<(String, usize)> = Vec::new();
         let mut stamp_value: Option<(usize, usize)> = None;
         let mut kept = 0usize;
-        let mut prev_end: Option<usize> = None;
-        let mut pending_first_drop: Option<usize> = None;
-        let mut drops: Vec<Edit> = Vec::new();
+        let mut cuts = MemberCuts::default();
         let mut errors: Vec<String> = Vec::new();
         let close = cur.object(|cur, m| {
-            if let Some(start) = pending_first_drop.take() {
-                drops.push(Edit {
-                    start,
-                    end: m.key_start,
-                    splice: Splice::Drop,
-                });
-            }
+            cuts.begin(&m);
             let class = self.attribute(cur, m.key, name);
             let value_start = cur.pos();
             let is_array = cur.peek_kind()? == Kind::Array;
@@ -511,28 +486,13 @@ impl Scan {
                     kept += 1;
                     stamp_value = Some((value_start, value_end));
                 }
-                Name::Shard => match prev_end {
-                    Some(p) => drops.push(Edit {
-                        start: p,
-                        end: value_end,
-                        splice: Splice::Drop,
-                    }),
-                    None => pending_first_drop = Some(m.key_start),
-                },
+                Name::Shard => {}
                 _ => kept += 1,
             }
-            if class != Name::Shard || prev_end.is_some() {
-                prev_end = Some(value_end);
-            }
+            cuts.end(&m, value_end, class == Name::Shard);
             Ok(())
         })?;
-        if let Some(start) = pending_first_drop {
-            drops.push(Edit {
-                start,
-                end: close,
-                splice: Splice::Drop,
-            });
-        }
+        let drops = cuts.close(close);
         let n = match ids {
             None => {
                 self.shape(format!("{name} must include an id column"));
@@ -556,7 +516,7 @@ impl Scan {
             self.shape(format!("{name} column '{column}' has {count} values for {n} ids"));
             return Ok(());
         }
-        self.plan.edits.extend(drops);
+        self.plan.edits.extend(drops.into_iter().map(drop_edit));
         match stamp_value {
             Some((start, end)) => self.plan.edits.push(Edit {
                 start,
