@@ -394,3 +394,60 @@ fn request_ids_are_uuid_v4() {
     let id = request_id_from([0xff; 16]);
     assert_eq!(id, "ffffffff-ffff-4fff-bfff-ffffffffffff");
 }
+
+fn run_write(body: &[u8], chunks: &[usize], gzip: bool) -> Step {
+    let mut ex = Exchange::new();
+    let mut h = head("POST", "/v2/namespaces/ns");
+    if gzip {
+        h.content_encoding = Some("gzip");
+    }
+    let (_, step) = ex.on_request_headers(&Config::default(), &h);
+    assert_eq!(step, Step::Pause);
+    let mut at = 0;
+    let mut sizes = chunks.iter().cycle();
+    loop {
+        let n = (*sizes.next().unwrap()).max(1).min(body.len() - at);
+        let end = at + n == body.len();
+        let step = ex.on_request_body(&body[at..at + n], end, NOW);
+        at += n;
+        if end || step != Step::Pause {
+            return step;
+        }
+    }
+}
+
+proptest::proptest! {
+    #[test]
+    fn the_forwarded_body_does_not_depend_on_chunking(
+        which in 0usize..6,
+        chunks in proptest::collection::vec(1usize..40, 1..8),
+        gzip in proptest::prelude::any::<bool>(),
+    ) {
+        let bodies: [&[u8]; 6] = [
+            br#"{"upsert_rows":[{"id":1,"vector":[0.5,-1e-3]},{"id":"b","x":"\u00e9"}]}"#,
+            br#"{"upsert_columns":{"id":[1,2],"v":["AAAA","BBBB"]},"distance_metric":"cosine_distance"}"#,
+            br#"{"patch_by_filter":{"filters":["a","Eq",1],"patch":{"b":2}}}"#,
+            br#"{"deletes":[1,2,3]}"#,
+            br#"{"upsert_rows":[{"id":1,"_hevlayer_q":1}]}"#,
+            br#"{"upsert_rows":[{"id":1}]"#,
+        ];
+        let plain = bodies[which].to_vec();
+        let wire = if gzip {
+            use std::io::Write;
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            enc.write_all(&plain).unwrap();
+            enc.finish().unwrap()
+        } else {
+            plain.clone()
+        };
+        let whole = run_write(&wire, &[wire.len()], gzip);
+        let chunked = run_write(&wire, &chunks, gzip);
+        proptest::prop_assert_eq!(&whole, &chunked);
+        // And the same as the plain body sent in one piece, apart from the decoded flag.
+        let reference = run_write(&plain, &[plain.len()], false);
+        match (&reference, &chunked) {
+            (Step::Forward(None), Step::Forward(Some(b))) => proptest::prop_assert_eq!(b.as_slice(), plain.as_slice()),
+            _ => proptest::prop_assert_eq!(&reference, &chunked),
+        }
+    }
+}
