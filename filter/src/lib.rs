@@ -18,5 +18,5 @@ pub mod scan;
 pub mod sidecar_api;
 pub mod write;
 
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", feature = "glue"))]
 mod glue;
