@@ -475,9 +475,15 @@ impl Exchange {
         }
     }
 
-    /// Whether the glue should hold response body chunks until the end of the stream.
+    /// Whether the glue should collect response body chunks until the end of the stream.
     pub fn wants_response_body(&self) -> bool {
         self.phase == Phase::ResponseBuffering
+    }
+
+    /// Whether the response must be held: a body chunk arriving while a mirror or purge callout
+    /// is outstanding must not let the paused headers go on.
+    pub fn holds_response(&self) -> bool {
+        matches!(self.phase, Phase::ResponseBuffering | Phase::AwaitingMirror)
     }
 
     /// The whole response body, once the stream ended. Returns a replacement body (if any) and
@@ -526,6 +532,12 @@ impl Exchange {
                 if self.phase != Phase::AwaitingRoute {
                     return Step::Continue;
                 }
+                // Envoy answers a call it could not deliver with its own plain-text reply; the
+                // sidecar always answers JSON.
+                let json = headers.iter().any(|(k, v)| {
+                    k.eq_ignore_ascii_case("content-type") && v.trim_start().starts_with("application/json")
+                });
+                let status = status.filter(|_| json);
                 match status {
                     Some(status) => {
                         let keep = ["content-type", "x-layer-cache", "retry-after", "location"];

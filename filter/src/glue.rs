@@ -359,7 +359,12 @@ impl HttpContext for Filter {
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         if !self.exchange.wants_response_body() {
-            return Action::Continue;
+            // Returning Continue here would release headers paused for a mirror callout.
+            return if self.exchange.holds_response() {
+                Action::Pause
+            } else {
+                Action::Continue
+            };
         }
         self.response_seen = body_size;
         if !end_of_stream {

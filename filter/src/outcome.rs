@@ -25,9 +25,11 @@ pub fn classify(status: u16, code_details: Option<&str>) -> ResponseClass {
         None => (details, ""),
     };
     let reply = match name {
-        "upstream_response_timeout" | "upstream_per_try_timeout" | "upstream_max_stream_duration_reached" => {
-            LocalReply::gateway_timeout()
-        }
+        "response_timeout"
+        | "upstream_response_timeout"
+        | "per_try_timeout"
+        | "upstream_per_try_timeout"
+        | "upstream_max_stream_duration_reached" => LocalReply::gateway_timeout(),
         "upstream_reset_before_response_started" => {
             LocalReply::upstream_error(&readable(if detail.is_empty() {
                 "connection reset"
@@ -97,6 +99,8 @@ mod tests {
             502
         );
         assert_eq!(status_of(classify(504, Some("upstream_response_timeout"))), 504);
+        // What Envoy 1.40's router reports when the route timeout fires.
+        assert_eq!(status_of(classify(504, Some("response_timeout"))), 504);
         assert_eq!(status_of(classify(504, Some("upstream_per_try_timeout"))), 504);
         assert_eq!(status_of(classify(413, Some("request_payload_too_large"))), 413);
         assert_eq!(status_of(classify(404, Some("route_not_found"))), 404);

@@ -216,6 +216,8 @@ fn successful_writes_are_mirrored_before_the_response_goes_on() {
         panic!("{step:?}")
     };
     assert_eq!(call.purpose, Purpose::Mirror);
+    // Body chunks arriving meanwhile are held with the headers.
+    assert!(ex.holds_response() && !ex.wants_response_body());
     assert_eq!(call.timeout_ms, 200);
     assert!(call
         .headers
@@ -230,6 +232,7 @@ fn successful_writes_are_mirrored_before_the_response_goes_on() {
         Step::Continue
     );
     assert!(ex.take_counters().contains(&Counter::MirrorOk));
+    assert!(!ex.holds_response());
     // A late or repeated answer is ignored.
     assert_eq!(
         ex.on_callout_answer(Some(200), &[], Vec::new(), NOW + 6),
@@ -352,6 +355,20 @@ fn pipeline_routes_go_to_the_sidecar() {
     assert!(matches!(step, Step::Dispatch(_)));
     match ex.on_callout_answer(None, &[], Vec::new(), NOW) {
         Step::Reply(r) => assert_eq!(json(&r)["error"], "cache_unavailable"),
+        other => panic!("{other:?}"),
+    }
+    // Envoy's own plain-text 503 for an unreachable cluster is not the sidecar's answer.
+    let mut ex = Exchange::new();
+    assert!(matches!(
+        ex.on_request_headers(&Config::default(), &h).1,
+        Step::Dispatch(_)
+    ));
+    let envoy_reply = vec![("content-type".to_owned(), "text/plain".to_owned())];
+    match ex.on_callout_answer(Some(503), &envoy_reply, b"upstream connect error".to_vec(), NOW) {
+        Step::Reply(r) => assert_eq!(
+            (r.status, json(&r)["error"].as_str()),
+            (503, Some("cache_unavailable"))
+        ),
         other => panic!("{other:?}"),
     }
 }
