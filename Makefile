@@ -51,12 +51,19 @@ BENCH_EXTRA :=
 
 .PHONY: bench-filter
 bench-filter: wasm
+	cargo build --release --target $(WASM_TARGET) -p hevlayer-wasm-bench
 	cargo run --release -p hevlayer-tests --bin filter-bench
+
+.PHONY: bench-sidecar
+bench-sidecar:
+	cargo run --release -p hevlayer-sidecar --bin sidecar-bench -- --strict
 
 .PHONY: FORCE
 FORCE:
 
 # ---- Envoy, tools, `make run`, end-to-end tests --------------------------------------------
+
+# ---- Kubernetes manifests (envoy/kubernetes) and their offline validation -----------------
 
 # ---- end of sections -------------------------------------------------------------------------
 
@@ -64,4 +71,4 @@ FORCE:
 test: fmt-check clippy test-native test-wasm $(TEST_EXTRA)
 
 .PHONY: bench
-bench: bench-filter $(BENCH_EXTRA)
+bench: bench-filter bench-sidecar $(BENCH_EXTRA)

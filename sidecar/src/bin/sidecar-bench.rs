@@ -1,0 +1,338 @@
+//! Sidecar benchmark: stage, get-chunks and claim throughput and latency over loopback on the
+//! embedded store, next to the same server's `/healthz` as the baseline, plus stage latency with
+//! 1,000 vs 1,000,000 staged documents and memory per staged document.
+//!
+//! `cargo run --release -p hevlayer-sidecar --bin sidecar-bench -- [--seconds N] [--concurrency N]
+//! [--large N] [--strict]`
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use hevlayer_sidecar::cache::embedded::EmbeddedCache;
+use hevlayer_sidecar::cache::{DocumentCache, PipelineMeta};
+use hevlayer_sidecar::config::Config;
+use hevlayer_sidecar::RunningSidecar;
+
+#[derive(Parser)]
+struct Args {
+    /// Seconds per measured scenario.
+    #[arg(long, default_value_t = 3)]
+    seconds: u64,
+    /// Concurrent client connections.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Staged documents for the large-pipeline stage latency and memory check.
+    #[arg(long, default_value_t = 1_000_000)]
+    large: usize,
+    /// Exit non-zero when a target is missed.
+    #[arg(long)]
+    strict: bool,
+}
+
+/// Bytes of chunk text per document (the issue's 2 KB documents).
+const DOC_TEXT_BYTES: usize = 2048;
+
+struct Stats {
+    name: String,
+    requests: u64,
+    elapsed: Duration,
+    p50_us: u64,
+    p99_us: u64,
+}
+
+impl Stats {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn doc_body() -> String {
+    let text = "x".repeat(DOC_TEXT_BYTES);
+    format!(r#"{{"chunks":[{{"id":"c0","text":"{text}"}}]}}"#)
+}
+
+#[derive(Clone, Copy)]
+enum Scenario {
+    Health,
+    Stage,
+    GetChunks,
+    Claim,
+}
+
+/// Runs `scenario` with `concurrency` tasks for `seconds`.
+async fn run(
+    name: &str,
+    base: &str,
+    pipeline: &str,
+    scenario: Scenario,
+    concurrency: usize,
+    duration: Duration,
+    preloaded: usize,
+) -> Result<Stats, String> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let counter = Arc::new(AtomicU64::new(0));
+    let body = Arc::new(doc_body());
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::new();
+    for worker in 0..concurrency {
+        let client = client.clone();
+        let counter = counter.clone();
+        let body = body.clone();
+        let base = base.to_owned();
+        let pipeline = pipeline.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(100_000);
+            let mut errors = 0u64;
+            while Instant::now() < deadline {
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let request = match scenario {
+                    Scenario::Health => client.get(format!("{base}/healthz")),
+                    Scenario::Stage => client
+                        .put(format!(
+                            "{base}/v2/pipelines/{pipeline}/documents/bench-{worker}-{n}"
+                        ))
+                        .header("content-type", "application/json")
+                        .body(body.as_bytes().to_vec()),
+                    Scenario::GetChunks => {
+                        let doc = n % preloaded.max(1) as u64;
+                        client.get(format!(
+                            "{base}/v2/pipelines/{pipeline}/documents/pre-{doc}/chunks"
+                        ))
+                    }
+                    Scenario::Claim => client
+                        .post(format!("{base}/v2/pipelines/{pipeline}/claim"))
+                        .header("content-type", "application/json")
+                        .body(format!(r#"{{"worker_id":"w{worker}","limit":1}}"#)),
+                };
+                let t = Instant::now();
+                match request.send().await {
+                    Ok(resp) if resp.status().is_success() => {
+                        let _ = resp.bytes().await;
+                        latencies.push(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX));
+                    }
+                    _ => errors += 1,
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await.map_err(|e| e.to_string())?;
+        all.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed();
+    if errors > 0 {
+        return Err(format!("{name}: {errors} requests failed"));
+    }
+    all.sort_unstable();
+    Ok(Stats {
+        name: name.to_owned(),
+        requests: all.len() as u64,
+        elapsed,
+        p50_us: percentile(&all, 0.50),
+        p99_us: percentile(&all, 0.99),
+    })
+}
+
+async fn preload(cache: &EmbeddedCache, pipeline: &str, count: usize) -> Result<(), String> {
+    let text = "y".repeat(DOC_TEXT_BYTES);
+    for i in 0..count {
+        // A distinct allocation per document, as a real stage makes.
+        let chunks = Bytes::copy_from_slice(format!(r#"[{{"id":"c0","text":"{text}"}}]"#).as_bytes());
+        cache
+            .stage_document(pipeline, &format!("pre-{i}"), chunks, 0)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn meta(id: &str) -> PipelineMeta {
+    PipelineMeta {
+        id: id.into(),
+        target_namespace: "bench".into(),
+        distance_metric: "cosine_distance".into(),
+        created_at: "1970-01-01T00:00:00Z".into(),
+    }
+}
+
+fn print(stats: &Stats, baseline: f64) {
+    println!(
+        "{:<28} {:>9} req {:>10.0} req/s {:>6.1}% of /healthz   p50 {:>6} us   p99 {:>6} us",
+        stats.name,
+        stats.requests,
+        stats.rps(),
+        100.0 * stats.rps() / baseline,
+        stats.p50_us,
+        stats.p99_us
+    );
+}
+
+async fn bench(args: Args) -> Result<bool, String> {
+    let mut config = Config::defaults();
+    config.embedded_cache_bytes = 64 << 30;
+    let cache = Arc::new(EmbeddedCache::new(config.embedded_cache_bytes));
+    let server = RunningSidecar::start(&config, cache.clone() as Arc<dyn DocumentCache>).await?;
+    let base = server.url("");
+    let seconds = Duration::from_secs(args.seconds);
+    let c = args.concurrency;
+    println!(
+        "sidecar benchmark: embedded store, loopback, {c} connections, {}s per scenario, {DOC_TEXT_BYTES}-byte documents",
+        args.seconds
+    );
+
+    let small = 1_000;
+    for p in ["small", "large", "claim"] {
+        cache.create_pipeline(meta(p)).await.map_err(|e| e.to_string())?;
+    }
+    preload(&cache, "small", small).await?;
+
+    let health = run("healthz (baseline)", &base, "", Scenario::Health, c, seconds, 0).await?;
+    let baseline = health.rps();
+    print(&health, baseline);
+    let stage_small = run(
+        "stage (1k staged)",
+        &base,
+        "small",
+        Scenario::Stage,
+        c,
+        seconds,
+        small,
+    )
+    .await?;
+    print(&stage_small, baseline);
+    let chunks = run(
+        "get-chunks",
+        &base,
+        "small",
+        Scenario::GetChunks,
+        c,
+        seconds,
+        small,
+    )
+    .await?;
+    print(&chunks, baseline);
+
+    // Claims: enough pending documents that the queue never drains during the run.
+    let claimable = (health.rps() as usize * args.seconds as usize * 2).max(10_000);
+    preload(&cache, "claim", claimable).await?;
+    let claim = run(
+        "claim (limit 1)",
+        &base,
+        "claim",
+        Scenario::Claim,
+        c,
+        seconds,
+        claimable,
+    )
+    .await?;
+    print(&claim, baseline);
+
+    let rss_before = rss_bytes();
+    let used_before = cache.used_bytes();
+    let t = Instant::now();
+    preload(&cache, "large", args.large).await?;
+    let rss_after = rss_bytes();
+    let used_after = cache.used_bytes();
+    println!(
+        "preloaded {} documents in {:.1}s",
+        args.large,
+        t.elapsed().as_secs_f64()
+    );
+    let stage_large = run(
+        &format!("stage ({} staged)", args.large),
+        &base,
+        "large",
+        Scenario::Stage,
+        c,
+        seconds,
+        args.large,
+    )
+    .await?;
+    print(&stage_large, baseline);
+
+    let per_doc_rss = match (rss_before, rss_after) {
+        (Some(b), Some(a)) if args.large > 0 => Some(a.saturating_sub(b) as f64 / args.large as f64),
+        _ => None,
+    };
+    let per_doc_accounted = (used_after - used_before) as f64 / args.large.max(1) as f64;
+
+    let mut ok = true;
+    let mut check = |label: &str, pass: bool, detail: String| {
+        println!("{} {label}: {detail}", if pass { "PASS" } else { "FAIL" });
+        ok &= pass;
+    };
+    let stage_ratio = stage_small.rps() / baseline;
+    check(
+        "stage throughput >= 50% of /healthz",
+        stage_ratio >= 0.5,
+        format!("{:.1}%", stage_ratio * 100.0),
+    );
+    let p50_ratio = stage_large.p50_us as f64 / stage_small.p50_us.max(1) as f64;
+    check(
+        "stage p50 with the large pipeline within 1.5x of 1k",
+        p50_ratio <= 1.5,
+        format!(
+            "{} us vs {} us ({p50_ratio:.2}x)",
+            stage_large.p50_us, stage_small.p50_us
+        ),
+    );
+    match per_doc_rss {
+        Some(bytes) => check(
+            "memory per staged 2 KB document <= 4 KB",
+            bytes <= 4096.0,
+            format!("{bytes:.0} bytes RSS ({per_doc_accounted:.0} bytes charged to the budget)"),
+        ),
+        None => println!("SKIP memory per staged document: /proc/self/status unavailable"),
+    }
+    server.stop().await.map_err(|e| e.to_string())?;
+    Ok(ok)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let strict = args.strict;
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sidecar-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(bench(args)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) if !strict => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("sidecar-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! The document cache: one trait, implemented by the embedded in-process store (and meant to be
+//! implemented by the Aerospike backend with the same semantics; see the README for the layout).
+//!
+//! It holds two kinds of records:
+//! - mirrored Turbopuffer documents, per namespace, keyed by document id;
+//! - pipelines and their staged documents (chunks, stage, lease).
+
+pub mod aerospike;
+pub mod embedded;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Attribute map of a cached document (everything but `id`).
+pub type Attributes = serde_json::Map<String, Value>;
+
+/// A Turbopuffer document id: unsigned integer or string (UUIDs are strings).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DocId {
+    Num(u64),
+    Str(String),
+}
+
+impl DocId {
+    /// The id of a JSON value, when it is a valid Turbopuffer id.
+    pub fn from_json(value: &Value) -> Option<Self> {
+        match value {
+            Value::String(s) => Some(Self::Str(s.clone())),
+            Value::Number(n) => n.as_u64().map(Self::Num),
+            _ => None,
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        match self {
+            Self::Num(n) => Value::from(*n),
+            Self::Str(s) => Value::from(s.as_str()),
+        }
+    }
+
+    /// Bytes this id costs in memory accounting.
+    pub fn weight(&self) -> usize {
+        match self {
+            Self::Num(_) => 8,
+            Self::Str(s) => s.len(),
+        }
+    }
+}
+
+/// A cached document and the stamp of the write that produced its current state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CachedDoc {
+    pub attributes: Attributes,
+    pub upserted_at: u64,
+}
+
+/// A staged chunk, as sent by the client and returned by get-chunks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Chunk {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Map<String, Value>>,
+}
+
+/// A pipeline's definition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineMeta {
+    pub id: String,
+    pub target_namespace: String,
+    pub distance_metric: String,
+    pub created_at: String,
+}
+
+/// Arguments of a claim: move up to `limit` unleased documents from `stage` to `claim_stage`.
+#[derive(Debug, Clone)]
+pub struct ClaimArgs {
+    pub stage: String,
+    pub claim_stage: String,
+    pub worker_id: String,
+    pub limit: usize,
+    pub lease_ms: u64,
+    pub document_id_prefix: Option<String>,
+    pub now_ms: u64,
+}
+
+/// Arguments of a heartbeat: extend the leases `worker_id` holds on `document_ids` in `stage`.
+#[derive(Debug, Clone)]
+pub struct HeartbeatArgs {
+    pub document_ids: Vec<String>,
+    pub worker_id: String,
+    pub stage: String,
+    pub now_ms: u64,
+}
+
+/// Arguments of a set-stage.
+#[derive(Debug, Clone)]
+pub struct SetStageArgs {
+    pub document_ids: Vec<String>,
+    pub stage: String,
+    pub from_stage: Option<String>,
+    pub worker_id: Option<String>,
+    pub create_missing: bool,
+    pub now_ms: u64,
+}
+
+/// Exact counts for a pipeline's status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StageCounts {
+    /// Documents per stage (stages with no documents are absent).
+    pub counts: BTreeMap<String, u64>,
+    /// Documents currently in `failed`, per reason.
+    pub failed_reasons: BTreeMap<String, u64>,
+    /// Documents holding an unexpired lease.
+    pub leased: u64,
+    /// Documents that became `indexed` within the rate window.
+    pub indexed_in_window: u64,
+}
+
+/// Seconds over which `indexed_rate_per_min` is measured.
+pub const RATE_WINDOW_SECONDS: u64 = 60;
+/// The failure reason recorded when a document is moved to `failed` by set-stage.
+pub const FAILED_REASON_SET_STAGE: &str = "worker_reported";
+pub const STAGE_PENDING: &str = "pending";
+pub const STAGE_INDEXED: &str = "indexed";
+pub const STAGE_FAILED: &str = "failed";
+
+/// Whether the cache backend is usable, for `/healthz`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheHealth {
+    pub backend: &'static str,
+    pub connected: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheError {
+    /// The backend cannot be reached or timed out; nothing was written.
+    Unavailable(String),
+    /// The backend refuses writes because it is full (embedded budget, Aerospike stop-writes).
+    Full(String),
+    PipelineNotFound(String),
+    PipelineExists(String),
+}
+
+impl std::fmt::Display for CacheError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unavailable(m) => write!(f, "unavailable: {m}"),
+            Self::Full(m) => write!(f, "full: {m}"),
+            Self::PipelineNotFound(id) => write!(f, "pipeline '{id}' not found"),
+            Self::PipelineExists(id) => write!(f, "pipeline '{id}' already exists"),
+        }
+    }
+}
+
+impl std::error::Error for CacheError {}
+
+pub type CacheResult<T> = Result<T, CacheError>;
+
+/// What every backend provides. Each method is atomic with respect to the others on the same
+/// record; claims are atomic per document (two claimers never receive the same document while
+/// its lease holds). Expired leases are returned to the stage they were claimed from before any
+/// pipeline operation observes them.
+#[async_trait]
+pub trait DocumentCache: Send + Sync {
+    async fn health(&self) -> CacheHealth;
+
+    // Mirrored Turbopuffer documents.
+
+    async fn get_document(&self, namespace: &str, id: &DocId) -> CacheResult<Option<CachedDoc>>;
+    /// Replaces the document unless the cached one carries a newer stamp. True when written.
+    async fn upsert_document(
+        &self,
+        namespace: &str,
+        id: &DocId,
+        attributes: Attributes,
+        upserted_at: u64,
+    ) -> CacheResult<bool>;
+    /// Merges into the document only when it is cached and not newer. True when merged.
+    async fn patch_document(
+        &self,
+        namespace: &str,
+        id: &DocId,
+        patch: Attributes,
+        upserted_at: u64,
+    ) -> CacheResult<bool>;
+    /// True when a cached document was removed.
+    async fn evict_document(&self, namespace: &str, id: &DocId) -> CacheResult<bool>;
+    /// Removes every cached document of a namespace; returns how many when the backend can tell
+    /// (Aerospike's truncate cannot: 0).
+    async fn purge_namespace(&self, namespace: &str) -> CacheResult<u64>;
+
+    // Pipelines.
+
+    async fn create_pipeline(&self, meta: PipelineMeta) -> CacheResult<()>;
+    async fn get_pipeline(&self, id: &str) -> CacheResult<Option<PipelineMeta>>;
+    async fn list_pipelines(&self) -> CacheResult<Vec<PipelineMeta>>;
+    /// Deletes the pipeline and its staged documents. False when it did not exist.
+    async fn delete_pipeline(&self, id: &str) -> CacheResult<bool>;
+    /// Stores the chunks (a serialised JSON array) and sets the document to `pending`, replacing
+    /// any earlier chunks, stage and lease.
+    async fn stage_document(
+        &self,
+        pipeline: &str,
+        document_id: &str,
+        chunks_json: Bytes,
+        now_ms: u64,
+    ) -> CacheResult<()>;
+    /// The serialised JSON array of the document's chunks.
+    async fn get_chunks(&self, pipeline: &str, document_id: &str) -> CacheResult<Option<Bytes>>;
+    /// The document's current stage.
+    async fn document_stage(
+        &self,
+        pipeline: &str,
+        document_id: &str,
+        now_ms: u64,
+    ) -> CacheResult<Option<String>>;
+    async fn claim(&self, pipeline: &str, args: &ClaimArgs) -> CacheResult<Vec<String>>;
+    async fn heartbeat(&self, pipeline: &str, args: &HeartbeatArgs) -> CacheResult<u64>;
+    async fn set_stage(&self, pipeline: &str, args: &SetStageArgs) -> CacheResult<u64>;
+    async fn stage_counts(&self, pipeline: &str, now_ms: u64) -> CacheResult<StageCounts>;
+}
+
+/// Milliseconds since the Unix epoch from the host clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+pub mod contract;

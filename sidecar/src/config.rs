@@ -1,0 +1,207 @@
+//! Configuration from flags and environment, validated once at start.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "hevlayer-sidecar",
+    about = "Layer gateway sidecar: document cache, mirror and pipeline API"
+)]
+pub struct Config {
+    /// Address the sidecar listens on.
+    #[arg(long, env = "SIDECAR_LISTEN", default_value = "127.0.0.1:9090")]
+    pub listen: SocketAddr,
+
+    /// Gateway (Envoy listener) URL the sidecar sends Turbopuffer requests through.
+    #[arg(long, env = "GATEWAY_URL", default_value = "http://127.0.0.1:8080")]
+    pub gateway_url: String,
+
+    /// Bearer the sidecar presents to the gateway when the request it serves carries none
+    /// (the filter's `keys` mode). In passthrough mode the caller's bearer is forwarded instead.
+    #[arg(long, env = "GATEWAY_API_KEY", hide_env_values = true)]
+    pub gateway_api_key: Option<String>,
+
+    /// Time limit for one request to the gateway, in milliseconds.
+    #[arg(long, env = "GATEWAY_TIMEOUT_MS", default_value_t = 30_000)]
+    pub gateway_timeout_ms: u64,
+
+    /// Comma-separated Aerospike seed hosts (`host:port`). Unset: the embedded store is used.
+    #[arg(long, env = "AEROSPIKE_HOSTS")]
+    pub aerospike_hosts: Option<String>,
+
+    /// Aerospike namespace holding the cache.
+    #[arg(long, env = "AEROSPIKE_NAMESPACE", default_value = "hevlayer")]
+    pub aerospike_namespace: String,
+
+    /// Set-name prefix for mirrored Turbopuffer namespaces.
+    #[arg(long, env = "AEROSPIKE_SET_PREFIX", default_value = "tpuf_")]
+    pub set_prefix: String,
+
+    /// Set-name prefix for pipelines.
+    #[arg(long, env = "AEROSPIKE_PIPELINE_SET_PREFIX", default_value = "pl_")]
+    pub pipeline_set_prefix: String,
+
+    /// Byte budget of the embedded store; writes beyond it are refused.
+    #[arg(long, env = "EMBEDDED_CACHE_BYTES", default_value_t = 1 << 30)]
+    pub embedded_cache_bytes: usize,
+
+    /// Also cache the `vector` attribute of mirrored documents.
+    #[arg(long, env = "MIRROR_VECTORS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub mirror_vectors: bool,
+
+    /// Time limit of one document-cache operation, in milliseconds.
+    #[arg(long, env = "CACHE_OP_TIMEOUT_MS", default_value_t = 200)]
+    pub cache_op_timeout_ms: u64,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "SIDECAR_MAX_BODY_BYTES", default_value_t = 256 << 20)]
+    pub max_body_bytes: usize,
+
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Log as JSON lines (default) or human-readable text.
+    #[arg(long, env = "LOG_JSON", default_value_t = true, action = clap::ArgAction::Set)]
+    pub log_json: bool,
+}
+
+/// The parts of a gateway URL the sidecar needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayUrl {
+    /// `http://host:port` without a trailing slash.
+    pub base: String,
+}
+
+impl Config {
+    /// A configuration with every default, for tests and benchmarks.
+    pub fn defaults() -> Self {
+        Self::parse_from(["hevlayer-sidecar"])
+    }
+
+    /// Checks the whole configuration; the error names the bad setting.
+    pub fn validate(&self) -> Result<GatewayUrl, String> {
+        let gateway = parse_gateway_url(&self.gateway_url)?;
+        if self.gateway_timeout_ms == 0 {
+            return Err("GATEWAY_TIMEOUT_MS must be greater than 0".into());
+        }
+        if self.cache_op_timeout_ms == 0 {
+            return Err("CACHE_OP_TIMEOUT_MS must be greater than 0".into());
+        }
+        if self.embedded_cache_bytes < 1 << 20 {
+            return Err("EMBEDDED_CACHE_BYTES must be at least 1048576 (1 MiB)".into());
+        }
+        if self.max_body_bytes == 0 {
+            return Err("SIDECAR_MAX_BODY_BYTES must be greater than 0".into());
+        }
+        if self
+            .gateway_api_key
+            .as_deref()
+            .is_some_and(|k| k.trim().is_empty())
+        {
+            return Err("GATEWAY_API_KEY is set but empty".into());
+        }
+        if self.log_level.parse::<tracing::Level>().is_err() {
+            return Err(format!(
+                "LOG_LEVEL '{}' is not one of error, warn, info, debug, trace",
+                self.log_level
+            ));
+        }
+        if let Some(hosts) = &self.aerospike_hosts {
+            let ok = !hosts.trim().is_empty()
+                && hosts.split(',').all(|h| {
+                    h.trim()
+                        .rsplit_once(':')
+                        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+                });
+            if !ok {
+                return Err(format!(
+                    "AEROSPIKE_HOSTS '{hosts}' must be a comma-separated list of host:port"
+                ));
+            }
+        }
+        if self.aerospike_namespace.is_empty()
+            || self.set_prefix.is_empty()
+            || self.pipeline_set_prefix.is_empty()
+        {
+            return Err("AEROSPIKE_NAMESPACE and the set prefixes must not be empty".into());
+        }
+        if self.set_prefix == self.pipeline_set_prefix {
+            return Err("AEROSPIKE_SET_PREFIX and AEROSPIKE_PIPELINE_SET_PREFIX must differ".into());
+        }
+        Ok(gateway)
+    }
+
+    pub fn gateway_timeout(&self) -> Duration {
+        Duration::from_millis(self.gateway_timeout_ms)
+    }
+
+    pub fn cache_op_timeout(&self) -> Duration {
+        Duration::from_millis(self.cache_op_timeout_ms)
+    }
+}
+
+fn parse_gateway_url(raw: &str) -> Result<GatewayUrl, String> {
+    let rest = raw.strip_prefix("http://").ok_or_else(|| {
+        format!("GATEWAY_URL '{raw}' must start with http:// (the sidecar talks to the local listener)")
+    })?;
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains('/') || authority.contains('?') || authority.contains('#') {
+        return Err(format!(
+            "GATEWAY_URL '{raw}' must be http://host:port with no path"
+        ));
+    }
+    Ok(GatewayUrl {
+        base: format!("http://{authority}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let cfg = Config::defaults();
+        assert_eq!(cfg.listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(cfg.validate().unwrap().base, "http://127.0.0.1:8080");
+        assert!(!cfg.mirror_vectors);
+        assert_eq!(cfg.aerospike_namespace, "hevlayer");
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let bad = |args: &[&str]| {
+            let mut all = vec!["hevlayer-sidecar"];
+            all.extend_from_slice(args);
+            Config::try_parse_from(all)
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.validate().map(|_| ()))
+        };
+        assert!(bad(&["--gateway-url", "https://x"])
+            .unwrap_err()
+            .contains("GATEWAY_URL"));
+        assert!(bad(&["--gateway-url", "http://x/path"])
+            .unwrap_err()
+            .contains("GATEWAY_URL"));
+        assert!(bad(&["--cache-op-timeout-ms", "0"])
+            .unwrap_err()
+            .contains("CACHE_OP_TIMEOUT_MS"));
+        assert!(bad(&["--embedded-cache-bytes", "10"])
+            .unwrap_err()
+            .contains("EMBEDDED_CACHE_BYTES"));
+        assert!(bad(&["--log-level", "loud"]).unwrap_err().contains("LOG_LEVEL"));
+        assert!(bad(&["--aerospike-hosts", "a"])
+            .unwrap_err()
+            .contains("AEROSPIKE_HOSTS"));
+        assert!(bad(&["--aerospike-hosts", "a:3000,b"])
+            .unwrap_err()
+            .contains("AEROSPIKE_HOSTS"));
+        assert!(bad(&["--aerospike-hosts", "a:3000,10.0.0.2:3100"]).is_ok());
+        assert!(bad(&["--listen", "nope"]).is_err());
+        assert!(bad(&["--gateway-url", "http://127.0.0.1:1/"]).is_ok());
+    }
+}

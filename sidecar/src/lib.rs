@@ -1,0 +1,139 @@
+//! The Layer gateway sidecar: document cache, mirror API and pipeline API (see README.md).
+
+pub mod app;
+pub mod cache;
+pub mod config;
+pub mod documents;
+pub mod error;
+pub mod extract;
+pub mod gateway;
+pub mod metrics;
+pub mod mirror;
+pub mod pipeline;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::app::{AppState, Clock, SharedState};
+use crate::cache::aerospike::{AerospikeCache, AerospikeSettings};
+use crate::cache::embedded::EmbeddedCache;
+use crate::cache::DocumentCache;
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::metrics::Metrics;
+
+/// Builds the shared state from a validated configuration.
+pub fn build_state(config: &Config) -> Result<SharedState, String> {
+    let gateway_url = config.validate()?;
+    build_state_with_cache(config, &gateway_url, cache_backend(config))
+}
+
+/// The configured backend: Aerospike when `AEROSPIKE_HOSTS` is set (connecting in the
+/// background; call from inside a tokio runtime), else the embedded store.
+pub fn cache_backend(config: &Config) -> Arc<dyn DocumentCache> {
+    match &config.aerospike_hosts {
+        Some(hosts) => AerospikeCache::start(AerospikeSettings {
+            hosts: hosts.clone(),
+            namespace: config.aerospike_namespace.clone(),
+            set_prefix: config.set_prefix.clone(),
+            pipeline_set_prefix: config.pipeline_set_prefix.clone(),
+            op_timeout: config.cache_op_timeout(),
+        }),
+        None => Arc::new(EmbeddedCache::new(config.embedded_cache_bytes)),
+    }
+}
+
+/// Builds the shared state around a given cache backend.
+pub fn build_state_with_cache(
+    config: &Config,
+    gateway_url: &config::GatewayUrl,
+    cache: Arc<dyn DocumentCache>,
+) -> Result<SharedState, String> {
+    let gateway = Gateway::new(
+        gateway_url,
+        config.gateway_api_key.clone(),
+        config.gateway_timeout(),
+    )?;
+    Ok(Arc::new(AppState {
+        cache,
+        gateway,
+        metrics: Metrics::default(),
+        clock: Clock::default(),
+        mirror_vectors: config.mirror_vectors,
+        cache_timeout: config.cache_op_timeout(),
+    }))
+}
+
+/// Serves the sidecar on `listener` until `shutdown` resolves, then finishes in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    state: SharedState,
+    max_body_bytes: usize,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let router = app::router(state, max_body_bytes);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// A sidecar running on a background task (tests and benchmarks): bound to `127.0.0.1:0`, stopped
+/// when dropped.
+pub struct RunningSidecar {
+    pub addr: SocketAddr,
+    pub state: SharedState,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl RunningSidecar {
+    pub async fn start(config: &Config, cache: Arc<dyn DocumentCache>) -> Result<Self, String> {
+        let gateway_url = config.validate()?;
+        let state = build_state_with_cache(config, &gateway_url, cache)?;
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| e.to_string())?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(serve(
+            listener,
+            state.clone(),
+            config.max_body_bytes,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        Ok(Self {
+            addr,
+            state,
+            stop: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Stops accepting, waits for in-flight requests, and returns the server's result.
+    pub async fn stop(mut self) -> std::io::Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await.unwrap_or_else(|e| Err(std::io::Error::other(e))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningSidecar {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}

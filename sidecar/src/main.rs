@@ -1,0 +1,84 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use hevlayer_sidecar::config::Config;
+use tokio::net::TcpListener;
+
+fn init_logs(config: &Config) {
+    let level = config
+        .log_level
+        .parse::<tracing::Level>()
+        .unwrap_or(tracing::Level::INFO);
+    let builder = tracing_subscriber::fmt().with_max_level(level).with_target(false);
+    if config.log_json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT. The handlers are installed now, before serving, so a signal that
+/// arrives before the first connection is not lost (a lazily polled handler would be).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            (Err(err), _) | (_, Err(err)) => {
+                tracing::warn!(error = %err, "cannot install signal handlers; stop with SIGKILL");
+                std::future::pending::<()>().await;
+            }
+        }
+        tracing::info!("shutdown signal received; finishing in-flight requests");
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = Config::parse();
+    if let Err(message) = config.validate() {
+        eprintln!("hevlayer-sidecar: invalid configuration: {message}");
+        return ExitCode::from(2);
+    }
+    init_logs(&config);
+    let state = match hevlayer_sidecar::build_state(&config) {
+        Ok(s) => s,
+        Err(message) => {
+            tracing::error!(error = %message, "cannot start");
+            return ExitCode::from(2);
+        }
+    };
+    let listener = match TcpListener::bind(config.listen).await {
+        Ok(l) => l,
+        Err(err) => {
+            tracing::error!(listen = %config.listen, error = %err, "cannot bind");
+            return ExitCode::from(1);
+        }
+    };
+    tracing::info!(
+        listen = %config.listen,
+        backend = if config.aerospike_hosts.is_some() { "aerospike" } else { "embedded" },
+        aerospike_hosts = config.aerospike_hosts.as_deref().unwrap_or(""),
+        budget_bytes = config.embedded_cache_bytes,
+        gateway_url = %config.gateway_url,
+        mirror_vectors = config.mirror_vectors,
+        "sidecar listening"
+    );
+    match hevlayer_sidecar::serve(listener, state, config.max_body_bytes, shutdown_signal()).await {
+        Ok(()) => {
+            tracing::info!("sidecar stopped");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "server failed");
+            ExitCode::from(1)
+        }
+    }
+}

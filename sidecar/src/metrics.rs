@@ -1,0 +1,147 @@
+//! Prometheus metrics, rendered in the text exposition format by `/metrics`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the latency histogram buckets.
+const BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+#[derive(Default, Clone)]
+struct Histogram {
+    buckets: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            if seconds <= *bound {
+                self.buckets[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    /// (route, method, status) -> count
+    requests: BTreeMap<(String, String, u16), u64>,
+    /// (operation, result) -> latency histogram
+    cache_ops: BTreeMap<(&'static str, &'static str), Histogram>,
+    /// (kind, result) -> count: mirror / purge / fetch outcomes
+    mirror: BTreeMap<(&'static str, &'static str), u64>,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+}
+
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Metrics {
+    pub fn record_request(&self, route: &str, method: &str, status: u16) {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        *inner
+            .requests
+            .entry((route.to_owned(), method.to_owned(), status))
+            .or_insert(0) += 1;
+    }
+
+    pub fn record_cache_op(&self, op: &'static str, result: &'static str, elapsed: Duration) {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner
+            .cache_ops
+            .entry((op, result))
+            .or_default()
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn record_event(&self, kind: &'static str, result: &'static str) {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        *inner.mirror.entry((kind, result)).or_insert(0) += 1;
+    }
+
+    /// Renders everything; `stages` are (pipeline, stage, documents) gauges read at scrape time.
+    pub fn render(&self, stages: &[(String, String, u64)], cache_connected: bool) -> String {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out = String::new();
+        out.push_str("# HELP hevlayer_sidecar_requests_total HTTP requests served, by route and status.\n");
+        out.push_str("# TYPE hevlayer_sidecar_requests_total counter\n");
+        for ((route, method, status), n) in &inner.requests {
+            let _ = writeln!(
+                out,
+                "hevlayer_sidecar_requests_total{{route=\"{}\",method=\"{}\",status=\"{status}\"}} {n}",
+                escape(route),
+                escape(method)
+            );
+        }
+        out.push_str(
+            "# HELP hevlayer_sidecar_cache_op_seconds Document cache operations, by operation and result.\n",
+        );
+        out.push_str("# TYPE hevlayer_sidecar_cache_op_seconds histogram\n");
+        for ((op, result), h) in &inner.cache_ops {
+            for (bound, n) in BUCKETS.iter().zip(h.buckets.iter()) {
+                let _ = writeln!(
+                    out,
+                    "hevlayer_sidecar_cache_op_seconds_bucket{{op=\"{op}\",result=\"{result}\",le=\"{bound}\"}} {n}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "hevlayer_sidecar_cache_op_seconds_bucket{{op=\"{op}\",result=\"{result}\",le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(
+                out,
+                "hevlayer_sidecar_cache_op_seconds_sum{{op=\"{op}\",result=\"{result}\"}} {}",
+                h.sum
+            );
+            let _ = writeln!(
+                out,
+                "hevlayer_sidecar_cache_op_seconds_count{{op=\"{op}\",result=\"{result}\"}} {}",
+                h.count
+            );
+        }
+        out.push_str("# HELP hevlayer_sidecar_mirror_total Mirror, purge and document-fetch outcomes.\n");
+        out.push_str("# TYPE hevlayer_sidecar_mirror_total counter\n");
+        for ((kind, result), n) in &inner.mirror {
+            let _ = writeln!(
+                out,
+                "hevlayer_sidecar_mirror_total{{kind=\"{kind}\",result=\"{result}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP hevlayer_sidecar_pipeline_documents Staged documents per pipeline and stage.\n");
+        out.push_str("# TYPE hevlayer_sidecar_pipeline_documents gauge\n");
+        for (pipeline, stage, n) in stages {
+            let _ = writeln!(
+                out,
+                "hevlayer_sidecar_pipeline_documents{{pipeline=\"{}\",stage=\"{}\"}} {n}",
+                escape(pipeline),
+                escape(stage)
+            );
+        }
+        out.push_str(
+            "# HELP hevlayer_sidecar_cache_connected Whether the document cache backend is usable.\n",
+        );
+        out.push_str("# TYPE hevlayer_sidecar_cache_connected gauge\n");
+        let _ = writeln!(
+            out,
+            "hevlayer_sidecar_cache_connected {}",
+            u8::from(cache_connected)
+        );
+        out
+    }
+}

@@ -1,0 +1,274 @@
+//! Mirror, purge and document fetch over HTTP, plus the service routes.
+
+// The test bodies run through `both_backends!`, so they are not `#[test]` functions themselves.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{dead_url, sidecar_on, Backend, Client, FakeGateway};
+use hevlayer_filter::sidecar_api::{mirror_body, purge_body, MIRROR_PATH, PURGE_PATH};
+use serde_json::{json, Value};
+
+async fn mirror(c: &Client, ns: &str, stamp: u64, write: &str, response: Option<&str>) -> Value {
+    let body = mirror_body(ns, stamp, write.as_bytes(), response.map(str::as_bytes));
+    let a = c.post(MIRROR_PATH, std::str::from_utf8(&body).unwrap()).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    a.json()
+}
+
+async fn mirrored_writes_are_served_from_the_cache(backend: Backend) {
+    let s = sidecar_on(backend, &dead_url().await, &[]).await;
+    let c = Client::new(&s);
+    let write = r#"{"upsert_rows":[{"id":1,"title":"a","vector":[0.5],"_hevlayer_upserted_at":100},{"id":"s-1","title":"b","_hevlayer_upserted_at":100}],"distance_metric":"cosine_distance"}"#;
+    assert_eq!(mirror(&c, "ns", 100, write, None).await, json!({"applied": 2}));
+    let a = c.get("/v2/namespaces/ns/documents/1").await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.headers.get("x-layer-cache").unwrap(), "hit");
+    // Vectors are not mirrored by default.
+    assert_eq!(
+        a.json(),
+        json!({"id": 1, "attributes": {"title": "a", "_hevlayer_upserted_at": 100}})
+    );
+    let a = c.get("/v2/namespaces/ns/documents/s-1").await;
+    assert_eq!(a.json()["id"], "s-1");
+
+    // Patch merges; an older write does not replace; delete evicts.
+    mirror(
+        &c,
+        "ns",
+        200,
+        r#"{"patch_rows":[{"id":1,"tag":"x","_hevlayer_upserted_at":200}]}"#,
+        None,
+    )
+    .await;
+    let stale = r#"{"upsert_rows":[{"id":1,"title":"old","_hevlayer_upserted_at":150}]}"#;
+    assert_eq!(mirror(&c, "ns", 150, stale, None).await, json!({"applied": 0}));
+    let a = c.get("/v2/namespaces/ns/documents/1").await;
+    assert_eq!(
+        a.json()["attributes"],
+        json!({"title": "a", "tag": "x", "_hevlayer_upserted_at": 200})
+    );
+    // A patch to an uncached document creates nothing.
+    assert_eq!(
+        mirror(&c, "ns", 300, r#"{"patch_rows":[{"id":99,"tag":"y"}]}"#, None).await,
+        json!({"applied": 0})
+    );
+    mirror(&c, "ns", 300, r#"{"deletes":[1]}"#, None).await;
+    // Evicted: the fetch now goes upstream (which is down here).
+    c.send("GET", "/v2/namespaces/ns/documents/1", None, Some("Bearer k"))
+        .await
+        .error(502, "upstream_error");
+
+    // Response-driven: only listed ids.
+    let cond = r#"{"upsert_rows":[{"id":"a","v":1},{"id":"b","v":1}],"upsert_condition":["v","Lt",{"$ref_new":"v"}]}"#;
+    assert_eq!(
+        mirror(
+            &c,
+            "ns",
+            400,
+            cond,
+            Some(r#"{"status":"OK","upserted_ids":["b"]}"#)
+        )
+        .await,
+        json!({"applied": 1})
+    );
+    assert_eq!(c.get("/v2/namespaces/ns/documents/b").await.status, 200);
+
+    // Purge.
+    let a = c
+        .post(PURGE_PATH, std::str::from_utf8(&purge_body("ns")).unwrap())
+        .await;
+    // Aerospike's truncate does not report a count.
+    let purged = if backend == Backend::Embedded { 2 } else { 0 };
+    assert_eq!(a.json(), json!({ "applied": purged }));
+    c.get("/v2/namespaces/ns/documents/b")
+        .await
+        .error(401, "unauthorized");
+
+    // Bad callouts are JSON errors.
+    c.post(MIRROR_PATH, "{").await.error(422, "validation_error");
+    c.post(MIRROR_PATH, r#"{"namespace":"ns"}"#)
+        .await
+        .error(422, "validation_error");
+    c.post(
+        MIRROR_PATH,
+        r#"{"namespace":"ns","upserted_at":1,"write":{"upsert_rows":7}}"#,
+    )
+    .await
+    .error(422, "validation_error");
+    c.post(PURGE_PATH, r#"{"ns":"x"}"#)
+        .await
+        .error(422, "validation_error");
+}
+
+async fn mirror_vectors_when_configured(backend: Backend) {
+    let s = sidecar_on(backend, &dead_url().await, &["--mirror-vectors", "true"]).await;
+    let c = Client::new(&s);
+    mirror(
+        &c,
+        "ns",
+        1,
+        r#"{"upsert_columns":{"id":[5],"vector":[[1.0]],"t":["x"]}}"#,
+        None,
+    )
+    .await;
+    let a = c.get("/v2/namespaces/ns/documents/5").await;
+    assert_eq!(a.json()["attributes"], json!({"vector": [1.0], "t": "x"}));
+}
+
+async fn a_miss_is_fetched_through_the_gateway_and_backfilled(backend: Backend) {
+    let gw = FakeGateway::start(Arc::new(|path: &str, body: &Value| {
+        if path == "/v2/namespaces/missing-ns/query" {
+            return (
+                404,
+                vec![],
+                r#"{"status":"error","error":"namespace not found"}"#.to_owned(),
+            );
+        }
+        if path == "/v2/namespaces/broken/query" {
+            return (
+                500,
+                vec![("x-request-id", "r1")],
+                r#"{"status":"error","error":"boom"}"#.to_owned(),
+            );
+        }
+        // A namespace with string ids: a numeric filter is a 400.
+        let id = &body["filters"][2];
+        let rows = match id {
+            Value::Number(_) => {
+                return (
+                    400,
+                    vec![],
+                    r#"{"status":"error","error":"wrong id type"}"#.to_owned(),
+                )
+            }
+            Value::String(s) if s == "42" || s == "doc a/b" => {
+                json!([{"id": s, "title": "t", "vector": [0.1], "$dist": 0.0, "_hevlayer_upserted_at": 5}])
+            }
+            _ => json!([]),
+        };
+        (200, vec![], json!({"rows": rows, "billing": {}}).to_string())
+    }))
+    .await;
+    let s = sidecar_on(backend, &gw.url, &[]).await;
+    let c = Client::new(&s);
+    let get = |path: &'static str| {
+        let c = &c;
+        async move { c.send("GET", path, None, Some("Bearer user-key")).await }
+    };
+
+    let a = get("/v2/namespaces/ns/documents/42").await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.headers.get("x-layer-cache").unwrap(), "miss");
+    assert_eq!(
+        a.json(),
+        json!({"id": "42", "attributes": {"title": "t", "_hevlayer_upserted_at": 5}})
+    );
+    let reqs = gw.requests();
+    assert_eq!(reqs.len(), 2, "numeric first, then string");
+    assert_eq!(reqs[1].body["filters"], json!(["id", "Eq", "42"]));
+    assert_eq!(reqs[1].body["include_attributes"], json!(true));
+    assert_eq!(reqs[1].authorization.as_deref(), Some("Bearer user-key"));
+    // Backfilled: the next read is a hit without going upstream.
+    let a = get("/v2/namespaces/ns/documents/42").await;
+    assert_eq!(a.headers.get("x-layer-cache").unwrap(), "hit");
+    assert_eq!(gw.requests().len(), 2);
+    // A mirrored newer write is not hidden by the backfill stamp.
+    mirror(
+        &c,
+        "ns",
+        10,
+        r#"{"upsert_rows":[{"id":"42","title":"new"}]}"#,
+        None,
+    )
+    .await;
+    assert_eq!(
+        get("/v2/namespaces/ns/documents/42").await.json()["attributes"],
+        json!({"title": "new"})
+    );
+
+    let a = get("/v2/namespaces/ns/documents/doc%20a%2Fb").await;
+    assert_eq!(a.json()["id"], "doc a/b");
+    get("/v2/namespaces/ns/documents/nothing")
+        .await
+        .error(404, "not_found");
+    get("/v2/namespaces/missing-ns/documents/x")
+        .await
+        .error(404, "not_found");
+    let a = get("/v2/namespaces/broken/documents/x").await;
+    assert_eq!(a.status, 500);
+    assert_eq!(a.text, r#"{"status":"error","error":"boom"}"#);
+    assert_eq!(a.headers.get("x-request-id").unwrap(), "r1");
+}
+
+async fn health_metrics_and_graceful_stop(backend: Backend) {
+    let s = sidecar_on(backend, &dead_url().await, &[]).await;
+    let c = Client::new(&s);
+    let a = c.get("/healthz").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.json()["status"], "ok");
+    let name = if backend == Backend::Embedded {
+        "embedded"
+    } else {
+        "aerospike"
+    };
+    assert_eq!(a.json()["cache"]["backend"], name);
+    assert_eq!(a.json()["cache"]["connected"], true);
+    c.create("p").await;
+    c.stage("p", "d").await;
+    c.get("/v2/pipelines/zz/status").await;
+    let m = c.get("/metrics").await;
+    assert_eq!(m.status, 200);
+    assert!(m
+        .headers
+        .get("content-type")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    for needle in [
+        r#"hevlayer_sidecar_requests_total{route="/v2/pipelines/{pipeline}/documents/{document}",method="PUT",status="200"} 1"#,
+        r#"hevlayer_sidecar_requests_total{route="/v2/pipelines/{pipeline}/status",method="GET",status="404"} 1"#,
+        r#"hevlayer_sidecar_cache_op_seconds_count{op="stage_document",result="ok"} 1"#,
+        r#"hevlayer_sidecar_pipeline_documents{pipeline="p",stage="pending"} 1"#,
+        "hevlayer_sidecar_cache_connected 1",
+    ] {
+        assert!(m.text.contains(needle), "missing {needle} in\n{}", m.text);
+    }
+    let addr = s.addr;
+    s.stop().await.unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+both_backends!(mirrored_writes_are_served_from_the_cache);
+both_backends!(mirror_vectors_when_configured);
+both_backends!(a_miss_is_fetched_through_the_gateway_and_backfilled);
+both_backends!(health_metrics_and_graceful_stop);
+
+/// A document the cache cannot take is evicted rather than left stale; the others are mirrored.
+#[tokio::test]
+async fn a_failed_mirror_evicts_instead_of_leaving_stale_documents() {
+    let s = common::sidecar(&dead_url().await, &["--embedded-cache-bytes", "1048576"]).await;
+    let c = Client::new(&s);
+    mirror(
+        &c,
+        "ns",
+        1,
+        r#"{"upsert_rows":[{"id":1,"v":"old"},{"id":2,"v":"old"}]}"#,
+        None,
+    )
+    .await;
+    let huge = "x".repeat(1_100_000);
+    let write = format!(r#"{{"upsert_rows":[{{"id":1,"v":"{huge}"}},{{"id":2,"v":"new"}}]}}"#);
+    let body = mirror_body("ns", 2, write.as_bytes(), None);
+    let a = c.post(MIRROR_PATH, std::str::from_utf8(&body).unwrap()).await;
+    a.error(503, "cache_unavailable");
+    // 1 could not be written: evicted, so a fetch goes to Turbopuffer instead of serving "old".
+    c.send("GET", "/v2/namespaces/ns/documents/1", None, Some("Bearer k"))
+        .await
+        .error(502, "upstream_error");
+    let a = c.get("/v2/namespaces/ns/documents/2").await;
+    assert_eq!(a.json()["attributes"]["v"], "new");
+}
