@@ -84,6 +84,18 @@ enum Phase {
     Done,
 }
 
+/// How a request body is collected.
+enum Collect {
+    /// gzip bodies are decoded chunk by chunk as they arrive, so the limit holds on the decoded
+    /// size and a bomb is refused early.
+    Stream { buffer: BodyBuffer, seen: usize },
+    /// Plain bodies stay in Envoy's buffer and are read once, whole, at the end.
+    Whole,
+}
+
+/// Reads `len` bytes at `start` of the request body Envoy has buffered.
+pub type ReadBody<'a> = &'a mut dyn FnMut(usize, usize) -> Vec<u8>;
+
 /// The write that went upstream, kept for the mirror.
 struct Sent {
     namespace: String,
@@ -96,7 +108,7 @@ struct Sent {
 pub struct Exchange {
     phase: Phase,
     route: Route,
-    body: Option<BodyBuffer>,
+    collect: Option<Collect>,
     /// The request body arrives gzip-encoded and goes upstream decoded.
     decoded: bool,
     sent: Option<Sent>,
@@ -127,7 +139,7 @@ impl Exchange {
         Exchange {
             phase: Phase::Start,
             route: Route::Other,
-            body: None,
+            collect: None,
             decoded: false,
             sent: None,
             rewrite: None,
@@ -162,7 +174,7 @@ impl Exchange {
 
     fn reply(&mut self, reply: LocalReply) -> Step {
         self.phase = Phase::Replied;
-        self.body = None;
+        self.collect = None;
         Step::Reply(reply)
     }
 
@@ -239,40 +251,57 @@ impl Exchange {
         self.path = head.path.to_owned();
         self.content_type = head.content_type.map(str::to_owned);
         self.decoded = gzip;
-        let expected = head.content_length.and_then(|v| v.trim().parse::<u64>().ok());
-        self.body = Some(BodyBuffer::new(config.max_body_bytes, gzip, expected));
+        self.collect = Some(if gzip {
+            Collect::Stream {
+                buffer: BodyBuffer::new(config.max_body_bytes, true, None),
+                seen: 0,
+            }
+        } else {
+            Collect::Whole
+        });
         self.phase = Phase::Buffering;
         if head.end_of_stream {
-            return (edits, self.finish_request(0));
+            return (edits, self.finish_request(0, 0, &mut |_, _| Vec::new()));
         }
         (edits, Step::Pause)
     }
 
-    /// A request body chunk. `now_ms` is read only if the body completes.
-    pub fn on_request_body(&mut self, chunk: &[u8], end_of_stream: bool, now_ms: u64) -> Step {
+    /// Envoy buffered `size` bytes of request body so far (cumulative while the filter pauses).
+    /// `read` fetches buffered bytes; `now_ms` is used only if the body completes.
+    pub fn on_request_body(
+        &mut self,
+        size: usize,
+        end_of_stream: bool,
+        now_ms: u64,
+        read: ReadBody<'_>,
+    ) -> Step {
         if self.phase != Phase::Buffering {
             return self.after_request();
         }
-        let pushed = match self.body.as_mut() {
-            Some(body) => body.push(chunk),
-            None => Ok(()),
-        };
-        if let Err(e) = pushed {
-            return self.body_error(e);
+        if size as u64 > self.max_body_bytes {
+            return self.body_error(BodyError::TooLarge);
+        }
+        if let Some(Collect::Stream { buffer, seen }) = &mut self.collect {
+            let start = (*seen).min(size);
+            let chunk = read(start, size - start);
+            *seen = size;
+            if let Err(e) = buffer.push(&chunk) {
+                return self.body_error(e);
+            }
         }
         if end_of_stream {
-            self.finish_request(now_ms)
+            self.finish_request(now_ms, size, read)
         } else {
             Step::Pause
         }
     }
 
     /// Request trailers end the body (HTTP/2 requests may never flag end of stream on the body).
-    pub fn on_request_trailers(&mut self, now_ms: u64) -> Step {
+    pub fn on_request_trailers(&mut self, size: usize, now_ms: u64, read: ReadBody<'_>) -> Step {
         if self.phase != Phase::Buffering {
             return self.after_request();
         }
-        self.finish_request(now_ms)
+        self.finish_request(now_ms, size, read)
     }
 
     /// A request callback outside buffering: keep a replied or sidecar-answered stream held.
@@ -298,13 +327,14 @@ impl Exchange {
         }
     }
 
-    fn finish_request(&mut self, now_ms: u64) -> Step {
-        let Some(buffer) = self.body.take() else {
-            return Step::Continue;
-        };
-        let decoded = match buffer.finish() {
-            Ok(b) => b,
-            Err(e) => return self.body_error(e),
+    fn finish_request(&mut self, now_ms: u64, size: usize, read: ReadBody<'_>) -> Step {
+        let decoded = match self.collect.take() {
+            Some(Collect::Stream { buffer, .. }) => match buffer.finish() {
+                Ok(b) => b,
+                Err(e) => return self.body_error(e),
+            },
+            Some(Collect::Whole) => read(0, size),
+            None => return Step::Continue,
         };
         match self.route.clone() {
             Route::Write { namespace } => self.finish_write(namespace, decoded, now_ms),

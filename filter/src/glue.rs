@@ -91,7 +91,6 @@ impl RootContext for Root {
             metrics: Rc::clone(&self.metrics),
             exchange: Exchange::new(),
             request_seen: 0,
-            response_seen: 0,
             callout: None,
             answered: None,
         }))
@@ -116,9 +115,8 @@ struct Filter {
     config: Rc<Config>,
     metrics: Rc<Metrics>,
     exchange: Exchange,
-    /// Request body bytes already handed to the exchange (Envoy reports cumulative sizes).
+    /// Request body bytes Envoy has buffered (reported cumulatively while the filter pauses).
     request_seen: usize,
-    response_seen: usize,
     /// The outstanding callout: its token and what it is for.
     callout: Option<(u32, Purpose)>,
     /// What the last answered callout was for (decides which half of the stream to resume).
@@ -144,6 +142,16 @@ fn apply(map: MapType, edits: &HeaderEdits) {
     for (name, value) in &edits.set {
         if let Err(status) = host::set_map_value(map, name, Some(value)) {
             log::warn!("could not set header {name}: {status:?}");
+        }
+    }
+}
+
+fn read_request_body(start: usize, len: usize) -> Vec<u8> {
+    match host::get_buffer(BufferType::HttpRequestBody, start, len) {
+        Ok(bytes) => bytes.unwrap_or_default(),
+        Err(status) => {
+            log::warn!("could not read the request body: {status:?}");
+            Vec::new()
         }
     }
 }
@@ -323,22 +331,19 @@ impl HttpContext for Filter {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let start = self.request_seen.min(body_size);
-        let chunk = match host::get_buffer(BufferType::HttpRequestBody, start, body_size - start) {
-            Ok(bytes) => bytes.unwrap_or_default(),
-            Err(status) => {
-                log::warn!("could not read the request body: {status:?}");
-                Vec::new()
-            }
-        };
         self.request_seen = body_size;
-        let step = self.exchange.on_request_body(&chunk, end_of_stream, now_ms());
+        let step = self
+            .exchange
+            .on_request_body(body_size, end_of_stream, now_ms(), &mut read_request_body);
         self.execute(step, Site::RequestBody, body_size)
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        let step = self.exchange.on_request_trailers(now_ms());
-        self.execute(step, Site::RequestBody, self.request_seen)
+        let size = self.request_seen;
+        let step = self
+            .exchange
+            .on_request_trailers(size, now_ms(), &mut read_request_body);
+        self.execute(step, Site::RequestBody, size)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
@@ -366,7 +371,6 @@ impl HttpContext for Filter {
                 Action::Continue
             };
         }
-        self.response_seen = body_size;
         if !end_of_stream {
             return Action::Pause;
         }

@@ -4,6 +4,48 @@ use crate::metrics::Counter;
 
 const NOW: u64 = 1_732_400_000_000;
 
+/// An exchange driven the way Envoy drives it: body chunks accumulate in Envoy's buffer while
+/// the filter pauses, and the exchange reads from that buffer.
+struct Driver {
+    ex: Exchange,
+    wire: Vec<u8>,
+}
+
+impl Driver {
+    fn new() -> Self {
+        Driver {
+            ex: Exchange::new(),
+            wire: Vec::new(),
+        }
+    }
+
+    fn feed(&mut self, chunk: &[u8], end: bool, now: u64) -> Step {
+        self.wire.extend_from_slice(chunk);
+        let wire = &self.wire;
+        let mut read = |start: usize, len: usize| wire[start..start + len].to_vec();
+        self.ex.on_request_body(wire.len(), end, now, &mut read)
+    }
+
+    fn trailers(&mut self, now: u64) -> Step {
+        let wire = &self.wire;
+        let mut read = |start: usize, len: usize| wire[start..start + len].to_vec();
+        self.ex.on_request_trailers(wire.len(), now, &mut read)
+    }
+}
+
+impl std::ops::Deref for Driver {
+    type Target = Exchange;
+    fn deref(&self) -> &Exchange {
+        &self.ex
+    }
+}
+
+impl std::ops::DerefMut for Driver {
+    fn deref_mut(&mut self) -> &mut Exchange {
+        &mut self.ex
+    }
+}
+
 fn head<'a>(method: &'a str, path: &'a str) -> RequestHead<'a> {
     RequestHead {
         method,
@@ -18,8 +60,8 @@ fn json(reply: &LocalReply) -> serde_json::Value {
     serde_json::from_slice(&reply.body).unwrap()
 }
 
-fn start_write(config: &Config) -> Exchange {
-    let mut ex = Exchange::new();
+fn start_write(config: &Config) -> Driver {
+    let mut ex = Driver::new();
     let (edits, step) = ex.on_request_headers(config, &head("POST", "/v2/namespaces/ns"));
     assert_eq!(step, Step::Pause);
     assert!(edits.remove.contains(&"content-length"));
@@ -39,9 +81,9 @@ fn write_is_buffered_validated_and_stamped_across_chunks() {
     let body = br#"{"upsert_rows":[{"id":1,"v":[1,2]}]}"#;
     let mut ex = start_write(&config);
     for chunk in body[..body.len() - 3].chunks(5) {
-        assert_eq!(ex.on_request_body(chunk, false, NOW), Step::Pause);
+        assert_eq!(ex.feed(chunk, false, NOW), Step::Pause);
     }
-    let out = forwarded(ex.on_request_body(&body[body.len() - 3..], true, NOW));
+    let out = forwarded(ex.feed(&body[body.len() - 3..], true, NOW));
     assert_eq!(
         out,
         br#"{"upsert_rows":[{"id":1,"v":[1,2],"_hevlayer_upserted_at":1732400000000}]}"#
@@ -55,16 +97,16 @@ fn write_is_buffered_validated_and_stamped_across_chunks() {
 fn trailers_finish_the_body() {
     let config = Config::default();
     let mut ex = start_write(&config);
-    assert_eq!(ex.on_request_body(br#"{"deletes":[1]}"#, false, NOW), Step::Pause);
+    assert_eq!(ex.feed(br#"{"deletes":[1]}"#, false, NOW), Step::Pause);
     // Unchanged and not decoded: the buffered body goes on as it is.
-    assert_eq!(ex.on_request_trailers(NOW), Step::Forward(None));
+    assert_eq!(ex.trailers(NOW), Step::Forward(None));
 }
 
 #[test]
 fn invalid_writes_get_a_local_422() {
     let config = Config::default();
     let mut ex = start_write(&config);
-    match ex.on_request_body(b"{}", true, NOW) {
+    match ex.feed(b"{}", true, NOW) {
         Step::Reply(r) => {
             assert_eq!(r.status, 422);
             assert_eq!(
@@ -75,7 +117,7 @@ fn invalid_writes_get_a_local_422() {
         other => panic!("{other:?}"),
     }
     assert_eq!(ex.take_counters(), vec![Counter::WritesRejected("no_operation")]);
-    assert_eq!(ex.on_request_trailers(NOW), Step::Pause);
+    assert_eq!(ex.trailers(NOW), Step::Pause);
     // After the reply nothing else happens, whatever Envoy calls next.
     assert_eq!(
         ex.on_response_headers(200, Some("via_upstream"), false, NOW).1,
@@ -85,7 +127,7 @@ fn invalid_writes_get_a_local_422() {
 
 #[test]
 fn a_write_without_a_body_is_rejected() {
-    let mut ex = Exchange::new();
+    let mut ex = Driver::new();
     let mut h = head("POST", "/v2/namespaces/ns");
     h.end_of_stream = true;
     match ex.on_request_headers(&Config::default(), &h).1 {
@@ -100,7 +142,7 @@ fn oversize_bodies_get_413_by_header_and_by_size() {
         max_body_bytes: 10,
         ..Config::default()
     };
-    let mut ex = Exchange::new();
+    let mut ex = Driver::new();
     let mut h = head("POST", "/v2/namespaces/ns");
     h.content_length = Some("11");
     match ex.on_request_headers(&config, &h).1 {
@@ -111,8 +153,8 @@ fn oversize_bodies_get_413_by_header_and_by_size() {
         other => panic!("{other:?}"),
     }
     let mut ex = start_write(&config);
-    assert_eq!(ex.on_request_body(b"{\"deletes\"", false, NOW), Step::Pause);
-    match ex.on_request_body(b":[1]}", false, NOW) {
+    assert_eq!(ex.feed(b"{\"deletes\"", false, NOW), Step::Pause);
+    match ex.feed(b":[1]}", false, NOW) {
         Step::Reply(r) => assert_eq!(r.status, 413),
         other => panic!("{other:?}"),
     }
@@ -125,17 +167,14 @@ fn gzip_bodies_are_decoded_and_unknown_encodings_refused() {
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     enc.write_all(br#"{"deletes":["a"]}"#).unwrap();
     let gz = enc.finish().unwrap();
-    let mut ex = Exchange::new();
+    let mut ex = Driver::new();
     let mut h = head("POST", "/v2/namespaces/ns");
     h.content_encoding = Some("gzip");
     let (edits, _) = ex.on_request_headers(&Config::default(), &h);
     assert!(edits.remove.contains(&"content-encoding"));
-    assert_eq!(
-        forwarded(ex.on_request_body(&gz, true, NOW)),
-        br#"{"deletes":["a"]}"#
-    );
+    assert_eq!(forwarded(ex.feed(&gz, true, NOW)), br#"{"deletes":["a"]}"#);
 
-    let mut ex = Exchange::new();
+    let mut ex = Driver::new();
     h.content_encoding = Some("br");
     match ex.on_request_headers(&Config::default(), &h).1 {
         Step::Reply(r) => assert_eq!(r.status, 422),
@@ -150,11 +189,11 @@ fn passthrough_routes_are_untouched() {
         ("GET", "/v1/namespaces"),
         ("DELETE", "/v2/namespaces/ns"),
     ] {
-        let mut ex = Exchange::new();
+        let mut ex = Driver::new();
         let (edits, step) = ex.on_request_headers(&Config::default(), &head(m, p));
         assert_eq!((edits, step), (HeaderEdits::default(), Step::Continue), "{m} {p}");
     }
-    let mut ex = Exchange::new();
+    let mut ex = Driver::new();
     let mut h = head("GET", "/healthz");
     h.authorization = None;
     assert_eq!(ex.on_request_headers(&Config::default(), &h).1, Step::Continue);
@@ -162,7 +201,7 @@ fn passthrough_routes_are_untouched() {
 
 #[test]
 fn missing_bearer_is_401() {
-    let mut ex = Exchange::new();
+    let mut ex = Driver::new();
     let mut h = head("POST", "/v2/namespaces/ns/query");
     h.authorization = None;
     match ex.on_request_headers(&Config::default(), &h).1 {
@@ -179,7 +218,7 @@ fn router_replies_become_502_and_504() {
         ("upstream_response_timeout", 504),
     ] {
         let mut ex = start_write(&Config::default());
-        forwarded(ex.on_request_body(br#"{"upsert_rows":[{"id":1}]}"#, true, NOW));
+        forwarded(ex.feed(br#"{"upsert_rows":[{"id":1}]}"#, true, NOW));
         let (edits, step) = ex.on_response_headers(503, Some(details), false, NOW);
         assert_eq!(step, Step::Continue);
         assert!(edits.set.contains(&(":status", status.to_string())));
@@ -201,7 +240,7 @@ fn router_replies_become_502_and_504() {
 #[test]
 fn upstream_errors_pass_verbatim_and_are_not_mirrored() {
     let mut ex = start_write(&Config::default());
-    forwarded(ex.on_request_body(br#"{"upsert_rows":[{"id":1}]}"#, true, NOW));
+    forwarded(ex.feed(br#"{"upsert_rows":[{"id":1}]}"#, true, NOW));
     let (edits, step) = ex.on_response_headers(429, Some("via_upstream"), false, NOW);
     assert_eq!((edits, step), (HeaderEdits::default(), Step::Continue));
     assert!(!ex.wants_response_body());
@@ -210,7 +249,7 @@ fn upstream_errors_pass_verbatim_and_are_not_mirrored() {
 #[test]
 fn successful_writes_are_mirrored_before_the_response_goes_on() {
     let mut ex = start_write(&Config::default());
-    forwarded(ex.on_request_body(br#"{"upsert_rows":[{"id":1}]}"#, true, NOW));
+    forwarded(ex.feed(br#"{"upsert_rows":[{"id":1}]}"#, true, NOW));
     let (_, step) = ex.on_response_headers(200, Some("via_upstream"), false, NOW + 1);
     let Step::Dispatch(call) = step else {
         panic!("{step:?}")
@@ -249,7 +288,7 @@ fn mirror_failures_and_timeouts_never_change_the_response() {
     ] {
         let mut ex = start_write(&Config::default());
         assert!(matches!(
-            ex.on_request_body(br#"{"deletes":[1]}"#, true, NOW),
+            ex.feed(br#"{"deletes":[1]}"#, true, NOW),
             Step::Forward(None)
         ));
         let (_, step) = ex.on_response_headers(200, Some("via_upstream"), false, NOW);
@@ -262,7 +301,7 @@ fn mirror_failures_and_timeouts_never_change_the_response() {
     }
     let mut ex = start_write(&Config::default());
     assert!(matches!(
-        ex.on_request_body(br#"{"deletes":[1]}"#, true, NOW),
+        ex.feed(br#"{"deletes":[1]}"#, true, NOW),
         Step::Forward(None)
     ));
     ex.on_response_headers(200, Some("via_upstream"), false, NOW);
@@ -272,7 +311,7 @@ fn mirror_failures_and_timeouts_never_change_the_response() {
 #[test]
 fn response_driven_writes_strip_ids_the_client_did_not_ask_for() {
     let mut ex = start_write(&Config::default());
-    let out = forwarded(ex.on_request_body(br#"{"delete_by_filter":["a","Eq",1]}"#, true, NOW));
+    let out = forwarded(ex.feed(br#"{"delete_by_filter":["a","Eq",1]}"#, true, NOW));
     assert!(out.starts_with(br#"{"return_affected_ids":true,"#));
     let (edits, step) = ex.on_response_headers(200, Some("via_upstream"), false, NOW);
     assert_eq!(step, Step::Continue);
@@ -293,7 +332,7 @@ fn response_driven_writes_strip_ids_the_client_did_not_ask_for() {
 fn response_driven_writes_keep_ids_the_client_asked_for() {
     let mut ex = start_write(&Config::default());
     let body = br#"{"delete_by_filter":["a","Eq",1],"return_affected_ids":true}"#;
-    assert_eq!(ex.on_request_body(body, true, NOW), Step::Forward(None));
+    assert_eq!(ex.feed(body, true, NOW), Step::Forward(None));
     let (edits, _) = ex.on_response_headers(200, Some("via_upstream"), false, NOW);
     assert!(edits.remove.is_empty());
     let (body, step) = ex.on_response_complete(br#"{"deleted_ids":[4]}"#, NOW);
@@ -303,7 +342,7 @@ fn response_driven_writes_keep_ids_the_client_asked_for() {
 
 #[test]
 fn namespace_delete_purges_after_success() {
-    let mut ex = Exchange::new();
+    let mut ex = Driver::new();
     assert_eq!(
         ex.on_request_headers(&Config::default(), &head("DELETE", "/v2/namespaces/n%201"))
             .1,
@@ -320,11 +359,11 @@ fn namespace_delete_purges_after_success() {
 
 #[test]
 fn pipeline_routes_go_to_the_sidecar() {
-    let mut ex = Exchange::new();
+    let mut ex = Driver::new();
     let mut h = head("PUT", "/v2/pipelines/p/documents/d");
     h.content_type = Some("application/json");
     assert_eq!(ex.on_request_headers(&Config::default(), &h).1, Step::Pause);
-    let Step::Dispatch(call) = ex.on_request_body(br#"{"chunks":[]}"#, true, NOW) else {
+    let Step::Dispatch(call) = ex.feed(br#"{"chunks":[]}"#, true, NOW) else {
         panic!()
     };
     assert_eq!(call.purpose, Purpose::Route);
@@ -348,7 +387,7 @@ fn pipeline_routes_go_to_the_sidecar() {
         other => panic!("{other:?}"),
     }
     // Sidecar down: 503 cache_unavailable.
-    let mut ex = Exchange::new();
+    let mut ex = Driver::new();
     let mut h = head("GET", "/v2/pipelines");
     h.end_of_stream = true;
     let (_, step) = ex.on_request_headers(&Config::default(), &h);
@@ -358,7 +397,7 @@ fn pipeline_routes_go_to_the_sidecar() {
         other => panic!("{other:?}"),
     }
     // Envoy's own plain-text 503 for an unreachable cluster is not the sidecar's answer.
-    let mut ex = Exchange::new();
+    let mut ex = Driver::new();
     assert!(matches!(
         ex.on_request_headers(&Config::default(), &h).1,
         Step::Dispatch(_)
@@ -386,17 +425,17 @@ fn keys_mode_replaces_the_callers_key_and_never_forwards_it() {
         upstream_api_key: Some("up".into()),
         ..Config::default()
     };
-    let mut ex = Exchange::new();
+    let mut ex = Driver::new();
     let (edits, _) = ex.on_request_headers(&config, &head("POST", "/v2/namespaces/ns"));
     assert!(edits.set.contains(&("authorization", "Bearer up".to_owned())));
-    let mut ex = Exchange::new();
+    let mut ex = Driver::new();
     let mut h = head("PUT", "/v2/pipelines/p/documents/d");
     h.end_of_stream = true;
     let (_, Step::Dispatch(call)) = ex.on_request_headers(&config, &h) else {
         panic!()
     };
     assert!(!call.headers.iter().any(|(k, _)| k == "authorization"));
-    let mut ex = Exchange::new();
+    let mut ex = Driver::new();
     match ex
         .on_request_headers(&config, &head("POST", "/v2/namespaces/ns/query"))
         .1
@@ -413,7 +452,7 @@ fn request_ids_are_uuid_v4() {
 }
 
 fn run_write(body: &[u8], chunks: &[usize], gzip: bool) -> Step {
-    let mut ex = Exchange::new();
+    let mut ex = Driver::new();
     let mut h = head("POST", "/v2/namespaces/ns");
     if gzip {
         h.content_encoding = Some("gzip");
@@ -425,7 +464,7 @@ fn run_write(body: &[u8], chunks: &[usize], gzip: bool) -> Step {
     loop {
         let n = (*sizes.next().unwrap()).max(1).min(body.len() - at);
         let end = at + n == body.len();
-        let step = ex.on_request_body(&body[at..at + n], end, NOW);
+        let step = ex.feed(&body[at..at + n], end, NOW);
         at += n;
         if end || step != Step::Pause {
             return step;

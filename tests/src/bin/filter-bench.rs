@@ -1,0 +1,234 @@
+//! `make bench-filter`: the write filter's throughput on three generated write bodies, measured in
+//! one run four ways — the core natively, the core inside wasmtime (bench-only module), the whole
+//! built filter `.wasm` through our proxy-wasm host — next to a `serde_json::Value`
+//! parse-and-reserialize baseline natively and inside wasmtime. Prints MB/s and ratios, and checks
+//! that the filter's linear memory does not grow over 1,000 requests of the largest body.
+
+use base64::Engine as _;
+use hevlayer_tests::bench_support::{FilterRun, Timer};
+use std::path::PathBuf;
+use wasmtime::error::Context;
+use wasmtime::{bail, Result};
+use wasmtime::{Engine, Instance, Linker, Module, Store, TypedFunc};
+
+struct Fixture {
+    name: &'static str,
+    body: Vec<u8>,
+}
+
+/// A deterministic pseudo-random stream, so every run measures the same bytes.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next_f32(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+fn fixtures() -> Vec<Fixture> {
+    let mut rng = Lcg(42);
+    let dims = 1536;
+    let mut numbers = String::from("{\"upsert_rows\":[");
+    let mut base64 = String::from("{\"upsert_rows\":[");
+    for i in 0..100 {
+        let v: Vec<f32> = (0..dims).map(|_| rng.next_f32()).collect();
+        if i > 0 {
+            numbers.push(',');
+            base64.push(',');
+        }
+        let text: Vec<String> = v.iter().map(|f| f.to_string()).collect();
+        numbers.push_str(&format!(
+            "{{\"id\":{i},\"vector\":[{}],\"title\":\"document {i}\",\"source\":\"bench\"}}",
+            text.join(",")
+        ));
+        let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+        base64.push_str(&format!(
+            "{{\"id\":{i},\"vector\":\"{}\",\"title\":\"document {i}\",\"source\":\"bench\"}}",
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        ));
+    }
+    numbers.push_str("],\"distance_metric\":\"cosine_distance\"}");
+    base64.push_str("],\"distance_metric\":\"cosine_distance\"}");
+    let mut small = String::from("{\"upsert_rows\":[");
+    for i in 0..10_000 {
+        if i > 0 {
+            small.push(',');
+        }
+        small.push_str(&format!(
+            "{{\"id\":\"doc-{i}\",\"title\":\"title {i}\",\"score\":{},\"tags\":[\"a\",\"b\"],\"published\":true}}",
+            i % 97
+        ));
+    }
+    small.push_str("]}");
+    vec![
+        Fixture {
+            name: "100 x 1536 numbers",
+            body: numbers.into_bytes(),
+        },
+        Fixture {
+            name: "100 x 1536 base64",
+            body: base64.into_bytes(),
+        },
+        Fixture {
+            name: "10,000 small rows",
+            body: small.into_bytes(),
+        },
+    ]
+}
+
+/// The bench-only module: the same core and baseline compiled to wasm.
+struct BenchModule {
+    store: Store<()>,
+    instance: Instance,
+    alloc: TypedFunc<u32, u32>,
+    free: TypedFunc<(u32, u32), ()>,
+}
+
+impl BenchModule {
+    fn load(engine: &Engine, path: &PathBuf) -> Result<Self> {
+        let module = Module::from_file(engine, path)
+            .with_context(|| format!("{} (build it with `make bench-filter`)", path.display()))?;
+        let mut store = Store::new(engine, ());
+        let mut linker = Linker::new(engine);
+        linker.define_unknown_imports_as_traps(&module)?;
+        let instance = linker.instantiate(&mut store, &module)?;
+        let alloc = instance.get_typed_func(&mut store, "bench_alloc")?;
+        let free = instance.get_typed_func(&mut store, "bench_free")?;
+        Ok(BenchModule {
+            store,
+            instance,
+            alloc,
+            free,
+        })
+    }
+
+    /// Copies `body` in and runs `func` on it once; returns the output length.
+    fn run(&mut self, func: &str, body: &[u8]) -> Result<u32> {
+        let f: TypedFunc<(u32, u32), u32> = self.instance.get_typed_func(&mut self.store, func)?;
+        let len = u32::try_from(body.len())?;
+        let ptr = self.alloc.call(&mut self.store, len)?;
+        let memory = self
+            .instance
+            .get_memory(&mut self.store, "memory")
+            .context("no memory export")?;
+        memory.write(&mut self.store, ptr as usize, body)?;
+        let out = f.call(&mut self.store, (ptr, len))?;
+        self.free.call(&mut self.store, (ptr, len))?;
+        if out == u32::MAX {
+            bail!("{func} refused the fixture");
+        }
+        Ok(out)
+    }
+}
+
+fn workspace_file(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+fn main() -> Result<()> {
+    let fixtures = fixtures();
+    let engine = Engine::default();
+    let bench_wasm = workspace_file("target/wasm32-wasip1/release/hevlayer_wasm_bench.wasm");
+    let mut module = BenchModule::load(&engine, &bench_wasm)?;
+    let mut filter = FilterRun::new()?;
+    let timer = Timer::default();
+
+    println!(
+        "filter benchmark (MB/s of client body; best of {} rounds)",
+        timer.rounds
+    );
+    println!(
+        "{:<20} {:>9} {:>8} {:>8} {:>10} {:>10} {:>8} {:>13} {:>9} {:>9}",
+        "fixture",
+        "bytes",
+        "core",
+        "value",
+        "core-wasm",
+        "value-wasm",
+        "filter",
+        "filter+mirror",
+        "wasm/val",
+        "filt/val"
+    );
+    let mut failures = Vec::new();
+    for f in &fixtures {
+        let body = f.body.as_slice();
+        let mb = body.len() as f64 / 1e6;
+        let core = mb / timer.best(|| Ok(hevlayer_wasm_bench::core(body)))?;
+        let value = mb / timer.best(|| Ok(hevlayer_wasm_bench::value(body)))?;
+        let core_wasm = mb / timer.best(|| module.run("bench_core", body))?;
+        let value_wasm = mb / timer.best(|| module.run("bench_value", body))?;
+        let whole = mb / timer.best(|| filter.write(body, false))?;
+        let mirrored = mb / timer.best(|| filter.write(body, true))?;
+        println!(
+            "{:<20} {:>9} {:>8.0} {:>8.0} {:>10.0} {:>10.0} {:>8.0} {:>13.0} {:>8.1}x {:>8.1}x",
+            f.name,
+            body.len(),
+            core,
+            value,
+            core_wasm,
+            value_wasm,
+            whole,
+            mirrored,
+            core_wasm / value_wasm,
+            whole / value_wasm
+        );
+        if f.name.contains("numbers") {
+            if whole < 400.0 {
+                failures.push(format!(
+                    "filter in wasmtime {whole:.0} MB/s < 400 MB/s on {}",
+                    f.name
+                ));
+            }
+            if whole < 5.0 * value_wasm {
+                failures.push(format!(
+                    "filter {:.1}x the wasm Value baseline < 5x on {}",
+                    whole / value_wasm,
+                    f.name
+                ));
+            }
+        }
+    }
+    println!("columns: core/value = native; core-wasm/value-wasm = the same code inside wasmtime;");
+    println!("         filter = the built filter .wasm through the proxy-wasm host: headers, the body in");
+    println!("         64 KiB chunks, the stamped body read back; filter+mirror adds the 2xx response and");
+    println!("         the mirror callout carrying the stamped write to the sidecar. Ratios use value-wasm.");
+
+    let largest = fixtures
+        .iter()
+        .max_by_key(|f| f.body.len())
+        .map(|f| f.body.as_slice())
+        .unwrap_or(&[]);
+    let mut fresh = FilterRun::new()?;
+    for _ in 0..10 {
+        fresh.write(largest, true)?;
+    }
+    let after_10 = fresh.memory_bytes();
+    for _ in 10..1000 {
+        fresh.write(largest, true)?;
+    }
+    let after_1000 = fresh.memory_bytes();
+    println!(
+        "filter linear memory: {} KiB after 10 requests of the largest body, {} KiB after 1,000",
+        after_10 / 1024,
+        after_1000 / 1024
+    );
+    if after_1000 > after_10 {
+        failures.push(format!(
+            "linear memory grew from {after_10} to {after_1000} bytes"
+        ));
+    }
+    if failures.is_empty() {
+        println!("targets met");
+        Ok(())
+    } else {
+        for f in &failures {
+            println!("TARGET MISSED: {f}");
+        }
+        bail!("{} benchmark target(s) missed", failures.len())
+    }
+}
