@@ -69,7 +69,10 @@ mod tests {
     fn both_paths_accept_a_write() {
         let body = br#"{"upsert_rows":[{"id":1,"vector":[0.5,1.5]}]}"#;
         assert_eq!(value(body) as usize, body.len());
-        assert_eq!(core(body) as usize, body.len() + r#","_hevlayer_upserted_at":1732400000000"#.len());
+        assert_eq!(
+            core(body) as usize,
+            body.len() + r#","_hevlayer_upserted_at":1732400000000"#.len()
+        );
         assert_eq!(core(b"{}"), u32::MAX);
     }
 }

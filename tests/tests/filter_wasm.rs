@@ -1,0 +1,588 @@
+//! The built filter `.wasm` in our proxy-wasm host: the scenario table of the write path, checked
+//! by outcome (what the client got, what the upstream received, callouts, counters).
+//! Build the filter first: `make wasm`.
+
+use hevlayer_tests::wasm_host::{filter, Action, Stream, Vm};
+use serde_json::{json, Value};
+use std::io::Write;
+
+const NOW_MS: u64 = 1_795_000_000_123;
+const JSON: (&str, &str) = ("content-type", "application/json");
+
+fn vm(config: &str) -> Vm {
+    let mut vm = filter().unwrap().start(config).unwrap();
+    vm.set_time_ms(NOW_MS);
+    vm
+}
+
+fn write_headers<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut h = vec![
+        (":method", "POST"),
+        (":path", "/v2/namespaces/ns"),
+        (":authority", "gateway"),
+        ("authorization", "Bearer tpuf_key"),
+        JSON,
+    ];
+    h.extend_from_slice(extra);
+    h
+}
+
+/// Sends a write and returns the stream (the body in chunks of `chunk` bytes).
+fn send_write<'v>(vm: &'v mut Vm, body: &[u8], chunk: usize) -> Stream<'v> {
+    let mut s = vm.stream().unwrap();
+    assert_eq!(
+        s.request_headers(&write_headers(&[]), false).unwrap(),
+        Action::Pause
+    );
+    s.request_body_chunked(body, chunk).unwrap();
+    s
+}
+
+fn upstream_json(s: &Stream<'_>) -> Value {
+    serde_json::from_slice(s.upstream_body()).unwrap()
+}
+
+fn reply_json(s: &Stream<'_>) -> (u32, Value) {
+    let r = s.local_reply().expect("a local reply");
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    (r.status, r.json())
+}
+
+#[test]
+fn accepted_write_is_stamped_and_forwarded_byte_for_byte() {
+    let mut vm = vm("{}");
+    let body = br#"{"upsert_rows": [{"id": 1, "vector": [0.10, 2e3]}, {"id": "b", "t": "x"}], "distance_metric": "cosine_distance"}"#;
+    let s = send_write(&mut vm, body, 7);
+    assert!(s.reached_upstream(), "{:?}", s.local_reply());
+    let expected = format!(
+        r#"{{"upsert_rows": [{{"id": 1, "vector": [0.10, 2e3],"_hevlayer_upserted_at":{NOW_MS}}}, {{"id": "b", "t": "x","_hevlayer_upserted_at":{NOW_MS}}}], "distance_metric": "cosine_distance"}}"#
+    );
+    assert_eq!(String::from_utf8_lossy(s.upstream_body()), expected);
+    assert_eq!(
+        s.upstream_header("content-length"),
+        None,
+        "content-length must go: the body changed"
+    );
+    assert_eq!(s.upstream_header("authorization"), Some("Bearer tpuf_key"));
+    assert!(s.upstream_header("x-request-id").is_some_and(|id| id.len() == 36));
+    assert_eq!(s.counter("hevlayer.writes_accepted"), 1);
+    assert_eq!(s.counter("hevlayer.rows_stamped"), 2);
+}
+
+#[test]
+fn chunking_never_changes_what_goes_upstream() {
+    let body = br#"{"upsert_columns":{"id":[1,2,3],"v":["AAAAAA==","AAAAAA==","AAAAAA=="]},"patch_rows":[{"id":9,"n":null}]}"#;
+    let mut outputs = Vec::new();
+    for chunk in [1, 7, 64, body.len()] {
+        let mut vm = vm("{}");
+        let s = send_write(&mut vm, body, chunk);
+        assert!(s.reached_upstream());
+        outputs.push(s.upstream_body().to_vec());
+    }
+    assert!(outputs.windows(2).all(|w| w[0] == w[1]));
+    let v: Value = serde_json::from_slice(&outputs[0]).unwrap();
+    assert_eq!(
+        v["upsert_columns"]["_hevlayer_upserted_at"],
+        json!([NOW_MS, NOW_MS, NOW_MS])
+    );
+    assert_eq!(v["patch_rows"][0]["_hevlayer_upserted_at"], json!(NOW_MS));
+}
+
+#[test]
+fn every_rejection_class_is_a_local_422_and_nothing_goes_upstream() {
+    let cases: &[(&[u8], &str, &str)] = &[
+        (b"{\"upsert_rows\":[", "invalid_json", "request body is not valid JSON: unexpected end of input at byte 16"),
+        (b"[1,2]", "invalid_json", "request body must be a JSON object"),
+        (b"{}", "no_operation", "Request must include a native Turbopuffer write operation"),
+        (br#"{"upserts":[{"id":1}]}"#, "removed_key", "custom write bodies were removed; use native Turbopuffer write keys such as upsert_rows, patch_rows, patch_columns, and deletes"),
+        (br#"{"upsert_rows":[{"id":1,"blobs":{}}]}"#, "removed_key", "document blob writes are no longer supported; store binary payloads externally and write an ordinary attribute with that location"),
+        (br#"{"patch_rows":[{"id":1,"_hevlayer_x":1}]}"#, "reserved_attribute", "attribute '_hevlayer_x' uses the reserved _hevlayer_* prefix"),
+        (br#"{"upsert_rows":[{"name":"no id"}]}"#, "shape", "upsert_rows entries must include id"),
+        (br#"{"upsert_columns":{"id":[1,2],"a":[1]}}"#, "shape", "upsert_columns column 'a' has 1 values for 2 ids"),
+        (br#"{"patch_by_filter":{"filters":[],"patch":{"vector":[1]}}}"#, "shape", "patch_by_filter cannot patch vector or vectors values; upsert full rows instead"),
+        (br#"{"deletes":"x"}"#, "shape", "deletes must be an array"),
+    ];
+    for (body, reason, message) in cases {
+        let mut vm = vm("{}");
+        let s = send_write(&mut vm, body, 5);
+        let (status, v) = reply_json(&s);
+        assert_eq!(status, 422, "{}", String::from_utf8_lossy(body));
+        assert_eq!(v, json!({"error": "validation_error", "message": message}));
+        assert!(!s.reached_upstream(), "nothing may reach the upstream");
+        assert!(s.upstream_body().is_empty());
+        assert_eq!(s.counter(&format!("hevlayer.writes_rejected.{reason}")), 1);
+        assert_eq!(s.counter("hevlayer.writes_accepted"), 0);
+    }
+}
+
+#[test]
+fn a_write_without_a_body_is_refused() {
+    let mut vm = vm("{}");
+    let mut s = vm.stream().unwrap();
+    s.request_headers(&write_headers(&[]), true).unwrap();
+    let (status, v) = reply_json(&s);
+    assert_eq!((status, v["error"].as_str()), (422, Some("validation_error")));
+}
+
+#[test]
+fn oversize_writes_get_413_from_the_header_and_from_the_running_size() {
+    let mut vm = vm(r#"{"max_body_bytes": 64}"#);
+    let mut s = vm.stream().unwrap();
+    s.request_headers(&write_headers(&[("content-length", "65")]), false)
+        .unwrap();
+    let (status, v) = reply_json(&s);
+    assert_eq!((status, v["error"].as_str()), (413, Some("payload_too_large")));
+    assert_eq!(s.counter("hevlayer.payload_too_large"), 1);
+    drop(s);
+
+    let body = format!(r#"{{"upsert_rows":[{{"id":1,"text":"{}"}}]}}"#, "x".repeat(80));
+    let s = send_write(&mut vm, body.as_bytes(), 16);
+    assert_eq!(reply_json(&s).0, 413);
+    assert!(!s.reached_upstream());
+}
+
+#[test]
+fn gzip_bodies_are_decoded_and_forwarded_plain() {
+    let plain = br#"{"upsert_rows":[{"id":"g","t":"zipped"}]}"#;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(plain).unwrap();
+    let gz = enc.finish().unwrap();
+    let mut vm = vm("{}");
+    let mut s = vm.stream().unwrap();
+    s.request_headers(&write_headers(&[("content-encoding", "gzip")]), false)
+        .unwrap();
+    s.request_body_chunked(&gz, 3).unwrap();
+    assert!(s.reached_upstream(), "{:?}", s.local_reply());
+    assert_eq!(s.upstream_header("content-encoding"), None);
+    assert_eq!(
+        upstream_json(&s)["upsert_rows"][0]["_hevlayer_upserted_at"],
+        json!(NOW_MS)
+    );
+    assert_eq!(s.counter("hevlayer.gzip_decoded"), 1);
+    drop(s);
+
+    let mut s = vm.stream().unwrap();
+    s.request_headers(&write_headers(&[("content-encoding", "gzip")]), false)
+        .unwrap();
+    s.request_body_chunked(b"definitely not gzip", 4).unwrap();
+    assert_eq!(reply_json(&s).0, 422);
+}
+
+#[test]
+fn trailers_end_the_body() {
+    let mut vm = vm("{}");
+    let mut s = vm.stream().unwrap();
+    s.request_headers(&write_headers(&[]), false).unwrap();
+    assert_eq!(
+        s.request_body(br#"{"patch_rows":[{"id":1,"#, false).unwrap(),
+        Action::Pause
+    );
+    assert_eq!(s.request_body(br#""a":2}]}"#, false).unwrap(), Action::Pause);
+    assert_eq!(
+        s.request_trailers(&[("x-checksum", "1")]).unwrap(),
+        Action::Continue
+    );
+    assert!(s.reached_upstream());
+    assert_eq!(
+        upstream_json(&s)["patch_rows"][0]["_hevlayer_upserted_at"],
+        json!(NOW_MS)
+    );
+}
+
+#[test]
+fn passthrough_routes_are_untouched_and_not_buffered() {
+    let mut vm = vm("{}");
+    for (method, path) in [
+        ("POST", "/v2/namespaces/ns/query"),
+        ("GET", "/v1/namespaces"),
+        ("GET", "/v2/namespaces/ns/metadata"),
+    ] {
+        let mut s = vm.stream().unwrap();
+        let headers = [
+            (":method", method),
+            (":path", path),
+            ("authorization", "Bearer k"),
+            ("content-length", "9"),
+        ];
+        assert_eq!(s.request_headers(&headers, false).unwrap(), Action::Continue);
+        assert_eq!(s.request_body(b"{\"a\":1.0}", true).unwrap(), Action::Continue);
+        assert_eq!(s.upstream_body(), b"{\"a\":1.0}");
+        assert_eq!(s.upstream_header("content-length"), Some("9"));
+        s.respond(500, &[JSON], b"{\"status\":\"error\"}", "via_upstream")
+            .unwrap();
+        assert_eq!(s.client_status(), Some(500));
+        assert_eq!(s.client_body(), b"{\"status\":\"error\"}");
+    }
+}
+
+#[test]
+fn router_replies_become_502_and_504_json() {
+    let cases = [
+        (
+            "upstream_reset_before_response_started{remote_connection_failure}",
+            502,
+            "upstream_error",
+        ),
+        ("no_healthy_upstream", 502, "upstream_error"),
+        ("response_timeout", 504, "gateway_timeout"),
+    ];
+    for (details, status, kind) in cases {
+        let mut vm = vm("{}");
+        let mut s = send_write(&mut vm, br#"{"deletes":[1]}"#, 100);
+        s.respond(
+            503,
+            &[("content-type", "text/plain")],
+            b"upstream connect error",
+            details,
+        )
+        .unwrap();
+        assert_eq!(s.client_status(), Some(status), "{details}");
+        assert_eq!(s.client_header("content-type"), Some("application/json"));
+        let v: Value = serde_json::from_slice(s.client_body()).unwrap();
+        assert_eq!(v["error"], kind);
+        assert!(s.callouts().is_empty(), "nothing is mirrored after a failure");
+        assert_eq!(s.counter(&format!("hevlayer.{kind}")), 1);
+    }
+}
+
+#[test]
+fn upstream_errors_are_relayed_verbatim() {
+    let mut vm = vm("{}");
+    let mut s = send_write(
+        &mut vm,
+        br#"{"upsert_rows":[{"id":1}],"upsert_condition":["v","Lt",1]}"#,
+        100,
+    );
+    let body = br#"{"status":"error","error":"slow down"}"#;
+    s.respond(429, &[JSON, ("retry-after", "3")], body, "via_upstream")
+        .unwrap();
+    assert_eq!(s.client_status(), Some(429));
+    assert_eq!(s.client_header("retry-after"), Some("3"));
+    assert_eq!(s.client_body(), body);
+    assert!(s.callouts().is_empty());
+}
+
+#[test]
+fn successful_writes_wait_for_the_mirror_and_survive_its_failure() {
+    for answer in ["ok", "error", "reset"] {
+        let mut vm = vm("{}");
+        let mut s = send_write(&mut vm, br#"{"upsert_rows":[{"id":7,"a":1}]}"#, 100);
+        s.response_headers(200, &[JSON], false, "via_upstream").unwrap();
+        assert_eq!(
+            s.response_body(br#"{"status":"OK","rows_affected":1}"#, true)
+                .unwrap(),
+            Action::Pause
+        );
+        assert!(s.client_headers().is_none(), "the response waits for the mirror");
+        let call = s.callouts()[0].clone();
+        assert_eq!(call.cluster, "layer_sidecar");
+        assert_eq!(call.header(":path"), Some("/internal/v1/mirror"));
+        assert_eq!(call.timeout_ms, 200);
+        let msg: Value = serde_json::from_slice(&call.body).unwrap();
+        assert_eq!(msg["namespace"], "ns");
+        assert_eq!(msg["upserted_at"], json!(NOW_MS));
+        assert_eq!(
+            msg["write"]["upsert_rows"][0]["_hevlayer_upserted_at"],
+            json!(NOW_MS)
+        );
+        match answer {
+            "ok" => s
+                .answer_callout(call.token, Some((200, &[JSON], b"{\"applied\":1}")))
+                .unwrap(),
+            "error" => s
+                .answer_callout(
+                    call.token,
+                    Some((503, &[JSON], b"{\"error\":\"cache_unavailable\"}")),
+                )
+                .unwrap(),
+            _ => s.answer_callout(call.token, None).unwrap(),
+        }
+        assert_eq!(s.client_status(), Some(200), "{answer}");
+        assert_eq!(s.client_body(), br#"{"status":"OK","rows_affected":1}"#);
+        let counter = if answer == "ok" {
+            "hevlayer.mirror_ok"
+        } else {
+            "hevlayer.mirror_failed"
+        };
+        assert_eq!(s.counter(counter), 1, "{answer}");
+    }
+}
+
+#[test]
+fn a_mirror_timeout_is_counted_as_such() {
+    let mut vm = vm(r#"{"mirror_timeout_ms": 50}"#);
+    let mut s = send_write(&mut vm, br#"{"deletes":[1]}"#, 100);
+    s.respond(200, &[JSON], br#"{"status":"OK"}"#, "via_upstream")
+        .unwrap();
+    let token = s.callouts()[0].token;
+    s.advance_ms(60);
+    s.answer_callout(token, None).unwrap();
+    assert_eq!(s.client_status(), Some(200));
+    assert_eq!(s.counter("hevlayer.mirror_timeout"), 1);
+}
+
+#[test]
+fn an_unknown_sidecar_cluster_never_blocks_a_write() {
+    let mut vm = vm("{}");
+    vm.remove_cluster("layer_sidecar");
+    let mut s = send_write(&mut vm, br#"{"deletes":[1]}"#, 100);
+    s.respond(200, &[JSON], br#"{"status":"OK"}"#, "via_upstream")
+        .unwrap();
+    assert_eq!(s.client_status(), Some(200));
+    assert_eq!(s.counter("hevlayer.callout_dispatch_failed"), 1);
+}
+
+#[test]
+fn affected_ids_are_requested_and_stripped_unless_asked_for() {
+    let mut vm = vm("{}");
+    let mut s = send_write(&mut vm, br#"{"delete_by_filter":["a","Eq",1]}"#, 100);
+    assert_eq!(upstream_json(&s)["return_affected_ids"], json!(true));
+    let upstream = br#"{"status":"OK","rows_affected":2,"deleted_ids":[4,5],"billing":{}}"#;
+    s.respond(200, &[JSON, ("content-length", "66")], upstream, "via_upstream")
+        .unwrap();
+    let call = s.callouts()[0].clone();
+    let msg: Value = serde_json::from_slice(&call.body).unwrap();
+    assert_eq!(msg["response"]["deleted_ids"], json!([4, 5]));
+    s.answer_callout(call.token, Some((200, &[JSON], b"{\"applied\":2}")))
+        .unwrap();
+    assert_eq!(
+        s.client_body(),
+        br#"{"status":"OK","rows_affected":2,"billing":{}}"#
+    );
+    assert_eq!(s.client_header("content-length"), None);
+    assert_eq!(s.counter("hevlayer.affected_ids_stripped"), 1);
+    drop(s);
+
+    let mut s = send_write(
+        &mut vm,
+        br#"{"patch_by_filter":{"filters":[],"patch":{"x":1}},"return_affected_ids":true}"#,
+        100,
+    );
+    let upstream = br#"{"status":"OK","patched_ids":[1]}"#;
+    s.respond(200, &[JSON], upstream, "via_upstream").unwrap();
+    let token = s.callouts()[0].token;
+    s.answer_callout(token, Some((200, &[JSON], b"{}"))).unwrap();
+    assert_eq!(s.client_body(), upstream);
+}
+
+#[test]
+fn keys_mode_checks_scopes_and_swaps_in_the_upstream_key() {
+    let config = format!(
+        r#"{{"auth_mode":"keys","upstream_api_key":"tpuf_upstream","keys":[
+            {{"name":"w","sha256":"{}","scope":"write"}},
+            {{"name":"r","sha256":"{}","scope":"read"}}]}}"#,
+        sha256_hex(b"write-key"),
+        sha256_hex(b"read-key")
+    );
+    let mut vm = vm(&config);
+
+    let mut s = vm.stream().unwrap();
+    let headers = [
+        (":method", "POST"),
+        (":path", "/v2/namespaces/ns"),
+        ("authorization", "Bearer write-key"),
+    ];
+    s.request_headers(&headers, false).unwrap();
+    s.request_body(br#"{"deletes":[1]}"#, true).unwrap();
+    assert!(s.reached_upstream());
+    assert_eq!(s.upstream_header("authorization"), Some("Bearer tpuf_upstream"));
+    drop(s);
+
+    let mut s = vm.stream().unwrap();
+    let headers = [
+        (":method", "POST"),
+        (":path", "/v2/namespaces/ns"),
+        ("authorization", "Bearer read-key"),
+    ];
+    s.request_headers(&headers, false).unwrap();
+    let (status, v) = reply_json(&s);
+    assert_eq!(
+        (status, v["error"].as_str(), v["required_scope"].as_str()),
+        (403, Some("forbidden"), Some("write"))
+    );
+    drop(s);
+
+    let mut s = vm.stream().unwrap();
+    let headers = [
+        (":method", "POST"),
+        (":path", "/v2/namespaces/ns/query"),
+        ("authorization", "Bearer nope"),
+    ];
+    s.request_headers(&headers, false).unwrap();
+    assert_eq!(reply_json(&s).0, 403);
+    drop(s);
+
+    let mut s = vm.stream().unwrap();
+    s.request_headers(&[(":method", "GET"), (":path", "/v1/namespaces")], true)
+        .unwrap();
+    let (status, v) = reply_json(&s);
+    assert_eq!((status, v["error"].as_str()), (401, Some("unauthorized")));
+    assert_eq!(s.counter("hevlayer.auth_forbidden"), 2);
+    assert_eq!(s.counter("hevlayer.auth_unauthorized"), 1);
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn pipeline_routes_are_answered_by_the_sidecar() {
+    let mut vm = vm("{}");
+    let mut s = vm.stream().unwrap();
+    let headers = [
+        (":method", "PUT"),
+        (":path", "/v2/pipelines/p1/documents/d%201"),
+        ("authorization", "Bearer k"),
+        JSON,
+    ];
+    assert_eq!(s.request_headers(&headers, false).unwrap(), Action::Pause);
+    s.request_body(br#"{"chunks":[{"id":"c1","text":"hi"}]}"#, true)
+        .unwrap();
+    let call = s.callouts()[0].clone();
+    assert_eq!(call.header(":method"), Some("PUT"));
+    assert_eq!(call.header(":path"), Some("/v2/pipelines/p1/documents/d%201"));
+    assert_eq!(call.header("authorization"), Some("Bearer k"));
+    assert_eq!(call.body, br#"{"chunks":[{"id":"c1","text":"hi"}]}"#);
+    assert!(!s.reached_upstream(), "pipeline routes never go to Turbopuffer");
+    let answer =
+        br#"{"pipeline_id":"p1","document_id":"d 1","stage":"pending","chunk_count":1,"chunk_ids":["c1"]}"#;
+    s.answer_callout(call.token, Some((200, &[JSON], answer)))
+        .unwrap();
+    let reply = s.local_reply().unwrap();
+    assert_eq!((reply.status, reply.body.as_slice()), (200, answer.as_slice()));
+    drop(s);
+
+    // Sidecar down: Envoy answers the call itself (plain text) or the call fails.
+    for failure in [Some((503u16, "text/plain")), None] {
+        let mut s = vm.stream().unwrap();
+        s.request_headers(
+            &[
+                (":method", "GET"),
+                (":path", "/v2/pipelines"),
+                ("authorization", "Bearer k"),
+            ],
+            true,
+        )
+        .unwrap();
+        let token = s.callouts()[0].token;
+        match failure {
+            Some((status, ct)) => s
+                .answer_callout(
+                    token,
+                    Some((status, &[("content-type", ct)], b"upstream connect error")),
+                )
+                .unwrap(),
+            None => s.answer_callout(token, None).unwrap(),
+        }
+        let (status, v) = reply_json(&s);
+        assert_eq!((status, v["error"].as_str()), (503, Some("cache_unavailable")));
+    }
+}
+
+#[test]
+fn document_fetch_goes_to_the_sidecar_with_its_cache_header() {
+    let mut vm = vm("{}");
+    let mut s = vm.stream().unwrap();
+    s.request_headers(
+        &[
+            (":method", "GET"),
+            (":path", "/v2/namespaces/ns/documents/42"),
+            ("authorization", "Bearer k"),
+        ],
+        true,
+    )
+    .unwrap();
+    let token = s.callouts()[0].token;
+    s.answer_callout(
+        token,
+        Some((
+            200,
+            &[JSON, ("x-layer-cache", "hit")],
+            br#"{"id":42,"attributes":{}}"#,
+        )),
+    )
+    .unwrap();
+    let reply = s.local_reply().unwrap();
+    assert_eq!(reply.header("x-layer-cache"), Some("hit"));
+}
+
+#[test]
+fn namespace_delete_purges_after_success() {
+    let mut vm = vm("{}");
+    let mut s = vm.stream().unwrap();
+    let headers = [
+        (":method", "DELETE"),
+        (":path", "/v2/namespaces/gone"),
+        ("authorization", "Bearer k"),
+    ];
+    assert_eq!(s.request_headers(&headers, true).unwrap(), Action::Continue);
+    assert_eq!(
+        s.respond(200, &[JSON], br#"{"status":"ok"}"#, "via_upstream")
+            .unwrap(),
+        Action::Pause
+    );
+    let call = s.callouts()[0].clone();
+    assert_eq!(call.header(":path"), Some("/internal/v1/purge"));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&call.body).unwrap(),
+        json!({"namespace": "gone"})
+    );
+    s.answer_callout(call.token, Some((200, &[JSON], b"{\"applied\":0}")))
+        .unwrap();
+    assert_eq!(s.client_status(), Some(200));
+    assert_eq!(s.counter("hevlayer.purge_ok"), 1);
+}
+
+#[test]
+fn a_bad_configuration_fails_configure() {
+    for bad in [
+        r#"{"unknown":true}"#,
+        r#"{"auth_mode":"keys"}"#,
+        r#"{"max_body_bytes":0}"#,
+        "not json",
+    ] {
+        assert!(filter().unwrap().start(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn a_client_request_id_is_kept() {
+    let mut vm = vm("{}");
+    let mut s = vm.stream().unwrap();
+    s.request_headers(&write_headers(&[("x-request-id", "client-id-1")]), false)
+        .unwrap();
+    s.request_body(br#"{"deletes":[1]}"#, true).unwrap();
+    assert_eq!(s.upstream_header("x-request-id"), Some("client-id-1"));
+}
+
+#[test]
+fn memory_does_not_grow_across_requests() {
+    let mut vm = vm("{}");
+    let body = format!(
+        r#"{{"upsert_rows":[{}]}}"#,
+        (0..200)
+            .map(|i| format!(r#"{{"id":{i},"vector":[0.1,0.2,0.3,0.4],"t":"row {i}"}}"#))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let run = |vm: &mut Vm| {
+        let mut s = send_write(vm, body.as_bytes(), 4096);
+        s.respond(200, &[JSON], br#"{"status":"OK"}"#, "via_upstream")
+            .unwrap();
+        let token = s.callouts()[0].token;
+        s.answer_callout(token, Some((200, &[JSON], b"{}"))).unwrap();
+        s.finish().unwrap();
+    };
+    for _ in 0..10 {
+        run(&mut vm);
+    }
+    let after_10 = vm.memory_bytes();
+    for _ in 0..200 {
+        run(&mut vm);
+    }
+    assert_eq!(vm.memory_bytes(), after_10);
+}
