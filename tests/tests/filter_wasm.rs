@@ -2,6 +2,8 @@
 //! by outcome (what the client got, what the upstream received, callouts, counters).
 //! Build the filter first: `make wasm`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use hevlayer_tests::wasm_host::{filter, Action, Stream, Vm};
 use serde_json::{json, Value};
 use std::io::Write;
