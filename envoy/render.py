@@ -128,7 +128,9 @@ def main():
         "GATEWAY_PORT": port("GATEWAY_PORT", 8080),
         "ADMIN_PORT": port("ADMIN_PORT", 9901),
         "SIDECAR_PORT": port("SIDECAR_PORT", 9090),
-        "MAX_BODY_BYTES": str(positive("MAX_BODY_BYTES", 268435456)),
+        # Envoy's buffers get 1 MiB of headroom over the filter's limit, so the filter's own
+        # JSON 413 decides (the filter also rewrites Envoy's plain one, should it come first).
+        "BUFFER_LIMIT_BYTES": str(positive("MAX_BODY_BYTES", 268435456) + 1048576),
         "ROUTE_TIMEOUT": env("ROUTE_TIMEOUT", "60s"),
         "PLUGIN_CONFIG": plugin_config(),
         "FILTER_WASM": os.path.abspath(wasm),

@@ -441,10 +441,17 @@ impl Exchange {
         now_ms: u64,
     ) -> (HeaderEdits, Step) {
         let mut edits = HeaderEdits::default();
-        if self.phase != Phase::Upstream {
+        // Envoy may answer while the body is still arriving (its own buffer limit, a reset):
+        // such replies are rewritten too. Our own replies and finished exchanges are left alone.
+        if !matches!(self.phase, Phase::Start | Phase::Buffering | Phase::Upstream) {
             return (edits, Step::Continue);
         }
-        if let ResponseClass::Rewrite(reply) = classify(status, code_details) {
+        let class = classify(status, code_details);
+        if self.phase != Phase::Upstream && class == ResponseClass::Relay {
+            return (edits, Step::Continue);
+        }
+        self.collect = None;
+        if let ResponseClass::Rewrite(reply) = class {
             self.counters.push(match reply.status {
                 504 => Counter::GatewayTimeout,
                 413 => Counter::PayloadTooLarge,

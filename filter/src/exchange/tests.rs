@@ -507,3 +507,17 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn envoys_own_413_during_buffering_becomes_json() {
+    let mut ex = start_write(&Config::default());
+    assert_eq!(ex.feed(b"{\"deletes\"", false, NOW), Step::Pause);
+    let (edits, step) = ex.on_response_headers(413, Some("request_payload_too_large"), false, NOW);
+    assert_eq!(step, Step::Continue);
+    assert!(edits.set.contains(&(":status", "413".to_owned())));
+    let (body, _) = ex.on_response_complete(b"Payload Too Large", NOW);
+    let v: serde_json::Value = serde_json::from_slice(&body.unwrap()).unwrap();
+    assert_eq!(v["error"], "payload_too_large");
+    // A body callback after that changes nothing.
+    assert_eq!(ex.feed(b"x", true, NOW), Step::Continue);
+}

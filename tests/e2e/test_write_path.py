@@ -1,0 +1,216 @@
+"""The write path through the real Envoy: stamping lands in minifugu, rejections never leave the
+gateway, limits, gzip, HTTP/2 with and without trailers, big bodies, passthrough routes."""
+
+import gzip
+import json
+import socket
+import time
+import uuid
+
+import h2.connection
+import h2.events
+import httpx
+import pytest
+
+from conftest import AUTH
+
+
+def ns():
+    return f"e2e-{uuid.uuid4().hex[:10]}"
+
+
+def query_all(stack, namespace):
+    r = httpx.post(
+        f"{stack['minifugu']}/v2/namespaces/{namespace}/query",
+        headers=AUTH,
+        json={"rank_by": ["id", "asc"], "top_k": 100, "include_attributes": True},
+    )
+    assert r.status_code == 200, r.text
+    return {row["id"]: row for row in r.json()["rows"]}
+
+
+def test_accepted_writes_land_stamped(stack):
+    name = ns()
+    before = int(time.time() * 1000)
+    r = httpx.post(
+        f"{stack['main'].url}/v2/namespaces/{name}",
+        headers=AUTH,
+        json={"upsert_rows": [{"id": 1, "title": "a"}, {"id": 2, "title": "b", "_hevlayer_upserted_at": 5}]},
+    )
+    after = int(time.time() * 1000)
+    assert r.status_code == 200, r.text
+    assert r.json()["rows_affected"] == 2
+    rows = query_all(stack, name)
+    stamps = {rows[1]["_hevlayer_upserted_at"], rows[2]["_hevlayer_upserted_at"]}
+    assert len(stamps) == 1, "one stamp per request"
+    assert before <= stamps.pop() <= after
+    r = httpx.post(
+        f"{stack['main'].url}/v2/namespaces/{name}",
+        headers=AUTH,
+        json={"upsert_columns": {"id": [3, 4], "title": ["c", "d"]}, "patch_rows": [{"id": 1, "title": "a2"}]},
+    )
+    assert r.status_code == 200, r.text
+    rows = query_all(stack, name)
+    assert rows[1]["title"] == "a2" and rows[1]["_hevlayer_upserted_at"] == rows[3]["_hevlayer_upserted_at"]
+    assert isinstance(rows[4]["_hevlayer_upserted_at"], int)
+
+
+REJECTIONS = [
+    (b'{"upsert_rows": [', "request body is not valid JSON: unexpected end of input at byte 17"),
+    (b"{}", "Request must include a native Turbopuffer write operation"),
+    (b'{"upserts": [{"id": 1}]}', "custom write bodies were removed; use native Turbopuffer write keys such as upsert_rows, patch_rows, patch_columns, and deletes"),
+    (b'{"upsert_rows": [{"id": 1, "blobs": {}}]}', "document blob writes are no longer supported; store binary payloads externally and write an ordinary attribute with that location"),
+    (b'{"upsert_rows": [{"id": 1, "_hevlayer_secret": 1}]}', "attribute '_hevlayer_secret' uses the reserved _hevlayer_* prefix"),
+    (b'{"patch_rows": [{"id": 1, "vector": [1.0]}]}', "patch_rows cannot patch vector or vectors values; upsert full rows instead"),
+    (b'{"upsert_columns": {"id": [1, 2], "a": [1]}}', "upsert_columns column 'a' has 1 values for 2 ids"),
+]
+
+
+@pytest.mark.parametrize("body,message", REJECTIONS)
+def test_rejections_are_answered_by_the_gateway_alone(stack, body, message):
+    recorder = stack["recorder"]
+    seen = len(recorder.requests)
+    r = httpx.post(f"{stack['recorded'].url}/v2/namespaces/{ns()}", headers={**AUTH, "content-type": "application/json"}, content=body)
+    assert r.status_code == 422
+    assert r.headers["content-type"] == "application/json"
+    assert r.json() == {"error": "validation_error", "message": message}
+    assert len(recorder.requests) == seen, "the upstream must receive nothing"
+
+
+def raw_http1(port, head: bytes, body: bytes = b""):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(head + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        status = int(data.split(b" ", 2)[1])
+        return status, data
+
+
+def test_413_from_content_length_before_any_body(stack):
+    head = (
+        f"POST /v2/namespaces/{ns()} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer e2e-key\r\n"
+        "content-type: application/json\r\ncontent-length: 300000000\r\n\r\n"
+    ).encode()
+    status, data = raw_http1(stack["main"].port, head)
+    assert status == 413
+    assert b'"payload_too_large"' in data or b"payload_too_large" in data + b""
+
+
+def test_413_from_the_running_size(stack, tmp_path):
+    from conftest import Gateway
+
+    small = Gateway(stack["procs"], "envoy-small", stack["recorder"].url, stack["sidecar_port"], MAX_BODY_BYTES="65536")
+    try:
+        def chunks():
+            yield b'{"upsert_rows": [{"id": 1, "t": "'
+            for _ in range(40):
+                yield b"x" * 4096
+            yield b'"}]}'
+
+        r = httpx.post(f"{small.url}/v2/namespaces/{ns()}", headers=AUTH, content=chunks())
+        assert r.status_code == 413
+        assert r.json()["error"] == "payload_too_large"
+    finally:
+        stack["procs"].stop("envoy-small")
+
+
+def test_gzip_bodies_are_decoded(stack):
+    name = ns()
+    body = gzip.compress(json.dumps({"upsert_rows": [{"id": 7, "title": "zipped"}]}).encode())
+    r = httpx.post(
+        f"{stack['main'].url}/v2/namespaces/{name}",
+        headers={**AUTH, "content-encoding": "gzip", "content-type": "application/json"},
+        content=body,
+    )
+    # minifugu refuses gzip bodies: a 200 means the gateway decoded it.
+    assert r.status_code == 200, r.text
+    assert query_all(stack, name)[7]["title"] == "zipped"
+
+
+def test_http2_h2c(stack):
+    name = ns()
+    with httpx.Client(http1=False, http2=True) as client:
+        r = client.post(f"{stack['main'].url}/v2/namespaces/{name}", headers=AUTH, json={"upsert_rows": [{"id": 1, "v": 1}]})
+        assert r.http_version == "HTTP/2"
+        assert r.status_code == 200, r.text
+    assert "_hevlayer_upserted_at" in query_all(stack, name)[1]
+
+
+def h2_post_with_trailers(port, path, body: bytes):
+    """An HTTP/2 (prior knowledge) POST whose body ends with trailers, not an END_STREAM data frame."""
+    conn = h2.connection.H2Connection()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        conn.initiate_connection()
+        s.sendall(conn.data_to_send())
+        headers = [(":method", "POST"), (":path", path), (":scheme", "http"), (":authority", "gw"),
+                   ("authorization", "Bearer e2e-key"), ("content-type", "application/json")]
+        conn.send_headers(1, headers)
+        for i in range(0, len(body), 1000):
+            conn.send_data(1, body[i:i + 1000])
+        conn.send_headers(1, [("x-trailer", "done")], end_stream=True)
+        s.sendall(conn.data_to_send())
+        status, data = None, b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            for event in conn.receive_data(chunk):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    data += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    return status, data
+            s.sendall(conn.data_to_send())
+        return status, data
+
+
+def test_http2_with_trailers(stack):
+    name = ns()
+    body = json.dumps({"upsert_rows": [{"id": i, "t": "x" * 50} for i in range(50)]}).encode()
+    status, data = h2_post_with_trailers(stack["main"].port, f"/v2/namespaces/{name}", body)
+    assert status == 200, data
+    rows = query_all(stack, name)
+    assert len(rows) == 50 and all("_hevlayer_upserted_at" in r for r in rows.values())
+
+
+def test_a_50_mb_write_is_accepted(stack):
+    recorder = stack["recorder"]
+    row = {"id": 0, "vector": "A" * 8192, "t": "big"}
+    rows = []
+    for i in range(6200):
+        rows.append(dict(row, id=i))
+    body = json.dumps({"upsert_rows": rows}).encode()
+    assert len(body) > 50_000_000
+    r = httpx.post(f"{stack['recorded'].url}/v2/namespaces/{ns()}", headers=AUTH, content=body, timeout=60)
+    assert r.status_code == 200, r.text[:300]
+    method, path, headers, received = recorder.requests[-1]
+    assert len(received) > len(body)
+    assert received.count(b'"_hevlayer_upserted_at":') == 6200
+
+
+def test_passthrough_routes_are_untouched(stack):
+    name = ns()
+    httpx.post(f"{stack['main'].url}/v2/namespaces/{name}", headers=AUTH, json={"upsert_rows": [{"id": 1, "a": 1}]}).raise_for_status()
+    q = {"rank_by": ["id", "asc"], "top_k": 5, "include_attributes": ["a"]}
+    via = httpx.post(f"{stack['main'].url}/v2/namespaces/{name}/query", headers=AUTH, json=q)
+    direct = httpx.post(f"{stack['minifugu']}/v2/namespaces/{name}/query", headers=AUTH, json=q)
+    assert via.status_code == direct.status_code == 200
+    assert via.json()["rows"] == direct.json()["rows"]
+    meta = httpx.get(f"{stack['main'].url}/v1/namespaces/{name}/metadata", headers=AUTH)
+    assert meta.status_code == httpx.get(f"{stack['minifugu']}/v1/namespaces/{name}/metadata", headers=AUTH).status_code
+    r = httpx.delete(f"{stack['main'].url}/v2/namespaces/{name}", headers=AUTH)
+    assert r.status_code == 200, r.text
+    gone = httpx.post(f"{stack['minifugu']}/v2/namespaces/{name}/query", headers=AUTH, json=q)
+    assert gone.status_code == 404
+
+
+def test_missing_bearer_is_401_json(stack):
+    r = httpx.post(f"{stack['main'].url}/v2/namespaces/{ns()}/query", json={})
+    assert r.status_code == 401
+    assert r.json()["error"] == "unauthorized"
