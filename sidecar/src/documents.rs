@@ -67,6 +67,8 @@ pub async fn fetch(
     let authorization = state.gateway.authorization(headers.get("authorization"))?;
     let path = format!("/v2/namespaces/{}/query", encode_segment(&namespace));
     let mut found: Option<(DocId, serde_json::Map<String, Value>)> = None;
+    // Whether an earlier id form was a valid filter for this namespace (answered 2xx).
+    let mut answered = false;
     for (i, id) in ids.iter().enumerate() {
         let query = json!({
             "filters": ["id", "Eq", id.to_json()],
@@ -88,8 +90,13 @@ pub async fn fetch(
             if !last && upstream.status == StatusCode::BAD_REQUEST {
                 continue;
             }
+            // The other form matched the namespace's id type and found nothing: not found.
+            if answered && upstream.status == StatusCode::BAD_REQUEST {
+                break;
+            }
             return Ok(upstream.relay());
         }
+        answered = true;
         let parsed: Value = serde_json::from_slice(&upstream.body).map_err(|e| {
             ApiError::upstream(format!("Turbopuffer returned an unreadable query response: {e}"))
         })?;

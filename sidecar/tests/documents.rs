@@ -134,8 +134,19 @@ async fn a_miss_is_fetched_through_the_gateway_and_backfilled(backend: Backend) 
                 r#"{"status":"error","error":"boom"}"#.to_owned(),
             );
         }
-        // A namespace with string ids: a numeric filter is a 400.
         let id = &body["filters"][2];
+        // A namespace with numeric ids: a string filter is a 400.
+        if path == "/v2/namespaces/numeric/query" {
+            return match id {
+                Value::Number(_) => (200, vec![], json!({"rows": [], "billing": {}}).to_string()),
+                _ => (
+                    400,
+                    vec![],
+                    r#"{"status":"error","error":"filter value for id must match uint"}"#.to_owned(),
+                ),
+            };
+        }
+        // A namespace with string ids: a numeric filter is a 400.
         let rows = match id {
             Value::Number(_) => {
                 return (
@@ -195,6 +206,10 @@ async fn a_miss_is_fetched_through_the_gateway_and_backfilled(backend: Backend) 
         .await
         .error(404, "not_found");
     get("/v2/namespaces/missing-ns/documents/x")
+        .await
+        .error(404, "not_found");
+    // A numeric-id namespace without the document: the string form's 400 is not relayed.
+    get("/v2/namespaces/numeric/documents/7")
         .await
         .error(404, "not_found");
     let a = get("/v2/namespaces/broken/documents/x").await;
