@@ -106,6 +106,12 @@ test-e2e: tools wasm sidecar
 
 TEST_EXTRA += test-envoy-config test-e2e
 
+.PHONY: bench-gateway
+bench-gateway: tools wasm sidecar
+	cargo run --release -p hevlayer-tests --bin gateway-bench
+
+BENCH_EXTRA += bench-gateway
+
 # ---- Kubernetes manifests (envoy/kubernetes) and their offline validation -----------------
 
 # ---- end of sections -------------------------------------------------------------------------

@@ -7,11 +7,13 @@ Environment (all optional; defaults in brackets):
   GATEWAY_PORT [8080]  ADMIN_PORT [9901]  SIDECAR_PORT [9090]  MINIFUGU_PORT [8787]
   FILTER_WASM [target/wasm32-wasip1/release/hevlayer_filter.wasm]  ACCESS_LOG [/dev/stdout]
   MAX_BODY_BYTES [268435456]  ROUTE_TIMEOUT [60s]  MIRROR_TIMEOUT_MS [200]  SIDECAR_TIMEOUT_MS [30000]
+  MIRROR_VECTORS [false] (also read by the sidecar)
   Upstream (local profile): TURBOPUFFER_URL (any http/https base URL), else TURBOPUFFER_API_KEY with
     TURBOPUFFER_REGION (TLS to {region}.turbopuffer.com:443), else minifugu on 127.0.0.1:MINIFUGU_PORT.
   Auth: AUTH_MODE [passthrough | keys]; in keys mode GATEWAY_KEYS="name:sha256hex:scope,..." and
     TURBOPUFFER_API_KEY (the upstream key) are required.
   Production profile: TURBOPUFFER_REGION (required), CA_BUNDLE [/etc/ssl/certs/ca-certificates.crt].
+  HEVLAYER_FILTER=off renders the local profile without the filter (the benchmark's baseline).
 """
 
 import argparse
@@ -55,6 +57,11 @@ def plugin_config():
         "mirror_timeout_ms": positive("MIRROR_TIMEOUT_MS", 200),
         "sidecar_timeout_ms": positive("SIDECAR_TIMEOUT_MS", 30000),
     }
+    mirror_vectors = env("MIRROR_VECTORS", "false").lower()
+    if mirror_vectors not in ("true", "false", "1", "0"):
+        fail(f"MIRROR_VECTORS must be true or false, got {mirror_vectors!r}")
+    # The sidecar reads the same variable: both sides agree on whether the cache keeps vectors.
+    config["mirror_vectors"] = mirror_vectors in ("true", "1")
     mode = env("AUTH_MODE", "passthrough")
     if mode not in ("passthrough", "keys"):
         fail(f"AUTH_MODE must be passthrough or keys, got {mode!r}")
@@ -159,6 +166,9 @@ def main():
         rendered = template.substitute(values)
     except KeyError as missing:
         fail(f"template placeholder {missing} has no value")
+    if env("HEVLAYER_FILTER", "on") == "off":
+        # The same Envoy without the filter: the baseline of the gateway benchmark.
+        rendered = re.sub(r"\n *# BEGIN hevlayer filter.*?# END hevlayer filter", "", rendered, flags=re.S)
     with open(args.out, "w") as f:
         f.write(rendered)
 

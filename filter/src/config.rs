@@ -39,6 +39,8 @@ struct RawConfig {
     sidecar_cluster: Option<String>,
     mirror_timeout_ms: Option<u64>,
     sidecar_timeout_ms: Option<u64>,
+    #[serde(default)]
+    mirror_vectors: bool,
 }
 
 /// A gateway key: its SHA-256 digest and scope.
@@ -60,6 +62,8 @@ pub struct Config {
     pub sidecar_cluster: String,
     pub mirror_timeout_ms: u64,
     pub sidecar_timeout_ms: u64,
+    /// Send vectors to the document cache too (the sidecar's `MIRROR_VECTORS` must agree).
+    pub mirror_vectors: bool,
 }
 
 impl Default for Config {
@@ -72,6 +76,7 @@ impl Default for Config {
             sidecar_cluster: DEFAULT_SIDECAR_CLUSTER.to_owned(),
             mirror_timeout_ms: DEFAULT_MIRROR_TIMEOUT_MS,
             sidecar_timeout_ms: DEFAULT_SIDECAR_TIMEOUT_MS,
+            mirror_vectors: false,
         }
     }
 }
@@ -128,6 +133,7 @@ impl Config {
             sidecar_cluster,
             mirror_timeout_ms,
             sidecar_timeout_ms,
+            mirror_vectors: raw.mirror_vectors,
         })
     }
 }

@@ -10,7 +10,7 @@ use crate::outcome::{classify, ResponseClass};
 use crate::response::strip_affected_ids;
 use crate::route::{self, Route};
 use crate::sidecar_api;
-use crate::write::{plan, render, WritePlan};
+use crate::write::{plan, render, render_mirror, WritePlan};
 use std::rc::Rc;
 
 /// What Envoy reported about the request headers.
@@ -125,6 +125,7 @@ pub struct Exchange {
     mirror_timeout_ms: u64,
     sidecar_timeout_ms: u64,
     sidecar_cluster: String,
+    mirror_vectors: bool,
     counters: Vec<Counter>,
 }
 
@@ -154,6 +155,7 @@ impl Exchange {
             mirror_timeout_ms: 0,
             sidecar_timeout_ms: 0,
             sidecar_cluster: String::new(),
+            mirror_vectors: false,
             counters: Vec::new(),
         }
     }
@@ -213,6 +215,7 @@ impl Exchange {
         self.mirror_timeout_ms = config.mirror_timeout_ms;
         self.sidecar_timeout_ms = config.sidecar_timeout_ms;
         self.sidecar_cluster = config.sidecar_cluster.clone();
+        self.mirror_vectors = config.mirror_vectors;
         if !self.route.needs_body() {
             self.phase = Phase::Upstream;
             return (edits, Step::Continue);
@@ -392,6 +395,9 @@ impl Exchange {
         self.phase = Phase::Upstream;
         // The body is replaced whenever it changed or was decoded from gzip.
         let replace = !plan.is_identity() || self.decoded;
+        // The cache gets the stamped write without vectors unless it keeps them.
+        let mirror_copy = (plan.mirrors && !self.mirror_vectors && !plan.mirror_is_render())
+            .then(|| render_mirror(&body, &plan, stamp));
         let out = Rc::new(if plan.is_identity() {
             body
         } else {
@@ -399,10 +405,11 @@ impl Exchange {
         });
         let forward = replace.then(|| Rc::clone(&out));
         if plan.mirrors {
+            let body = mirror_copy.map_or_else(|| Rc::clone(&out), Rc::new);
             self.sent = Some(Sent {
                 namespace,
                 stamp,
-                body: out,
+                body,
                 plan,
             });
         }

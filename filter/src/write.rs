@@ -106,12 +106,20 @@ pub struct WritePlan {
     pub client_wants_ids: bool,
     /// The write changes documents the cache may hold (upserts, patches, deletes, filter writes).
     pub mirrors: bool,
+    /// Byte ranges [`render_mirror`] leaves out: `vector`/`vectors` members and columns (the cache
+    /// keeps no vectors unless configured to) along with the dropped shard members.
+    mirror_drops: Vec<(usize, usize)>,
 }
 
 impl WritePlan {
     /// True when [`render`] would return the body unchanged.
     pub fn is_identity(&self) -> bool {
         self.edits.is_empty()
+    }
+
+    /// True when [`render_mirror`] would return the same bytes as [`render`].
+    pub fn mirror_is_render(&self) -> bool {
+        self.mirror_drops.is_empty() && !self.edits.iter().any(|e| e.splice == Splice::Drop)
     }
 }
 
@@ -167,12 +175,30 @@ pub fn plan(body: &[u8]) -> Result<WritePlan, Rejection> {
 
 /// Applies a plan's splices with the request's stamp (epoch ms).
 pub fn render(body: &[u8], plan: &WritePlan, stamp: u64) -> Vec<u8> {
+    apply(body, &plan.edits, plan.stamped_rows, stamp)
+}
+
+/// The body the document-cache mirror gets: the upstream body without vectors (the cache does
+/// not keep them unless configured to), so a large vector write costs the sidecar little.
+pub fn render_mirror(body: &[u8], plan: &WritePlan, stamp: u64) -> Vec<u8> {
+    let mut edits: Vec<Edit> = plan
+        .edits
+        .iter()
+        .filter(|e| e.splice != Splice::Drop)
+        .copied()
+        .collect();
+    edits.extend(plan.mirror_drops.iter().copied().map(drop_edit));
+    edits.sort_by_key(|e| (e.start, e.end));
+    apply(body, &edits, plan.stamped_rows, stamp)
+}
+
+fn apply(body: &[u8], edits: &[Edit], stamped_rows: u64, stamp: u64) -> Vec<u8> {
     let digits = stamp.to_string();
     let s = digits.as_bytes();
-    let extra = plan.stamped_rows as usize * (STAMP.len() + s.len() + 5) + plan.edits.len() * 8 + 32;
+    let extra = stamped_rows as usize * (STAMP.len() + s.len() + 5) + edits.len() * 8 + 32;
     let mut out = Vec::with_capacity(body.len() + extra);
     let mut at = 0;
-    for edit in &plan.edits {
+    for edit in edits {
         out.extend_from_slice(&body[at..edit.start]);
         match edit.splice {
             Splice::Member { comma } => {
@@ -386,9 +412,11 @@ impl Scan {
         let mut has_stamp = false;
         let mut kept = 0usize;
         let mut cuts = MemberCuts::default();
+        let mut mirror_cuts = MemberCuts::default();
         let mut edits: Vec<Edit> = Vec::new();
         let close = cur.object(|cur, m| {
             cuts.begin(&m);
+            mirror_cuts.begin(&m);
             let class = self.attribute(cur, m.key, op);
             let value_start = cur.pos();
             match class {
@@ -415,9 +443,11 @@ impl Scan {
                 _ => kept += 1,
             }
             cuts.end(&m, value_end, class == Name::Shard);
+            mirror_cuts.end(&m, value_end, matches!(class, Name::Shard | Name::Vector));
             Ok(())
         })?;
         edits.extend(cuts.close(close).into_iter().map(drop_edit));
+        self.plan.mirror_drops.extend(mirror_cuts.close(close));
         if needs_id && !has_id {
             self.shape(format!("{op} entries must include id"));
         }
@@ -444,9 +474,11 @@ impl Scan {
         let mut stamp_value: Option<(usize, usize)> = None;
         let mut kept = 0usize;
         let mut cuts = MemberCuts::default();
+        let mut mirror_cuts = MemberCuts::default();
         let mut errors: Vec<String> = Vec::new();
         let close = cur.object(|cur, m| {
             cuts.begin(&m);
+            mirror_cuts.begin(&m);
             let class = self.attribute(cur, m.key, name);
             let value_start = cur.pos();
             let is_array = cur.peek_kind()? == Kind::Array;
@@ -490,9 +522,11 @@ impl Scan {
                 _ => kept += 1,
             }
             cuts.end(&m, value_end, class == Name::Shard);
+            mirror_cuts.end(&m, value_end, matches!(class, Name::Shard | Name::Vector));
             Ok(())
         })?;
         let drops = cuts.close(close);
+        let mirror_drops = mirror_cuts.close(close);
         let n = match ids {
             None => {
                 self.shape(format!("{name} must include an id column"));
@@ -517,6 +551,7 @@ impl Scan {
             return Ok(());
         }
         self.plan.edits.extend(drops.into_iter().map(drop_edit));
+        self.plan.mirror_drops.extend(mirror_drops);
         match stamp_value {
             Some((start, end)) => self.plan.edits.push(Edit {
                 start,

@@ -521,3 +521,25 @@ fn envoys_own_413_during_buffering_becomes_json() {
     // A body callback after that changes nothing.
     assert_eq!(ex.feed(b"x", true, NOW), Step::Continue);
 }
+
+#[test]
+fn the_mirror_carries_no_vectors_unless_configured() {
+    let body = br#"{"upsert_rows":[{"id":1,"vector":[0.5,0.5],"t":"x"}]}"#;
+    for (mirror_vectors, expect_vector) in [(false, false), (true, true)] {
+        let config = Config {
+            mirror_vectors,
+            ..Config::default()
+        };
+        let mut ex = start_write(&config);
+        let up = forwarded(ex.feed(body, true, NOW));
+        assert!(String::from_utf8_lossy(&up).contains("\"vector\":[0.5,0.5]"));
+        let (_, Step::Dispatch(call)) = ex.on_response_headers(200, Some("via_upstream"), false, NOW) else {
+            panic!()
+        };
+        let msg: sidecar_api::MirrorRequest = serde_json::from_slice(&call.body).unwrap();
+        let row = &msg.write["upsert_rows"][0];
+        assert_eq!(row.get("vector").is_some(), expect_vector);
+        assert_eq!(row["t"], "x");
+        assert_eq!(row["_hevlayer_upserted_at"], NOW);
+    }
+}

@@ -515,3 +515,40 @@ proptest! {
         prop_assert_eq!(ours, theirs);
     }
 }
+
+#[test]
+fn the_mirror_copy_leaves_vectors_out() {
+    let body = br#"{"upsert_rows":[{"id":1,"vector":[0.1,0.2],"t":"a"},{"vector":"AAAA","id":2,"_hevlayer_shard":1}],"upsert_columns":{"id":[3],"vectors":[[[1]]],"x":[1]}}"#;
+    let p = plan(body).unwrap();
+    assert!(!p.mirror_is_render());
+    let mirror = String::from_utf8(render_mirror(body, &p, S)).unwrap();
+    assert_eq!(
+        mirror,
+        r#"{"upsert_rows":[{"id":1,"t":"a","_hevlayer_upserted_at":1732400000123},{"id":2,"_hevlayer_upserted_at":1732400000123}],"upsert_columns":{"id":[3],"x":[1],"_hevlayer_upserted_at":[1732400000123]}}"#
+    );
+    let plain = br#"{"patch_rows":[{"id":1,"t":"a"}]}"#;
+    let p = plan(plain).unwrap();
+    assert!(p.mirror_is_render());
+    assert_eq!(render_mirror(plain, &p, S), render(plain, &p, S));
+}
+
+proptest! {
+    #[test]
+    fn the_mirror_copy_is_the_upstream_body_without_vectors(body in write_body()) {
+        let p = plan(body.as_bytes()).unwrap();
+        let upstream: serde_json::Value = serde_json::from_slice(&render(body.as_bytes(), &p, S)).unwrap();
+        let mirror: serde_json::Value = serde_json::from_slice(&render_mirror(body.as_bytes(), &p, S)).unwrap();
+        let mut expected = upstream.clone();
+        for op in ["upsert_rows", "patch_rows"] {
+            if let Some(rows) = expected.get_mut(op).and_then(|r| r.as_array_mut()) {
+                for r in rows {
+                    if let Some(o) = r.as_object_mut() {
+                        o.remove("vector");
+                        o.remove("vectors");
+                    }
+                }
+            }
+        }
+        prop_assert_eq!(mirror, expected);
+    }
+}

@@ -1,0 +1,388 @@
+//! `make bench-gateway`: write latency and throughput through the real Envoy with the filter,
+//! next to the same Envoy configuration without it, in one run, against an upstream that answers
+//! at once (so the gateway's own cost is what is measured). Also the stage route through Envoy
+//! next to the sidecar called directly.
+//!
+//! Needs `make tools wasm sidecar` (the Makefile target builds them first).
+
+use axum::body::Bytes;
+use axum::routing::any;
+use axum::Router;
+use base64::Engine as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wasmtime::{bail, Result};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Child processes, killed when dropped.
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+async fn wait_ready(client: &reqwest::Client, url: &str) -> Result<()> {
+    for _ in 0..200 {
+        if let Ok(r) = client.get(url).send().await {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("{url} did not become ready")
+}
+
+fn start_envoy(
+    procs: &mut Procs,
+    name: &str,
+    filter: bool,
+    upstream: u16,
+    sidecar: u16,
+) -> Result<(u16, u16)> {
+    let (port, admin) = (free_port()?, free_port()?);
+    let dir = root().join(".run/bench");
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join(format!("{name}.yaml"));
+    let status = Command::new("python3")
+        .arg(root().join("envoy/render.py"))
+        .args(["--profile", "local", "--out"])
+        .arg(&config)
+        .env("GATEWAY_PORT", port.to_string())
+        .env("ADMIN_PORT", admin.to_string())
+        .env("SIDECAR_PORT", sidecar.to_string())
+        .env("TURBOPUFFER_URL", format!("http://127.0.0.1:{upstream}"))
+        .env("TURBOPUFFER_API_KEY", "")
+        .env("ACCESS_LOG", "/dev/null")
+        .env("HEVLAYER_FILTER", if filter { "on" } else { "off" })
+        .status()?;
+    if !status.success() {
+        bail!("render.py failed");
+    }
+    let envoy = root().join(".tools/venv/bin/envoy");
+    if !envoy.exists() {
+        bail!("{} is missing: run `make tools`", envoy.display());
+    }
+    let child = Command::new(envoy)
+        .arg("-c")
+        .arg(&config)
+        .args([
+            "--concurrency",
+            "1",
+            "--base-id",
+            &admin.to_string(),
+            "--log-level",
+            "warn",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    procs.0.push(child);
+    Ok((port, admin))
+}
+
+fn start_sidecar(procs: &mut Procs, port: u16, gateway: u16) -> Result<()> {
+    let bin = root().join("target/release/hevlayer-sidecar");
+    if !bin.exists() {
+        bail!("{} is missing: run `make sidecar`", bin.display());
+    }
+    let child = Command::new(bin)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--gateway-url", &format!("http://127.0.0.1:{gateway}")])
+        .args(["--log-level", "warn"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    procs.0.push(child);
+    Ok(())
+}
+
+/// A Turbopuffer stand-in that reads the body and answers at once.
+async fn start_upstream() -> Result<u16> {
+    async fn answer(body: Bytes) -> ([(&'static str, &'static str); 1], String) {
+        let n = body.len();
+        (
+            [("content-type", "application/json")],
+            format!(r#"{{"status":"OK","message":"read {n} bytes","rows_affected":1,"billing":{{}}}}"#),
+        )
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let app = Router::new()
+        .fallback(any(answer))
+        .layer(axum::extract::DefaultBodyLimit::disable());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(port)
+}
+
+fn write_body(rows: usize, dims: usize) -> Vec<u8> {
+    let mut out = String::from("{\"upsert_rows\":[");
+    for i in 0..rows {
+        if i > 0 {
+            out.push(',');
+        }
+        let v: Vec<u8> = (0..dims)
+            .flat_map(|d| ((i * dims + d) as f32 * 0.001).sin().to_le_bytes())
+            .collect();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(v);
+        out.push_str(&format!(r#"{{"id":{i},"vector":"{b64}","title":"row {i}"}}"#));
+    }
+    out.push_str("],\"distance_metric\":\"cosine_distance\"}");
+    out.into_bytes()
+}
+
+struct Latency {
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+}
+
+/// Sequential requests (one at a time): latency percentiles.
+async fn latency(
+    client: &reqwest::Client,
+    method: &str,
+    url: &str,
+    body: &[u8],
+    n: usize,
+) -> Result<Latency> {
+    let body = Bytes::copy_from_slice(body);
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n + n / 10 {
+        let t = Instant::now();
+        let req = match method {
+            "PUT" => client.put(url),
+            _ => client.post(url),
+        };
+        let r = req
+            .header("authorization", "Bearer bench")
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await?;
+        let status = r.status();
+        r.bytes().await?;
+        if !status.is_success() {
+            bail!("{url}: status {status}");
+        }
+        if i >= n / 10 {
+            samples.push(t.elapsed());
+        }
+    }
+    samples.sort_unstable();
+    Ok(Latency {
+        p50_us: percentile(&samples, 0.5),
+        p99_us: percentile(&samples, 0.99),
+    })
+}
+
+/// Requests per second with `concurrency` clients for `seconds`.
+async fn throughput(
+    client: &reqwest::Client,
+    url: &str,
+    body: &[u8],
+    concurrency: usize,
+    seconds: u64,
+) -> Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let body = Bytes::copy_from_slice(body);
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    for _ in 0..concurrency {
+        let (client, url, body, stop) = (client.clone(), url.to_owned(), body.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let r = client
+                    .post(&url)
+                    .header("authorization", "Bearer bench")
+                    .body(body.clone())
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status().is_success() => {
+                        let _ = r.bytes().await;
+                        done += 1;
+                    }
+                    _ => return Err(format!("{url}: a request failed")),
+                }
+            }
+            Ok(done)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for t in tasks {
+        match t.await {
+            Ok(Ok(n)) => total += n,
+            Ok(Err(e)) => bail!("{e}"),
+            Err(e) => bail!("{e}"),
+        }
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let strict = std::env::args().any(|a| a == "--strict");
+    let wasm = root().join("target/wasm32-wasip1/release/hevlayer_filter.wasm");
+    if !Path::new(&wasm).exists() {
+        bail!("{} is missing: run `make wasm`", wasm.display());
+    }
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(32)
+        .build()?;
+    let upstream = start_upstream().await?;
+    let mut procs = Procs(Vec::new());
+    let sidecar = free_port()?;
+    let (with, with_admin) = start_envoy(&mut procs, "with-filter", true, upstream, sidecar)?;
+    let (without, without_admin) = start_envoy(&mut procs, "without-filter", false, upstream, sidecar)?;
+    start_sidecar(&mut procs, sidecar, with)?;
+    wait_ready(&client, &format!("http://127.0.0.1:{with_admin}/ready")).await?;
+    wait_ready(&client, &format!("http://127.0.0.1:{without_admin}/ready")).await?;
+    wait_ready(&client, &format!("http://127.0.0.1:{sidecar}/healthz")).await?;
+
+    let cases = [
+        ("1 row", write_body(1, 768), 2000),
+        ("100 x 768", write_body(100, 768), 300),
+        ("10,000 x 768", write_body(10_000, 768), 12),
+    ];
+    println!("gateway benchmark: Envoy 1.40 with the filter vs the same Envoy without it (one worker each),");
+    println!("an upstream that answers at once; vectors as base64 like the official clients send them.");
+    println!(
+        "{:<14} {:>10} {:>12} {:>12} {:>12} {:>12} {:>9} {:>9}",
+        "write", "bytes", "p50 with", "p50 without", "p99 with", "p99 without", "p50 x", "p99 x"
+    );
+    let mut missed = Vec::new();
+    for (name, body, n) in &cases {
+        let w = latency(
+            &client,
+            "POST",
+            &format!("http://127.0.0.1:{with}/v2/namespaces/bench"),
+            body,
+            *n,
+        )
+        .await?;
+        let wo = latency(
+            &client,
+            "POST",
+            &format!("http://127.0.0.1:{without}/v2/namespaces/bench"),
+            body,
+            *n,
+        )
+        .await?;
+        let (r50, r99) = (w.p50_us / wo.p50_us, w.p99_us / wo.p99_us);
+        println!(
+            "{name:<14} {:>10} {:>10.0}us {:>10.0}us {:>10.0}us {:>10.0}us {:>8.2}x {:>8.2}x",
+            body.len(),
+            w.p50_us,
+            wo.p50_us,
+            w.p99_us,
+            wo.p99_us,
+            r50,
+            r99
+        );
+        let limit = if *name == "1 row" {
+            1.10
+        } else if name.starts_with("10,000") {
+            1.25
+        } else {
+            f64::INFINITY
+        };
+        if r50 > limit {
+            missed.push(format!("{name}: p50 ratio {r50:.2} > {limit}"));
+        }
+    }
+    let one = &cases[0].1;
+    let tw = throughput(
+        &client,
+        &format!("http://127.0.0.1:{with}/v2/namespaces/bench"),
+        one,
+        16,
+        3,
+    )
+    .await?;
+    let two = throughput(
+        &client,
+        &format!("http://127.0.0.1:{without}/v2/namespaces/bench"),
+        one,
+        16,
+        3,
+    )
+    .await?;
+    println!(
+        "1 row at concurrency 16: {tw:.0} req/s with the filter, {two:.0} without: ratio {:.2}",
+        tw / two
+    );
+    if tw / two < 0.8 {
+        missed.push(format!("throughput ratio {:.2} < 0.8", tw / two));
+    }
+
+    let chunks = br#"{"chunks":[{"id":"c1","text":"a short chunk of staged text"}]}"#;
+    let create = r#"{"id":"bench","target_namespace":"bench-target"}"#;
+    client
+        .post(format!("http://127.0.0.1:{sidecar}/v2/pipelines"))
+        .header("content-type", "application/json")
+        .body(create)
+        .send()
+        .await?;
+    let via = latency(
+        &client,
+        "PUT",
+        &format!("http://127.0.0.1:{with}/v2/pipelines/bench/documents/d1"),
+        chunks,
+        1000,
+    )
+    .await?;
+    let direct = latency(
+        &client,
+        "PUT",
+        &format!("http://127.0.0.1:{sidecar}/v2/pipelines/bench/documents/d1"),
+        chunks,
+        1000,
+    )
+    .await?;
+    println!(
+        "stage route p50/p99: {:.0}/{:.0}us through Envoy, {:.0}/{:.0}us sidecar direct ({:.2}x at p50)",
+        via.p50_us,
+        via.p99_us,
+        direct.p50_us,
+        direct.p99_us,
+        via.p50_us / direct.p50_us
+    );
+    drop(procs);
+    if missed.is_empty() {
+        println!("targets met");
+    } else {
+        for m in &missed {
+            println!("TARGET MISSED: {m}");
+        }
+        if strict {
+            bail!("{} gateway benchmark target(s) missed", missed.len());
+        }
+    }
+    Ok(())
+}
