@@ -11,7 +11,6 @@ use crate::response::strip_affected_ids;
 use crate::route::{self, Route};
 use crate::sidecar_api;
 use crate::write::{plan, render, render_mirror, WritePlan};
-use std::rc::Rc;
 
 /// What Envoy reported about the request headers.
 #[derive(Debug, Clone, Copy, Default)]
@@ -61,7 +60,7 @@ pub enum Step {
     /// Send this reply locally; the request is over.
     Reply(LocalReply),
     /// Replace the buffered body when given, then let the stream go on.
-    Forward(Option<Rc<Vec<u8>>>),
+    Forward(Option<Vec<u8>>),
     /// Dispatch this callout and hold the stream until [`Exchange::on_callout_answer`].
     Dispatch(Callout),
 }
@@ -96,11 +95,12 @@ enum Collect {
 /// Reads `len` bytes at `start` of the request body Envoy has buffered.
 pub type ReadBody<'a> = &'a mut dyn FnMut(usize, usize) -> Vec<u8>;
 
-/// The write that went upstream, kept for the mirror.
+/// The accepted write, kept for the mirror (rendered for it only after a 2xx).
 struct Sent {
     namespace: String,
     stamp: u64,
-    body: Rc<Vec<u8>>,
+    /// The client's (decoded) body; the mirror copy is rendered from it with the same stamp.
+    body: Vec<u8>,
     plan: WritePlan,
 }
 
@@ -367,7 +367,7 @@ impl Exchange {
         }
     }
 
-    fn finish_write(&mut self, namespace: String, body: Vec<u8>, stamp: u64) -> Step {
+    fn finish_write(&mut self, namespace: String, mut body: Vec<u8>, stamp: u64) -> Step {
         let plan = match plan(&body) {
             Ok(p) => p,
             Err(rejection) => {
@@ -394,18 +394,18 @@ impl Exchange {
         );
         self.phase = Phase::Upstream;
         // The body is replaced whenever it changed or was decoded from gzip.
-        let replace = !plan.is_identity() || self.decoded;
-        // The cache gets the stamped write without vectors unless it keeps them.
-        let mirror_copy = (plan.mirrors && !self.mirror_vectors && !plan.mirror_is_render())
-            .then(|| render_mirror(&body, &plan, stamp));
-        let out = Rc::new(if plan.is_identity() {
-            body
+        let forward = if !plan.is_identity() {
+            Some(render(&body, &plan, stamp))
+        } else if self.decoded {
+            Some(if plan.mirrors {
+                body.clone()
+            } else {
+                std::mem::take(&mut body)
+            })
         } else {
-            render(&body, &plan, stamp)
-        });
-        let forward = replace.then(|| Rc::clone(&out));
+            None
+        };
         if plan.mirrors {
-            let body = mirror_copy.map_or_else(|| Rc::clone(&out), Rc::new);
             self.sent = Some(Sent {
                 namespace,
                 stamp,
@@ -554,7 +554,13 @@ impl Exchange {
             self.phase = Phase::Done;
             return Step::Continue;
         };
-        let body = sidecar_api::mirror_body(&sent.namespace, sent.stamp, &sent.body, response);
+        // The cache gets the stamped write without vectors unless it keeps them.
+        let write = if self.mirror_vectors {
+            render(&sent.body, &sent.plan, sent.stamp)
+        } else {
+            render_mirror(&sent.body, &sent.plan, sent.stamp)
+        };
+        let body = sidecar_api::mirror_body(&sent.namespace, sent.stamp, &write, response);
         self.json_callout(Purpose::Mirror, sidecar_api::MIRROR_PATH, body, now_ms)
     }
 

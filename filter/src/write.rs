@@ -116,11 +116,6 @@ impl WritePlan {
     pub fn is_identity(&self) -> bool {
         self.edits.is_empty()
     }
-
-    /// True when [`render_mirror`] would return the same bytes as [`render`].
-    pub fn mirror_is_render(&self) -> bool {
-        self.mirror_drops.is_empty() && !self.edits.iter().any(|e| e.splice == Splice::Drop)
-    }
 }
 
 /// Scans a write body once: validates it (first error wins) and plans the stamp splices.

@@ -70,7 +70,7 @@ fn start_write(config: &Config) -> Driver {
 
 fn forwarded(step: Step) -> Vec<u8> {
     match step {
-        Step::Forward(Some(b)) => b.to_vec(),
+        Step::Forward(Some(b)) => b,
         other => panic!("expected a forwarded body, got {other:?}"),
     }
 }
