@@ -298,8 +298,16 @@ impl Context for Filter {
 impl HttpContext for Filter {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let map = MapType::HttpRequestHeaders;
-        let request_id = match header(map, "x-request-id").filter(|v| !v.is_empty()) {
-            Some(id) => id,
+        // One hostcall for the whole map instead of one per header.
+        let headers = host::get_map(map).unwrap_or_default();
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        };
+        let request_id = match get("x-request-id").filter(|v| !v.is_empty()) {
+            Some(id) => id.to_owned(),
             None => {
                 let id = new_request_id();
                 if let Err(status) = host::set_map_value(map, "x-request-id", Some(&id)) {
@@ -308,19 +316,13 @@ impl HttpContext for Filter {
                 id
             }
         };
-        let method = header(map, ":method").unwrap_or_default();
-        let path = header(map, ":path").unwrap_or_default();
-        let authorization = header(map, "authorization");
-        let content_length = header(map, "content-length");
-        let content_encoding = header(map, "content-encoding");
-        let content_type = header(map, "content-type");
         let head = RequestHead {
-            method: &method,
-            path: &path,
-            authorization: authorization.as_deref(),
-            content_length: content_length.as_deref(),
-            content_encoding: content_encoding.as_deref(),
-            content_type: content_type.as_deref(),
+            method: get(":method").unwrap_or_default(),
+            path: get(":path").unwrap_or_default(),
+            authorization: get("authorization"),
+            content_length: get("content-length"),
+            content_encoding: get("content-encoding"),
+            content_type: get("content-type"),
             request_id: &request_id,
             end_of_stream,
         };
