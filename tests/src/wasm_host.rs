@@ -211,7 +211,7 @@ impl Plugin {
         let mut store = Store::new(&self.engine, state);
         let mut linker = Linker::new(&self.engine);
         define_imports(&mut linker)?;
-        linker.define_unknown_imports_as_traps(&self.module)?;
+        define_unimplemented_imports(&mut linker, &self.module)?;
         let instance = linker.instantiate(&mut store, &self.module)?;
         let Some(memory) = instance.get_memory(&mut store, "memory") else {
             bail!("the module exports no memory")
@@ -659,6 +659,55 @@ pub fn decode_map(bytes: &[u8]) -> Result<Headers> {
         at += kl + vl + 2;
     }
     Ok(out)
+}
+
+/// Status an unimplemented import answers with: proxy-wasm `Unimplemented` (12), WASI `ENOSYS` (52).
+const UNIMPLEMENTED: i32 = 12;
+const WASI_ENOSYS: i32 = 52;
+
+/// Any import the module needs that this host does not implement answers with an error status
+/// (or, when it returns nothing, does nothing) instead of trapping, like a host missing an ABI
+/// extension. The call is logged so a test can see it.
+fn define_unimplemented_imports(linker: &mut Linker<HostState>, module: &Module) -> Result<()> {
+    let mut scratch = Store::new(module.engine(), HostState::default());
+    let defined: std::collections::HashSet<(String, String)> = linker
+        .iter(&mut scratch)
+        .map(|(m, n, _)| (m.to_owned(), n.to_owned()))
+        .collect();
+    let mut missing = Vec::new();
+    for import in module.imports() {
+        let wasmtime::ExternType::Func(ty) = import.ty() else {
+            continue;
+        };
+        if !defined.contains(&(import.module().to_owned(), import.name().to_owned())) {
+            missing.push((import.module().to_owned(), import.name().to_owned(), ty));
+        }
+    }
+    for (module_name, name, ty) in missing {
+        let status = if module_name == "wasi_snapshot_preview1" {
+            WASI_ENOSYS
+        } else {
+            UNIMPLEMENTED
+        };
+        let label = format!("{module_name}.{name}");
+        let result_types: Vec<wasmtime::ValType> = ty.results().collect();
+        linker.func_new(&module_name, &name, ty, move |mut caller, _params, results| {
+            caller
+                .data_mut()
+                .logs
+                .push(format!("host: unimplemented import {label} called"));
+            for (r, t) in results.iter_mut().zip(&result_types) {
+                *r = match t {
+                    wasmtime::ValType::I64 => wasmtime::Val::I64(i64::from(status)),
+                    wasmtime::ValType::F32 => wasmtime::Val::F32(0),
+                    wasmtime::ValType::F64 => wasmtime::Val::F64(0),
+                    _ => wasmtime::Val::I32(status),
+                };
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
 }
 
 fn define_imports(linker: &mut Linker<HostState>) -> Result<()> {

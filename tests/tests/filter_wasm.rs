@@ -225,8 +225,15 @@ fn router_replies_become_502_and_504_json() {
             502,
             "upstream_error",
         ),
+        (
+            "upstream_reset_before_response_started{connection_failure}",
+            502,
+            "upstream_error",
+        ),
         ("no_healthy_upstream", 502, "upstream_error"),
         ("response_timeout", 504, "gateway_timeout"),
+        ("upstream_response_timeout", 504, "gateway_timeout"),
+        ("upstream_per_try_timeout", 504, "gateway_timeout"),
     ];
     for (details, status, kind) in cases {
         let mut vm = vm("{}");
@@ -587,4 +594,69 @@ fn memory_does_not_grow_across_requests() {
         run(&mut vm);
     }
     assert_eq!(vm.memory_bytes(), after_10);
+}
+
+#[test]
+fn passthrough_mode_needs_a_bearer_and_forwards_it_unchanged() {
+    let mut vm = vm("{}");
+    let bad: &[Option<&str>] = &[
+        None,
+        Some("Basic abc"),
+        Some("bearer abc"),
+        Some("Bearer "),
+        Some("Bearer"),
+    ];
+    for auth in bad {
+        let mut s = vm.stream().unwrap();
+        let mut headers = vec![(":method", "POST"), (":path", "/v2/namespaces/ns/query")];
+        if let Some(a) = auth {
+            headers.push(("authorization", a));
+        }
+        s.request_headers(&headers, false).unwrap();
+        let (status, v) = reply_json(&s);
+        assert_eq!(
+            v,
+            json!({"error": "unauthorized", "message": "missing or malformed Authorization: Bearer header"}),
+            "{auth:?}"
+        );
+        assert_eq!(status, 401, "{auth:?}");
+        assert!(!s.reached_upstream());
+    }
+
+    let mut s = vm.stream().unwrap();
+    let headers = [
+        (":method", "POST"),
+        (":path", "/v2/namespaces/ns/query"),
+        ("authorization", "Bearer caller-key"),
+    ];
+    assert_eq!(s.request_headers(&headers, false).unwrap(), Action::Continue);
+    assert!(s.local_reply().is_none());
+    assert_eq!(s.upstream_header("authorization"), Some("Bearer caller-key"));
+}
+
+#[test]
+fn client_stamps_are_replaced_and_every_stamped_op_gets_the_same_value() {
+    let body = br#"{"upsert_rows":[{"id":1,"_hevlayer_upserted_at":5,"_hevlayer_shard":"s"}],"patch_columns":{"id":["a","b"],"x":[1,2]},"patch_by_filter":{"filters":["id","Eq",1],"patch":{"y":2}},"deletes":[7]}"#;
+    for chunk in [1, body.len()] {
+        let mut vm = vm("{}");
+        let s = send_write(&mut vm, body, chunk);
+        assert!(s.reached_upstream(), "{:?}", s.local_reply());
+        let v = upstream_json(&s);
+        assert_eq!(v["upsert_rows"][0]["_hevlayer_upserted_at"], json!(NOW_MS));
+        assert_eq!(v["upsert_rows"][0]["id"], json!(1));
+        assert_eq!(
+            v["patch_columns"]["_hevlayer_upserted_at"],
+            json!([NOW_MS, NOW_MS])
+        );
+        assert_eq!(
+            v["patch_by_filter"]["patch"]["_hevlayer_upserted_at"],
+            json!(NOW_MS)
+        );
+        assert_eq!(v["patch_by_filter"]["patch"]["y"], json!(2));
+        assert_eq!(v["deletes"], json!([7]));
+        // A filter write asks for the affected ids.
+        assert_eq!(v["return_affected_ids"], json!(true));
+        let text = String::from_utf8_lossy(s.upstream_body());
+        assert_eq!(text.matches("_hevlayer_upserted_at").count(), 3, "{text}");
+    }
 }
