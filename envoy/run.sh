@@ -26,7 +26,9 @@ stop() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
-trap stop INT TERM EXIT
+trap 'stop; exit 130' INT
+trap 'stop; exit 143' TERM
+trap stop EXIT
 
 wait_for() { # name url attempts
   local i
@@ -93,5 +95,6 @@ Ctrl-C stops everything.
 INFO
 
 # Exit (and stop the rest) as soon as any of them dies.
-wait -n "${pids[@]}"
+wait -n "${pids[@]}" 2>/dev/null || true
 echo "a gateway process exited; see $logs" >&2
+exit 1
