@@ -121,6 +121,9 @@ BENCH_EXTRA += bench-gateway
 
 # ---- Kubernetes manifests (envoy/kubernetes) and their offline validation -----------------
 
+include envoy/kubernetes/kubernetes.mk
+TEST_EXTRA += test-kubernetes
+
 # ---- end of sections -------------------------------------------------------------------------
 
 .PHONY: test

@@ -14,6 +14,8 @@ Environment (all optional; defaults in brackets):
     TURBOPUFFER_API_KEY (the upstream key) are required.
   Production profile: TURBOPUFFER_REGION (required), CA_BUNDLE [/etc/ssl/certs/ca-certificates.crt].
   HEVLAYER_FILTER=off renders the local profile without the filter (the benchmark's baseline).
+  --ecds writes only the profile's hevlayer wasm filter, as an extension-config (ECDS) resource file
+    for an Envoy whose listeners come from elsewhere (the Istio gateway in envoy/kubernetes/).
 """
 
 import argparse
@@ -22,6 +24,7 @@ import os
 import re
 import string
 import sys
+import textwrap
 import urllib.parse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -124,10 +127,31 @@ def upstream():
     return host, str(upstream_port), discovery, tls_block, rewrite
 
 
+def ecds_resource(rendered):
+    """The hevlayer wasm filter of a rendered configuration as an ECDS resource file.
+
+    Cut from the rendered template rather than written again, so the filter settings
+    (allow_on_headers_stop_iteration, fail_open, vm_config) cannot differ between deployments."""
+    found = re.search(
+        r"^( *)- name: envoy\.filters\.http\.wasm\n\1  typed_config:\n((?:\1    .*\n)+)", rendered, flags=re.M
+    )
+    if not found:
+        fail("the template has no envoy.filters.http.wasm filter to write as an ECDS resource")
+    typed_config = textwrap.indent(textwrap.dedent(found.group(2)), "    ")
+    return (
+        "# The hevlayer filter as an extension-config (ECDS) resource, rendered by envoy/render.py --ecds.\n"
+        "resources:\n"
+        '- "@type": type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig\n'
+        "  name: hevlayer\n"
+        "  typed_config:\n" + typed_config
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=["local", "production"], default="local")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--ecds", action="store_true", help="write only the wasm filter, as an ECDS resource")
     args = parser.parse_args()
 
     wasm = env("FILTER_WASM", os.path.join(ROOT, "target/wasm32-wasip1/release/hevlayer_filter.wasm"))
@@ -169,6 +193,8 @@ def main():
     if env("HEVLAYER_FILTER", "on") == "off":
         # The same Envoy without the filter: the baseline of the gateway benchmark.
         rendered = re.sub(r"\n *# BEGIN hevlayer filter.*?# END hevlayer filter", "", rendered, flags=re.S)
+    if args.ecds:
+        rendered = ecds_resource(rendered)
     with open(args.out, "w") as f:
         f.write(rendered)
 
