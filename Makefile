@@ -105,6 +105,9 @@ test-envoy-config: tools wasm
 	TURBOPUFFER_API_KEY=tpuf_x TURBOPUFFER_REGION=aws-us-east-1 python3 envoy/render.py --profile local --out .run/validate/local-region.yaml
 	AUTH_MODE=keys GATEWAY_KEYS=ci:$$(printf ci-key | sha256sum | cut -c1-64):write TURBOPUFFER_API_KEY=tpuf_x \
 	  TURBOPUFFER_REGION=aws-us-east-1 python3 envoy/render.py --profile production --out .run/validate/production.yaml
+	TURBOPUFFER_URL=https://127.0.0.1:8443 python3 envoy/render.py --profile local --out .run/validate/local-ip.yaml
+	@# Production is keys mode unless passthrough is named: without gateway keys it must refuse.
+	! TURBOPUFFER_REGION=aws-us-east-1 python3 envoy/render.py --profile production --out .run/validate/refused.yaml 2>/dev/null
 	for f in .run/validate/*.yaml; do $(ENVOY) --mode validate -c $$f --log-level warn || exit 1; done
 
 .PHONY: test-e2e

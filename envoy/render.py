@@ -10,7 +10,7 @@ Environment (all optional; defaults in brackets):
   MIRROR_VECTORS [false] (also read by the sidecar)
   Upstream (local profile): TURBOPUFFER_URL (any http/https base URL), else TURBOPUFFER_API_KEY with
     TURBOPUFFER_REGION (TLS to {region}.turbopuffer.com:443), else minifugu on 127.0.0.1:MINIFUGU_PORT.
-  Auth: AUTH_MODE [passthrough | keys]; in keys mode GATEWAY_KEYS="name:sha256hex:scope,..." and
+  Auth: AUTH_MODE [passthrough for local, keys for production]; in keys mode GATEWAY_KEYS="name:sha256hex:scope,..." and
     TURBOPUFFER_API_KEY (the upstream key) are required.
   Production profile: TURBOPUFFER_REGION (required), CA_BUNDLE [/etc/ssl/certs/ca-certificates.crt].
   HEVLAYER_FILTER=off renders the local profile without the filter (the benchmark's baseline).
@@ -54,7 +54,7 @@ def positive(name, default):
     return int(value)
 
 
-def plugin_config():
+def plugin_config(profile):
     config = {
         "max_body_bytes": positive("MAX_BODY_BYTES", 268435456),
         "mirror_timeout_ms": positive("MIRROR_TIMEOUT_MS", 200),
@@ -65,7 +65,8 @@ def plugin_config():
         fail(f"MIRROR_VECTORS must be true or false, got {mirror_vectors!r}")
     # The sidecar reads the same variable: both sides agree on whether the cache keeps vectors.
     config["mirror_vectors"] = mirror_vectors in ("true", "1")
-    mode = env("AUTH_MODE", "passthrough")
+    # Production means gateway keys unless passthrough is asked for by name.
+    mode = env("AUTH_MODE", "keys" if profile == "production" else "passthrough")
     if mode not in ("passthrough", "keys"):
         fail(f"AUTH_MODE must be passthrough or keys, got {mode!r}")
     config["auth_mode"] = mode
@@ -86,9 +87,12 @@ def plugin_config():
     return json.dumps(config, separators=(",", ":")).replace("'", "''")
 
 
-def tls_socket(sni, indent):
+def tls_socket(host, is_ip, indent):
+    """Upstream TLS that checks the chain and that the certificate names `host`."""
     pad = " " * indent
     ca = env("CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    # SNI carries host names only; an IP address is matched against the certificate's IP SANs.
+    sni = [] if is_ip else [f"    sni: {host}"]
     return "\n".join(
         pad + line
         for line in [
@@ -96,9 +100,13 @@ def tls_socket(sni, indent):
             "  name: envoy.transport_sockets.tls",
             "  typed_config:",
             '    "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext',
-            f"    sni: {sni}",
+            *sni,
             "    common_tls_context:",
-            f"      validation_context: {{ trusted_ca: {{ filename: {ca} }} }}",
+            "      validation_context:",
+            f"        trusted_ca: {{ filename: {ca} }}",
+            "        match_typed_subject_alt_names:",
+            f"        - san_type: {'IP_ADDRESS' if is_ip else 'DNS'}",
+            f"          matcher: {{ exact: {host} }}",
         ]
     )
 
@@ -122,7 +130,7 @@ def upstream():
         host, upstream_port, tls = "127.0.0.1", int(port("MINIFUGU_PORT", 8787)), False
     is_ip = re.fullmatch(r"[0-9.]+", host) is not None
     discovery = "STATIC" if is_ip else "LOGICAL_DNS"
-    tls_block = tls_socket(host, 4) if tls else ""
+    tls_block = tls_socket(host, is_ip, 4) if tls else ""
     rewrite = "" if is_ip else f"                  host_rewrite_literal: {host}"
     return host, str(upstream_port), discovery, tls_block, rewrite
 
@@ -163,7 +171,7 @@ def main():
         # JSON 413 decides (the filter also rewrites Envoy's plain one, should it come first).
         "BUFFER_LIMIT_BYTES": str(positive("MAX_BODY_BYTES", 268435456) + 1048576),
         "ROUTE_TIMEOUT": env("ROUTE_TIMEOUT", "60s"),
-        "PLUGIN_CONFIG": plugin_config(),
+        "PLUGIN_CONFIG": plugin_config(args.profile),
         "FILTER_WASM": os.path.abspath(wasm),
         "ACCESS_LOG": env("ACCESS_LOG", "/dev/stdout"),
         "CA_BUNDLE": env("CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt"),

@@ -18,6 +18,22 @@ for bin in "$envoy_bin" "$sidecar_bin"; do
   [[ -x "$bin" ]] || { echo "missing $bin: run 'make run' (it installs and builds what is needed)" >&2; exit 1; }
 done
 
+# A port some other process already holds would make the readiness checks below latch onto it.
+ports=(GATEWAY_PORT ADMIN_PORT SIDECAR_PORT)
+[[ -n "${TURBOPUFFER_URL:-}${TURBOPUFFER_API_KEY:-}" ]] || ports+=(MINIFUGU_PORT)
+for var in "${ports[@]}"; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/${!var}") 2>/dev/null; then
+    echo "port ${!var} is already in use; set $var to a free one" >&2
+    exit 1
+  fi
+done
+
+if [[ "${AUTH_MODE:-passthrough}" == keys && -z "${SIDECAR_GATEWAY_KEY:-}" ]]; then
+  echo "AUTH_MODE=keys needs SIDECAR_GATEWAY_KEY: the sidecar's own gateway key (scope admin), which it" >&2
+  echo "presents for pipeline vectors and document-fetch misses" >&2
+  exit 1
+fi
+
 pids=()
 stop() {
   trap - INT TERM EXIT
@@ -63,8 +79,13 @@ else
 fi
 
 sidecar_key=()
-if [[ "${AUTH_MODE:-passthrough}" == keys && -n "${SIDECAR_GATEWAY_KEY:-}" ]]; then
+if [[ "${AUTH_MODE:-passthrough}" == keys ]]; then
   sidecar_key=(--gateway-api-key "$SIDECAR_GATEWAY_KEY")
+fi
+if [[ -n "${AEROSPIKE_HOSTS:-}" ]]; then
+  cache="Aerospike at $AEROSPIKE_HOSTS"
+else
+  cache="embedded document cache"
 fi
 "$sidecar_bin" --listen "127.0.0.1:$SIDECAR_PORT" --gateway-url "http://127.0.0.1:$GATEWAY_PORT" "${sidecar_key[@]}" \
   >"$logs/sidecar.log" 2>&1 &
@@ -81,7 +102,7 @@ cat <<INFO
 Layer gateway running
   gateway   http://127.0.0.1:$GATEWAY_PORT   (Envoy + hevlayer filter)
   upstream  $upstream
-  sidecar   http://127.0.0.1:$SIDECAR_PORT   (embedded document cache; /healthz, /metrics)
+  sidecar   http://127.0.0.1:$SIDECAR_PORT   ($cache; /healthz, /metrics)
   admin     http://127.0.0.1:$ADMIN_PORT    (Envoy admin; filter counters under /stats?filter=hevlayer)
   logs      $logs/{envoy,sidecar,minifugu,access}.log
 
