@@ -2,6 +2,9 @@
 
 use serde::Serialize;
 
+const TIMEOUT_READ: &str = "Turbopuffer did not answer in time";
+const TIMEOUT_MUTATION: &str = "Turbopuffer did not answer in time; the write may or may not have applied";
+
 /// A reply the gateway produces itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalReply {
@@ -72,12 +75,12 @@ impl LocalReply {
         )
     }
 
-    pub fn gateway_timeout() -> Self {
-        Self::error(
-            504,
-            "gateway_timeout",
-            "Turbopuffer did not answer in time; the write may or may not have applied",
-        )
+    /// 504 after the request was sent. A request that changes data (`mutates`) may have been
+    /// applied all the same, and the client must know it before retrying; a read has no such
+    /// effect to warn about.
+    pub fn gateway_timeout(mutates: bool) -> Self {
+        let message = if mutates { TIMEOUT_MUTATION } else { TIMEOUT_READ };
+        Self::error(504, "gateway_timeout", message)
     }
 
     pub fn cache_unavailable(reason: &str) -> Self {
@@ -107,5 +110,21 @@ mod tests {
             serde_json::from_slice(&LocalReply::forbidden_scope("admin").body).unwrap();
         assert_eq!(f["required_scope"], "admin");
         assert_eq!(f["error"], "forbidden");
+    }
+
+    #[test]
+    fn timeouts_warn_about_an_applied_write_only_for_mutations() {
+        let message = |mutates| {
+            let r = LocalReply::gateway_timeout(mutates);
+            assert_eq!(r.status, 504);
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            assert_eq!(v["error"], "gateway_timeout");
+            v["message"].as_str().unwrap().to_owned()
+        };
+        assert_eq!(
+            message(true),
+            "Turbopuffer did not answer in time; the write may or may not have applied"
+        );
+        assert_eq!(message(false), "Turbopuffer did not answer in time");
     }
 }

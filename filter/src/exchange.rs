@@ -8,7 +8,7 @@ use crate::error::LocalReply;
 use crate::metrics::Counter;
 use crate::outcome::{classify, ResponseClass};
 use crate::response::strip_affected_ids;
-use crate::route::{self, Route};
+use crate::route::{self, Route, Scope};
 use crate::sidecar_api;
 use crate::write::{plan, render, render_mirror, WritePlan};
 
@@ -31,6 +31,19 @@ pub struct HeaderEdits {
     pub set: Vec<(&'static str, String)>,
     pub remove: Vec<&'static str>,
 }
+
+/// Headers of a sidecar answer relayed to the client: the cache marker, redirects, and the ones a
+/// client acts on, which the sidecar relays from Turbopuffer on failed pipeline writes and
+/// document fetches (SPEC §1). Hop-by-hop and server headers stay behind.
+const RELAYED_SIDECAR_HEADERS: [&str; 7] = [
+    "content-type",
+    "x-layer-cache",
+    "location",
+    "retry-after",
+    "retry-after-ms",
+    "x-request-id",
+    "x-should-retry",
+];
 
 /// What a callout is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +128,9 @@ pub struct Exchange {
     /// Replacement for a router-made response body.
     rewrite: Option<LocalReply>,
     method: String,
+    /// Whether the request changes data (any non-read route): a timeout may hide an applied write.
+    mutates: bool,
+    /// The canonical path, for a route the sidecar answers.
     path: String,
     content_type: Option<String>,
     forward_authorization: Option<String>,
@@ -139,12 +155,14 @@ impl Exchange {
     pub fn new() -> Self {
         Exchange {
             phase: Phase::Start,
-            route: Route::Other,
+            route: Route::Passthrough,
             collect: None,
             decoded: false,
             sent: None,
             rewrite: None,
             method: String::new(),
+            // Until the request headers say otherwise, assume the worst.
+            mutates: true,
             path: String::new(),
             content_type: None,
             forward_authorization: None,
@@ -165,10 +183,6 @@ impl Exchange {
         std::mem::take(&mut self.counters)
     }
 
-    pub fn route(&self) -> &Route {
-        &self.route
-    }
-
     /// The callout the exchange is waiting for, if any.
     pub fn awaiting(&self) -> Option<Purpose> {
         self.callout_purpose
@@ -180,18 +194,17 @@ impl Exchange {
         Step::Reply(reply)
     }
 
-    /// Request headers: authenticate, classify, decide whether to buffer.
+    /// Request headers: classify, authenticate (every path: Envoy sends them all to Turbopuffer,
+    /// and a caller's key must never reach it in keys mode), decide whether to buffer.
     pub fn on_request_headers(&mut self, config: &Config, head: &RequestHead<'_>) -> (HeaderEdits, Step) {
         let mut edits = HeaderEdits::default();
         if self.phase != Phase::Start {
             return (edits, Step::Continue);
         }
         self.route = route::classify(head.method, head.path);
-        if self.route == Route::Other {
-            self.phase = Phase::Upstream;
-            return (edits, Step::Continue);
-        }
         let scope = route::required_scope(head.method, head.path);
+        self.method = head.method.to_owned();
+        self.mutates = scope != Scope::Read;
         match authenticate(config, head.authorization, scope) {
             Ok(Credential::Keep) => {
                 self.forward_authorization = head.authorization.map(str::to_owned);
@@ -250,8 +263,7 @@ impl Exchange {
             // The filter reads write responses (affected ids); keep them uncompressed.
             edits.remove.push("accept-encoding");
         }
-        self.method = head.method.to_owned();
-        self.path = head.path.to_owned();
+        self.path = route::canonical(head.path);
         self.content_type = head.content_type.map(str::to_owned);
         self.decoded = gzip;
         self.collect = Some(if gzip {
@@ -453,7 +465,7 @@ impl Exchange {
         if !matches!(self.phase, Phase::Start | Phase::Buffering | Phase::Upstream) {
             return (edits, Step::Continue);
         }
-        let class = classify(status, code_details);
+        let class = classify(status, code_details, self.mutates);
         if self.phase != Phase::Upstream && class == ResponseClass::Relay {
             return (edits, Step::Continue);
         }
@@ -469,10 +481,18 @@ impl Exchange {
                 self.request_id,
                 reply.status
             );
+            self.sent = None;
+            // Envoy sends its reply as headers only for a HEAD request (no body allowed: the new
+            // status and content type are all the client gets) and when the reply has no body
+            // text (`cluster_not_found`, `route_not_found`). With no body to replace, the JSON
+            // goes out as our own local reply instead, which Envoy sends straight to the client
+            // since the response headers have not left yet.
+            if end_of_stream && self.method != "HEAD" {
+                return (edits, self.reply(reply));
+            }
             edits.set.push((":status", reply.status.to_string()));
             edits.set.push(("content-type", "application/json".to_owned()));
             edits.remove.push("content-length");
-            self.sent = None;
             if end_of_stream {
                 self.phase = Phase::Done;
                 return (edits, Step::Continue);
@@ -590,10 +610,11 @@ impl Exchange {
                 let status = status.filter(|_| json);
                 match status {
                     Some(status) => {
-                        let keep = ["content-type", "x-layer-cache", "retry-after", "location"];
                         let headers = headers
                             .iter()
-                            .filter(|(k, _)| keep.contains(&k.to_ascii_lowercase().as_str()))
+                            .filter(|(k, _)| {
+                                RELAYED_SIDECAR_HEADERS.contains(&k.to_ascii_lowercase().as_str())
+                            })
                             .cloned()
                             .collect();
                         self.reply(LocalReply {

@@ -1,4 +1,10 @@
 //! Route classification and the scope each route needs (SPEC §1, §2, §3).
+//!
+//! Envoy may hand the filter a path it did not normalise (`normalize_path` and `merge_slashes`
+//! are off by default, and mesh deployments may leave them off), while Turbopuffer may still
+//! resolve it to a canonical route. So every decision here is made on the canonical form:
+//! repeated and trailing slashes merged away and `.`/`..` segments resolved (RFC 3986 §5.2.4).
+//! The `:path` itself goes upstream as the client sent it.
 
 use percent_encoding::percent_decode_str;
 
@@ -13,21 +19,14 @@ pub enum Route {
     DocumentFetch,
     /// `/v2/pipelines...`: answered by the sidecar.
     Pipeline,
-    /// Any other `/v1` or `/v2` route: untouched.
+    /// Every other path (Envoy routes them all to Turbopuffer): authenticated, otherwise untouched.
     Passthrough,
-    /// Outside the Turbopuffer API (no auth, untouched).
-    Other,
 }
 
 impl Route {
     /// Whether the filter must see the request body.
     pub fn needs_body(&self) -> bool {
         matches!(self, Route::Write { .. } | Route::Pipeline | Route::DocumentFetch)
-    }
-
-    /// Whether the sidecar answers this route.
-    pub fn to_sidecar(&self) -> bool {
-        matches!(self, Route::Pipeline | Route::DocumentFetch)
     }
 }
 
@@ -55,55 +54,67 @@ impl Scope {
     }
 }
 
-/// Classifies a request by method and `:path` (query string ignored, segments percent-decoded).
+/// Classifies a request by method and canonical path (query string ignored, the namespace
+/// percent-decoded).
 pub fn classify(method: &str, path: &str) -> Route {
-    let path = path.split(['?', '#']).next().unwrap_or("");
-    let mut segments = path.split('/').skip(1);
-    let version = segments.next().unwrap_or("");
-    if version != "v1" && version != "v2" {
-        return Route::Other;
+    match (method, segments(path).as_slice()) {
+        ("POST", ["v2", "namespaces", ns]) => Route::Write {
+            namespace: decode(ns),
+        },
+        ("DELETE", ["v2", "namespaces", ns]) => Route::DeleteNamespace {
+            namespace: decode(ns),
+        },
+        ("GET", ["v2", "namespaces", _, "documents", _]) => Route::DocumentFetch,
+        (_, ["v2", "pipelines", ..]) => Route::Pipeline,
+        _ => Route::Passthrough,
     }
-    let rest: Vec<&str> = segments.collect();
-    if version == "v2" {
-        match (method, rest.as_slice()) {
-            ("POST", ["namespaces", ns]) if !ns.is_empty() => {
-                return Route::Write {
-                    namespace: decode(ns),
-                }
-            }
-            ("DELETE", ["namespaces", ns]) if !ns.is_empty() => {
-                return Route::DeleteNamespace {
-                    namespace: decode(ns),
-                }
-            }
-            ("GET", ["namespaces", ns, "documents", id]) if !ns.is_empty() && !id.is_empty() => {
-                return Route::DocumentFetch
-            }
-            (_, ["pipelines", ..]) => return Route::Pipeline,
-            _ => {}
-        }
-    }
-    Route::Passthrough
 }
 
-/// The scope a request needs (SPEC §1).
+/// The scope a request needs (SPEC §1), judged on the canonical path.
 pub fn required_scope(method: &str, path: &str) -> Scope {
-    let path = path.split(['?', '#']).next().unwrap_or("").trim_end_matches('/');
-    if (method == "POST" && path == "/v2/pipelines")
-        || (method == "DELETE" && path.starts_with("/v2/pipelines/"))
-    {
-        return Scope::Admin;
+    let segments = segments(path);
+    match (method, segments.as_slice()) {
+        ("POST", ["v2", "pipelines"]) | ("DELETE", ["v2", "pipelines", _, ..]) => Scope::Admin,
+        ("GET" | "HEAD", _) => Scope::Read,
+        ("POST", [.., "query" | "multi_query" | "explain_query"]) => Scope::Read,
+        _ => Scope::Write,
     }
-    if method == "GET"
-        || method == "HEAD"
-        || (method == "POST"
-            && (path.ends_with("/query")
-                || path.ends_with("/multi_query")
-                || path.ends_with("/explain_query")))
-    {
-        return Scope::Read;
+}
+
+/// The canonical form of a path, query string kept: what the sidecar is asked for, so that its
+/// routing agrees with [`classify`].
+pub fn canonical(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for segment in segments(path) {
+        out.push('/');
+        out.push_str(segment);
     }
-    Scope::Write
+    if out.is_empty() {
+        out.push('/');
+    }
+    if let Some((_, query)) = path.split_once('?') {
+        out.push('?');
+        out.push_str(query.split('#').next().unwrap_or_default());
+    }
+    out
+}
+
+/// The path's segments after removing empty segments (repeated or trailing slashes) and dot
+/// segments, `..` dropping the segment before it. Only literal dots count: `%2E` stays a
+/// segment, since any byte may be a document id.
+fn segments(path: &str) -> Vec<&str> {
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    let mut out = Vec::new();
+    for segment in path.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            _ => out.push(segment),
+        }
+    }
+    out
 }
 
 fn decode(segment: &str) -> String {
@@ -114,64 +125,127 @@ fn decode(segment: &str) -> String {
 mod tests {
     use super::*;
 
+    fn write(ns: &str) -> Route {
+        Route::Write { namespace: ns.into() }
+    }
+
     #[test]
     fn classifies_routes() {
-        assert_eq!(
-            classify("POST", "/v2/namespaces/ns1"),
-            Route::Write {
-                namespace: "ns1".into()
-            }
-        );
-        assert_eq!(
-            classify("POST", "/v2/namespaces/a%2Eb?stainless_overload=copyFrom"),
-            Route::Write {
-                namespace: "a.b".into()
-            }
-        );
-        assert_eq!(
-            classify("DELETE", "/v2/namespaces/ns1"),
-            Route::DeleteNamespace {
-                namespace: "ns1".into()
-            }
-        );
-        assert_eq!(classify("POST", "/v2/namespaces/ns1/query"), Route::Passthrough);
-        assert_eq!(
-            classify("GET", "/v2/namespaces/ns1/documents/7"),
-            Route::DocumentFetch
-        );
-        assert_eq!(classify("GET", "/v1/namespaces/ns1/metadata"), Route::Passthrough);
-        assert_eq!(classify("PUT", "/v2/pipelines/p/documents/d"), Route::Pipeline);
-        assert_eq!(classify("GET", "/v2/pipelines"), Route::Pipeline);
-        assert_eq!(classify("POST", "/v2/namespaces/"), Route::Passthrough);
-        assert_eq!(classify("GET", "/healthz"), Route::Other);
-        assert_eq!(classify("POST", "/v3/namespaces/x"), Route::Other);
-        assert!(Route::Write {
-            namespace: "x".into()
+        let cases = [
+            ("POST", "/v2/namespaces/ns1", write("ns1")),
+            (
+                "POST",
+                "/v2/namespaces/a%2Eb?stainless_overload=copyFrom",
+                write("a.b"),
+            ),
+            (
+                "DELETE",
+                "/v2/namespaces/ns1",
+                Route::DeleteNamespace {
+                    namespace: "ns1".into(),
+                },
+            ),
+            ("POST", "/v2/namespaces/ns1/query", Route::Passthrough),
+            ("GET", "/v2/namespaces/ns1/documents/7", Route::DocumentFetch),
+            ("GET", "/v1/namespaces/ns1/metadata", Route::Passthrough),
+            ("PUT", "/v2/pipelines/p/documents/d", Route::Pipeline),
+            ("GET", "/v2/pipelines", Route::Pipeline),
+            ("POST", "/v2/namespaces/", Route::Passthrough),
+            ("POST", "/v1/namespaces/x", Route::Passthrough),
+            // Outside the Turbopuffer API too: Envoy sends every path to Turbopuffer.
+            ("GET", "/healthz", Route::Passthrough),
+            ("POST", "/v3/namespaces/x", Route::Passthrough),
+            ("GET", "/", Route::Passthrough),
+            ("GET", "", Route::Passthrough),
+        ];
+        for (method, path, route) in cases {
+            assert_eq!(classify(method, path), route, "{method} {path}");
         }
-        .needs_body());
+        assert!(write("x").needs_body());
         assert!(!Route::Passthrough.needs_body());
-        assert!(Route::Pipeline.to_sidecar() && Route::DocumentFetch.to_sidecar());
+    }
+
+    #[test]
+    fn path_variants_classify_like_the_canonical_path() {
+        let variants = [
+            ("POST", "/v2/namespaces/x", write("x")),
+            ("POST", "/v2/namespaces/x/", write("x")),
+            ("POST", "//v2/namespaces/x", write("x")),
+            ("POST", "//v2//namespaces//x//", write("x")),
+            ("POST", "/v2/./namespaces/x/.", write("x")),
+            ("POST", "/v2/namespaces/y/../x", write("x")),
+            ("POST", "/../v2/namespaces/x", write("x")),
+            ("POST", "/v2/namespaces/x/query/..?a=b", write("x")),
+            (
+                "POST",
+                "/v2/namespaces/x/?stainless_overload=branchFrom",
+                write("x"),
+            ),
+            ("POST", "/v2/namespaces/a%2Fb/", write("a/b")),
+            (
+                "DELETE",
+                "/v2//namespaces/x/",
+                Route::DeleteNamespace {
+                    namespace: "x".into(),
+                },
+            ),
+            ("GET", "//v2/namespaces/x/documents/7/", Route::DocumentFetch),
+            ("GET", "/v2/namespaces/x/./documents//7", Route::DocumentFetch),
+            ("GET", "/v1/../v2/pipelines/", Route::Pipeline),
+            ("POST", "/v2/namespaces/x/./query", Route::Passthrough),
+            ("POST", "/v2/namespaces/x/query/", Route::Passthrough),
+            // Encoded dots are not dot segments: they may be a document id.
+            ("GET", "/v2/namespaces/x/documents/%2E%2E", Route::DocumentFetch),
+            ("POST", "/v2/namespaces/x/%2e", Route::Passthrough),
+        ];
+        for (method, path, route) in variants {
+            assert_eq!(classify(method, path), route, "{method} {path}");
+        }
     }
 
     #[test]
     fn scopes() {
-        assert_eq!(required_scope("POST", "/v2/pipelines"), Scope::Admin);
-        assert_eq!(required_scope("DELETE", "/v2/pipelines/p"), Scope::Admin);
-        assert_eq!(required_scope("GET", "/v2/pipelines/p/status"), Scope::Read);
-        assert_eq!(required_scope("POST", "/v2/namespaces/n/query"), Scope::Read);
-        assert_eq!(
-            required_scope("POST", "/v2/namespaces/n/multi_query?x=1"),
-            Scope::Read
-        );
-        assert_eq!(
-            required_scope("POST", "/v2/namespaces/n/explain_query"),
-            Scope::Read
-        );
-        assert_eq!(required_scope("POST", "/v2/namespaces/n"), Scope::Write);
-        assert_eq!(required_scope("POST", "/v2/pipelines/p/claim"), Scope::Write);
-        assert_eq!(required_scope("DELETE", "/v2/namespaces/n"), Scope::Write);
+        let cases = [
+            ("POST", "/v2/pipelines", Scope::Admin),
+            ("POST", "//v2/pipelines/", Scope::Admin),
+            ("DELETE", "/v2/pipelines/p", Scope::Admin),
+            ("DELETE", "/v2/pipelines/p/", Scope::Admin),
+            ("GET", "/v2/pipelines/p/status", Scope::Read),
+            ("HEAD", "/v2/namespaces/n", Scope::Read),
+            ("POST", "/v2/namespaces/n/query", Scope::Read),
+            ("POST", "/v2/namespaces/n/query/", Scope::Read),
+            ("POST", "/v2/namespaces/n/multi_query?x=1", Scope::Read),
+            ("POST", "/v2/namespaces/n/explain_query", Scope::Read),
+            ("POST", "/v2/namespaces/n", Scope::Write),
+            ("POST", "/v2/namespaces/n/query/..", Scope::Write),
+            ("POST", "/v2/pipelines/p/claim", Scope::Write),
+            ("DELETE", "/v2/namespaces/n", Scope::Write),
+            ("GET", "/healthz", Scope::Read),
+            ("POST", "/anything", Scope::Write),
+            ("OPTIONS", "*", Scope::Write),
+        ];
+        for (method, path, scope) in cases {
+            assert_eq!(required_scope(method, path), scope, "{method} {path}");
+        }
         assert!(Scope::Admin.allows(Scope::Read) && Scope::Admin.allows(Scope::Write));
         assert!(!Scope::Write.allows(Scope::Read) && !Scope::Read.allows(Scope::Write));
         assert!(!Scope::Write.allows(Scope::Admin));
+    }
+
+    #[test]
+    fn canonical_paths_keep_the_query_string() {
+        let cases = [
+            (
+                "/v2/pipelines/p/documents/d%201",
+                "/v2/pipelines/p/documents/d%201",
+            ),
+            ("//v2/pipelines//p/status/?x=1", "/v2/pipelines/p/status?x=1"),
+            ("/v2/pipelines/p/../q/claim", "/v2/pipelines/q/claim"),
+            ("/", "/"),
+            ("//?a", "/?a"),
+        ];
+        for (path, expected) in cases {
+            assert_eq!(canonical(path), expected, "{path}");
+        }
     }
 }

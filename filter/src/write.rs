@@ -603,4 +603,6 @@ impl Scan {
 }
 
 #[cfg(test)]
+pub(crate) mod bodies;
+#[cfg(test)]
 mod tests;

@@ -217,6 +217,8 @@ fn passthrough_routes_are_untouched_and_not_buffered() {
     }
 }
 
+const WRITE_TIMEOUT: &str = "Turbopuffer did not answer in time; the write may or may not have applied";
+
 #[test]
 fn router_replies_become_502_and_504_json() {
     let cases = [
@@ -224,18 +226,25 @@ fn router_replies_become_502_and_504_json() {
             "upstream_reset_before_response_started{remote_connection_failure}",
             502,
             "upstream_error",
+            "could not reach Turbopuffer: remote connection failure",
         ),
         (
             "upstream_reset_before_response_started{connection_failure}",
             502,
             "upstream_error",
+            "could not reach Turbopuffer: connection failure",
         ),
-        ("no_healthy_upstream", 502, "upstream_error"),
-        ("response_timeout", 504, "gateway_timeout"),
-        ("upstream_response_timeout", 504, "gateway_timeout"),
-        ("upstream_per_try_timeout", 504, "gateway_timeout"),
+        (
+            "no_healthy_upstream",
+            502,
+            "upstream_error",
+            "could not reach Turbopuffer: no healthy upstream",
+        ),
+        ("response_timeout", 504, "gateway_timeout", WRITE_TIMEOUT),
+        ("upstream_response_timeout", 504, "gateway_timeout", WRITE_TIMEOUT),
+        ("upstream_per_try_timeout", 504, "gateway_timeout", WRITE_TIMEOUT),
     ];
-    for (details, status, kind) in cases {
+    for (details, status, kind, message) in cases {
         let mut vm = vm("{}");
         let mut s = send_write(&mut vm, br#"{"deletes":[1]}"#, 100);
         s.respond(
@@ -248,10 +257,93 @@ fn router_replies_become_502_and_504_json() {
         assert_eq!(s.client_status(), Some(status), "{details}");
         assert_eq!(s.client_header("content-type"), Some("application/json"));
         let v: Value = serde_json::from_slice(s.client_body()).unwrap();
-        assert_eq!(v["error"], kind);
+        assert_eq!(v, json!({"error": kind, "message": message}), "{details}");
         assert!(s.callouts().is_empty(), "nothing is mirrored after a failure");
         assert_eq!(s.counter(&format!("hevlayer.{kind}")), 1);
     }
+}
+
+#[test]
+fn a_timeout_on_a_read_does_not_mention_a_write() {
+    for (method, path, message) in [
+        (
+            "POST",
+            "/v2/namespaces/ns/query",
+            "Turbopuffer did not answer in time",
+        ),
+        ("GET", "/v1/namespaces", "Turbopuffer did not answer in time"),
+        ("DELETE", "/v2/namespaces/ns", WRITE_TIMEOUT),
+    ] {
+        let mut vm = vm("{}");
+        let mut s = vm.stream().unwrap();
+        let headers = [
+            (":method", method),
+            (":path", path),
+            ("authorization", "Bearer k"),
+        ];
+        assert_eq!(s.request_headers(&headers, false).unwrap(), Action::Continue);
+        s.respond(
+            504,
+            &[("content-type", "text/plain")],
+            b"upstream request timeout",
+            "response_timeout",
+        )
+        .unwrap();
+        assert_eq!(s.client_status(), Some(504), "{method} {path}");
+        let v: Value = serde_json::from_slice(s.client_body()).unwrap();
+        assert_eq!(
+            v,
+            json!({"error": "gateway_timeout", "message": message}),
+            "{method} {path}"
+        );
+    }
+}
+
+#[test]
+fn a_router_reply_without_a_body_still_gets_the_json_envelope() {
+    // Envoy's cluster_not_found and route_not_found replies carry no body text.
+    let mut vm = vm("{}");
+    let mut s = vm.stream().unwrap();
+    let headers = [
+        (":method", "GET"),
+        (":path", "/v1/namespaces"),
+        ("authorization", "Bearer k"),
+    ];
+    s.request_headers(&headers, true).unwrap();
+    assert_eq!(
+        s.respond(503, &[], b"", "cluster_not_found").unwrap(),
+        Action::Pause
+    );
+    let (status, v) = reply_json(&s);
+    assert_eq!(
+        (status, v),
+        (
+            502,
+            json!({"error": "upstream_error", "message": "could not reach Turbopuffer: no upstream cluster configured"})
+        )
+    );
+    assert_eq!(s.counter("hevlayer.upstream_error"), 1);
+    drop(s);
+
+    // HEAD: Envoy sends no body whatever the reply, and none may be sent; the status and
+    // content type change alone.
+    let mut s = vm.stream().unwrap();
+    let headers = [
+        (":method", "HEAD"),
+        (":path", "/v1/namespaces"),
+        ("authorization", "Bearer k"),
+    ];
+    s.request_headers(&headers, true).unwrap();
+    let envoy = [("content-type", "text/plain"), ("content-length", "24")];
+    assert_eq!(
+        s.respond(504, &envoy, b"", "response_timeout").unwrap(),
+        Action::Continue
+    );
+    assert!(s.local_reply().is_none());
+    assert_eq!(s.client_status(), Some(504));
+    assert_eq!(s.client_header("content-type"), Some("application/json"));
+    assert_eq!(s.client_header("content-length"), None);
+    assert!(s.client_body().is_empty());
 }
 
 #[test]
@@ -375,6 +467,100 @@ fn affected_ids_are_requested_and_stripped_unless_asked_for() {
 }
 
 #[test]
+fn every_path_needs_a_key_and_keys_mode_never_forwards_it() {
+    let config = format!(
+        r#"{{"auth_mode":"keys","upstream_api_key":"tpuf_upstream","keys":[
+            {{"name":"r","sha256":"{}","scope":"read"}}]}}"#,
+        sha256_hex(b"read-key")
+    );
+    let mut vm = vm(&config);
+    // Envoy routes every path to Turbopuffer, not only /v1 and /v2.
+    for path in ["/healthz", "/", "/v3/namespaces", "//v1/../internal"] {
+        let mut s = vm.stream().unwrap();
+        let headers = [
+            (":method", "GET"),
+            (":path", path),
+            ("authorization", "Bearer read-key"),
+        ];
+        assert_eq!(s.request_headers(&headers, true).unwrap(), Action::Continue);
+        assert!(s.reached_upstream(), "{path}");
+        assert_eq!(
+            s.upstream_header("authorization"),
+            Some("Bearer tpuf_upstream"),
+            "{path}"
+        );
+        assert_eq!(s.upstream_header(":path"), Some(path));
+        drop(s);
+
+        let mut s = vm.stream().unwrap();
+        s.request_headers(&[(":method", "GET"), (":path", path)], true)
+            .unwrap();
+        assert_eq!(reply_json(&s).0, 401, "{path}");
+        assert!(!s.reached_upstream());
+    }
+    let mut s = vm.stream().unwrap();
+    let headers = [
+        (":method", "POST"),
+        (":path", "/healthz"),
+        ("authorization", "Bearer read-key"),
+    ];
+    s.request_headers(&headers, true).unwrap();
+    let (status, v) = reply_json(&s);
+    assert_eq!((status, v["required_scope"].as_str()), (403, Some("write")));
+    drop(s);
+
+    // Passthrough mode needs a bearer there too.
+    let mut passthrough = self::vm("{}");
+    let mut s = passthrough.stream().unwrap();
+    s.request_headers(&[(":method", "GET"), (":path", "/healthz")], true)
+        .unwrap();
+    assert_eq!(reply_json(&s).0, 401);
+}
+
+#[test]
+fn unnormalised_write_paths_are_validated_and_stamped_and_forwarded_as_sent() {
+    for path in [
+        "/v2/namespaces/ns/",
+        "//v2/namespaces/ns",
+        "//v2//namespaces//ns//?x=1",
+        "/v2/./namespaces/tmp/../ns",
+    ] {
+        let mut vm = vm("{}");
+        let mut s = vm.stream().unwrap();
+        let headers = [
+            (":method", "POST"),
+            (":path", path),
+            ("authorization", "Bearer k"),
+        ];
+        assert_eq!(
+            s.request_headers(&headers, false).unwrap(),
+            Action::Pause,
+            "{path}"
+        );
+        s.request_body_chunked(br#"{"upsert_rows":[{"id":1}]}"#, 5)
+            .unwrap();
+        assert!(s.reached_upstream(), "{path}");
+        assert_eq!(s.upstream_header(":path"), Some(path));
+        assert_eq!(
+            upstream_json(&s)["upsert_rows"][0]["_hevlayer_upserted_at"],
+            json!(NOW_MS),
+            "{path}"
+        );
+        s.respond(200, &[JSON], br#"{"status":"OK"}"#, "via_upstream")
+            .unwrap();
+        let msg: Value = serde_json::from_slice(&s.callouts()[0].body).unwrap();
+        assert_eq!(msg["namespace"], "ns", "{path}");
+        drop(s);
+
+        let mut s = vm.stream().unwrap();
+        s.request_headers(&headers, false).unwrap();
+        s.request_body(b"{}", true).unwrap();
+        assert_eq!(reply_json(&s).0, 422, "{path}");
+        assert!(!s.reached_upstream());
+    }
+}
+
+#[test]
 fn keys_mode_checks_scopes_and_swaps_in_the_upstream_key() {
     let config = format!(
         r#"{{"auth_mode":"keys","upstream_api_key":"tpuf_upstream","keys":[
@@ -490,6 +676,40 @@ fn pipeline_routes_are_answered_by_the_sidecar() {
         let (status, v) = reply_json(&s);
         assert_eq!((status, v["error"].as_str()), (503, Some("cache_unavailable")));
     }
+}
+
+#[test]
+fn a_relayed_turbopuffer_error_keeps_the_headers_a_client_acts_on() {
+    let mut vm = vm("{}");
+    let mut s = vm.stream().unwrap();
+    let headers = [
+        (":method", "PUT"),
+        (":path", "/v2/pipelines/p1/documents/d1/vectors"),
+        ("authorization", "Bearer k"),
+        JSON,
+    ];
+    s.request_headers(&headers, false).unwrap();
+    s.request_body(br#"{"vectors":[{"id":"c1","vector":[0.5]}]}"#, true)
+        .unwrap();
+    let token = s.callouts()[0].token;
+    // What the sidecar relays from Turbopuffer's 429 on the pipeline's write.
+    let relayed = [
+        JSON,
+        ("retry-after", "2"),
+        ("retry-after-ms", "1500"),
+        ("x-request-id", "tpuf-9f2c"),
+        ("x-should-retry", "true"),
+    ];
+    let mut answer = relayed.to_vec();
+    answer.push(("server", "sidecar"));
+    let body = br#"{"status":"error","error":"too many requests"}"#;
+    s.answer_callout(token, Some((429, &answer, body))).unwrap();
+    let reply = s.local_reply().unwrap();
+    assert_eq!((reply.status, reply.body.as_slice()), (429, body.as_slice()));
+    for (name, value) in relayed {
+        assert_eq!(reply.header(name), Some(value), "{name}");
+    }
+    assert_eq!(reply.header("server"), None);
 }
 
 #[test]
