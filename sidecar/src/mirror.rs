@@ -145,9 +145,12 @@ pub fn plan(write: &Value, response: Option<&Value>, mirror_vectors: bool) -> Re
             let patched = listed("patched_ids")?;
             let upserted: HashSet<DocId> = listed("upserted_ids")?.into_iter().collect();
             // Deleted ids (by filter or explicitly) and unconditional deletes: evicted first, as
-            // delete_by_filter runs before everything else upstream.
+            // delete_by_filter runs before everything else upstream. Under a delete_condition
+            // only the ids Turbopuffer deleted go.
             ops.extend(deleted.into_iter().map(MirrorOp::Evict));
-            ops.extend(deletes.into_iter().map(MirrorOp::Evict));
+            if !write.contains_key("delete_condition") {
+                ops.extend(deletes.into_iter().map(MirrorOp::Evict));
+            }
             if write.contains_key("patch_by_filter") {
                 ops.extend(patched.into_iter().map(MirrorOp::Evict));
             } else {
@@ -228,6 +231,18 @@ mod tests {
                 MirrorOp::Upsert(DocId::Num(2), attrs(json!({"v": 2}))),
             ]
         );
+    }
+
+    #[test]
+    fn conditional_deletes_evict_only_the_deleted_ids() {
+        let write = json!({"deletes": [1, 2], "delete_condition": ["v", "Eq", 1]});
+        let response = json!({"deleted_ids": [1]});
+        let ops = plan(&write, Some(&response), false).unwrap();
+        assert_eq!(ops, vec![MirrorOp::Evict(DocId::Num(1))]);
+        // Without a condition every listed delete goes, whatever the response lists.
+        let write = json!({"deletes": [1, 2], "upsert_condition": ["v", "Eq", 1]});
+        let ops = plan(&write, Some(&json!({})), false).unwrap();
+        assert_eq!(ops, vec![MirrorOp::Evict(DocId::Num(1)), MirrorOp::Evict(DocId::Num(2))]);
     }
 
     #[test]

@@ -1,7 +1,12 @@
 """End-to-end fixtures: the real Envoy 1.40 with the built filter, the sidecar and minifugu, all on
 loopback with free ports, every process stopped by PID at the end. Run through `make test-e2e`,
-which installs the tools and builds the filter and the sidecar first."""
+which installs the tools and builds the filter and the sidecar first.
 
+`stack`: passthrough gateways in front of minifugu and of the recording stand-in upstream.
+`keys_stack`: a `keys`-mode gateway in front of its own recorder, its sidecar behind a recording tap."""
+
+import hashlib
+import http.client
 import http.server
 import json
 import os
@@ -10,7 +15,10 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
+from types import SimpleNamespace
+from typing import NamedTuple
 
 import httpx
 import pytest
@@ -93,7 +101,10 @@ class Gateway:
             "TURBOPUFFER_URL": upstream_url,
             "FILTER_WASM": str(FILTER),
             "ACCESS_LOG": str(procs.logs / f"{name}-access.log"),
+            # Whatever the calling shell exports, a gateway is passthrough unless a test says otherwise.
             "TURBOPUFFER_API_KEY": "",
+            "AUTH_MODE": "passthrough",
+            "GATEWAY_KEYS": "",
             **env,
         }
         subprocess.run(
@@ -104,26 +115,81 @@ class Gateway:
         procs.start(name, [str(ENVOY), "-c", str(config), "--concurrency", "1", "--base-id", str(self.admin)])
         wait_until(lambda: httpx.get(f"http://127.0.0.1:{self.admin}/ready").status_code == 200, f"envoy {name}")
 
-    def counter(self, name):
-        text = httpx.get(f"http://127.0.0.1:{self.admin}/stats", params={"filter": name}).text
+    def counters(self):
+        """The filter's counters by name (`hevlayer.x`; Envoy lists them as `wasmcustom.hevlayer.x`)."""
+        text = httpx.get(f"http://127.0.0.1:{self.admin}/stats", params={"filter": r"^wasmcustom\.hevlayer\."}).text
+        found = {}
         for line in text.splitlines():
             key, _, value = line.partition(": ")
-            if key.endswith(name):
-                return int(value)
-        return 0
+            found[key.removeprefix("wasmcustom.")] = int(value)
+        return found
+
+    def counter(self, name):
+        counters = self.counters()
+        if name not in counters:
+            raise KeyError(f"Envoy shows no counter {name!r}; it has {sorted(counters)}")
+        return counters[name]
 
 
-class Recorder(http.server.ThreadingHTTPServer):
-    """A Turbopuffer stand-in that records requests and misbehaves on demand, chosen by namespace:
-    hang (never answers within the test's patience), busy (429 + retry-after), conflict (a failed
-    conditional write), anything else 200 with affected ids."""
+class Recorded(NamedTuple):
+    """One request as a stand-in server received it. `headers` keeps repeated headers
+    (`headers.get_all(name)`) and looks names up case-insensitively."""
 
+    method: str
+    path: str
+    headers: http.client.HTTPMessage
+    body: bytes
+
+
+# The stand-in Turbopuffer's answer to any request on namespace "busy": a throttle with every
+# header a client acts on (SPEC §1), so a test can check each one is relayed.
+BUSY_BODY = json.dumps({"status": "error", "error": "slow down"}).encode()
+BUSY_HEADERS = {"retry-after": "7", "retry-after-ms": "7000", "x-request-id": "up-1", "x-should-retry": "true"}
+
+
+class QuietServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
+    def handle_error(self, request, client_address):
+        # Envoy gives up on a request that hangs (route timeout) and closes the connection: the
+        # late answer then fails to write. That is the test working, not a fault.
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+
+class Recorder(QuietServer):
+    """A Turbopuffer stand-in that records requests and misbehaves on demand, chosen by namespace
+    (the path segment after `namespaces`, else the last one): hang (never answers within the
+    test's patience), busy (429 with BUSY_HEADERS), conflict (a failed conditional write). A query
+    filtering on one id answers that row; anything else 200 with affected ids."""
+
     def __init__(self):
-        self.requests = []
+        self.requests: list[Recorded] = []
         super().__init__(("127.0.0.1", 0), RecorderHandler)
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+    def since(self, mark):
+        return self.requests[mark:]
+
+
+def read_body(handler):
+    if handler.headers.get("transfer-encoding", "").lower() == "chunked":
+        data = bytearray()
+        while True:
+            size = int(handler.rfile.readline().strip().split(b";")[0], 16)
+            if size == 0:
+                handler.rfile.readline()
+                return bytes(data)
+            data += handler.rfile.read(size)
+            handler.rfile.readline()
+    return handler.rfile.read(int(handler.headers.get("content-length") or 0))
+
+
+def namespace_of(segments):
+    """The segment after `namespaces` (`/v2/namespaces/hang/query` is namespace "hang"), else the last."""
+    if "namespaces" in segments[:-1]:
+        return segments[segments.index("namespaces") + 1]
+    return segments[-1] if segments else ""
 
 
 class RecorderHandler(http.server.BaseHTTPRequestHandler):
@@ -132,20 +198,8 @@ class RecorderHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-    def _body(self):
-        if self.headers.get("transfer-encoding", "").lower() == "chunked":
-            data = bytearray()
-            while True:
-                size = int(self.rfile.readline().strip().split(b";")[0], 16)
-                if size == 0:
-                    self.rfile.readline()
-                    return bytes(data)
-                data += self.rfile.read(size)
-                self.rfile.readline()
-        return self.rfile.read(int(self.headers.get("content-length") or 0))
-
     def _send(self, status, body, headers=()):
-        payload = json.dumps(body).encode()
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json")
         for k, v in headers:
@@ -155,44 +209,143 @@ class RecorderHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
     def do_POST(self):
-        body = self._body()
-        self.server.requests.append((self.command, self.path, dict(self.headers), body))
-        ns = self.path.split("?")[0].rstrip("/").split("/")[-1]
+        body = read_body(self)
+        self.server.requests.append(Recorded(self.command, self.path, self.headers, body))
+        segments = [s for s in self.path.split("?")[0].split("/") if s]
+        ns = namespace_of(segments)
         if ns == "hang":
             time.sleep(4)
             return self._send(200, {"status": "OK"})
         if ns == "busy":
-            return self._send(429, {"status": "error", "error": "slow down"}, [("retry-after", "7"), ("x-request-id", "up-1")])
+            return self._send(429, BUSY_BODY, list(BUSY_HEADERS.items()))
         if ns == "conflict":
             return self._send(409, {"status": "error", "error": "condition failed for 1 document"})
+        if segments[-1:] == ["query"]:
+            query = json.loads(body or b"{}")
+            match query.get("filters"):
+                case ["id", "Eq", doc_id]:
+                    return self._send(200, {"rows": [{"id": doc_id, "source": "recorder"}], "billing": {}})
+            return self._send(200, {"rows": [], "billing": {}})
         return self._send(200, {"status": "OK", "message": "ok", "rows_affected": 1, "upserted_ids": [1],
                                 "deleted_ids": [2], "billing": {}})
 
     do_DELETE = do_POST
     do_GET = do_POST
+    do_PUT = do_POST
+
+
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "upgrade", "te", "trailer"}
+
+
+class SidecarTap(QuietServer):
+    """A recording reverse proxy in front of a sidecar: Envoy's callouts (pipeline routes, fetches,
+    mirrors) pass through it, so a test sees exactly what the sidecar was sent."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        self.requests: list[Recorded] = []
+        super().__init__(("127.0.0.1", 0), TapHandler)
+        self.port = self.server_address[1]
+
+
+class TapHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def _relay(self):
+        body = read_body(self)
+        self.server.requests.append(Recorded(self.command, self.path, self.headers, body))
+        conn = http.client.HTTPConnection("127.0.0.1", self.server.target_port, timeout=30)
+        try:
+            conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+            for name, value in self.headers.items():
+                if name.lower() not in HOP_BY_HOP:
+                    conn.putheader(name, value)
+            conn.putheader("content-length", str(len(body)))
+            conn.endheaders(body)
+            response = conn.getresponse()
+            data = response.read()
+        finally:
+            conn.close()
+        self.send_response_only(response.status)
+        for name, value in response.getheaders():
+            if name.lower() not in HOP_BY_HOP:
+                self.send_header(name, value)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _relay
+
+
+def start_sidecar(procs, name, port, gateway_port, **env):
+    """A sidecar on `port` that sends Turbopuffer requests through the Envoy listener on `gateway_port`."""
+    procs.start(
+        name,
+        [str(SIDECAR), "--listen", f"127.0.0.1:{port}", "--gateway-url", f"http://127.0.0.1:{gateway_port}",
+         "--log-json", "false"],
+        env=env,
+    )
+    wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200, name)
+
+
+def serve(server):
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def stop_server(server):
+    server.shutdown()
+    server.server_close()
+
+
+def raw_request(port, data: bytes, timeout=10):
+    """Sends raw bytes on a fresh connection and reads one HTTP/1.1 response whole:
+    (status, headers with lower-case names, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise AssertionError(f"connection closed before a whole response head: {received!r}")
+            received += chunk
+        head, _, body = received.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        while len(body) < length:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return status, headers, body
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
-    """minifugu + sidecar + gateway (passthrough), and a second gateway in front of the recorder."""
+    """minifugu + sidecar + gateway (passthrough), and a second gateway in front of the recorder
+    with its own sidecar (whose pipeline writes and fetch misses go through that gateway, so the
+    recorder sees them)."""
     logs = tmp_path_factory.mktemp("e2e-logs")
     procs = Processes(logs)
-    recorder = Recorder()
-    threading.Thread(target=recorder.serve_forever, daemon=True).start()
+    recorder = serve(Recorder())
     try:
-        mf_port, sc_port = free_port(), free_port()
+        mf_port, sc_port, rec_sc_port = free_port(), free_port(), free_port()
         procs.start("minifugu", [str(MINIFUGU)], env={"MINIFUGU_LISTEN": f"127.0.0.1:{mf_port}"})
         wait_until(lambda: port_open(mf_port), "minifugu")
-        gateway_port = free_port()
-        procs.start(
-            "sidecar",
-            [str(SIDECAR), "--listen", f"127.0.0.1:{sc_port}", "--gateway-url", f"http://127.0.0.1:{gateway_port}",
-             "--log-json", "false"],
-        )
-        wait_until(lambda: httpx.get(f"http://127.0.0.1:{sc_port}/healthz").status_code == 200, "sidecar")
+        gateway_port, recorded_port = free_port(), free_port()
         # The sidecar sends pipeline vectors and fetch misses through this gateway.
+        start_sidecar(procs, "sidecar", sc_port, gateway_port)
+        start_sidecar(procs, "sidecar-recorder", rec_sc_port, recorded_port)
         main = Gateway(procs, "envoy-main", f"http://127.0.0.1:{mf_port}", sc_port, port=gateway_port)
-        recorded = Gateway(procs, "envoy-recorder", recorder.url, sc_port, ROUTE_TIMEOUT="1s")
+        recorded = Gateway(procs, "envoy-recorder", recorder.url, rec_sc_port, port=recorded_port, ROUTE_TIMEOUT="1s")
         yield {
             "procs": procs,
             "main": main,
@@ -204,4 +357,49 @@ def stack(tmp_path_factory):
         }
     finally:
         procs.stop_all()
-        recorder.shutdown()
+        stop_server(recorder)
+
+
+def sha256_hex(text):
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def keys_stack(tmp_path_factory):
+    """A gateway in `keys` mode in front of the recorder, with its own sidecar behind a recording
+    tap. The callers hold one key per scope; the sidecar holds its own admin key (it reads on
+    fetch misses and writes pipeline vectors, and `write` does not imply `read`); Turbopuffer gets
+    the upstream key."""
+    run = uuid.uuid4().hex[:12]
+    keys = {scope: f"caller-{scope}-{run}" for scope in ("read", "write", "admin")}
+    sidecar_key, upstream_key = f"sidecar-admin-{run}", f"tpuf-upstream-{run}"
+    gateway_keys = ",".join(
+        [f"{scope}-caller:{sha256_hex(key)}:{scope}" for scope, key in keys.items()]
+        + [f"sidecar:{sha256_hex(sidecar_key)}:admin"]
+    )
+    logs = tmp_path_factory.mktemp("e2e-keys-logs")
+    procs = Processes(logs)
+    recorder = serve(Recorder())
+    tap = None
+    try:
+        sc_port, gateway_port = free_port(), free_port()
+        start_sidecar(procs, "sidecar-keys", sc_port, gateway_port, GATEWAY_API_KEY=sidecar_key)
+        tap = serve(SidecarTap(sc_port))
+        gateway = Gateway(
+            procs, "envoy-keys", recorder.url, tap.port, port=gateway_port,
+            AUTH_MODE="keys", GATEWAY_KEYS=gateway_keys, TURBOPUFFER_API_KEY=upstream_key,
+        )
+        yield SimpleNamespace(
+            gateway=gateway,
+            recorder=recorder,
+            tap=tap,
+            keys=keys,
+            sidecar_key=sidecar_key,
+            upstream_key=upstream_key,
+            logs=logs,
+        )
+    finally:
+        procs.stop_all()
+        stop_server(recorder)
+        if tap:
+            stop_server(tap)

@@ -75,6 +75,74 @@ def test_filter_writes_affect_only_returned_ids_and_hide_ids_not_asked_for(stack
     assert refetched.json()["attributes"]["k"] == "z"
 
 
+def cached(stack, namespace, doc_id):
+    """(x-layer-cache, attributes without the stamp) of a fetch, or (None, status) when it is not 200."""
+    r = fetch(stack, namespace, doc_id)
+    if r.status_code != 200:
+        return None, r.status_code
+    attrs = dict(r.json()["attributes"])
+    assert isinstance(attrs.pop("_hevlayer_upserted_at", 0), int)
+    return r.headers["x-layer-cache"], attrs
+
+
+def test_conditional_writes_affect_only_the_ids_turbopuffer_returns(stack):
+    """minifugu 0.2.1 applies plain conditions (not `$ref_new`) and, with return_affected_ids,
+    lists the ids it changed; a missing document is upserted whatever the condition."""
+    name, main = ns(), stack["main"]
+    write(stack, name, {"upsert_rows": [{"id": 1, "v": 1, "k": "a"}, {"id": 2, "v": 5, "k": "b"}, {"id": 3, "v": 1, "k": "c"}]})
+    # Written behind the gateway's back: Turbopuffer has it, the cache does not.
+    r = httpx.post(f"{stack['minifugu']}/v2/namespaces/{name}", headers=AUTH, json={"upsert_rows": [{"id": 5, "v": 9, "k": "d"}]})
+    assert r.status_code == 200, r.text
+    stripped = main.counter("hevlayer.affected_ids_stripped")
+
+    # Upsert where v < 3: id 1 (v=1) and the new id 4 apply; id 2 (v=5) and id 5 (v=9) do not.
+    r = write(stack, name, {"upsert_rows": [{"id": i, "v": 2, "k": "new"} for i in (1, 2, 4, 5)], "upsert_condition": ["v", "Lt", 3]})
+    body = r.json()
+    assert body["rows_affected"] == 2
+    assert not {"upserted_ids", "patched_ids", "deleted_ids"} & body.keys(), "the client did not ask for ids"
+    assert main.counter("hevlayer.affected_ids_stripped") == stripped + 1, "the gateway asked for them and removed them"
+    assert cached(stack, name, 1) == ("hit", {"v": 2, "k": "new"})
+    assert cached(stack, name, 4) == ("hit", {"v": 2, "k": "new"})
+    assert cached(stack, name, 2) == ("hit", {"v": 5, "k": "b"}), "a failed condition leaves the cached document alone"
+    # Not cached, and the write did not apply to it: no phantom document, read from Turbopuffer.
+    assert cached(stack, name, 5) == ("miss", {"v": 9, "k": "d"})
+
+    # Patch where v > 1 (now 1: v=2, 2: v=5, 3: v=1), asking for the ids.
+    r = write(stack, name, {"patch_rows": [{"id": i, "k": "patched"} for i in (1, 2, 3)], "patch_condition": ["v", "Gt", 1],
+                            "return_affected_ids": True})
+    body = r.json()
+    assert sorted(body["patched_ids"]) == [1, 2]
+    assert cached(stack, name, 1) == ("hit", {"v": 2, "k": "patched"})
+    assert cached(stack, name, 2) == ("hit", {"v": 5, "k": "patched"})
+    assert cached(stack, name, 3) == ("hit", {"v": 1, "k": "c"})
+
+    # What Turbopuffer holds agrees with the cache.
+    rows = httpx.post(f"{stack['minifugu']}/v2/namespaces/{name}/query", headers=AUTH,
+                      json={"rank_by": ["id", "asc"], "top_k": 10, "include_attributes": ["v", "k"]}).json()["rows"]
+    assert {r["id"]: (r["v"], r["k"]) for r in rows} == {1: (2, "patched"), 2: (5, "patched"), 3: (1, "c"), 4: (2, "new"), 5: (9, "d")}
+
+
+def test_conditional_deletes_evict_only_the_ids_turbopuffer_deleted(stack):
+    name = ns()
+    write(stack, name, {"upsert_rows": [{"id": 1, "v": 1}, {"id": 2, "v": 2}, {"id": 3, "v": 1}, {"id": 4, "v": 2}]})
+    # Delete where v == 1: of ids 1 and 2 only 1 goes; no ids asked for, none shown.
+    r = write(stack, name, {"deletes": [1, 2], "delete_condition": ["v", "Eq", 1]})
+    body = r.json()
+    assert body["rows_affected"] == 1
+    assert "deleted_ids" not in body
+    assert cached(stack, name, 1) == (None, 404)
+    # SPEC 2.5: effects apply only to the ids Turbopuffer returns, so id 2 stays cached.
+    assert cached(stack, name, 2) == ("hit", {"v": 2})
+    # Asked for, the ids are relayed as Turbopuffer sent them.
+    r = write(stack, name, {"deletes": [3, 4], "delete_condition": ["v", "Eq", 2], "return_affected_ids": True})
+    assert r.json()["deleted_ids"] == [4]
+    assert cached(stack, name, 4) == (None, 404)
+    assert cached(stack, name, 3) == ("hit", {"v": 1})
+    rows = httpx.post(f"{stack['minifugu']}/v2/namespaces/{name}/query", headers=AUTH,
+                      json={"rank_by": ["id", "asc"], "top_k": 10, "include_attributes": ["v"]}).json()["rows"]
+    assert {r["id"]: r["v"] for r in rows} == {2: 2, 3: 1}
+
+
 def test_namespace_delete_purges_the_cache(stack):
     name = ns()
     write(stack, name, {"upsert_rows": [{"id": 1, "t": "x"}]})

@@ -1,9 +1,16 @@
 """Upstream faults: refused connections, an upstream that never answers, throttling and failed
 conditional writes."""
 
-import httpx
+import json
+import uuid
 
-from conftest import AUTH, Gateway, free_port
+import httpx
+import pytest
+
+from conftest import AUTH, BUSY_BODY, BUSY_HEADERS, Gateway, free_port
+
+WRITE_TIMEOUT = "Turbopuffer did not answer in time; the write may or may not have applied"
+READ_TIMEOUT = "Turbopuffer did not answer in time"
 
 
 def test_connection_refused_is_502_upstream_error(stack):
@@ -20,17 +27,73 @@ def test_connection_refused_is_502_upstream_error(stack):
         stack["procs"].stop("envoy-dead")
 
 
-def test_an_upstream_that_never_answers_is_504(stack):
-    r = httpx.post(f"{stack['recorded'].url}/v2/namespaces/hang", headers=AUTH, json={"deletes": [1]}, timeout=10)
+# (method, path, body, message): the recorder's "hang" namespace never answers within the
+# recorded gateway's 1 s route timeout.
+TIMEOUTS = [
+    ("POST", "/v2/namespaces/hang", {"deletes": [1]}, WRITE_TIMEOUT),
+    ("POST", "/v2/namespaces/hang", {"upsert_rows": [{"id": 1, "t": "x"}]}, WRITE_TIMEOUT),
+    ("DELETE", "/v2/namespaces/hang", None, WRITE_TIMEOUT),
+    ("POST", "/v2/namespaces/hang/query", {"rank_by": ["id", "asc"], "top_k": 1}, READ_TIMEOUT),
+    ("GET", "/v1/namespaces/hang/metadata", None, READ_TIMEOUT),
+]
+
+
+@pytest.mark.parametrize("method,path,body,message", TIMEOUTS, ids=[f"{m} {p}" for m, p, _, _ in TIMEOUTS])
+def test_an_upstream_that_never_answers_is_504(stack, method, path, body, message):
+    recorded = stack["recorded"]
+    before = recorded.counter("hevlayer.gateway_timeout")
+    r = httpx.request(method, f"{recorded.url}{path}", headers=AUTH, json=body, timeout=10)
     assert r.status_code == 504
-    assert r.json()["error"] == "gateway_timeout"
+    assert r.headers["content-type"] == "application/json"
+    assert r.json() == {"error": "gateway_timeout", "message": message}
+    assert recorded.counter("hevlayer.gateway_timeout") == before + 1
 
 
-def test_429_is_relayed_with_its_headers(stack):
-    r = httpx.post(f"{stack['recorded'].url}/v2/namespaces/busy", headers=AUTH, json={"deletes": [1]})
+def assert_relayed_429(r):
     assert r.status_code == 429
-    assert r.headers["retry-after"] == "7"
-    assert r.json() == {"status": "error", "error": "slow down"}
+    assert r.content == BUSY_BODY, "the body is relayed verbatim"
+    assert r.headers["content-type"] == "application/json"
+    for name, value in BUSY_HEADERS.items():
+        assert r.headers.get(name) == value, name
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v2/namespaces/busy", {"deletes": [1]}),
+    ("/v2/namespaces/busy", {"upsert_rows": [{"id": 1, "t": "x"}]}),
+    ("/v2/namespaces/busy/query", {"rank_by": ["id", "asc"], "top_k": 1}),
+])
+def test_429_is_relayed_with_its_headers(stack, path, body):
+    r = httpx.post(f"{stack['recorded'].url}{path}", headers=AUTH, json=body)
+    assert_relayed_429(r)
+
+
+def test_a_failed_pipeline_vectors_write_relays_the_429_and_keeps_the_stage(stack):
+    """The sidecar answers PUT .../vectors: its write to the target namespace goes through the
+    gateway to the recorder, whose "busy" namespace throttles it."""
+    gw, recorder = stack["recorded"].url, stack["recorder"]
+    pid = f"pb-{uuid.uuid4().hex[:8]}"
+    r = httpx.post(f"{gw}/v2/pipelines", headers=AUTH, json={"id": pid, "target_namespace": "busy"})
+    assert r.status_code in (200, 201), r.text
+    r = httpx.put(f"{gw}/v2/pipelines/{pid}/documents/d1", headers=AUTH, json={"chunks": [{"id": "c1", "text": "t"}]})
+    assert r.status_code == 200, r.text
+    assert httpx.post(f"{gw}/v2/pipelines/{pid}/claim", headers=AUTH, json={"worker_id": "w"}).json()["documents"] == ["d1"]
+    mark = len(recorder.requests)
+    r = httpx.put(f"{gw}/v2/pipelines/{pid}/documents/d1/vectors", headers=AUTH,
+                  json={"vectors": [{"id": "c1", "vector": [0.1, 0.2]}]})
+    assert_relayed_429(r)
+    # The write did go upstream, stamped, through the write path.
+    received = recorder.since(mark)
+    assert [(q.method, q.path) for q in received] == [("POST", "/v2/namespaces/busy")]
+    row = json.loads(received[0].body)["upsert_rows"][0]
+    assert row["id"] == "c1" and isinstance(row["_hevlayer_upserted_at"], int)
+    # The document stays claimed: not indexed, still leased to its worker.
+    status = httpx.get(f"{gw}/v2/pipelines/{pid}/status", headers=AUTH).json()
+    assert status["counts"].get("embedding") == 1 and status["counts"].get("indexed", 0) == 0, status
+    assert status["status"] == "waiting_on_upstream"
+    beat = httpx.post(f"{gw}/v2/pipelines/{pid}/documents/heartbeat", headers=AUTH,
+                      json={"worker_id": "w", "document_ids": ["d1"]}).json()
+    assert beat["updated"] == 1
+    httpx.delete(f"{gw}/v2/pipelines/{pid}", headers=AUTH).raise_for_status()
 
 
 def test_a_failed_conditional_write_is_relayed_verbatim(stack):
@@ -38,5 +101,5 @@ def test_a_failed_conditional_write_is_relayed_verbatim(stack):
     r = httpx.post(f"{stack['recorded'].url}/v2/namespaces/conflict", headers=AUTH, json=body)
     assert r.status_code == 409
     assert r.json() == {"status": "error", "error": "condition failed for 1 document"}
-    sent = stack["recorder"].requests[-1][3]
+    sent = stack["recorder"].requests[-1].body
     assert b'"return_affected_ids":true' in sent

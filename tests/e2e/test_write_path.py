@@ -12,7 +12,7 @@ import h2.events
 import httpx
 import pytest
 
-from conftest import AUTH
+from conftest import AUTH, raw_request
 
 
 def ns():
@@ -77,27 +77,24 @@ def test_rejections_are_answered_by_the_gateway_alone(stack, body, message):
     assert len(recorder.requests) == seen, "the upstream must receive nothing"
 
 
-def raw_http1(port, head: bytes, body: bytes = b""):
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(head + body)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        status = int(data.split(b" ", 2)[1])
-        return status, data
-
-
 def test_413_from_content_length_before_any_body(stack):
+    """Only the head is sent, announcing 300 MB (over the 256 MiB default limit): the filter answers
+    at once, from content-length, and nothing reaches the upstream."""
+    recorded, recorder = stack["recorded"], stack["recorder"]
+    mark, before = len(recorder.requests), recorded.counter("hevlayer.payload_too_large")
     head = (
         f"POST /v2/namespaces/{ns()} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer e2e-key\r\n"
         "content-type: application/json\r\ncontent-length: 300000000\r\n\r\n"
     ).encode()
-    status, data = raw_http1(stack["main"].port, head)
+    status, headers, body = raw_request(recorded.port, head)
     assert status == 413
-    assert b'"payload_too_large"' in data or b"payload_too_large" in data + b""
+    assert headers["content-type"] == "application/json"
+    assert json.loads(body) == {
+        "error": "payload_too_large",
+        "message": "request body exceeds the gateway limit of 268435456 bytes",
+    }
+    assert recorded.counter("hevlayer.payload_too_large") == before + 1, "the filter answered, not Envoy"
+    assert recorder.since(mark) == [], "the upstream must receive nothing"
 
 
 def test_413_from_the_running_size(stack, tmp_path):
@@ -111,9 +108,13 @@ def test_413_from_the_running_size(stack, tmp_path):
                 yield b"x" * 4096
             yield b'"}]}'
 
+        mark = len(stack["recorder"].requests)
         r = httpx.post(f"{small.url}/v2/namespaces/{ns()}", headers=AUTH, content=chunks())
         assert r.status_code == 413
-        assert r.json()["error"] == "payload_too_large"
+        assert r.headers["content-type"] == "application/json"
+        assert r.json() == {"error": "payload_too_large", "message": "request body exceeds the gateway limit of 65536 bytes"}
+        assert small.counter("hevlayer.payload_too_large") == 1
+        assert stack["recorder"].since(mark) == [], "the upstream must receive nothing"
     finally:
         stack["procs"].stop("envoy-small")
 
@@ -189,7 +190,7 @@ def test_a_50_mb_write_is_accepted(stack):
     assert len(body) > 50_000_000
     r = httpx.post(f"{stack['recorded'].url}/v2/namespaces/{ns()}", headers=AUTH, content=body, timeout=60)
     assert r.status_code == 200, r.text[:300]
-    method, path, headers, received = recorder.requests[-1]
+    received = recorder.requests[-1].body
     assert len(received) > len(body)
     assert received.count(b'"_hevlayer_upserted_at":') == 6200
 
@@ -213,4 +214,5 @@ def test_passthrough_routes_are_untouched(stack):
 def test_missing_bearer_is_401_json(stack):
     r = httpx.post(f"{stack['main'].url}/v2/namespaces/{ns()}/query", json={})
     assert r.status_code == 401
-    assert r.json()["error"] == "unauthorized"
+    assert r.headers["content-type"] == "application/json"
+    assert r.json() == {"error": "unauthorized", "message": "missing or malformed Authorization: Bearer header"}
