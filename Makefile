@@ -118,6 +118,7 @@ TEST_EXTRA += test-envoy-config test-e2e
 
 .PHONY: bench-gateway
 bench-gateway: tools wasm sidecar
+	cargo build --release --target $(WASM_TARGET) -p hevlayer-empty-filter
 	cargo run --release -p hevlayer-tests --bin gateway-bench
 
 BENCH_EXTRA += bench-gateway
