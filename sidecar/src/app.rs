@@ -51,19 +51,39 @@ pub struct AppState {
 pub type SharedState = Arc<AppState>;
 
 impl AppState {
-    /// Runs one cache operation under the per-operation timeout and records it.
-    pub async fn cache_op<T>(
-        &self,
-        op: &'static str,
-        fut: impl Future<Output = CacheResult<T>>,
-    ) -> Result<T, ApiError> {
+    /// Runs one cache operation under the per-operation timeout and records it. `f` gets the
+    /// cache and returns the operation.
+    ///
+    /// A backend whose operations are several commands (`detach_ops`: Aerospike) runs each in its
+    /// own task: when the timeout fires, or the client goes away, the caller stops waiting (503)
+    /// but the operation still finishes, so it is never cut between two of its commands.
+    pub async fn cache_op<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<dyn DocumentCache>) -> Fut,
+        Fut: Future<Output = CacheResult<T>> + Send + 'static,
+    {
         let started = Instant::now();
-        let result = match tokio::time::timeout(self.cache_timeout, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(CacheError::Unavailable(format!(
+        let timed_out = || {
+            CacheError::Unavailable(format!(
                 "{op} timed out after {} ms",
                 self.cache_timeout.as_millis()
-            ))),
+            ))
+        };
+        let fut = f(self.cache.clone());
+        let result = if self.cache.detach_ops() {
+            let mut task = tokio::spawn(fut);
+            match tokio::time::timeout(self.cache_timeout, &mut task).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(join)) => Err(CacheError::Unavailable(format!("{op} failed: {join}"))),
+                // Dropping the handle leaves the task running to completion.
+                Err(_) => Err(timed_out()),
+            }
+        } else {
+            match tokio::time::timeout(self.cache_timeout, fut).await {
+                Ok(r) => r,
+                Err(_) => Err(timed_out()),
+            }
         };
         let label = match &result {
             Ok(_) | Err(CacheError::PipelineNotFound(_) | CacheError::PipelineExists(_)) => "ok",
@@ -175,12 +195,16 @@ async fn metrics(State(state): State<SharedState>) -> Response {
     let now = state.clock.now_ms();
     let mut stages = Vec::new();
     if let Ok(pipelines) = state
-        .cache_op("list_pipelines", state.cache.list_pipelines())
+        .cache_op("list_pipelines", |c| async move { c.list_pipelines().await })
         .await
     {
         for p in pipelines {
+            let id = p.id.clone();
             if let Ok(counts) = state
-                .cache_op("stage_counts", state.cache.stage_counts(&p.id, now))
+                .cache_op(
+                    "stage_counts",
+                    move |c| async move { c.stage_counts(&id, now).await },
+                )
                 .await
             {
                 stages.extend(
@@ -250,7 +274,10 @@ async fn apply_mirror(
     let mut lane_of: std::collections::HashMap<crate::cache::DocId, usize> = std::collections::HashMap::new();
     for op in ops {
         let id = match &op {
-            MirrorOp::Upsert(id, _) | MirrorOp::Patch(id, _) | MirrorOp::Evict(id) => id.clone(),
+            MirrorOp::Upsert(id, _)
+            | MirrorOp::Patch(id, _)
+            | MirrorOp::Evict(id)
+            | MirrorOp::Invalidate(id) => id.clone(),
         };
         let next = lane_of.len() % MIRROR_LANES;
         let lane = *lane_of.entry(id).or_insert(next);
@@ -267,24 +294,30 @@ async fn apply_mirror(
             let mut failed_ids = std::collections::HashSet::new();
             for op in lane {
                 let (id, result) = match op {
+                    MirrorOp::Upsert(id, attrs) | MirrorOp::Patch(id, attrs) if failed_ids.contains(&id) => {
+                        drop(attrs);
+                        continue;
+                    }
                     MirrorOp::Upsert(id, attrs) => {
-                        if failed_ids.contains(&id) {
-                            continue;
-                        }
-                        let fut = state.cache.upsert_document(&namespace, &id, attrs, upserted_at);
-                        let r = state.cache_op("upsert_document", fut).await;
+                        let r = mirror_op(&state, "upsert_document", &namespace, &id, move |c, ns, id| async move {
+                            c.upsert_document(&ns, &id, attrs, upserted_at).await
+                        })
+                        .await;
                         (id, r)
                     }
                     MirrorOp::Patch(id, attrs) => {
-                        if failed_ids.contains(&id) {
-                            continue;
-                        }
-                        let fut = state.cache.patch_document(&namespace, &id, attrs, upserted_at);
-                        let r = state.cache_op("patch_document", fut).await;
+                        let r = mirror_op(&state, "patch_document", &namespace, &id, move |c, ns, id| async move {
+                            c.patch_document(&ns, &id, attrs, upserted_at).await
+                        })
+                        .await;
                         (id, r)
                     }
                     MirrorOp::Evict(id) => {
-                        let r = state.cache_op("evict_document", state.cache.evict_document(&namespace, &id)).await;
+                        let r = evict(&state, &namespace, &id, upserted_at).await;
+                        (id, r)
+                    }
+                    MirrorOp::Invalidate(id) => {
+                        let r = evict(&state, &namespace, &id, upserted_at.saturating_sub(1)).await;
                         (id, r)
                     }
                 };
@@ -292,9 +325,9 @@ async fn apply_mirror(
                     Ok(true) => applied += 1,
                     Ok(false) => {}
                     Err(err) => {
-                        // Leave no stale copy behind what Turbopuffer now holds.
-                        let _ =
-                            state.cache_op("evict_document", state.cache.evict_document(&namespace, &id)).await;
+                        // Leave no stale copy behind what Turbopuffer now holds (copies older than
+                        // this write are refused; this write's own state may be cached again).
+                        let _ = evict(&state, &namespace, &id, upserted_at.saturating_sub(1)).await;
                         tracing::warn!(namespace = %namespace, error = %err.message, "mirror failed for a document");
                         failed_ids.insert(id);
                         failure.get_or_insert(err);
@@ -326,12 +359,48 @@ async fn apply_mirror(
     (applied, failure)
 }
 
+/// One mirror op on `id` of `namespace` through `cache_op`.
+async fn mirror_op<F, Fut>(
+    state: &SharedState,
+    op: &'static str,
+    namespace: &Arc<String>,
+    id: &crate::cache::DocId,
+    f: F,
+) -> Result<bool, ApiError>
+where
+    F: FnOnce(Arc<dyn DocumentCache>, Arc<String>, crate::cache::DocId) -> Fut,
+    Fut: Future<Output = CacheResult<bool>> + Send + 'static,
+{
+    let (ns, id) = (namespace.clone(), id.clone());
+    state.cache_op(op, move |c| f(c, ns, id)).await
+}
+
+/// Evicts `id`, refusing copies stamped up to `refuse_up_to`.
+async fn evict(
+    state: &SharedState,
+    namespace: &Arc<String>,
+    id: &crate::cache::DocId,
+    refuse_up_to: u64,
+) -> Result<bool, ApiError> {
+    mirror_op(
+        state,
+        "evict_document",
+        namespace,
+        id,
+        move |c, ns, id| async move { c.evict_document(&ns, &id, refuse_up_to).await },
+    )
+    .await
+}
+
 async fn purge(
     State(state): State<SharedState>,
     JsonBody(req): JsonBody<PurgeRequest>,
 ) -> Result<Response, ApiError> {
+    let namespace = req.namespace.clone();
     let result = state
-        .cache_op("purge_namespace", state.cache.purge_namespace(&req.namespace))
+        .cache_op("purge_namespace", move |c| async move {
+            c.purge_namespace(&namespace).await
+        })
         .await;
     state
         .metrics

@@ -44,8 +44,12 @@ pub async fn fetch(
 
     let mut cache_failed = false;
     for id in &ids {
+        let (ns, key) = (namespace.clone(), id.clone());
         match state
-            .cache_op("get_document", state.cache.get_document(&namespace, id))
+            .cache_op(
+                "get_document",
+                move |c| async move { c.get_document(&ns, &key).await },
+            )
             .await
         {
             Ok(Some(doc)) => {
@@ -130,13 +134,13 @@ pub async fn fetch(
         .and_then(Value::as_u64)
         .unwrap_or(0);
     if !cache_failed {
+        // Create-only, and refused by a tombstone of an eviction at least as new as this copy:
+        // a delete mirrored while this fetch was in flight is not undone.
+        let (ns, key, attrs) = (namespace.clone(), id.clone(), attributes.clone());
         let backfill = state
-            .cache_op(
-                "upsert_document",
-                state
-                    .cache
-                    .upsert_document(&namespace, &id, attributes.clone(), upserted_at),
-            )
+            .cache_op("backfill_document", move |c| async move {
+                c.backfill_document(&ns, &key, attrs, upserted_at).await
+            })
             .await;
         if let Err(err) = backfill {
             tracing::warn!(namespace = %namespace, error = %err.message, "cache backfill failed");

@@ -41,6 +41,7 @@ pub fn cache_backend(config: &Config) -> Arc<dyn DocumentCache> {
             set_prefix: config.set_prefix.clone(),
             pipeline_set_prefix: config.pipeline_set_prefix.clone(),
             op_timeout: config.cache_op_timeout(),
+            breaker_open_for: crate::cache::aerospike::BREAKER_OPEN_FOR,
         }),
         None => Arc::new(EmbeddedCache::new(config.embedded_cache_bytes)),
     }

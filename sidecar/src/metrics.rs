@@ -115,7 +115,7 @@ impl Metrics {
                 h.count
             );
         }
-        out.push_str("# HELP hevlayer_sidecar_mirror_total Mirror, purge and document-fetch outcomes.\n");
+        out.push_str("# HELP hevlayer_sidecar_mirror_total Mirror, purge, document-fetch and vectors stage-move outcomes.\n");
         out.push_str("# TYPE hevlayer_sidecar_mirror_total counter\n");
         for ((kind, result), n) in &inner.mirror {
             let _ = writeln!(

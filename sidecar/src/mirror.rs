@@ -16,8 +16,11 @@ pub enum MirrorOp {
     Upsert(DocId, Attributes),
     /// Merge into the cached document if it is cached (and not newer).
     Patch(DocId, Attributes),
-    /// Drop the cached document.
+    /// Drop the cached document: it was deleted (a tombstone refuses copies up to this write).
     Evict(DocId),
+    /// Drop the cached document: it changed upstream in a way the mirror cannot replay
+    /// (`patch_by_filter`); copies older than this write are refused.
+    Invalidate(DocId),
 }
 
 /// The attribute holding a document's vector; cached only with `mirror_vectors`.
@@ -152,7 +155,7 @@ pub fn plan(write: &Value, response: Option<&Value>, mirror_vectors: bool) -> Re
                 ops.extend(deletes.into_iter().map(MirrorOp::Evict));
             }
             if write.contains_key("patch_by_filter") {
-                ops.extend(patched.into_iter().map(MirrorOp::Evict));
+                ops.extend(patched.into_iter().map(MirrorOp::Invalidate));
             } else {
                 let patched: HashSet<DocId> = patched.into_iter().collect();
                 ops.extend(
@@ -242,7 +245,10 @@ mod tests {
         // Without a condition every listed delete goes, whatever the response lists.
         let write = json!({"deletes": [1, 2], "upsert_condition": ["v", "Eq", 1]});
         let ops = plan(&write, Some(&json!({})), false).unwrap();
-        assert_eq!(ops, vec![MirrorOp::Evict(DocId::Num(1)), MirrorOp::Evict(DocId::Num(2))]);
+        assert_eq!(
+            ops,
+            vec![MirrorOp::Evict(DocId::Num(1)), MirrorOp::Evict(DocId::Num(2))]
+        );
     }
 
     #[test]
@@ -259,7 +265,7 @@ mod tests {
             vec![
                 MirrorOp::Evict(DocId::Num(9)),
                 MirrorOp::Evict(DocId::Num(8)),
-                MirrorOp::Evict(DocId::Str("p".into())),
+                MirrorOp::Invalidate(DocId::Str("p".into())),
                 MirrorOp::Upsert(DocId::Num(9), attrs(json!({"a": 1}))),
             ]
         );

@@ -152,7 +152,10 @@ pub fn rfc3339(ms: u64) -> String {
 async fn require_pipeline(state: &SharedState, id: &str) -> Result<PipelineMeta, ApiError> {
     check_id("pipeline id", id)?;
     state
-        .cache_op("get_pipeline", state.cache.get_pipeline(id))
+        .cache_op("get_pipeline", |c| {
+            let id = id.to_owned();
+            async move { c.get_pipeline(&id).await }
+        })
         .await?
         .ok_or_else(|| ApiError::pipeline_not_found(id))
 }
@@ -183,7 +186,10 @@ pub async fn create(
         created_at: rfc3339(crate::cache::now_ms()),
     };
     state
-        .cache_op("create_pipeline", state.cache.create_pipeline(meta.clone()))
+        .cache_op("create_pipeline", |c| {
+            let meta = meta.clone();
+            async move { c.create_pipeline(meta).await }
+        })
         .await?;
     tracing::info!(pipeline = %meta.id, target = %meta.target_namespace, "pipeline created");
     Ok(json_response(StatusCode::CREATED, &meta))
@@ -191,7 +197,7 @@ pub async fn create(
 
 pub async fn list(State(state): State<SharedState>) -> Result<Response, ApiError> {
     let pipelines = state
-        .cache_op("list_pipelines", state.cache.list_pipelines())
+        .cache_op("list_pipelines", |c| async move { c.list_pipelines().await })
         .await?;
     Ok(json_response(StatusCode::OK, &json!({ "pipelines": pipelines })))
 }
@@ -202,7 +208,10 @@ pub async fn delete(
 ) -> Result<Response, ApiError> {
     check_id("pipeline id", &id)?;
     if !state
-        .cache_op("delete_pipeline", state.cache.delete_pipeline(&id))
+        .cache_op("delete_pipeline", |c| {
+            let id = id.clone();
+            async move { c.delete_pipeline(&id).await }
+        })
         .await?
     {
         return Err(ApiError::pipeline_not_found(&id));
@@ -221,7 +230,10 @@ pub async fn status(
     check_id("pipeline id", &id)?;
     let now = state.clock.now_ms();
     let counts = state
-        .cache_op("stage_counts", state.cache.stage_counts(&id, now))
+        .cache_op("stage_counts", |c| {
+            let id = id.clone();
+            async move { c.stage_counts(&id, now).await }
+        })
         .await?;
     let pending = counts.counts.get(STAGE_PENDING).copied().unwrap_or(0);
     let failed = counts.counts.get(STAGE_FAILED).copied().unwrap_or(0);
@@ -303,10 +315,10 @@ async fn stage_document(
     let chunks_json = Bytes::from(chunks_json);
     let now = state.clock.now_ms();
     state
-        .cache_op(
-            "stage_document",
-            state.cache.stage_document(pipeline, document, chunks_json, now),
-        )
+        .cache_op("stage_document", |c| {
+            let (pipeline, document) = (pipeline.to_owned(), document.to_owned());
+            async move { c.stage_document(&pipeline, &document, chunks_json, now).await }
+        })
         .await?;
     let chunk_ids: Vec<&str> = req.chunks.iter().map(|c| c.id.as_str()).collect();
     Ok(json_response(
@@ -328,7 +340,10 @@ pub async fn chunks(
     check_id("pipeline id", &pipeline)?;
     check_id("document id", &document)?;
     match state
-        .cache_op("get_chunks", state.cache.get_chunks(&pipeline, &document))
+        .cache_op("get_chunks", |c| {
+            let (pipeline, document) = (pipeline.clone(), document.clone());
+            async move { c.get_chunks(&pipeline, &document).await }
+        })
         .await?
     {
         Some(json) => Ok(raw_json_response(StatusCode::OK, json.to_vec())),
@@ -402,17 +417,17 @@ pub async fn vectors(
     let meta = require_pipeline(&state, &pipeline).await?;
     let rows = vector_rows(req.vectors)?;
     let now = state.clock.now_ms();
-    let stage = state
-        .cache_op(
-            "document_stage",
-            state.cache.document_stage(&pipeline, &document, now),
-        )
+    let doc = state
+        .cache_op("document_stage", |c| {
+            let (pipeline, document) = (pipeline.clone(), document.clone());
+            async move { c.document_stage(&pipeline, &document, now).await }
+        })
         .await?;
-    if stage.is_none() {
+    let Some(doc) = doc else {
         return Err(ApiError::not_found(format!(
             "document '{document}' is not staged in pipeline '{pipeline}'"
         )));
-    }
+    };
     let authorization = state.gateway.authorization(headers.get("authorization"))?;
     let count = rows.len();
     let write = json!({ "upsert_rows": rows, "distance_metric": meta.distance_metric });
@@ -426,29 +441,87 @@ pub async fn vectors(
         tracing::info!(pipeline = %pipeline, status = upstream.status.as_u16(), "vectors write rejected upstream");
         return Ok(upstream.relay());
     }
-    let args = SetStageArgs {
-        document_ids: vec![document.clone()],
-        stage: STAGE_INDEXED.to_owned(),
-        from_stage: None,
-        worker_id: None,
-        create_missing: false,
-        now_ms: state.clock.now_ms(),
-    };
-    state
-        .cache_op("set_stage", state.cache.set_stage(&pipeline, &args))
-        .await?;
+    // The vectors are written: from here on the answer is the upstream's success, whatever
+    // happens to the stage move.
+    let indexed = mark_indexed(&state, &pipeline, &document, doc.version).await;
     let rows_affected = serde_json::from_slice::<Value>(&upstream.body)
         .ok()
         .and_then(|v| v.get("rows_affected").and_then(Value::as_u64))
         .unwrap_or(count as u64);
+    let target = &meta.target_namespace;
+    let message = match &indexed {
+        Indexed::Yes => format!("wrote {count} vectors to namespace '{target}'; document '{document}' is indexed"),
+        Indexed::Restaged => format!(
+            "wrote {count} vectors to namespace '{target}'; document '{document}' was re-staged meanwhile and keeps its stage"
+        ),
+        Indexed::Failed(err) => format!(
+            "wrote {count} vectors to namespace '{target}'; marking document '{document}' indexed failed ({err}): set its stage to indexed again"
+        ),
+    };
     Ok(json_response(
         StatusCode::OK,
         &json!({
             "status": "OK",
-            "message": format!("wrote {count} vectors to namespace '{}'; document '{document}' is indexed", meta.target_namespace),
+            "message": message,
             "rows_affected": rows_affected,
+            "indexed": matches!(indexed, Indexed::Yes),
         }),
     ))
+}
+
+/// What became of the stage move after a successful vectors write.
+enum Indexed {
+    Yes,
+    /// The document was re-staged (new chunks) after it was read: these vectors are not its
+    /// current content, so it stays where it is.
+    Restaged,
+    Failed(String),
+}
+
+/// Moves the document to `indexed` if its content is still `version`; one retry on a cache
+/// failure. Outcomes are counted (`vectors_index`) and failures logged.
+async fn mark_indexed(state: &SharedState, pipeline: &str, document: &str, version: u64) -> Indexed {
+    let mut last = String::new();
+    for attempt in 0..2 {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let args = SetStageArgs {
+            document_ids: vec![document.to_owned()],
+            stage: STAGE_INDEXED.to_owned(),
+            from_stage: None,
+            worker_id: None,
+            create_missing: false,
+            only_version: Some(version),
+            now_ms: state.clock.now_ms(),
+        };
+        let pipeline_id = pipeline.to_owned();
+        let result = state
+            .cache_op(
+                "set_stage",
+                |c| async move { c.set_stage(&pipeline_id, &args).await },
+            )
+            .await;
+        match result {
+            Ok(1) => {
+                state.metrics.record_event("vectors_index", "ok");
+                return Indexed::Yes;
+            }
+            Ok(_) => {
+                state.metrics.record_event("vectors_index", "restaged");
+                tracing::info!(pipeline = %pipeline, "document re-staged during its vectors write; not marked indexed");
+                return Indexed::Restaged;
+            }
+            Err(err) if err.status == StatusCode::SERVICE_UNAVAILABLE => last = err.message,
+            Err(err) => {
+                last = err.message;
+                break;
+            }
+        }
+    }
+    state.metrics.record_event("vectors_index", "failed");
+    tracing::warn!(pipeline = %pipeline, error = %last, "vectors written but the document could not be marked indexed");
+    Indexed::Failed(last)
 }
 
 // ---------------------------------------------------------------- 8-10: queue
@@ -493,7 +566,10 @@ pub async fn claim(
         now_ms: state.clock.now_ms(),
     };
     let documents = state
-        .cache_op("claim", state.cache.claim(&pipeline, &args))
+        .cache_op("claim", |c| {
+            let pipeline = pipeline.clone();
+            async move { c.claim(&pipeline, &args).await }
+        })
         .await?;
     Ok(json_response(
         StatusCode::OK,
@@ -524,7 +600,10 @@ pub async fn heartbeat(
         now_ms: state.clock.now_ms(),
     };
     let updated = state
-        .cache_op("heartbeat", state.cache.heartbeat(&pipeline, &args))
+        .cache_op("heartbeat", |c| {
+            let pipeline = pipeline.clone();
+            async move { c.heartbeat(&pipeline, &args).await }
+        })
         .await?;
     Ok(stage_response(&pipeline, &stage, updated))
 }
@@ -549,10 +628,14 @@ pub async fn set_stage(
         from_stage: req.from_stage,
         worker_id: req.worker_id,
         create_missing: req.create_missing.unwrap_or(false),
+        only_version: None,
         now_ms: state.clock.now_ms(),
     };
     let updated = state
-        .cache_op("set_stage", state.cache.set_stage(&pipeline, &args))
+        .cache_op("set_stage", |c| {
+            let pipeline = pipeline.clone();
+            async move { c.set_stage(&pipeline, &args).await }
+        })
         .await?;
     Ok(stage_response(&pipeline, &req.stage, updated))
 }

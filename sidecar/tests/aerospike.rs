@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aerospike_double::Double;
-use common::{dead_url, Client};
+use common::{dead_url, sidecar_on, Backend, Client};
 use serde_json::json;
 use tokio::process::{Child, Command};
 
@@ -183,4 +183,58 @@ async fn the_aerospike_backend_answers_503_when_the_cluster_is_gone() {
     let health = c.get("/healthz").await;
     assert_eq!(health.status, 503);
     assert_eq!(health.json()["cache"]["connected"], false);
+}
+
+/// A node that hangs (a stopped process: connections accepted, nothing answered) opens the
+/// breaker: one request pays the timeout, the next fail fast, `/healthz` reports it; when the node
+/// answers again the sidecar recovers by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_cluster_fails_fast_and_healthz_says_so() {
+    let s = sidecar_on(
+        Backend::Aerospike,
+        &dead_url().await,
+        &["--cache-op-timeout-ms", "150"],
+    )
+    .await;
+    let c = Client::new(&s);
+    c.create("p").await;
+    s.double().unwrap().set_stalled(true);
+    let started = Instant::now();
+    c.get("/v2/pipelines/p/status")
+        .await
+        .error(503, "cache_unavailable");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let health = c.get("/healthz").await;
+    assert_eq!(health.status, 503, "{}", health.text);
+    assert_eq!(health.json()["cache"]["connected"], false);
+    assert!(
+        health.json()["cache"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("breaker"),
+        "{}",
+        health.text
+    );
+    let started = Instant::now();
+    let msg = c
+        .get("/v2/pipelines/p/status")
+        .await
+        .error(503, "cache_unavailable");
+    assert!(
+        started.elapsed() < Duration::from_millis(50),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(msg.contains("breaker"), "{msg}");
+    s.double().unwrap().set_stalled(false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.get("/healthz").await.status != 200 {
+        assert!(Instant::now() < deadline, "the sidecar did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(c.status("p").await["status"], "idle");
 }

@@ -257,6 +257,154 @@ async fn health_metrics_and_graceful_stop(backend: Backend) {
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
 
+/// A numeric id that misses the cache is fetched as a number, backfilled, and served from the
+/// cache next time (with its numeric id).
+async fn a_numeric_id_miss_is_backfilled(backend: Backend) {
+    let gw = FakeGateway::start(Arc::new(|_path: &str, body: &Value| match &body["filters"][2] {
+        Value::Number(n) if n.as_u64() == Some(7) => (
+            200,
+            vec![],
+            json!({"rows": [{"id": 7, "title": "seven", "_hevlayer_upserted_at": 3}], "billing": {}})
+                .to_string(),
+        ),
+        Value::Number(_) => (200, vec![], json!({"rows": [], "billing": {}}).to_string()),
+        _ => (
+            400,
+            vec![],
+            r#"{"status":"error","error":"filter value for id must match uint"}"#.to_owned(),
+        ),
+    }))
+    .await;
+    let s = sidecar_on(backend, &gw.url, &[]).await;
+    let c = Client::new(&s);
+    let a = c
+        .send(
+            "GET",
+            "/v2/namespaces/numeric/documents/7",
+            None,
+            Some("Bearer k"),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.headers.get("x-layer-cache").unwrap(), "miss");
+    assert_eq!(
+        a.json(),
+        json!({"id": 7, "attributes": {"title": "seven", "_hevlayer_upserted_at": 3}})
+    );
+    assert_eq!(
+        gw.requests().len(),
+        1,
+        "the numeric form answered: no string retry"
+    );
+    let a = c
+        .send(
+            "GET",
+            "/v2/namespaces/numeric/documents/7",
+            None,
+            Some("Bearer k"),
+        )
+        .await;
+    assert_eq!(a.headers.get("x-layer-cache").unwrap(), "hit");
+    assert_eq!(a.json()["id"], 7);
+    assert_eq!(gw.requests().len(), 1);
+}
+
+/// A fetch that read a row before a concurrent delete was mirrored does not bring the deleted
+/// document back into the cache.
+async fn a_backfill_older_than_a_concurrent_delete_is_refused(backend: Backend) {
+    let gw = FakeGateway::start_with_delay(
+        Arc::new(|_path: &str, body: &Value| match &body["filters"][2] {
+            Value::String(_) => (
+                200,
+                vec![],
+                json!({"rows": [{"id": "r", "v": "before the delete", "_hevlayer_upserted_at": 5}], "billing": {}})
+                    .to_string(),
+            ),
+            _ => (400, vec![], r#"{"status":"error","error":"wrong id type"}"#.to_owned()),
+        }),
+        std::time::Duration::from_millis(300),
+    )
+    .await;
+    let s = sidecar_on(backend, &gw.url, &[]).await;
+    let c = Arc::new(Client::new(&s));
+    let fetch = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            c.send("GET", "/v2/namespaces/ns/documents/r", None, Some("Bearer k"))
+                .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    mirror(&c, "ns", 10, r#"{"deletes":["r"]}"#, None).await;
+    let a = fetch.await.unwrap();
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.headers.get("x-layer-cache").unwrap(), "miss");
+    // Not cached: the next read goes to Turbopuffer again.
+    let a = c
+        .send("GET", "/v2/namespaces/ns/documents/r", None, Some("Bearer k"))
+        .await;
+    assert_eq!(a.headers.get("x-layer-cache").unwrap(), "miss");
+    assert_eq!(gw.requests().len(), 2);
+    // An older mirrored upsert arriving late does not resurrect it either; a newer one does.
+    mirror(&c, "ns", 8, r#"{"upsert_rows":[{"id":"r","v":"late"}]}"#, None).await;
+    let a = c
+        .send("GET", "/v2/namespaces/ns/documents/r", None, Some("Bearer k"))
+        .await;
+    assert_eq!(a.headers.get("x-layer-cache").unwrap(), "miss");
+    mirror(
+        &c,
+        "ns",
+        20,
+        r#"{"upsert_rows":[{"id":"r","v":"re-created"}]}"#,
+        None,
+    )
+    .await;
+    let a = c.get("/v2/namespaces/ns/documents/r").await;
+    assert_eq!(a.headers.get("x-layer-cache").unwrap(), "hit");
+    assert_eq!(a.json()["attributes"]["v"], "re-created");
+}
+
+/// A cache that fails (reads, or the backfill) does not fail the fetch: the document comes from
+/// Turbopuffer with `x-layer-cache: miss-on-error`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_cache_is_a_miss_on_error() {
+    let gw = FakeGateway::start(Arc::new(|_path: &str, _body: &Value| {
+        (
+            200,
+            vec![],
+            json!({"rows": [{"id": "d", "t": 1, "_hevlayer_upserted_at": 1}], "billing": {}}).to_string(),
+        )
+    }))
+    .await;
+    let s = sidecar_on(Backend::Aerospike, &gw.url, &["--cache-op-timeout-ms", "500"]).await;
+    let c = Client::new(&s);
+    let double = s.double().unwrap();
+    // The backfill is refused (stop-writes).
+    double.set_stop_writes(true);
+    let a = c
+        .send("GET", "/v2/namespaces/ns/documents/d", None, Some("Bearer k"))
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.headers.get("x-layer-cache").unwrap(), "miss-on-error");
+    assert_eq!(a.json()["attributes"]["t"], 1);
+    double.set_stop_writes(false);
+    // The cache read itself fails (the node drops every command).
+    double.cut_after(Some(0), false);
+    let a = c
+        .send("GET", "/v2/namespaces/ns/documents/d", None, Some("Bearer k"))
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.headers.get("x-layer-cache").unwrap(), "miss-on-error");
+    double.cut_after(None, false);
+    let m = c.get("/metrics").await.text;
+    assert!(
+        m.contains(r#"hevlayer_sidecar_mirror_total{kind="fetch",result="miss_on_error"} 2"#),
+        "{m}"
+    );
+}
+
+both_backends!(a_numeric_id_miss_is_backfilled);
+both_backends!(a_backfill_older_than_a_concurrent_delete_is_refused);
 both_backends!(mirrored_writes_are_served_from_the_cache);
 both_backends!(mirror_vectors_when_configured);
 both_backends!(a_miss_is_fetched_through_the_gateway_and_backfilled);

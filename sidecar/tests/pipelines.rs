@@ -643,6 +643,63 @@ async fn bad_inputs_are_json_errors_and_change_nothing(backend: Backend) {
             404,
             "not_found",
         ),
+        (
+            "POST",
+            "/v2/pipelines/p/documents/heartbeat".into(),
+            Some(r#"{"document_ids":["d"],"worker_id":"w","stage":5}"#.into()),
+            422,
+            "validation_error",
+        ),
+        (
+            "POST",
+            "/v2/pipelines/p/documents/stage".into(),
+            Some(r#"{"document_ids":["d"],"stage":"x","from_stage":7}"#.into()),
+            422,
+            "validation_error",
+        ),
+        // more create, vectors and delete inputs
+        (
+            "POST",
+            "/v2/pipelines".into(),
+            Some(r#"{"id":"y","target_namespace":"n","distance_metric":5}"#.into()),
+            422,
+            "validation_error",
+        ),
+        (
+            "POST",
+            "/v2/pipelines".into(),
+            Some(r#"{"id":"y","target_namespace":"n","distance_metric":["cosine_distance"]}"#.into()),
+            422,
+            "validation_error",
+        ),
+        (
+            "PUT",
+            format!("/v2/pipelines/p/documents/{long}/vectors"),
+            Some(r#"{"vectors":[{"id":"v","vector":[1]}]}"#.into()),
+            422,
+            "validation_error",
+        ),
+        (
+            "PUT",
+            "/v2/pipelines/p/documents/d/vectors".into(),
+            Some(format!(r#"{{"vectors":[{{"id":"{long}","vector":[1]}}]}}"#)),
+            422,
+            "validation_error",
+        ),
+        (
+            "PUT",
+            format!("/v2/pipelines/{long}/documents/d/vectors"),
+            Some(r#"{"vectors":[{"id":"v","vector":[1]}]}"#.into()),
+            422,
+            "validation_error",
+        ),
+        (
+            "DELETE",
+            format!("/v2/pipelines/{long}"),
+            None,
+            422,
+            "validation_error",
+        ),
         // status / delete / routing
         ("GET", "/v2/pipelines/nope/status".into(), None, 404, "not_found"),
         (
@@ -860,6 +917,224 @@ async fn an_oversize_body_is_413_json() {
         .error(404, "not_found");
 }
 
+/// A pipeline idle for days (its lease-expiry bookkeeping days behind) answers in time, and
+/// leases that end in different minutes return exactly when due (the clock is moved, not slept).
+async fn leases_expire_across_minutes_and_after_days_idle(backend: Backend) {
+    let s = sidecar_on(backend, &dead_url().await, &["--cache-op-timeout-ms", "200"]).await;
+    let c = Client::new(&s);
+    c.create("p").await;
+    for d in ["a", "b", "c"] {
+        c.stage("p", d).await;
+    }
+    let claim =
+        |limit: u32, lease: u32| format!(r#"{{"worker_id":"w","limit":{limit},"lease_seconds":{lease}}}"#);
+    assert_eq!(
+        c.post("/v2/pipelines/p/claim", &claim(1, 30)).await.json()["documents"],
+        json!(["a"])
+    );
+    assert_eq!(
+        c.post("/v2/pipelines/p/claim", &claim(1, 90)).await.json()["documents"],
+        json!(["b"])
+    );
+    assert_eq!(
+        c.post("/v2/pipelines/p/claim", &claim(1, 150)).await.json()["documents"],
+        json!(["c"])
+    );
+    async fn processing(c: &Client) -> u64 {
+        c.status("p").await["processing_count"].as_u64().unwrap()
+    }
+    s.state.clock.advance(Duration::from_secs(29));
+    assert_eq!(processing(&c).await, 3);
+    s.state.clock.advance(Duration::from_secs(2));
+    assert_eq!(processing(&c).await, 2, "the 30 s lease ran out");
+    s.state.clock.advance(Duration::from_secs(58));
+    assert_eq!(processing(&c).await, 2);
+    s.state.clock.advance(Duration::from_secs(2));
+    assert_eq!(processing(&c).await, 1, "the 90 s lease ran out, a minute later");
+    // Three days of silence.
+    s.state.clock.advance(Duration::from_secs(3 * 86_400));
+    let started = std::time::Instant::now();
+    let st = c.status("p").await;
+    assert!(
+        started.elapsed() < Duration::from_millis(200),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(st["counts"], json!({"pending": 3}));
+    assert_eq!(st["status"], "pending");
+    let a = c.post("/v2/pipelines/p/claim", &claim(10, 60)).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.json()["documents"].as_array().unwrap().len(), 3);
+}
+
+/// The audit's case: a claim cut by a 25 ms operation timeout (every Aerospike command answered
+/// late). Whatever the client got (its documents, or 503 while the claim finished in the
+/// background), counts stay exact, every document is claimed or claimable, and leases expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_past_a_tiny_timeout_leaves_nothing_half_written() {
+    // 25 ms: the claim runs out of time before its first document (503, nothing claimed);
+    // 60 ms: it answers with the documents it won by its deadline.
+    for timeout_ms in ["25", "60"] {
+        claim_past_a_timeout(timeout_ms).await;
+    }
+}
+
+async fn claim_past_a_timeout(timeout_ms: &str) {
+    let s = sidecar_on(
+        Backend::Aerospike,
+        &dead_url().await,
+        &["--cache-op-timeout-ms", timeout_ms],
+    )
+    .await;
+    let c = Client::new(&s);
+    c.create("p").await;
+    for i in 0..150 {
+        c.stage("p", &format!("doc-{i:03}")).await;
+    }
+    s.double().unwrap().set_delay(Duration::from_millis(1));
+    let a = c
+        .post(
+            "/v2/pipelines/p/claim",
+            r#"{"worker_id":"w","limit":100,"lease_seconds":1}"#,
+        )
+        .await;
+    let answered: Vec<String> = if a.status == 200 {
+        a.json()["documents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_str().unwrap().to_owned())
+            .collect()
+    } else {
+        a.error(503, "cache_unavailable");
+        Vec::new()
+    };
+    // Let a claim that went on in the background finish, then look (a 25 ms budget on a debug
+    // build: a status may need a second try).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.double().unwrap().set_delay(Duration::ZERO);
+    async fn status(c: &Client) -> Value {
+        for _ in 0..20 {
+            let a = c.get("/v2/pipelines/p/status").await;
+            if a.status == 200 {
+                return a.json();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("status kept failing");
+    }
+    let st = status(&c).await;
+    let pending = st["counts"]["pending"].as_u64().unwrap_or(0);
+    let embedding = st["counts"]["embedding"].as_u64().unwrap_or(0);
+    assert_eq!(pending + embedding, 150, "{st}");
+    assert_eq!(st["processing_count"].as_u64().unwrap(), embedding);
+    assert!(embedding >= answered.len() as u64);
+    // Every lease (also those of documents nobody was told about) runs out.
+    s.state.clock.advance(Duration::from_secs(2));
+    let st = status(&c).await;
+    assert_eq!(st["counts"], json!({"pending": 150}), "{st}");
+    assert_eq!(st["processing_count"], 0);
+    let mut all = HashSet::new();
+    for _ in 0..200 {
+        let a = c
+            .post("/v2/pipelines/p/claim", r#"{"worker_id":"w2","limit":10}"#)
+            .await;
+        if a.status != 200 {
+            continue; // a 25 ms budget on a debug build: try again
+        }
+        let docs = a.json()["documents"].as_array().unwrap().clone();
+        if docs.is_empty() && all.len() == 150 {
+            break;
+        }
+        for d in docs {
+            assert!(all.insert(d.as_str().unwrap().to_owned()), "{d} claimed twice");
+        }
+    }
+    assert_eq!(all.len(), 150);
+}
+
+/// After a successful vectors write the answer is the upstream's success; a document re-staged
+/// during the write is not marked indexed, and a cache failure after the write is reported in
+/// the answer (and counted), not turned into a 503.
+async fn vectors_success_is_relayed_even_when_the_stage_move_cannot_happen(backend: Backend) {
+    let gw = FakeGateway::start_with_delay(
+        Arc::new(|_path: &str, _body: &Value| {
+            (
+                200,
+                vec![],
+                r#"{"status":"OK","message":"ok","rows_affected":1,"billing":{}}"#.to_owned(),
+            )
+        }),
+        Duration::from_millis(400),
+    )
+    .await;
+    let s = Arc::new(sidecar_on(backend, &gw.url, &[]).await);
+    let c = Arc::new(Client::new(&s));
+    c.create("p").await;
+    c.stage("p", "d").await;
+    c.post("/v2/pipelines/p/claim", r#"{"worker_id":"w"}"#).await;
+    let body = r#"{"vectors":[{"id":"v","vector":[1.0]}]}"#;
+    let write = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            c.send(
+                "PUT",
+                "/v2/pipelines/p/documents/d/vectors",
+                Some(body),
+                Some("Bearer k"),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    c.put(
+        "/v2/pipelines/p/documents/d",
+        r#"{"chunks":[{"id":"n","text":"new content"}]}"#,
+    )
+    .await;
+    let a = write.await.unwrap();
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.json()["indexed"], false);
+    assert!(
+        a.json()["message"].as_str().unwrap().contains("re-staged"),
+        "{}",
+        a.text
+    );
+    assert_eq!(c.status("p").await["counts"], json!({"pending": 1}));
+    if backend == Backend::Aerospike {
+        // The cache refuses writes while the vectors are on their way.
+        c.post("/v2/pipelines/p/claim", r#"{"worker_id":"w"}"#).await;
+        let write = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                c.send(
+                    "PUT",
+                    "/v2/pipelines/p/documents/d/vectors",
+                    Some(body),
+                    Some("Bearer k"),
+                )
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        s.double().unwrap().set_stop_writes(true);
+        let a = write.await.unwrap();
+        s.double().unwrap().set_stop_writes(false);
+        assert_eq!(a.status, 200, "{}", a.text);
+        assert_eq!(a.json()["indexed"], false);
+        assert!(
+            a.json()["message"].as_str().unwrap().contains("failed"),
+            "{}",
+            a.text
+        );
+        assert_eq!(c.status("p").await["counts"], json!({"embedding": 1}));
+        let m = c.get("/metrics").await.text;
+        assert!(m.contains(r#"kind="vectors_index",result="failed"} 1"#), "{m}");
+    }
+}
+
+both_backends!(leases_expire_across_minutes_and_after_days_idle);
+both_backends!(vectors_success_is_relayed_even_when_the_stage_move_cannot_happen);
 both_backends!(lifecycle_and_status_transitions);
 both_backends!(restaging_replaces_chunks_and_resets_to_pending);
 both_backends!(lease_expiry_and_heartbeat);

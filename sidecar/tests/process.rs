@@ -2,8 +2,13 @@
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
+mod common;
+
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{Client, FakeGateway};
+use serde_json::{json, Value};
 use tokio::process::Command;
 
 #[tokio::test]
@@ -43,4 +48,67 @@ async fn sigterm_stops_the_sidecar_cleanly() {
         .unwrap()
         .unwrap();
     assert_eq!(status.code(), Some(0), "SIGTERM must be a graceful stop");
+}
+
+/// A request in flight when SIGTERM arrives (here a document fetch waiting on a slow gateway)
+/// completes with its response; then the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_in_flight_request_finish() {
+    let gw = FakeGateway::start_with_delay(
+        Arc::new(|_path: &str, _body: &Value| {
+            (
+                200,
+                vec![],
+                json!({"rows": [{"id": "d", "t": "slow"}], "billing": {}}).to_string(),
+            )
+        }),
+        Duration::from_millis(700),
+    )
+    .await;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hevlayer-sidecar"))
+        .env("SIDECAR_LISTEN", format!("127.0.0.1:{port}"))
+        .env("GATEWAY_URL", &gw.url)
+        .env("LOG_LEVEL", "warn")
+        .env_remove("AEROSPIKE_HOSTS")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(Instant::now() < deadline, "the sidecar did not start listening");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let c = Arc::new(Client::for_url(&format!("http://127.0.0.1:{port}")));
+    let in_flight = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            c.send("GET", "/v2/namespaces/ns/documents/d", None, Some("Bearer k"))
+                .await
+        })
+    };
+    // Until the gateway has the request, it is not in flight yet.
+    while gw.requests().is_empty() {
+        assert!(Instant::now() < deadline, "the fetch never reached the gateway");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap()
+        .success());
+    let a = in_flight.await.unwrap();
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.json(), json!({"id": "d", "attributes": {"t": "slow"}}));
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
 }

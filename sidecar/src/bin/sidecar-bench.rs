@@ -2,6 +2,18 @@
 //! embedded store, next to the same server's `/healthz` as the baseline, plus stage latency with
 //! 1,000 vs 1,000,000 staged documents and memory per staged document.
 //!
+//! How the size comparison stays honest: the stage scenarios *re-stage* documents already in
+//! their pipeline (ids visited in a fixed pseudo-random order over all of them), so "1,000
+//! staged" holds exactly 1,000 documents for the whole run and "1,000,000 staged" exactly
+//! 1,000,000 — staging new ids would grow the small pipeline by as many documents as the run
+//! sends (tens of thousands) and compare nothing in particular. Re-staging is the full stage path
+//! (parse, validate, serialise the chunks, replace the document, re-index it as pending).
+//!
+//! Memory per staged document is measured on documents staged over HTTP (`PUT`, the path clients
+//! use), as the growth of the process's RSS divided by the number staged: it includes the
+//! request buffers and allocator slack the server path leaves behind, not just the store's own
+//! accounting (printed next to it).
+//!
 //! `cargo run --release -p hevlayer-sidecar --bin sidecar-bench -- [--seconds N] [--concurrency N]
 //! [--large N] [--strict]`
 
@@ -35,6 +47,9 @@ struct Args {
 
 /// Bytes of chunk text per document (the issue's 2 KB documents).
 const DOC_TEXT_BYTES: usize = 2048;
+/// Odd multiplier of the order documents are visited in (a permutation of `0..n` for any n
+/// not sharing its factors; the index is reduced modulo n anyway).
+const STRIDE: u64 = 0x9e37_79b9_7f4a_7c15;
 
 struct Stats {
     name: String,
@@ -66,9 +81,15 @@ fn doc_body() -> String {
 #[derive(Clone, Copy)]
 enum Scenario {
     Health,
-    Stage,
+    /// Re-stage one of the pipeline's `preloaded` documents `pre-<i>`.
+    Restage,
     GetChunks,
     Claim,
+}
+
+/// The `n`-th document of `count` in the benchmark's visiting order.
+fn nth_doc(n: u64, count: usize) -> u64 {
+    n.wrapping_mul(STRIDE) % count.max(1) as u64
 }
 
 /// Runs `scenario` with `concurrency` tasks for `seconds`.
@@ -104,14 +125,15 @@ async fn run(
                 let n = counter.fetch_add(1, Ordering::Relaxed);
                 let request = match scenario {
                     Scenario::Health => client.get(format!("{base}/healthz")),
-                    Scenario::Stage => client
+                    Scenario::Restage => client
                         .put(format!(
-                            "{base}/v2/pipelines/{pipeline}/documents/bench-{worker}-{n}"
+                            "{base}/v2/pipelines/{pipeline}/documents/pre-{}",
+                            nth_doc(n, preloaded)
                         ))
                         .header("content-type", "application/json")
                         .body(body.as_bytes().to_vec()),
                     Scenario::GetChunks => {
-                        let doc = n % preloaded.max(1) as u64;
+                        let doc = nth_doc(n, preloaded);
                         client.get(format!(
                             "{base}/v2/pipelines/{pipeline}/documents/pre-{doc}/chunks"
                         ))
@@ -167,6 +189,45 @@ async fn preload(cache: &EmbeddedCache, pipeline: &str, count: usize) -> Result<
     Ok(())
 }
 
+/// Stages `count` documents `pre-0..` over HTTP, `concurrency` requests at a time.
+async fn preload_http(base: &str, pipeline: &str, count: usize, concurrency: usize) -> Result<(), String> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let next = Arc::new(AtomicU64::new(0));
+    let body = Arc::new(doc_body());
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, next, body) = (client.clone(), next.clone(), body.clone());
+        let url = format!("{base}/v2/pipelines/{pipeline}/documents/pre-");
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count as u64 {
+                    return Ok::<(), String>(());
+                }
+                let resp = client
+                    .put(format!("{url}{i}"))
+                    .header("content-type", "application/json")
+                    .body(body.as_bytes().to_vec())
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !resp.status().is_success() {
+                    return Err(format!("preload: stage answered {}", resp.status()));
+                }
+                let _ = resp.bytes().await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    Ok(())
+}
+
 fn rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -212,16 +273,16 @@ async fn bench(args: Args) -> Result<bool, String> {
     for p in ["small", "large", "claim"] {
         cache.create_pipeline(meta(p)).await.map_err(|e| e.to_string())?;
     }
-    preload(&cache, "small", small).await?;
+    preload_http(&base, "small", small, c).await?;
 
     let health = run("healthz (baseline)", &base, "", Scenario::Health, c, seconds, 0).await?;
     let baseline = health.rps();
     print(&health, baseline);
     let stage_small = run(
-        "stage (1k staged)",
+        "stage (1,000 staged)",
         &base,
         "small",
-        Scenario::Stage,
+        Scenario::Restage,
         c,
         seconds,
         small,
@@ -258,19 +319,31 @@ async fn bench(args: Args) -> Result<bool, String> {
     let rss_before = rss_bytes();
     let used_before = cache.used_bytes();
     let t = Instant::now();
-    preload(&cache, "large", args.large).await?;
+    preload_http(&base, "large", args.large, c).await?;
     let rss_after = rss_bytes();
     let used_after = cache.used_bytes();
     println!(
-        "preloaded {} documents in {:.1}s",
+        "staged {} documents over HTTP in {:.1}s",
         args.large,
         t.elapsed().as_secs_f64()
     );
+    // The small pipeline again, right before the large one: same process state, same load.
+    let stage_small_again = run(
+        "stage (1,000 staged, again)",
+        &base,
+        "small",
+        Scenario::Restage,
+        c,
+        seconds,
+        small,
+    )
+    .await?;
+    print(&stage_small_again, baseline);
     let stage_large = run(
         &format!("stage ({} staged)", args.large),
         &base,
         "large",
-        Scenario::Stage,
+        Scenario::Restage,
         c,
         seconds,
         args.large,
@@ -295,13 +368,13 @@ async fn bench(args: Args) -> Result<bool, String> {
         stage_ratio >= 0.5,
         format!("{:.1}%", stage_ratio * 100.0),
     );
-    let p50_ratio = stage_large.p50_us as f64 / stage_small.p50_us.max(1) as f64;
+    let p50_ratio = stage_large.p50_us as f64 / stage_small_again.p50_us.max(1) as f64;
     check(
-        "stage p50 with the large pipeline within 1.5x of 1k",
+        "stage p50 with the large pipeline within 1.5x of 1,000",
         p50_ratio <= 1.5,
         format!(
-            "{} us vs {} us ({p50_ratio:.2}x)",
-            stage_large.p50_us, stage_small.p50_us
+            "{} us vs {} us ({p50_ratio:.2}x; first 1,000 run: {} us)",
+            stage_large.p50_us, stage_small_again.p50_us, stage_small.p50_us
         ),
     );
     match per_doc_rss {

@@ -48,6 +48,7 @@ fn set_args(ids: &[&str], stage: &str, now_ms: u64) -> SetStageArgs {
         from_stage: None,
         worker_id: None,
         create_missing: false,
+        only_version: None,
         now_ms,
     }
 }
@@ -83,6 +84,10 @@ pub async fn run_all(factory: Factory<'_>) {
     set_stage_filters_and_create_missing(factory()).await;
     unknown_pipeline_is_an_error(factory()).await;
     concurrent_claimers_never_share(factory()).await;
+    evictions_refuse_older_copies(factory()).await;
+    set_stage_only_version_skips_restaged_documents(factory()).await;
+    leases_expire_across_minutes_and_after_days_idle(factory()).await;
+    heartbeats_and_reclaims_keep_expiry_exact(factory()).await;
 }
 
 async fn documents_upsert_get_evict(cache: Arc<dyn DocumentCache>) {
@@ -110,8 +115,8 @@ async fn documents_upsert_get_evict(cache: Arc<dyn DocumentCache>) {
         .await
         .unwrap()
         .is_none());
-    assert!(cache.evict_document(ns, &num).await.unwrap());
-    assert!(!cache.evict_document(ns, &num).await.unwrap());
+    assert!(cache.evict_document(ns, &num, 10).await.unwrap());
+    assert!(!cache.evict_document(ns, &num, 10).await.unwrap());
     assert!(cache.get_document(ns, &num).await.unwrap().is_none());
     assert!(cache.get_document(ns, &s).await.unwrap().is_some());
 }
@@ -239,7 +244,12 @@ async fn stage_and_restage(cache: Arc<dyn DocumentCache>) {
     staged(&cache, p, &["a", "b"], now).await;
     assert_eq!(cache.get_chunks(p, "a").await.unwrap(), Some(chunks("a")));
     assert_eq!(
-        cache.document_stage(p, "a", now).await.unwrap().as_deref(),
+        cache
+            .document_stage(p, "a", now)
+            .await
+            .unwrap()
+            .map(|d| d.stage)
+            .as_deref(),
         Some(STAGE_PENDING)
     );
     assert_eq!(cache.document_stage(p, "zz", now).await.unwrap(), None);
@@ -333,6 +343,7 @@ async fn lease_expiry_returns_to_claimed_from_stage(cache: Arc<dyn DocumentCache
             .document_stage(p, "a", now + 10_000)
             .await
             .unwrap()
+            .map(|d| d.stage)
             .as_deref(),
         Some("ocr")
     );
@@ -415,11 +426,21 @@ async fn set_stage_filters_and_create_missing(cache: Arc<dyn DocumentCache>) {
     args.from_stage = Some("embedding".into());
     assert_eq!(cache.set_stage(p, &args).await.unwrap(), 1);
     assert_eq!(
-        cache.document_stage(p, "a", now).await.unwrap().as_deref(),
+        cache
+            .document_stage(p, "a", now)
+            .await
+            .unwrap()
+            .map(|d| d.stage)
+            .as_deref(),
         Some(STAGE_FAILED)
     );
     assert_eq!(
-        cache.document_stage(p, "c", now).await.unwrap().as_deref(),
+        cache
+            .document_stage(p, "c", now)
+            .await
+            .unwrap()
+            .map(|d| d.stage)
+            .as_deref(),
         Some(STAGE_PENDING)
     );
     // worker_id filter: only documents leased by that worker.
@@ -546,4 +567,157 @@ async fn concurrent_claimers_never_share(cache: Arc<dyn DocumentCache>) {
     let counts = cache.stage_counts(p, now).await.unwrap();
     assert_eq!(counts.counts.get("embedding"), Some(&2000));
     assert_eq!(counts.leased, 2000);
+}
+
+/// An eviction's tombstone: a backfill at or below its stamp, and an upsert below it, are refused
+/// (a fetch or a mirror older than a delete cannot resurrect the document).
+async fn evictions_refuse_older_copies(cache: Arc<dyn DocumentCache>) {
+    let ns = "contract-tomb";
+    let id = DocId::Str("d".into());
+    assert!(cache
+        .upsert_document(ns, &id, attrs(json!({"v": 1})), 50)
+        .await
+        .unwrap());
+    assert!(cache.evict_document(ns, &id, 100).await.unwrap());
+    assert!(cache.get_document(ns, &id).await.unwrap().is_none());
+    for stamp in [90, 100] {
+        assert!(!cache
+            .backfill_document(ns, &id, attrs(json!({"v": "old"})), stamp)
+            .await
+            .unwrap());
+    }
+    assert!(!cache
+        .upsert_document(ns, &id, attrs(json!({"v": "old"})), 99)
+        .await
+        .unwrap());
+    assert!(cache.get_document(ns, &id).await.unwrap().is_none());
+    // A copy newer than the eviction is cached; a backfill never replaces what is cached.
+    assert!(cache
+        .backfill_document(ns, &id, attrs(json!({"v": "new"})), 101)
+        .await
+        .unwrap());
+    assert!(!cache
+        .backfill_document(ns, &id, attrs(json!({"v": "newer"})), 500)
+        .await
+        .unwrap());
+    let got = cache.get_document(ns, &id).await.unwrap().unwrap();
+    assert_eq!(got.attributes, attrs(json!({"v": "new"})));
+    // An eviction of an uncached document still refuses older copies; a mirror of the same
+    // write (equal stamp) is not refused.
+    let other = DocId::Num(5);
+    assert!(!cache.evict_document(ns, &other, 200).await.unwrap());
+    assert!(!cache
+        .backfill_document(ns, &other, attrs(json!({})), 150)
+        .await
+        .unwrap());
+    assert!(cache
+        .upsert_document(ns, &other, attrs(json!({"same": "write"})), 200)
+        .await
+        .unwrap());
+    assert!(cache.get_document(ns, &other).await.unwrap().is_some());
+}
+
+async fn set_stage_only_version_skips_restaged_documents(cache: Arc<dyn DocumentCache>) {
+    let p = "contract-version";
+    let now = 7_000_000;
+    staged(&cache, p, &["d"], now).await;
+    let first = cache.document_stage(p, "d", now).await.unwrap().unwrap();
+    // Claims and set-stage keep the version; only staging changes it.
+    cache
+        .claim(p, &claim_args("pending", "embedding", "w", 1, now))
+        .await
+        .unwrap();
+    assert_eq!(
+        cache.document_stage(p, "d", now).await.unwrap().unwrap().version,
+        first.version
+    );
+    cache.stage_document(p, "d", chunks("again"), now).await.unwrap();
+    let second = cache.document_stage(p, "d", now).await.unwrap().unwrap();
+    assert_ne!(second.version, first.version);
+    let mut args = set_args(&["d"], STAGE_INDEXED, now);
+    args.only_version = Some(first.version);
+    assert_eq!(cache.set_stage(p, &args).await.unwrap(), 0);
+    assert_eq!(count(&cache, p, STAGE_PENDING, now).await, 1);
+    args.only_version = Some(second.version);
+    assert_eq!(cache.set_stage(p, &args).await.unwrap(), 1);
+    assert_eq!(count(&cache, p, STAGE_INDEXED, now).await, 1);
+}
+
+/// Leases that expire in different minutes, checked at exact instants (the clock is an
+/// argument), then a pipeline left alone for days.
+async fn leases_expire_across_minutes_and_after_days_idle(cache: Arc<dyn DocumentCache>) {
+    let p = "contract-minutes";
+    // 1 s before a minute boundary.
+    let t0 = 60_000 * 1_000_000 - 1_000;
+    staged(&cache, p, &["a", "b", "c", "d"], t0).await;
+    let mut args = claim_args("pending", "embedding", "w", 1, t0);
+    for (i, lease_ms) in [500u64, 30_000, 90_000, 3_600_000].into_iter().enumerate() {
+        args.lease_ms = lease_ms;
+        args.now_ms = t0 + i as u64;
+        assert_eq!(cache.claim(p, &args).await.unwrap().len(), 1);
+    }
+    let leased = |t: u64| {
+        let cache = cache.clone();
+        async move { cache.stage_counts(p, t).await.unwrap().leased }
+    };
+    assert_eq!(leased(t0 + 499).await, 4);
+    assert_eq!(
+        leased(t0 + 500).await,
+        3,
+        "the 500 ms lease expires in the next minute"
+    );
+    assert_eq!(leased(t0 + 30_000).await, 3);
+    assert_eq!(leased(t0 + 30_001).await, 2);
+    assert_eq!(leased(t0 + 90_001).await, 2);
+    assert_eq!(leased(t0 + 90_002).await, 1);
+    assert_eq!(count(&cache, p, STAGE_PENDING, t0 + 90_002).await, 3);
+    // Three days of nothing: the last lease is returned and the pipeline answers as usual.
+    let later = t0 + 3 * 86_400_000;
+    let counts = cache.stage_counts(p, later).await.unwrap();
+    assert_eq!(counts.leased, 0);
+    assert_eq!(counts.counts.get(STAGE_PENDING), Some(&4));
+    let mut again = claim_args("pending", "embedding", "w2", 10, later);
+    again.lease_ms = 1_000;
+    assert_eq!(cache.claim(p, &again).await.unwrap().len(), 4);
+    assert_eq!(cache.stage_counts(p, later + 1_000).await.unwrap().leased, 0);
+}
+
+/// Heartbeats move leases forward without leaving earlier expiries behind: a document expires
+/// exactly once, at its latest lease, and a re-claimed document is not returned by its old lease.
+async fn heartbeats_and_reclaims_keep_expiry_exact(cache: Arc<dyn DocumentCache>) {
+    let p = "contract-beats";
+    let now = 9_000_000_000;
+    let ids: Vec<String> = (0..40).map(|i| format!("h{i:02}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    staged(&cache, p, &refs, now).await;
+    let mut args = claim_args("pending", "embedding", "w", 40, now);
+    args.lease_ms = 20_000;
+    assert_eq!(cache.claim(p, &args).await.unwrap().len(), 40);
+    for beat in 1..=10u64 {
+        let hb = HeartbeatArgs {
+            document_ids: ids.clone(),
+            worker_id: "w".into(),
+            stage: "embedding".into(),
+            now_ms: now + beat * 10_000,
+        };
+        assert_eq!(cache.heartbeat(p, &hb).await.unwrap(), 40);
+    }
+    // Last beat at now + 100 s: leases end at now + 120 s.
+    assert_eq!(cache.stage_counts(p, now + 119_999).await.unwrap().leased, 40);
+    // Half of them finish and are re-staged and claimed again with a long lease.
+    let half: Vec<&str> = refs[..20].to_vec();
+    assert_eq!(
+        cache
+            .set_stage(p, &set_args(&half, STAGE_PENDING, now + 110_000))
+            .await
+            .unwrap(),
+        20
+    );
+    let mut args = claim_args("pending", "embedding", "w2", 40, now + 110_000);
+    args.lease_ms = 600_000;
+    assert_eq!(cache.claim(p, &args).await.unwrap().len(), 20);
+    let counts = cache.stage_counts(p, now + 120_000).await.unwrap();
+    assert_eq!(counts.leased, 20, "only the other half expired");
+    assert_eq!(counts.counts.get(STAGE_PENDING), Some(&20));
+    assert_eq!(counts.counts.get("embedding"), Some(&20));
 }

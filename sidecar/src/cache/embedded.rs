@@ -16,9 +16,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{
-    Attributes, CacheError, CacheHealth, CacheResult, CachedDoc, ClaimArgs, DocId, DocumentCache,
+    Attributes, CacheError, CacheHealth, CacheResult, CachedDoc, ClaimArgs, DocId, DocState, DocumentCache,
     HeartbeatArgs, PipelineMeta, SetStageArgs, StageCounts, FAILED_REASON_SET_STAGE, RATE_WINDOW_SECONDS,
-    STAGE_FAILED, STAGE_INDEXED, STAGE_PENDING,
+    STAGE_FAILED, STAGE_INDEXED, STAGE_PENDING, TOMBSTONE_MS,
 };
 
 /// Fixed per-record overhead charged on top of the record's payload (map slots, headers).
@@ -80,6 +80,8 @@ struct StagedDoc {
     chunks: Bytes,
     lease: Option<Lease>,
     failed_reason: Option<&'static str>,
+    /// Content version: a new one with every stage (see `DocState`).
+    version: u64,
 }
 
 struct Lease {
@@ -105,6 +107,8 @@ struct PipelineState {
     bytes: usize,
     /// Set by delete: a request that found the pipeline before the delete must not touch it.
     deleted: bool,
+    /// The last content version handed out.
+    versions: u64,
 }
 
 fn staged_weight(id: &str, chunks: &Bytes) -> usize {
@@ -124,7 +128,13 @@ impl PipelineState {
             indexed_per_second: VecDeque::new(),
             bytes: 0,
             deleted: false,
+            versions: 0,
         }
+    }
+
+    fn next_version(&mut self) -> u64 {
+        self.versions += 1;
+        self.versions
     }
 
     fn stage_key(&self, stage: &str) -> Arc<str> {
@@ -316,7 +326,33 @@ impl PipelineState {
 #[derive(Default)]
 struct NamespaceDocs {
     docs: HashMap<DocId, (CachedDoc, usize)>,
+    /// Evictions' tombstones: id → (refuse_up_to, lapses at, bytes charged).
+    tombs: HashMap<DocId, (u64, u64, usize)>,
+    /// Tombstones by lapse time, oldest first (an entry whose tombstone was renewed is skipped).
+    tomb_order: VecDeque<(u64, DocId)>,
     dropped: bool,
+}
+
+impl NamespaceDocs {
+    /// Drops lapsed tombstones; returns the bytes they were charged.
+    fn prune_tombs(&mut self, now_ms: u64) -> usize {
+        let mut freed = 0;
+        while let Some((lapses, id)) = self.tomb_order.front().cloned() {
+            if lapses > now_ms {
+                break;
+            }
+            self.tomb_order.pop_front();
+            if self.tombs.get(&id).is_some_and(|t| t.1 == lapses) {
+                freed += self.tombs.remove(&id).map_or(0, |t| t.2);
+            }
+        }
+        freed
+    }
+
+    /// The stamp at or below which writes of `id` are refused, if a tombstone holds.
+    fn refused_up_to(&self, id: &DocId) -> Option<u64> {
+        self.tombs.get(id).map(|t| t.0)
+    }
 }
 
 type SharedNamespace = Arc<Mutex<NamespaceDocs>>;
@@ -417,12 +453,20 @@ impl DocumentCache for EmbeddedCache {
             if guard.dropped {
                 continue;
             }
+            let freed = guard.prune_tombs(super::now_ms());
+            self.budget.release(freed);
+            if guard.refused_up_to(id).is_some_and(|t| t > upserted_at) {
+                return Ok(false);
+            }
             let old = match guard.docs.get(id) {
                 Some((cached, _)) if cached.upserted_at > upserted_at => return Ok(false),
                 Some((_, w)) => *w,
                 None => 0,
             };
             self.budget.charge(weight, old)?;
+            if let Some((_, _, w)) = guard.tombs.remove(id) {
+                self.budget.release(w);
+            }
             guard.docs.insert(
                 id.clone(),
                 (
@@ -473,18 +517,69 @@ impl DocumentCache for EmbeddedCache {
         Ok(true)
     }
 
-    async fn evict_document(&self, namespace: &str, id: &DocId) -> CacheResult<bool> {
-        let Some(ns) = self.namespace(namespace) else {
-            return Ok(false);
-        };
-        let removed = lock(&ns).docs.remove(id);
-        Ok(match removed {
-            Some((_, w)) => {
-                self.budget.release(w);
-                true
+    async fn evict_document(&self, namespace: &str, id: &DocId, refuse_up_to: u64) -> CacheResult<bool> {
+        let now = super::now_ms();
+        loop {
+            let ns = self.namespace_or_create(namespace);
+            let mut guard = lock(&ns);
+            if guard.dropped {
+                continue;
             }
-            None => false,
-        })
+            let freed = guard.prune_tombs(now);
+            self.budget.release(freed);
+            let removed = guard.docs.remove(id);
+            let newest = removed.as_ref().map_or(0, |(d, _)| d.upserted_at);
+            if let Some((_, w)) = &removed {
+                self.budget.release(*w);
+            }
+            let stamp = refuse_up_to.max(newest).max(guard.refused_up_to(id).unwrap_or(0));
+            let weight = RECORD_OVERHEAD + id.weight();
+            let lapses = now.saturating_add(TOMBSTONE_MS);
+            // Best effort: a full budget keeps the eviction but cannot keep the tombstone.
+            let old = guard.tombs.get(id).map_or(0, |t| t.2);
+            if self.budget.charge(weight, old).is_ok() {
+                guard.tombs.insert(id.clone(), (stamp, lapses, weight));
+                guard.tomb_order.push_back((lapses, id.clone()));
+            }
+            return Ok(removed.is_some());
+        }
+    }
+
+    async fn backfill_document(
+        &self,
+        namespace: &str,
+        id: &DocId,
+        attributes: Attributes,
+        upserted_at: u64,
+    ) -> CacheResult<bool> {
+        let weight = doc_weight(id, &attributes);
+        loop {
+            let ns = self.namespace_or_create(namespace);
+            let mut guard = lock(&ns);
+            if guard.dropped {
+                continue;
+            }
+            let freed = guard.prune_tombs(super::now_ms());
+            self.budget.release(freed);
+            if guard.docs.contains_key(id) || guard.refused_up_to(id).is_some_and(|t| t >= upserted_at) {
+                return Ok(false);
+            }
+            self.budget.charge(weight, 0)?;
+            if let Some((_, _, w)) = guard.tombs.remove(id) {
+                self.budget.release(w);
+            }
+            guard.docs.insert(
+                id.clone(),
+                (
+                    CachedDoc {
+                        attributes,
+                        upserted_at,
+                    },
+                    weight,
+                ),
+            );
+            return Ok(true);
+        }
     }
 
     async fn purge_namespace(&self, namespace: &str) -> CacheResult<u64> {
@@ -497,7 +592,10 @@ impl DocumentCache for EmbeddedCache {
         let mut guard = lock(&ns);
         guard.dropped = true;
         let docs = std::mem::take(&mut guard.docs);
+        let tombs = std::mem::take(&mut guard.tombs);
+        guard.tomb_order.clear();
         self.budget.release(docs.values().map(|(_, w)| *w).sum());
+        self.budget.release(tombs.values().map(|t| t.2).sum());
         Ok(docs.len() as u64)
     }
 
@@ -589,6 +687,7 @@ impl DocumentCache for EmbeddedCache {
                 None => Arc::from(document_id),
             };
             let pending = state.stage_key(STAGE_PENDING);
+            let version = state.next_version();
             state.docs.insert(
                 id.clone(),
                 StagedDoc {
@@ -596,6 +695,7 @@ impl DocumentCache for EmbeddedCache {
                     chunks: chunks_json,
                     lease: None,
                     failed_reason: None,
+                    version,
                 },
             );
             state.index(&id, STAGE_PENDING, None, None);
@@ -614,10 +714,13 @@ impl DocumentCache for EmbeddedCache {
         pipeline: &str,
         document_id: &str,
         now_ms: u64,
-    ) -> CacheResult<Option<String>> {
+    ) -> CacheResult<Option<DocState>> {
         self.with_pipeline(pipeline, |state| {
             state.expire_leases(now_ms);
-            Ok(state.docs.get(document_id).map(|d| d.stage.to_string()))
+            Ok(state.docs.get(document_id).map(|d| DocState {
+                stage: d.stage.to_string(),
+                version: d.version,
+            }))
         })
     }
 
@@ -632,7 +735,10 @@ impl DocumentCache for EmbeddedCache {
     async fn set_stage(&self, pipeline: &str, args: &SetStageArgs) -> CacheResult<u64> {
         self.with_pipeline(pipeline, |state| {
             state.expire_leases(args.now_ms);
-            let creating = args.create_missing && args.from_stage.is_none() && args.worker_id.is_none();
+            let creating = args.create_missing
+                && args.from_stage.is_none()
+                && args.worker_id.is_none()
+                && args.only_version.is_none();
             // Charge every document create_missing adds before changing anything.
             if creating {
                 let mut seen = BTreeSet::new();
@@ -658,6 +764,9 @@ impl DocumentCache for EmbeddedCache {
                         if args.from_stage.as_deref().is_some_and(|f| f != &*doc.stage) {
                             continue;
                         }
+                        if args.only_version.is_some_and(|v| v != doc.version) {
+                            continue;
+                        }
                         if let Some(worker) = &args.worker_id {
                             if doc
                                 .lease
@@ -677,6 +786,7 @@ impl DocumentCache for EmbeddedCache {
                         }
                         let id: Arc<str> = Arc::from(raw.as_str());
                         let placeholder = state.stage_key(&args.stage);
+                        let version = state.next_version();
                         state.docs.insert(
                             id.clone(),
                             StagedDoc {
@@ -684,6 +794,7 @@ impl DocumentCache for EmbeddedCache {
                                 chunks: Bytes::from_static(EMPTY_CHUNKS),
                                 lease: None,
                                 failed_reason: None,
+                                version,
                             },
                         );
                         state.index(&id, &args.stage, None, None);

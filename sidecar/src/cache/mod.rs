@@ -1,5 +1,6 @@
-//! The document cache: one trait, implemented by the embedded in-process store (and meant to be
-//! implemented by the Aerospike backend with the same semantics; see the README for the layout).
+//! The document cache: one trait, implemented by the embedded in-process store (`embedded`, the
+//! default) and by the Aerospike backend (`aerospike`, with `AEROSPIKE_HOSTS`) with the same
+//! semantics; `contract` is the test suite both pass. The README documents the Aerospike layout.
 //!
 //! It holds two kinds of records:
 //! - mirrored Turbopuffer documents, per namespace, keyed by document id;
@@ -106,7 +107,18 @@ pub struct SetStageArgs {
     pub from_stage: Option<String>,
     pub worker_id: Option<String>,
     pub create_missing: bool,
+    /// Only documents whose content version (`DocState::version`) is this one: a document
+    /// re-staged since it was read is left alone.
+    pub only_version: Option<u64>,
     pub now_ms: u64,
+}
+
+/// A staged document's stage and content version. The version changes with every
+/// `stage_document` (new chunks) and with nothing else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocState {
+    pub stage: String,
+    pub version: u64,
 }
 
 /// Exact counts for a pipeline's status.
@@ -172,6 +184,13 @@ pub type CacheResult<T> = Result<T, CacheError>;
 pub trait DocumentCache: Send + Sync {
     async fn health(&self) -> CacheHealth;
 
+    /// Whether an operation is several commands that a dropped future would cut short (Aerospike):
+    /// the API then runs each operation to completion in its own task, whatever the caller does.
+    /// The embedded store's operations finish within one poll and cannot be cut.
+    fn detach_ops(&self) -> bool {
+        false
+    }
+
     // Mirrored Turbopuffer documents.
 
     async fn get_document(&self, namespace: &str, id: &DocId) -> CacheResult<Option<CachedDoc>>;
@@ -191,8 +210,20 @@ pub trait DocumentCache: Send + Sync {
         patch: Attributes,
         upserted_at: u64,
     ) -> CacheResult<bool>;
-    /// True when a cached document was removed.
-    async fn evict_document(&self, namespace: &str, id: &DocId) -> CacheResult<bool>;
+    /// Removes the cached document (true when one was cached) and leaves a short-lived tombstone
+    /// carrying `refuse_up_to`: until it lapses, a backfill with a stamp at or below it and an
+    /// upsert with a stamp below it are refused, so a write older than the eviction cannot bring
+    /// the document back.
+    async fn evict_document(&self, namespace: &str, id: &DocId, refuse_up_to: u64) -> CacheResult<bool>;
+    /// Caches a document fetched from Turbopuffer, only when nothing is cached for it and no
+    /// tombstone refuses `upserted_at` (see `evict_document`). True when written.
+    async fn backfill_document(
+        &self,
+        namespace: &str,
+        id: &DocId,
+        attributes: Attributes,
+        upserted_at: u64,
+    ) -> CacheResult<bool>;
     /// Removes every cached document of a namespace; returns how many when the backend can tell
     /// (Aerospike's truncate cannot: 0).
     async fn purge_namespace(&self, namespace: &str) -> CacheResult<u64>;
@@ -215,18 +246,21 @@ pub trait DocumentCache: Send + Sync {
     ) -> CacheResult<()>;
     /// The serialised JSON array of the document's chunks.
     async fn get_chunks(&self, pipeline: &str, document_id: &str) -> CacheResult<Option<Bytes>>;
-    /// The document's current stage.
+    /// The document's current stage and content version.
     async fn document_stage(
         &self,
         pipeline: &str,
         document_id: &str,
         now_ms: u64,
-    ) -> CacheResult<Option<String>>;
+    ) -> CacheResult<Option<DocState>>;
     async fn claim(&self, pipeline: &str, args: &ClaimArgs) -> CacheResult<Vec<String>>;
     async fn heartbeat(&self, pipeline: &str, args: &HeartbeatArgs) -> CacheResult<u64>;
     async fn set_stage(&self, pipeline: &str, args: &SetStageArgs) -> CacheResult<u64>;
     async fn stage_counts(&self, pipeline: &str, now_ms: u64) -> CacheResult<StageCounts>;
 }
+
+/// How long an eviction's tombstone refuses older writes (`evict_document`).
+pub const TOMBSTONE_MS: u64 = 60_000;
 
 /// Milliseconds since the Unix epoch from the host clock.
 pub fn now_ms() -> u64 {

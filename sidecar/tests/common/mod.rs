@@ -36,6 +36,11 @@ pub struct FakeGateway {
 
 impl FakeGateway {
     pub async fn start(responder: Responder) -> Self {
+        Self::start_with_delay(responder, Duration::ZERO).await
+    }
+
+    /// Like `start`, answering every request `delay` late.
+    pub async fn start_with_delay(responder: Responder, delay: Duration) -> Self {
         let received = Arc::new(Mutex::new(Vec::new()));
         let rec = received.clone();
         let handler = move |uri: axum::http::Uri, headers: HeaderMap, body: Bytes| {
@@ -51,6 +56,9 @@ impl FakeGateway {
                         .map(|v| v.to_str().unwrap().to_owned()),
                     body: body.clone(),
                 });
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
                 let (status, extra, text) = responder(&path, &body);
                 let mut response: Response = (StatusCode::from_u16(status).unwrap(), text).into_response();
                 response
@@ -138,6 +146,11 @@ impl TestSidecar {
     pub async fn stop(self) -> std::io::Result<()> {
         self.inner.stop().await
     }
+
+    /// The double the Aerospike backend talks to (`None` on the embedded store).
+    pub fn double(&self) -> Option<&Double> {
+        self._double.as_ref()
+    }
 }
 
 pub async fn sidecar_on(backend: Backend, gateway_url: &str, extra: &[&str]) -> TestSidecar {
@@ -156,12 +169,11 @@ pub async fn sidecar_on(backend: Backend, gateway_url: &str, extra: &[&str]) -> 
         Backend::Aerospike => {
             let double = Double::start("127.0.0.1:0", &["hevlayer"]).await.unwrap();
             let hosts = double.hosts();
-            let mut args = vec![
-                "--aerospike-hosts",
-                hosts.as_str(),
-                "--cache-op-timeout-ms",
-                "10000",
-            ];
+            let mut args = vec!["--aerospike-hosts", hosts.as_str()];
+            // Generous unless the test sets its own (the double runs in a debug build).
+            if !extra.contains(&"--cache-op-timeout-ms") {
+                args.extend_from_slice(&["--cache-op-timeout-ms", "10000"]);
+            }
             args.extend_from_slice(extra);
             let cfg = config(gateway_url, &args);
             let cache = AerospikeCache::start(AerospikeSettings {
@@ -170,6 +182,7 @@ pub async fn sidecar_on(backend: Backend, gateway_url: &str, extra: &[&str]) -> 
                 set_prefix: cfg.set_prefix.clone(),
                 pipeline_set_prefix: cfg.pipeline_set_prefix.clone(),
                 op_timeout: cfg.cache_op_timeout(),
+                breaker_open_for: hevlayer_sidecar::cache::aerospike::BREAKER_OPEN_FOR,
             });
             assert!(
                 cache.wait_connected(Duration::from_secs(10)).await,

@@ -3,23 +3,34 @@
 //! One in-memory "node" that speaks enough of the Aerospike protocol for the real `aerospike` 3.0
 //! client: the info protocol the client uses to validate and tend a node (`node`, `cluster-name`,
 //! `build`, `partition-generation`, `peers-generation`, `peers-clear-std`, `replicas`, ...; the node
-//! owns every partition of every configured namespace) and single-record AS_MSG commands: read
-//! (all bins, named bins, header only), write, delete, touch, truncate and operate with `Write`, `Incr`,
-//! `Append`, `Prepend`, `Touch`, `Delete` and `Read` ops, generation checks (equal / greater),
+//! owns every partition of every configured namespace) and AS_MSG commands: read (all bins,
+//! named bins, header only), write, delete, touch, truncate and operate with `Write`, `Incr`,
+//! `Append`, `Prepend`, `Touch`, `Delete`, `Read` and map CDT ops (see `cdt`), generation checks
+//! (equal / greater; generations are 16-bit and wrap from 65535 to 1 like a real server's),
 //! record-exists actions (create-only, update-only, replace, replace-only), TTLs (never, keep,
-//! seconds) and a stop-writes switch. Anything else is answered with `PARAMETER_ERROR` (4) so a
-//! test fails loudly instead of silently misbehaving. Records are keyed by digest, as on a real
-//! server.
+//! seconds), batch-index commands (rows of reads, operates, writes and deletes, `REPEAT` rows) and
+//! a stop-writes switch. Anything else is answered with `PARAMETER_ERROR` (4) so a test fails
+//! loudly instead of silently misbehaving. Records are keyed by digest, as on a real server.
+//!
+//! Fault injection for tests: `set_stalled` (the node stops answering, like a SIGSTOP'd process),
+//! `set_delay` (every command answered late), `cut_after` (after N more commands the node fails:
+//! the next command's connection is dropped without an answer, after or before applying it, and
+//! every later command is refused, as if the node died mid-operation).
+
+pub mod cdt;
+pub mod msgpack;
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::msgpack::Val;
 
 /// Protocol message types.
 const TYPE_INFO: u8 = 1;
@@ -29,10 +40,13 @@ const MAX_MESSAGE: usize = 128 << 20;
 /// Seconds between the Unix epoch and the Aerospike ("citrusleaf") epoch, 2010-01-01.
 const CITRUSLEAF_EPOCH: u64 = 1_262_304_000;
 const PARTITIONS: usize = 4096;
+/// Record generations are 16-bit on the server (and in batch rows on the wire).
+const MAX_GENERATION: u32 = 0xFFFF;
 
 // info1..info3 flags.
 const INFO1_READ: u8 = 1;
 const INFO1_GET_ALL: u8 = 1 << 1;
+const INFO1_BATCH: u8 = 1 << 3;
 const INFO1_NOBINDATA: u8 = 1 << 5;
 const INFO2_WRITE: u8 = 1;
 const INFO2_DELETE: u8 = 1 << 1;
@@ -40,6 +54,7 @@ const INFO2_GENERATION: u8 = 1 << 2;
 const INFO2_GENERATION_GT: u8 = 1 << 3;
 const INFO2_CREATE_ONLY: u8 = 1 << 5;
 const INFO2_RESPOND_ALL_OPS: u8 = 1 << 7;
+const INFO3_LAST: u8 = 1;
 const INFO3_UPDATE_ONLY: u8 = 1 << 3;
 const INFO3_CREATE_OR_REPLACE: u8 = 1 << 4;
 const INFO3_REPLACE_ONLY: u8 = 1 << 5;
@@ -48,10 +63,21 @@ const INFO3_REPLACE_ONLY: u8 = 1 << 5;
 const FIELD_NAMESPACE: u8 = 0;
 const FIELD_SET: u8 = 1;
 const FIELD_DIGEST: u8 = 4;
+const FIELD_BATCH_INDEX: u8 = 41;
+const FIELD_FILTER_EXP: u8 = 43;
+
+// Batch row header flags.
+const BATCH_MSG_REPEAT: u8 = 0x1;
+const BATCH_MSG_INFO: u8 = 0x2;
+const BATCH_MSG_GEN: u8 = 0x4;
+const BATCH_MSG_TTL: u8 = 0x8;
+const BATCH_MSG_INFO4: u8 = 0x10;
 
 // Operation types.
 const OP_READ: u8 = 1;
 const OP_WRITE: u8 = 2;
+const OP_CDT_READ: u8 = 3;
+const OP_CDT_MODIFY: u8 = 4;
 const OP_INCR: u8 = 5;
 const OP_APPEND: u8 = 9;
 const OP_PREPEND: u8 = 10;
@@ -61,12 +87,18 @@ const OP_DELETE: u8 = 14;
 // Particle types.
 const PARTICLE_NULL: u8 = 0;
 const PARTICLE_INTEGER: u8 = 1;
+const PARTICLE_FLOAT: u8 = 2;
 const PARTICLE_STRING: u8 = 3;
 const PARTICLE_BLOB: u8 = 4;
+const PARTICLE_BOOL: u8 = 17;
+const PARTICLE_MAP: u8 = 19;
+const PARTICLE_LIST: u8 = 20;
 
 /// Result codes.
 pub mod result_code {
     pub const OK: u8 = 0;
+    /// A generic server failure (what a failing node answers in `cut_after`).
+    pub const SERVER_ERROR: u8 = 1;
     pub const KEY_NOT_FOUND: u8 = 2;
     pub const GENERATION_ERROR: u8 = 3;
     pub const PARAMETER_ERROR: u8 = 4;
@@ -75,6 +107,8 @@ pub mod result_code {
     pub const SERVER_FULL: u8 = 8;
     pub const BIN_TYPE_ERROR: u8 = 12;
     pub const INVALID_NAMESPACE: u8 = 20;
+    pub const ELEMENT_NOT_FOUND: u8 = 23;
+    pub const ELEMENT_EXISTS: u8 = 24;
 }
 
 /// TTL values with a special meaning in a write's `record_ttl`.
@@ -110,6 +144,15 @@ impl Record {
     }
 }
 
+/// The generation after one more write: 16-bit, wrapping from 65535 to 1 (0 means "no record").
+fn next_generation(generation: u32) -> u32 {
+    if generation >= MAX_GENERATION {
+        1
+    } else {
+        generation + 1
+    }
+}
+
 type RecordKey = (String, [u8; 20]);
 
 struct Store {
@@ -117,6 +160,31 @@ struct Store {
     records: Mutex<HashMap<RecordKey, Record>>,
     stop_writes: AtomicBool,
     commands: AtomicU64,
+    /// While set, no message is answered (the node hangs, like a stopped process).
+    stalled: AtomicBool,
+    /// Added to every AS_MSG command's answer time, in microseconds.
+    delay_us: AtomicU64,
+    /// The cut `cut_after` arranged, if any.
+    cut: Mutex<Option<Cut>>,
+}
+
+/// A failure after `left` more commands.
+#[derive(Clone, Copy)]
+struct Cut {
+    left: u64,
+    /// The failing command is applied before its connection drops (its outcome is unknown to the
+    /// client, like a timeout after the server did the work).
+    in_doubt: bool,
+    /// The failing command has happened: everything later is refused.
+    failed: bool,
+}
+
+/// What happens to the next AS_MSG command.
+enum Fate {
+    Serve,
+    /// Drop the connection; apply the command first when true.
+    Drop(bool),
+    Refuse,
 }
 
 fn citrusleaf_now() -> u64 {
@@ -147,6 +215,9 @@ impl Double {
             records: Mutex::new(HashMap::new()),
             stop_writes: AtomicBool::new(false),
             commands: AtomicU64::new(0),
+            stalled: AtomicBool::new(false),
+            delay_us: AtomicU64::new(0),
+            cut: Mutex::new(None),
         });
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
         let accept_store = store.clone();
@@ -193,6 +264,30 @@ impl Double {
         self.store.stop_writes.store(on, Ordering::SeqCst);
     }
 
+    /// While on, the node reads requests but answers none (info included) until turned off,
+    /// like a process stopped with SIGSTOP: clients see timeouts, not refused connections.
+    pub fn set_stalled(&self, on: bool) {
+        self.store.stalled.store(on, Ordering::SeqCst);
+    }
+
+    /// Every AS_MSG command is answered `delay` late (zero: no delay).
+    pub fn set_delay(&self, delay: Duration) {
+        let us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.store.delay_us.store(us, Ordering::SeqCst);
+    }
+
+    /// `Some(n)`: serve `n` more AS_MSG commands; drop the connection of the next one without
+    /// answering (applying it first when `in_doubt`); answer every later one `SERVER_ERROR` without
+    /// applying it. `None` heals the node. Info requests are always answered, so the client keeps
+    /// the node.
+    pub fn cut_after(&self, commands: Option<u64>, in_doubt: bool) {
+        *self.store.cut.lock().unwrap_or_else(PoisonError::into_inner) = commands.map(|left| Cut {
+            left,
+            in_doubt,
+            failed: false,
+        });
+    }
+
     /// Live (unexpired) records in a namespace and set.
     pub fn record_count(&self, namespace: &str, set: &str) -> usize {
         let now = citrusleaf_now();
@@ -201,6 +296,16 @@ impl Double {
             .iter()
             .filter(|((ns, _), r)| ns == namespace && r.set == set && !expired(r, now))
             .count()
+    }
+
+    /// Sets the generation of every record of a set (tests of generation wraparound).
+    pub fn set_generations(&self, namespace: &str, set: &str, generation: u32) {
+        let mut records = self.store.records.lock().unwrap_or_else(PoisonError::into_inner);
+        for ((ns, _), r) in records.iter_mut() {
+            if ns == namespace && r.set == set {
+                r.generation = generation.clamp(1, MAX_GENERATION);
+            }
+        }
     }
 
     /// AS_MSG commands served so far.
@@ -213,6 +318,29 @@ impl Drop for Double {
     fn drop(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
+        }
+    }
+}
+
+/// Waits while the node is stalled (polled; the connection task ends when the double is dropped).
+async fn wait_while_stalled(store: &Store) {
+    while store.stalled.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn fate(store: &Store) -> Fate {
+    let mut cut = store.cut.lock().unwrap_or_else(PoisonError::into_inner);
+    match cut.as_mut() {
+        None => Fate::Serve,
+        Some(c) if c.failed => Fate::Refuse,
+        Some(c) if c.left == 0 => {
+            c.failed = true;
+            Fate::Drop(c.in_doubt)
+        }
+        Some(c) => {
+            c.left -= 1;
+            Fate::Serve
         }
     }
 }
@@ -235,11 +363,34 @@ async fn serve_connection(mut stream: TcpStream, store: Arc<Store>, addr: Socket
         }
         let mut body = vec![0u8; size];
         stream.read_exact(&mut body).await?;
+        wait_while_stalled(&store).await;
         let reply = match header[1] {
             TYPE_INFO => frame(TYPE_INFO, &info_reply(&body, &store, addr)),
             TYPE_AS_MSG => {
-                store.commands.fetch_add(1, Ordering::Relaxed);
-                frame(TYPE_AS_MSG, &as_msg_reply(&body, &store))
+                let delay = store.delay_us.load(Ordering::SeqCst);
+                if delay > 0 {
+                    tokio::time::sleep(Duration::from_micros(delay)).await;
+                }
+                match fate(&store) {
+                    Fate::Serve => {
+                        store.commands.fetch_add(1, Ordering::Relaxed);
+                        frame(TYPE_AS_MSG, &as_msg_reply(&body, &store))
+                    }
+                    Fate::Drop(apply) => {
+                        if apply {
+                            let _ = as_msg_reply(&body, &store);
+                        }
+                        return Err(io::Error::new(
+                            io::ErrorKind::ConnectionAborted,
+                            "injected failure",
+                        ));
+                    }
+                    Fate::Refuse => {
+                        let mut out = Vec::new();
+                        encode_reply(&mut out, &Outcome::error(result_code::SERVER_ERROR), 0, 0);
+                        frame(TYPE_AS_MSG, &out)
+                    }
+                }
             }
             other => {
                 return Err(io::Error::new(
@@ -344,7 +495,8 @@ fn truncate(store: &Store, command: &str) -> String {
     "ok".to_owned()
 }
 
-/// A parsed AS_MSG request.
+/// A parsed AS_MSG request (a single-record command, or one row of a batch).
+#[derive(Clone)]
 struct Request {
     info1: u8,
     info2: u8,
@@ -354,6 +506,9 @@ struct Request {
     namespace: String,
     set: String,
     digest: Option<[u8; 20]>,
+    /// A filter expression: not supported (refused rather than ignored).
+    filtered: bool,
+    batch: Option<Vec<u8>>,
     ops: Vec<(u8, Bin)>,
 }
 
@@ -383,77 +538,160 @@ impl<'a> Reader<'a> {
     }
 }
 
+impl Request {
+    fn empty() -> Self {
+        Self {
+            info1: 0,
+            info2: 0,
+            info3: 0,
+            generation: 0,
+            ttl: 0,
+            namespace: String::new(),
+            set: String::new(),
+            digest: None,
+            filtered: false,
+            batch: None,
+            ops: Vec::new(),
+        }
+    }
+
+    /// Reads `n_fields` fields and `n_ops` ops.
+    fn read_fields_and_ops(&mut self, r: &mut Reader<'_>, n_fields: u16, n_ops: u16) -> Option<()> {
+        for _ in 0..n_fields {
+            let size = usize::try_from(r.u32()?).ok()?;
+            let kind = r.u8()?;
+            let data = r.take(size.checked_sub(1)?)?;
+            match kind {
+                FIELD_NAMESPACE => self.namespace = String::from_utf8_lossy(data).into_owned(),
+                FIELD_SET => self.set = String::from_utf8_lossy(data).into_owned(),
+                FIELD_DIGEST => self.digest = Some(data.try_into().ok()?),
+                FIELD_BATCH_INDEX => self.batch = Some(data.to_vec()),
+                FIELD_FILTER_EXP => self.filtered = true,
+                _ => {}
+            }
+        }
+        for _ in 0..n_ops {
+            let size = usize::try_from(r.u32()?).ok()?;
+            let op = r.u8()?;
+            let particle = r.u8()?;
+            let _unused = r.u8()?;
+            let name_len = usize::from(r.u8()?);
+            let name = String::from_utf8_lossy(r.take(name_len)?).into_owned();
+            let value = r.take(size.checked_sub(4 + name_len)?)?.to_vec();
+            self.ops.push((
+                op,
+                Bin {
+                    name,
+                    particle,
+                    value,
+                },
+            ));
+        }
+        Some(())
+    }
+}
+
 fn parse_request(body: &[u8]) -> Option<Request> {
     let mut r = Reader { buf: body, pos: 0 };
     let header_size = r.u8()?;
-    let info1 = r.u8()?;
-    let info2 = r.u8()?;
-    let info3 = r.u8()?;
+    let mut req = Request::empty();
+    req.info1 = r.u8()?;
+    req.info2 = r.u8()?;
+    req.info3 = r.u8()?;
     let _info4 = r.u8()?;
     let _result = r.u8()?;
-    let generation = r.u32()?;
-    let ttl = r.u32()?;
+    req.generation = r.u32()?;
+    req.ttl = r.u32()?;
     let _timeout = r.u32()?;
     let n_fields = r.u16()?;
     let n_ops = r.u16()?;
     r.pos = usize::from(header_size);
-    let mut req = Request {
-        info1,
-        info2,
-        info3,
-        generation,
-        ttl,
-        namespace: String::new(),
-        set: String::new(),
-        digest: None,
-        ops: Vec::new(),
-    };
-    for _ in 0..n_fields {
-        let size = usize::try_from(r.u32()?).ok()?;
-        let kind = r.u8()?;
-        let data = r.take(size.checked_sub(1)?)?;
-        match kind {
-            FIELD_NAMESPACE => req.namespace = String::from_utf8_lossy(data).into_owned(),
-            FIELD_SET => req.set = String::from_utf8_lossy(data).into_owned(),
-            FIELD_DIGEST => req.digest = Some(data.try_into().ok()?),
-            _ => {}
-        }
-    }
-    for _ in 0..n_ops {
-        let size = usize::try_from(r.u32()?).ok()?;
-        let op = r.u8()?;
-        let particle = r.u8()?;
-        let _unused = r.u8()?;
-        let name_len = usize::from(r.u8()?);
-        let name = String::from_utf8_lossy(r.take(name_len)?).into_owned();
-        let value = r.take(size.checked_sub(4 + name_len)?)?.to_vec();
-        req.ops.push((
-            op,
-            Bin {
-                name,
-                particle,
-                value,
-            },
-        ));
-    }
+    req.read_fields_and_ops(&mut r, n_fields, n_ops)?;
     Some(req)
 }
 
-/// An AS_MSG reply: header plus one op per returned bin.
-fn reply(result: u8, generation: u32, void_time: u32, bins: &[Bin]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(
-        22 + bins
-            .iter()
-            .map(|b| 8 + b.name.len() + b.value.len())
-            .sum::<usize>(),
-    );
-    out.extend_from_slice(&[22, 0, 0, 0, 0, result]);
-    out.extend_from_slice(&generation.to_be_bytes());
-    out.extend_from_slice(&void_time.to_be_bytes());
-    out.extend_from_slice(&0u32.to_be_bytes());
+/// The rows of a batch-index field: (row index, request). A `REPEAT` row reuses the previous
+/// row's header, fields and ops with its own digest.
+fn parse_batch(data: &[u8]) -> Option<Vec<(u32, Request)>> {
+    let mut r = Reader { buf: data, pos: 0 };
+    let count = r.u32()?;
+    let _flags = r.u8()?;
+    let mut rows: Vec<(u32, Request)> = Vec::new();
+    for _ in 0..count {
+        let index = r.u32()?;
+        let digest: [u8; 20] = r.take(20)?.try_into().ok()?;
+        let flags = r.u8()?;
+        let mut req = if flags & BATCH_MSG_REPEAT != 0 {
+            rows.last()?.1.clone()
+        } else {
+            if flags & BATCH_MSG_INFO == 0 {
+                return None;
+            }
+            let mut req = Request::empty();
+            req.info1 = r.u8()?;
+            req.info2 = r.u8()?;
+            req.info3 = r.u8()?;
+            if flags & BATCH_MSG_INFO4 != 0 {
+                let _txn_attr = r.u8()?;
+            }
+            if flags & BATCH_MSG_GEN != 0 {
+                req.generation = u32::from(r.u16()?);
+            }
+            if flags & BATCH_MSG_TTL != 0 {
+                req.ttl = r.u32()?;
+            }
+            let n_fields = r.u16()?;
+            let n_ops = r.u16()?;
+            req.read_fields_and_ops(&mut r, n_fields, n_ops)?;
+            req
+        };
+        req.digest = Some(digest);
+        rows.push((index, req));
+    }
+    Some(rows)
+}
+
+/// What a command produced: result code, record generation and void time, returned bins.
+struct Outcome {
+    result: u8,
+    generation: u32,
+    void_time: u32,
+    bins: Vec<Bin>,
+}
+
+impl Outcome {
+    fn error(code: u8) -> Self {
+        Self {
+            result: code,
+            generation: 0,
+            void_time: 0,
+            bins: Vec::new(),
+        }
+    }
+
+    fn ok(generation: u32, void_time: u32, bins: Vec<Bin>) -> Self {
+        Self {
+            result: result_code::OK,
+            generation,
+            void_time,
+            bins,
+        }
+    }
+}
+
+/// An AS_MSG reply header plus one op per returned bin; `index` is the batch row (0 otherwise).
+fn encode_reply(out: &mut Vec<u8>, outcome: &Outcome, info3: u8, index: u32) {
+    out.extend_from_slice(&[22, 0, 0, info3, 0, outcome.result]);
+    out.extend_from_slice(&outcome.generation.to_be_bytes());
+    out.extend_from_slice(&outcome.void_time.to_be_bytes());
+    out.extend_from_slice(&index.to_be_bytes());
     out.extend_from_slice(&0u16.to_be_bytes());
-    out.extend_from_slice(&u16::try_from(bins.len()).unwrap_or(u16::MAX).to_be_bytes());
-    for bin in bins {
+    out.extend_from_slice(
+        &u16::try_from(outcome.bins.len())
+            .unwrap_or(u16::MAX)
+            .to_be_bytes(),
+    );
+    for bin in &outcome.bins {
         let size = u32::try_from(4 + bin.name.len() + bin.value.len()).unwrap_or(u32::MAX);
         out.extend_from_slice(&size.to_be_bytes());
         out.push(OP_READ);
@@ -463,23 +701,54 @@ fn reply(result: u8, generation: u32, void_time: u32, bins: &[Bin]) -> Vec<u8> {
         out.extend_from_slice(bin.name.as_bytes());
         out.extend_from_slice(&bin.value);
     }
-    out
-}
-
-fn error(code: u8) -> Vec<u8> {
-    reply(code, 0, 0, &[])
 }
 
 fn as_msg_reply(body: &[u8], store: &Store) -> Vec<u8> {
+    let mut out = Vec::new();
     let Some(req) = parse_request(body) else {
-        return error(result_code::PARAMETER_ERROR);
+        encode_reply(&mut out, &Outcome::error(result_code::PARAMETER_ERROR), 0, 0);
+        return out;
     };
+    if req.info1 & INFO1_BATCH != 0 {
+        return batch_reply(&req, store);
+    }
+    let outcome = execute(store, &req);
+    encode_reply(&mut out, &outcome, 0, 0);
+    out
+}
+
+/// Every row answered in order, then the end marker (`INFO3_LAST`).
+fn batch_reply(req: &Request, store: &Store) -> Vec<u8> {
+    let mut out = Vec::new();
+    let rows = req.batch.as_deref().and_then(parse_batch);
+    let Some(rows) = rows else {
+        encode_reply(
+            &mut out,
+            &Outcome::error(result_code::PARAMETER_ERROR),
+            INFO3_LAST,
+            0,
+        );
+        return out;
+    };
+    for (index, row) in &rows {
+        let outcome = execute(store, row);
+        encode_reply(&mut out, &outcome, 0, *index);
+    }
+    encode_reply(&mut out, &Outcome::ok(0, 0, Vec::new()), INFO3_LAST, 0);
+    out
+}
+
+/// Runs one single-record command (a whole command, or a batch row) under the store's lock.
+fn execute(store: &Store, req: &Request) -> Outcome {
     if !store.namespaces.contains(&req.namespace) {
-        return error(result_code::INVALID_NAMESPACE);
+        return Outcome::error(result_code::INVALID_NAMESPACE);
     }
     let Some(digest) = req.digest else {
-        return error(result_code::PARAMETER_ERROR);
+        return Outcome::error(result_code::PARAMETER_ERROR);
     };
+    if req.filtered {
+        return Outcome::error(result_code::PARAMETER_ERROR);
+    }
     let key = (req.namespace.clone(), digest);
     let now = citrusleaf_now();
     let mut records = store.records.lock().unwrap_or_else(PoisonError::into_inner);
@@ -488,17 +757,20 @@ fn as_msg_reply(body: &[u8], store: &Store) -> Vec<u8> {
     }
     if req.info2 & INFO2_WRITE != 0 {
         if store.stop_writes.load(Ordering::SeqCst) {
-            return error(result_code::SERVER_FULL);
+            return Outcome::error(result_code::SERVER_FULL);
         }
         if req.info2 & INFO2_DELETE != 0 {
-            return delete(&mut records, &key, &req);
+            return delete(&mut records, &key, req);
         }
-        return write(&mut records, key, &req, now);
+        return operate(&mut records, key, req, now, true);
     }
     if req.info1 & INFO1_READ != 0 {
-        return read(records.get(&key), &req);
+        if req.ops.iter().any(|(op, _)| *op != OP_READ) {
+            return operate(&mut records, key, req, now, false);
+        }
+        return read(records.get(&key), req);
     }
-    error(result_code::PARAMETER_ERROR)
+    Outcome::error(result_code::PARAMETER_ERROR)
 }
 
 fn generation_ok(req: &Request, current: u32) -> bool {
@@ -511,37 +783,33 @@ fn generation_ok(req: &Request, current: u32) -> bool {
     true
 }
 
-fn read(record: Option<&Record>, req: &Request) -> Vec<u8> {
+fn read(record: Option<&Record>, req: &Request) -> Outcome {
     let Some(record) = record else {
-        return error(result_code::KEY_NOT_FOUND);
+        return Outcome::error(result_code::KEY_NOT_FOUND);
     };
     if req.info1 & INFO1_NOBINDATA != 0 {
-        return reply(result_code::OK, record.generation, record.void_time, &[]);
+        return Outcome::ok(record.generation, record.void_time, Vec::new());
     }
     if req.info1 & INFO1_GET_ALL != 0 || req.ops.is_empty() {
-        return reply(result_code::OK, record.generation, record.void_time, &record.bins);
+        return Outcome::ok(record.generation, record.void_time, record.bins.clone());
     }
-    let mut bins = Vec::new();
-    for (op, bin) in &req.ops {
-        if *op != OP_READ {
-            return error(result_code::PARAMETER_ERROR);
-        }
-        if let Some(found) = record.bin(&bin.name) {
-            bins.push(found.clone());
-        }
-    }
-    reply(result_code::OK, record.generation, record.void_time, &bins)
+    let bins = req
+        .ops
+        .iter()
+        .filter_map(|(_, bin)| record.bin(&bin.name).cloned())
+        .collect();
+    Outcome::ok(record.generation, record.void_time, bins)
 }
 
-fn delete(records: &mut HashMap<RecordKey, Record>, key: &RecordKey, req: &Request) -> Vec<u8> {
+fn delete(records: &mut HashMap<RecordKey, Record>, key: &RecordKey, req: &Request) -> Outcome {
     let Some(record) = records.get(key) else {
-        return error(result_code::KEY_NOT_FOUND);
+        return Outcome::error(result_code::KEY_NOT_FOUND);
     };
     if !generation_ok(req, record.generation) {
-        return error(result_code::GENERATION_ERROR);
+        return Outcome::error(result_code::GENERATION_ERROR);
     }
     records.remove(key);
-    reply(result_code::OK, 0, 0, &[])
+    Outcome::ok(0, 0, Vec::new())
 }
 
 fn be_i64(value: &[u8]) -> Option<i64> {
@@ -549,16 +817,69 @@ fn be_i64(value: &[u8]) -> Option<i64> {
     Some(i64::from_be_bytes(bytes))
 }
 
-fn write(records: &mut HashMap<RecordKey, Record>, key: RecordKey, req: &Request, now: u64) -> Vec<u8> {
+/// A CDT op's result as a returned bin.
+fn value_bin(name: &str, value: &Val) -> Bin {
+    let (particle, value) = match value {
+        Val::Nil => (PARTICLE_NULL, Vec::new()),
+        Val::Bool(b) => (PARTICLE_BOOL, vec![u8::from(*b)]),
+        Val::Int(i) => (PARTICLE_INTEGER, i.to_be_bytes().to_vec()),
+        Val::Float(f) => (PARTICLE_FLOAT, f.to_bits().to_be_bytes().to_vec()),
+        Val::Bytes(p, data) => (*p, data.clone()),
+        Val::List(_) => (PARTICLE_LIST, msgpack::to_bytes(value)),
+        Val::Map(_) | Val::Wildcard | Val::Infinity => (PARTICLE_MAP, msgpack::to_bytes(value)),
+    };
+    Bin {
+        name: name.to_owned(),
+        particle,
+        value,
+    }
+}
+
+/// Applies a map CDT op to `record`; returns the op's result bin.
+fn apply_map_op(record: &mut Record, op: u8, bin: &Bin) -> Result<Bin, u8> {
+    let current = match record.bin(&bin.name) {
+        None => None,
+        Some(b) if b.particle == PARTICLE_MAP => match msgpack::decode_all(&b.value) {
+            Some(Val::Map(m)) => Some(m),
+            _ => return Err(result_code::BIN_TYPE_ERROR),
+        },
+        Some(_) => return Err(result_code::BIN_TYPE_ERROR),
+    };
+    let applied = cdt::apply(current.as_ref(), &bin.value)?;
+    if applied.map.is_some() && op == OP_CDT_READ {
+        return Err(result_code::PARAMETER_ERROR);
+    }
+    if let Some(map) = applied.map {
+        record.set_bin(Bin {
+            name: bin.name.clone(),
+            particle: PARTICLE_MAP,
+            value: msgpack::to_bytes(&Val::Map(map)),
+        });
+    }
+    Ok(value_bin(&bin.name, &applied.result))
+}
+
+/// Applies a write's or an operate's ops to the record as one atomic step: any failing op leaves
+/// the record untouched. `persist` is false for read-only operates.
+fn operate(
+    records: &mut HashMap<RecordKey, Record>,
+    key: RecordKey,
+    req: &Request,
+    now: u64,
+    persist: bool,
+) -> Outcome {
     let existing = records.get(&key);
+    if !persist && existing.is_none() {
+        return Outcome::error(result_code::KEY_NOT_FOUND);
+    }
     if !generation_ok(req, existing.map_or(0, |r| r.generation)) {
-        return error(result_code::GENERATION_ERROR);
+        return Outcome::error(result_code::GENERATION_ERROR);
     }
     if existing.is_some() && req.info2 & INFO2_CREATE_ONLY != 0 {
-        return error(result_code::KEY_EXISTS);
+        return Outcome::error(result_code::KEY_EXISTS);
     }
     if existing.is_none() && req.info3 & (INFO3_UPDATE_ONLY | INFO3_REPLACE_ONLY) != 0 {
-        return error(result_code::KEY_NOT_FOUND);
+        return Outcome::error(result_code::KEY_NOT_FOUND);
     }
     let replace = req.info3 & (INFO3_CREATE_OR_REPLACE | INFO3_REPLACE_ONLY) != 0;
     let mut record = match existing {
@@ -586,20 +907,27 @@ fn write(records: &mut HashMap<RecordKey, Record>, key: RecordKey, req: &Request
                     record.set_bin(bin.clone());
                 }
             }
+            OP_CDT_READ | OP_CDT_MODIFY => match apply_map_op(&mut record, *op, bin) {
+                Ok(result) => {
+                    out.push(result);
+                    continue;
+                }
+                Err(code) => return Outcome::error(code),
+            },
             OP_INCR => {
                 if bin.particle != PARTICLE_INTEGER {
-                    return error(result_code::PARAMETER_ERROR);
+                    return Outcome::error(result_code::PARAMETER_ERROR);
                 }
                 let Some(add) = be_i64(&bin.value) else {
-                    return error(result_code::PARAMETER_ERROR);
+                    return Outcome::error(result_code::PARAMETER_ERROR);
                 };
                 let current = match record.bin(&bin.name) {
                     None => 0,
                     Some(b) if b.particle == PARTICLE_INTEGER => match be_i64(&b.value) {
                         Some(v) => v,
-                        None => return error(result_code::BIN_TYPE_ERROR),
+                        None => return Outcome::error(result_code::BIN_TYPE_ERROR),
                     },
-                    Some(_) => return error(result_code::BIN_TYPE_ERROR),
+                    Some(_) => return Outcome::error(result_code::BIN_TYPE_ERROR),
                 };
                 record.set_bin(Bin {
                     name: bin.name.clone(),
@@ -609,7 +937,7 @@ fn write(records: &mut HashMap<RecordKey, Record>, key: RecordKey, req: &Request
             }
             OP_APPEND | OP_PREPEND => {
                 if bin.particle != PARTICLE_STRING && bin.particle != PARTICLE_BLOB {
-                    return error(result_code::PARAMETER_ERROR);
+                    return Outcome::error(result_code::PARAMETER_ERROR);
                 }
                 let value = match record.bin(&bin.name) {
                     None => bin.value.clone(),
@@ -620,7 +948,7 @@ fn write(records: &mut HashMap<RecordKey, Record>, key: RecordKey, req: &Request
                             [bin.value.as_slice(), b.value.as_slice()].concat()
                         }
                     }
-                    Some(_) => return error(result_code::BIN_TYPE_ERROR),
+                    Some(_) => return Outcome::error(result_code::BIN_TYPE_ERROR),
                 };
                 record.set_bin(Bin {
                     name: bin.name.clone(),
@@ -630,7 +958,7 @@ fn write(records: &mut HashMap<RecordKey, Record>, key: RecordKey, req: &Request
             }
             OP_TOUCH => {
                 if existing.is_none() {
-                    return error(result_code::KEY_NOT_FOUND);
+                    return Outcome::error(result_code::KEY_NOT_FOUND);
                 }
             }
             OP_DELETE => {
@@ -652,7 +980,7 @@ fn write(records: &mut HashMap<RecordKey, Record>, key: RecordKey, req: &Request
                 }
                 continue;
             }
-            _ => return error(result_code::PARAMETER_ERROR),
+            _ => return Outcome::error(result_code::PARAMETER_ERROR),
         }
         if respond_all {
             out.push(Bin {
@@ -662,17 +990,20 @@ fn write(records: &mut HashMap<RecordKey, Record>, key: RecordKey, req: &Request
             });
         }
     }
-    if deleted || record.bins.is_empty() {
-        // A record left without bins no longer exists.
-        let generation = existing.map_or(0, |r| r.generation);
-        records.remove(&key);
-        return reply(result_code::OK, generation, 0, &out);
-    }
     if req.info1 & INFO1_GET_ALL != 0 {
         // An operate with a read-all op answers with the whole record as written.
         out = record.bins.clone();
     }
-    record.generation = record.generation.wrapping_add(1).max(1);
+    if !persist {
+        return Outcome::ok(record.generation, record.void_time, out);
+    }
+    if deleted || record.bins.is_empty() {
+        // A record left without bins no longer exists.
+        let generation = existing.map_or(0, |r| r.generation);
+        records.remove(&key);
+        return Outcome::ok(generation, 0, out);
+    }
+    record.generation = next_generation(record.generation);
     record.void_time = match req.ttl {
         TTL_DONT_UPDATE => existing.map_or(0, |r| r.void_time),
         TTL_NEVER_EXPIRE | 0 => 0,
@@ -680,7 +1011,7 @@ fn write(records: &mut HashMap<RecordKey, Record>, key: RecordKey, req: &Request
     };
     let (generation, void_time) = (record.generation, record.void_time);
     records.insert(key, record);
-    reply(result_code::OK, generation, void_time, &out)
+    Outcome::ok(generation, void_time, out)
 }
 
 #[cfg(test)]
@@ -694,5 +1025,12 @@ mod tests {
         assert_eq!(base64(b"fo"), "Zm8=");
         assert_eq!(base64(b"foo"), "Zm9v");
         assert_eq!(base64(&[0xFF; 512]).len(), 684);
+    }
+
+    #[test]
+    fn generations_wrap_at_16_bits() {
+        assert_eq!(next_generation(0), 1);
+        assert_eq!(next_generation(65_534), 65_535);
+        assert_eq!(next_generation(65_535), 1);
     }
 }

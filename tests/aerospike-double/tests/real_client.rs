@@ -1,4 +1,4 @@
-#![allow(clippy::unwrap_used, clippy::field_reassign_with_default)]
+#![allow(clippy::unwrap_used, clippy::panic, clippy::field_reassign_with_default)]
 
 //! The real `aerospike` 3.0 client against the double: connect, then every command the double
 //! claims to support.
@@ -158,5 +158,213 @@ async fn truncate_drops_one_set() {
         .await
         .unwrap();
     assert_eq!(double.record_count("hevlayer", "a"), 1);
+    client.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_reads_answer_every_row() {
+    use aerospike::{BatchOperation, BatchPolicy, BatchReadPolicy};
+    let double = Double::start("127.0.0.1:0", &["hevlayer"]).await.unwrap();
+    let client = connect(&double).await;
+    let wp = WritePolicy::default();
+    for i in 0..5 {
+        client
+            .put(
+                &wp,
+                &as_key!("hevlayer", "b", i),
+                &[as_bin!("v", i), as_bin!("w", "x")],
+            )
+            .await
+            .unwrap();
+    }
+    let rp = BatchReadPolicy::default();
+    let mut ops: Vec<BatchOperation> = (0..7)
+        .map(|i| BatchOperation::read(&rp, as_key!("hevlayer", "b", i), Bins::All))
+        .collect();
+    ops.push(BatchOperation::read(
+        &rp,
+        as_key!("hevlayer", "b", 1),
+        Bins::from(["w"]),
+    ));
+    ops.push(BatchOperation::read_ops(
+        &rp,
+        as_key!("hevlayer", "b", 2),
+        vec![operations::get_bin("v")],
+    ));
+    let before = double.commands_served();
+    client.batch(&BatchPolicy::default(), &mut ops).await.unwrap();
+    assert_eq!(double.commands_served() - before, 1, "one batch-index command");
+    for (i, op) in ops.iter().take(7).enumerate() {
+        match op.record() {
+            Some(rec) if i < 5 => assert_eq!(rec.bins.get("v"), Some(&Value::from(i as i64))),
+            None if i >= 5 => assert_eq!(op.result_code(), Some(aerospike::ResultCode::KeyNotFoundError)),
+            other => panic!("row {i}: {other:?}"),
+        }
+    }
+    let named = ops[7].record().unwrap();
+    assert_eq!(named.bins.len(), 1);
+    assert_eq!(ops[8].record().unwrap().bins.get("v"), Some(&Value::from(2)));
+    client.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_operations_are_atomic_per_record() {
+    use aerospike::operations::maps;
+    use aerospike::operations::{MapOrder, MapPolicy, MapReturnType, MapWriteFlags};
+    let double = Double::start("127.0.0.1:0", &["hevlayer"]).await.unwrap();
+    let client = connect(&double).await;
+    let wp = WritePolicy::default();
+    let key = as_key!("hevlayer", "m", "k");
+    let create_only = MapPolicy::new(MapOrder::KeyOrdered, MapWriteFlags::CREATE_ONLY);
+    let plain = MapPolicy::new(MapOrder::KeyOrdered, MapWriteFlags::DEFAULT);
+    let ops = [
+        maps::put(
+            &create_only,
+            "j",
+            Value::from("doc"),
+            Value::from(vec![Value::from(1), Value::from("a")]),
+        ),
+        maps::increment_value(&plain, "c", Value::from("s:pending"), Value::from(1)),
+        maps::increment_value(&plain, "c", Value::from("l"), Value::from(-1)),
+    ];
+    let rec = client.operate(&wp, &key, &ops).await.unwrap();
+    assert_eq!(
+        rec.results,
+        Some(vec![Value::from(1), Value::from(1), Value::from(-1)])
+    );
+    // A create-only put of an existing key fails the whole command: the counter is untouched.
+    let again = [
+        maps::put(&create_only, "j", Value::from("doc"), Value::from(2)),
+        maps::increment_value(&plain, "c", Value::from("s:pending"), Value::from(1)),
+    ];
+    let err = client.operate(&wp, &key, &again).await.unwrap_err();
+    assert_eq!(err.result_code(), i32::from(result_code::ELEMENT_EXISTS));
+    let rec = client.get(&ReadPolicy::default(), &key, Bins::All).await.unwrap();
+    assert_eq!(rec.generation, 1);
+    let counts = match rec.bins.get("c") {
+        Some(Value::SortedMap(m)) => m.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(counts.get(&Value::from("s:pending")), Some(&Value::from(1)));
+    // Put-items with no-fail + partial writes only the keys that are missing.
+    let mut items = std::collections::HashMap::new();
+    items.insert(Value::from(1), Value::from(""));
+    items.insert(Value::from(2), Value::from(""));
+    let ops = [maps::put_items(&plain, "q", items.clone())];
+    client.operate(&wp, &key, &ops).await.unwrap();
+    let tomb = MapPolicy::new(
+        MapOrder::KeyOrdered,
+        MapWriteFlags::CREATE_ONLY | MapWriteFlags::NO_FAIL | MapWriteFlags::PARTIAL,
+    );
+    items.insert(Value::from(3), Value::from(""));
+    items.insert(Value::from(1), Value::from("overwritten?"));
+    let ops = [maps::put_items(&tomb, "q", items), maps::size("q")];
+    let rec = client.operate(&wp, &key, &ops).await.unwrap();
+    assert_eq!(rec.results.as_ref().unwrap()[1], Value::from(3));
+    let ops = [maps::get_by_key("q", Value::from(1), MapReturnType::VALUE)];
+    let rec = client.operate(&wp, &key, &ops).await.unwrap();
+    assert_eq!(rec.results, Some(vec![Value::from("")]));
+    // Key ranges, removal by key list and by value.
+    let ops = [
+        maps::get_by_key_range("q", Value::Nil, Value::from(3), MapReturnType::KEY),
+        maps::remove_by_key_list("q", vec![Value::from(1), Value::from(9)], MapReturnType::COUNT),
+        maps::remove_by_value(
+            "j",
+            Value::from(vec![Value::from(1), Value::from("a")]),
+            MapReturnType::COUNT,
+        ),
+        maps::remove_by_key_range("q", Value::from(3), Value::Nil, MapReturnType::COUNT),
+        maps::size("q"),
+        maps::size("j"),
+    ];
+    let rec = client.operate(&wp, &key, &ops).await.unwrap();
+    assert_eq!(
+        rec.results,
+        Some(vec![
+            Value::from(vec![Value::from(1), Value::from(2)]),
+            Value::from(1),
+            Value::from(1),
+            Value::from(1),
+            Value::from(1),
+            Value::from(0),
+        ])
+    );
+    // A read-only operate on a missing record is "not found".
+    let err = client
+        .operate(&wp, &as_key!("hevlayer", "m", "none"), &[maps::size("q")])
+        .await
+        .unwrap_err();
+    assert_eq!(err.result_code(), i32::from(result_code::KEY_NOT_FOUND));
+    client.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generations_wrap_at_16_bits_and_checks_follow() {
+    let double = Double::start("127.0.0.1:0", &["hevlayer"]).await.unwrap();
+    let client = connect(&double).await;
+    let key = as_key!("hevlayer", "g", 1);
+    client
+        .put(&WritePolicy::default(), &key, &[as_bin!("v", 1)])
+        .await
+        .unwrap();
+    double.set_generations("hevlayer", "g", 65_535);
+    let rec = client.get(&ReadPolicy::default(), &key, Bins::All).await.unwrap();
+    assert_eq!(rec.generation, 65_535);
+    let mut gen_policy = WritePolicy::default();
+    gen_policy.generation_policy = GenerationPolicy::ExpectGenEqual;
+    gen_policy.generation = 65_535;
+    client.put(&gen_policy, &key, &[as_bin!("v", 2)]).await.unwrap();
+    let rec = client.get(&ReadPolicy::default(), &key, Bins::All).await.unwrap();
+    assert_eq!(rec.generation, 1, "wraps past 65535 to 1");
+    let err = client
+        .put(&gen_policy, &key, &[as_bin!("v", 3)])
+        .await
+        .unwrap_err();
+    assert_eq!(err.result_code(), i32::from(result_code::GENERATION_ERROR));
+    gen_policy.generation = 1;
+    client.put(&gen_policy, &key, &[as_bin!("v", 3)]).await.unwrap();
+    client.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_node_times_out_and_a_failing_node_drops_commands() {
+    let double = Double::start("127.0.0.1:0", &["hevlayer"]).await.unwrap();
+    let client = connect(&double).await;
+    let key = as_key!("hevlayer", "f", 1);
+    let mut rp = ReadPolicy::default();
+    rp.base_policy.total_timeout = 100;
+    rp.base_policy.socket_timeout = 100;
+    client
+        .put(&WritePolicy::default(), &key, &[as_bin!("v", 1)])
+        .await
+        .unwrap();
+    double.set_stalled(true);
+    let started = std::time::Instant::now();
+    assert!(client.get(&rp, &key, Bins::All).await.is_err());
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    double.set_stalled(false);
+    assert!(client.get(&rp, &key, Bins::All).await.is_ok());
+    // Two more commands are served, then every command fails until healed.
+    double.cut_after(Some(2), false);
+    assert!(client.get(&rp, &key, Bins::All).await.is_ok());
+    assert!(client.get(&rp, &key, Bins::All).await.is_ok());
+    assert!(client.get(&rp, &key, Bins::All).await.is_err());
+    let err = client.get(&rp, &key, Bins::All).await.unwrap_err();
+    assert_eq!(err.result_code(), i32::from(result_code::SERVER_ERROR));
+    double.cut_after(None, false);
+    assert!(client.get(&rp, &key, Bins::All).await.is_ok());
+    // In doubt: the failing command is applied although the client hears nothing back.
+    let mut wp = WritePolicy::default();
+    wp.base_policy.total_timeout = 200;
+    double.cut_after(Some(0), true);
+    assert!(client.put(&wp, &key, &[as_bin!("v", 9)]).await.is_err());
+    double.cut_after(None, false);
+    let rec = client.get(&rp, &key, Bins::All).await.unwrap();
+    assert_eq!(rec.bins.get("v"), Some(&Value::from(9)));
+    // A delay slows every answer.
+    double.set_delay(std::time::Duration::from_millis(30));
+    let started = std::time::Instant::now();
+    client.get(&rp, &key, Bins::All).await.unwrap();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(30));
     client.close().await.unwrap();
 }

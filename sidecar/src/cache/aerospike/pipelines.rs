@@ -1,0 +1,1087 @@
+//! Pipelines on Aerospike: the pipeline records, staged documents, and the operations of the
+//! pipeline API, built on `journal` (counts), `queue` (claims) and `leases` (expiry).
+//!
+//! A pipeline is a record in `<pipeline prefix>#meta` (key: its id) holding its definition and
+//! an *incarnation* (a random id given at create), plus an entry in the listing index. Every
+//! record of the pipeline lives in its set under keys prefixed by the incarnation, so a request
+//! still in flight for a deleted pipeline writes where no later pipeline of the same id looks:
+//! create needs no truncate, and delete's truncate is only garbage collection.
+//!
+//! Orders (any prefix of an operation leaves a consistent state):
+//! - create: listing index entry, then the pipeline record (a listing entry without a record is
+//!   skipped by readers);
+//! - delete: the pipeline record, then the index entry, then the set (each later step only
+//!   collects what is already unreachable);
+//! - a document move (stage, set-stage, claim, expiry): queue slot first when it enters a
+//!   queue (`queue`), lease index entries first when it takes a lease (`leases`), then the
+//!   journal entry with the counters (`journal`), then the document write, then the entry close.
+//!
+//! A document record with an empty `stage` is a placeholder (written by a repair to fence a
+//! create that never happened): it reads as absent.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use aerospike::operations::{maps, MapOrder, MapPolicy, MapReturnType, MapWriteFlags};
+use aerospike::{BatchOperation, BatchReadPolicy, Bin, Bins, Value};
+use bytes::Bytes;
+
+use super::journal::{deltas, Entry, Opened, GRACE_MS};
+use super::queue::{stage_part, Slot, CHUNK};
+use super::{all, bin_int, bin_str, map_entries, ms_i64, AerospikeCache, Cond, Written, MAX_RMW_ATTEMPTS};
+use crate::cache::{
+    CacheError, CacheResult, ClaimArgs, DocState, HeartbeatArgs, PipelineMeta, SetStageArgs, StageCounts,
+    FAILED_REASON_SET_STAGE, STAGE_FAILED, STAGE_PENDING,
+};
+
+const QN_NONE: i64 = -1;
+/// The bins of a staged document other than its chunks.
+const STATE_BINS: [&str; 9] = [
+    "stage", "qn", "worker", "lexp", "lms", "from", "reason", "tx", "ver",
+];
+
+/// A pipeline as its operations address it: set and incarnation.
+#[derive(Clone, Debug)]
+pub struct Pipe {
+    pub id: String,
+    pub set: String,
+    pub inc: String,
+}
+
+impl Pipe {
+    pub fn key(&self, rest: &str) -> Value {
+        Value::String(format!("{}:{rest}", self.inc))
+    }
+
+    pub fn doc_key(&self, id: &str) -> Value {
+        self.key(&format!("d:{id}"))
+    }
+
+    pub fn journal_key(&self, shard: u64) -> Value {
+        self.key(&format!("j:{shard}"))
+    }
+
+    pub fn chunk_key(&self, part: &str, chunk: i64) -> Value {
+        self.key(&format!("q:{part}:c:{chunk}"))
+    }
+
+    pub fn bucket_key(&self, minute: i64, shard: u64) -> Value {
+        self.key(&format!("x:{minute}:{shard}"))
+    }
+
+    pub fn dir_key(&self) -> Value {
+        self.key("x:dir")
+    }
+}
+
+/// A staged document's state (the bins of `d:<id>` but its chunks).
+#[derive(Clone, Debug, Default)]
+pub struct StagedRecord {
+    pub generation: u32,
+    pub stage: String,
+    pub qn: i64,
+    pub worker: String,
+    pub lease_expires: i64,
+    pub lease_ms: i64,
+    pub from: String,
+    pub reason: String,
+    /// The journaled transition that last changed what the document counts as.
+    pub tx: i64,
+    /// Content version: a new one with every stage.
+    pub ver: i64,
+}
+
+/// The failure reason a document entering `stage` carries.
+fn reason_for(stage: &str) -> String {
+    if stage == STAGE_FAILED {
+        FAILED_REASON_SET_STAGE.to_owned()
+    } else {
+        String::new()
+    }
+}
+
+impl StagedRecord {
+    fn from_record(rec: &aerospike::Record) -> Self {
+        Self {
+            generation: rec.generation,
+            stage: bin_str(rec, "stage").unwrap_or_default(),
+            qn: bin_int(rec, "qn").unwrap_or(QN_NONE),
+            worker: bin_str(rec, "worker").unwrap_or_default(),
+            lease_expires: bin_int(rec, "lexp").unwrap_or(0),
+            lease_ms: bin_int(rec, "lms").unwrap_or(0),
+            from: bin_str(rec, "from").unwrap_or_default(),
+            reason: bin_str(rec, "reason").unwrap_or_default(),
+            tx: bin_int(rec, "tx").unwrap_or(0),
+            ver: bin_int(rec, "ver").unwrap_or(0),
+        }
+    }
+
+    /// False for a placeholder (see the module doc).
+    pub fn present(&self) -> bool {
+        !self.stage.is_empty()
+    }
+
+    pub fn leased(&self) -> bool {
+        self.lease_expires > 0
+    }
+
+    /// Unleased in `stage`.
+    fn unleased(stage: &str) -> Self {
+        Self {
+            stage: stage.to_owned(),
+            qn: QN_NONE,
+            reason: reason_for(stage),
+            ..Self::default()
+        }
+    }
+
+    fn bins(&self) -> Vec<Bin> {
+        vec![
+            Bin::new("stage", Value::String(self.stage.clone())),
+            Bin::new("qn", Value::Int(self.qn)),
+            Bin::new("worker", Value::String(self.worker.clone())),
+            Bin::new("lexp", Value::Int(self.lease_expires)),
+            Bin::new("lms", Value::Int(self.lease_ms)),
+            Bin::new("from", Value::String(self.from.clone())),
+            Bin::new("reason", Value::String(self.reason.clone())),
+            Bin::new("tx", Value::Int(self.tx)),
+            Bin::new("ver", Value::Int(self.ver)),
+        ]
+    }
+}
+
+fn state_bins() -> Bins {
+    Bins::from(STATE_BINS.as_slice())
+}
+
+/// A document move: from `old` (as read; `None`: no record) to `next`.
+struct Move {
+    id: String,
+    old: Option<StagedRecord>,
+    next: StagedRecord,
+    /// Chunks written too (stage, create-missing).
+    chunks: Option<String>,
+    /// Give the document a new content version (stage, create-missing).
+    new_version: bool,
+}
+
+enum Moved {
+    /// Done; the journal entry to close, if the move was journaled.
+    Yes(Option<Entry>),
+    /// Another move of the document is in flight.
+    Busy,
+    /// The document changed since it was read.
+    Conflict,
+}
+
+/// Runs the async closure over `ids` in parallel and counts the `true`s; the first error wins.
+async fn count_true<F, Fut>(ids: &[String], f: F) -> CacheResult<u64>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = CacheResult<bool>>,
+{
+    let mut updated = 0;
+    let mut failure = None;
+    let futures: Vec<_> = ids.iter().cloned().map(f).collect();
+    for result in all(futures).await {
+        match result {
+            Ok(true) => updated += 1,
+            Ok(false) => {}
+            Err(err) => {
+                failure.get_or_insert(err);
+            }
+        }
+    }
+    match failure {
+        Some(err) => Err(err),
+        None => Ok(updated),
+    }
+}
+
+impl AerospikeCache {
+    fn pipelines_set(&self) -> String {
+        format!("{}#meta", self.settings.pipeline_set_prefix)
+    }
+
+    fn pipeline_index_set(&self) -> String {
+        format!("{}#index", self.settings.pipeline_set_prefix)
+    }
+
+    fn meta_from(id: &str, rec: &aerospike::Record) -> PipelineMeta {
+        PipelineMeta {
+            id: id.to_owned(),
+            target_namespace: bin_str(rec, "target").unwrap_or_default(),
+            distance_metric: bin_str(rec, "metric").unwrap_or_default(),
+            created_at: bin_str(rec, "created").unwrap_or_default(),
+        }
+    }
+
+    fn remember_incarnation(&self, id: &str, inc: Option<&str>) {
+        let mut map = self
+            .incarnations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match inc {
+            Some(inc) => {
+                if map.len() >= 10_000 {
+                    map.clear();
+                }
+                map.insert(id.to_owned(), inc.to_owned());
+            }
+            None => {
+                map.remove(id);
+            }
+        }
+    }
+
+    /// Reads the pipeline's record and, in the same batch, the records `extra` names in its set
+    /// (keyed by the incarnation this process last saw; read again if that was stale).
+    pub(super) async fn open_pipeline(
+        &self,
+        id: &str,
+        extra: impl Fn(&Pipe) -> Vec<(Value, Bins)>,
+    ) -> CacheResult<(Pipe, Vec<Option<aerospike::Record>>)> {
+        let set = super::set_name(&self.settings.pipeline_set_prefix, id);
+        let mut inc = self
+            .incarnations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id)
+            .cloned();
+        for _ in 0..3 {
+            let guess = inc.clone().map(|inc| Pipe {
+                id: id.to_owned(),
+                set: set.clone(),
+                inc,
+            });
+            let rp = BatchReadPolicy::default();
+            let mut rows = vec![BatchOperation::read(
+                &rp,
+                self.key(&self.pipelines_set(), Value::String(id.to_owned()))?,
+                Bins::All,
+            )];
+            if let Some(pipe) = &guess {
+                for (key, bins) in extra(pipe) {
+                    rows.push(BatchOperation::read(&rp, self.key(&set, key)?, bins));
+                }
+            }
+            let mut records = self.run_batch(rows).await?.into_iter();
+            let Some(meta) = records.next().flatten() else {
+                self.remember_incarnation(id, None);
+                return Err(CacheError::PipelineNotFound(id.to_owned()));
+            };
+            let actual = bin_str(&meta, "inc").unwrap_or_default();
+            match guess {
+                Some(pipe) if pipe.inc == actual => return Ok((pipe, records.collect())),
+                _ => {
+                    self.remember_incarnation(id, Some(&actual));
+                    inc = Some(actual);
+                }
+            }
+        }
+        Err(CacheError::Unavailable(format!(
+            "pipeline '{id}' is being re-created; try again"
+        )))
+    }
+
+    pub(super) async fn read_state(&self, pipe: &Pipe, id: &str) -> CacheResult<Option<StagedRecord>> {
+        Ok(self
+            .get(&pipe.set, pipe.doc_key(id), state_bins())
+            .await?
+            .map(|r| StagedRecord::from_record(&r)))
+    }
+
+    pub(super) async fn read_states(
+        &self,
+        pipe: &Pipe,
+        ids: &[String],
+    ) -> CacheResult<Vec<Option<StagedRecord>>> {
+        let keys = ids.iter().map(|id| pipe.doc_key(id)).collect();
+        Ok(self
+            .batch_get(&pipe.set, keys, state_bins())
+            .await?
+            .into_iter()
+            .map(|r| r.map(|r| StagedRecord::from_record(&r)))
+            .collect())
+    }
+
+    /// Bumps a document's generation (keeping everything else) if it is still at the one read.
+    pub(super) async fn fence(&self, pipe: &Pipe, id: &str, doc: &StagedRecord) -> CacheResult<Written> {
+        let bins = [Bin::new("tx", Value::Int(doc.tx))];
+        self.put(
+            &pipe.set,
+            pipe.doc_key(id),
+            &bins,
+            Cond::Gen(doc.generation),
+            None,
+        )
+        .await
+    }
+
+    /// Fences a create that has not happened: a placeholder record.
+    pub(super) async fn fence_missing(&self, pipe: &Pipe, id: &str) -> CacheResult<Written> {
+        let bins = [
+            Bin::new("stage", Value::String(String::new())),
+            Bin::new("tx", Value::Int(0)),
+        ];
+        self.put(&pipe.set, pipe.doc_key(id), &bins, Cond::Create, None)
+            .await
+    }
+
+    /// Applies one move (see the module doc for the order of its commands).
+    async fn apply_move(&self, pipe: &Pipe, mv: Move, now_ms: u64) -> CacheResult<Moved> {
+        let Move {
+            id,
+            old,
+            mut next,
+            chunks,
+            new_version,
+        } = mv;
+        let old_acct = old.as_ref().and_then(StagedRecord::acct);
+        let new_acct = next.acct();
+        let cond = old.as_ref().map_or(Cond::Create, |o| Cond::Gen(o.generation));
+        next.ver = if new_version {
+            self.unique_id()
+        } else {
+            old.as_ref().map_or(0, |o| o.ver)
+        };
+        next.qn = QN_NONE;
+        if !next.leased() {
+            let gen = old.as_ref().map_or(0, |o| o.generation);
+            next.qn = self.enqueue(pipe, &next.stage, &id, gen, now_ms).await?;
+        }
+        let journaled = !deltas(old_acct.as_ref(), new_acct.as_ref()).is_empty();
+        let entry = if journaled {
+            let entry = Entry::new(self.unique_id(), now_ms, old_acct, new_acct);
+            if let Opened::Busy = self.journal_open(pipe, &id, &entry, now_ms).await? {
+                return Ok(Moved::Busy);
+            }
+            next.tx = entry.tx;
+            Some(entry)
+        } else {
+            next.tx = old.as_ref().map_or(0, |o| o.tx);
+            None
+        };
+        let mut bins = next.bins();
+        if let Some(chunks) = chunks {
+            bins.push(Bin::new("chunks", Value::String(chunks)));
+        }
+        match self.put(&pipe.set, pipe.doc_key(&id), &bins, cond, None).await? {
+            Written::Yes => Ok(Moved::Yes(entry)),
+            Written::Conflict => {
+                if let Some(entry) = &entry {
+                    // The server refused the write (and writes are never retried by the client,
+                    // so it cannot land later): the entry's counters must not stand.
+                    self.journal_undo(pipe, &id, entry, now_ms).await?;
+                }
+                Ok(Moved::Conflict)
+            }
+        }
+    }
+
+    /// Waits for, or repairs, the move in flight on `id`.
+    async fn settle_busy(&self, pipe: &Pipe, id: &str, now_ms: u64) -> CacheResult<()> {
+        if !self.settle_stale(pipe, id, now_ms).await? {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(())
+    }
+
+    /// Repairs the move in flight on `id` if it is older than `GRACE_MS` (its owner is presumed
+    /// gone). True when nothing is in flight any more.
+    async fn settle_stale(&self, pipe: &Pipe, id: &str, now_ms: u64) -> CacheResult<bool> {
+        match self.journal_entry(pipe, id).await? {
+            Some(e) if e.created_ms.saturating_add(ms_i64(GRACE_MS)) <= ms_i64(now_ms) => {
+                self.journal_repair(pipe, id, &e, now_ms).await?;
+                Ok(true)
+            }
+            Some(_) => Ok(false),
+            None => Ok(true),
+        }
+    }
+
+    /// Moves `id` with `plan` (from its current state to the next one, or `None`: leave it),
+    /// re-reading and retrying on conflict. True when moved.
+    async fn move_with<F>(
+        &self,
+        pipe: &Pipe,
+        id: &str,
+        mut doc: Option<StagedRecord>,
+        now_ms: u64,
+        plan: F,
+    ) -> CacheResult<bool>
+    where
+        F: Fn(Option<&StagedRecord>) -> Option<(StagedRecord, Option<String>, bool)>,
+    {
+        for attempt in 0..MAX_RMW_ATTEMPTS {
+            if attempt > 0 {
+                doc = self.read_state(pipe, id).await?;
+            }
+            let current = doc.as_ref().filter(|d| d.present());
+            let Some((next, chunks, new_version)) = plan(current) else {
+                return Ok(false);
+            };
+            let mv = Move {
+                id: id.to_owned(),
+                old: doc.clone(),
+                next,
+                chunks,
+                new_version,
+            };
+            match self.apply_move(pipe, mv, now_ms).await? {
+                Moved::Yes(entry) => {
+                    if let Some(entry) = entry {
+                        self.journal_close(pipe, vec![(id.to_owned(), entry)]).await;
+                    }
+                    return Ok(true);
+                }
+                Moved::Busy => self.settle_busy(pipe, id, now_ms).await?,
+                Moved::Conflict => {}
+            }
+        }
+        Err(CacheError::Unavailable(format!(
+            "too much contention on staged document '{id}'"
+        )))
+    }
+
+    /// Returns an expired lease's document to the stage it was claimed from (if that lease is
+    /// still the one indexed).
+    pub(super) async fn expire_one(&self, pipe: &Pipe, id: &str, expires: i64, now: i64) -> CacheResult<()> {
+        let now_ms = u64::try_from(now).unwrap_or(0);
+        let doc = self.read_state(pipe, id).await?;
+        self.move_with(pipe, id, doc, now_ms, |doc| {
+            let doc = doc?;
+            if !doc.leased() || doc.lease_expires != expires || doc.lease_expires > now {
+                return None;
+            }
+            Some((StagedRecord::unleased(&doc.from), None, false))
+        })
+        .await
+        .map(|_| ())
+    }
+
+    // ------------------------------------------------------------------ the operations
+
+    pub(super) async fn pipeline_create(&self, meta: PipelineMeta) -> CacheResult<()> {
+        let set = super::set_name(&self.settings.pipeline_set_prefix, &meta.id);
+        // Listed first: a listing entry without a pipeline record is skipped by readers.
+        let policy = MapPolicy::new(MapOrder::KeyOrdered, MapWriteFlags::DEFAULT);
+        let ops = vec![maps::put(
+            &policy,
+            "m",
+            Value::String(meta.id.clone()),
+            Value::String(meta.created_at.clone()),
+        )];
+        self.operate(
+            &self.pipeline_index_set(),
+            Value::String("all".into()),
+            ops,
+            Cond::Any,
+            None,
+        )
+        .await?
+        .map_err(|code| {
+            CacheError::Unavailable(format!("pipeline index write failed with result code {code}"))
+        })?;
+        let inc = format!("{:016x}", self.unique_id());
+        let bins = [
+            Bin::new("target", Value::String(meta.target_namespace.clone())),
+            Bin::new("metric", Value::String(meta.distance_metric.clone())),
+            Bin::new("created", Value::String(meta.created_at.clone())),
+            Bin::new("set", Value::String(set)),
+            Bin::new("inc", Value::String(inc.clone())),
+        ];
+        match self
+            .put(
+                &self.pipelines_set(),
+                Value::String(meta.id.clone()),
+                &bins,
+                Cond::Create,
+                None,
+            )
+            .await?
+        {
+            Written::Yes => {
+                self.remember_incarnation(&meta.id, Some(&inc));
+                Ok(())
+            }
+            Written::Conflict => Err(CacheError::PipelineExists(meta.id)),
+        }
+    }
+
+    pub(super) async fn pipeline_get(&self, id: &str) -> CacheResult<Option<PipelineMeta>> {
+        Ok(self
+            .get(&self.pipelines_set(), Value::String(id.to_owned()), Bins::All)
+            .await?
+            .map(|rec| Self::meta_from(id, &rec)))
+    }
+
+    pub(super) async fn pipeline_list(&self) -> CacheResult<Vec<PipelineMeta>> {
+        let index = self
+            .get(&self.pipeline_index_set(), Value::String("all".into()), Bins::All)
+            .await?;
+        let ids: Vec<String> = map_entries(index.as_ref().and_then(|r| r.bins.get("m")))
+            .into_iter()
+            .filter_map(|(k, _)| match k {
+                Value::String(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        let keys = ids.iter().map(|id| Value::String(id.clone())).collect();
+        let records = self.batch_get(&self.pipelines_set(), keys, Bins::All).await?;
+        let mut metas: Vec<PipelineMeta> = ids
+            .iter()
+            .zip(records)
+            .filter_map(|(id, rec)| rec.map(|r| Self::meta_from(id, &r)))
+            .collect();
+        metas.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
+        Ok(metas)
+    }
+
+    pub(super) async fn pipeline_delete(&self, id: &str) -> CacheResult<bool> {
+        let meta_key = Value::String(id.to_owned());
+        let Some(rec) = self
+            .get(&self.pipelines_set(), meta_key.clone(), Bins::All)
+            .await?
+        else {
+            return Ok(false);
+        };
+        let set =
+            bin_str(&rec, "set").unwrap_or_else(|| super::set_name(&self.settings.pipeline_set_prefix, id));
+        if !self
+            .delete(&self.pipelines_set(), meta_key.clone(), Some(rec.generation))
+            .await?
+        {
+            return Ok(false);
+        }
+        self.remember_incarnation(id, None);
+        let ops = vec![maps::remove_by_key(
+            "m",
+            Value::String(id.to_owned()),
+            MapReturnType::NONE,
+        )];
+        self.operate(
+            &self.pipeline_index_set(),
+            Value::String("all".into()),
+            ops,
+            Cond::Any,
+            None,
+        )
+        .await?
+        .map_err(|code| {
+            CacheError::Unavailable(format!("pipeline index update failed with result code {code}"))
+        })?;
+        // Garbage collection only (the records are unreachable now). Skipped if the pipeline was
+        // already re-created, whose records share the set.
+        if self
+            .get(&self.pipelines_set(), meta_key, Bins::None)
+            .await?
+            .is_none()
+        {
+            self.truncate(&set).await?;
+        }
+        Ok(true)
+    }
+
+    pub(super) async fn pipeline_stage(
+        &self,
+        pipeline: &str,
+        id: &str,
+        chunks: Bytes,
+        now_ms: u64,
+    ) -> CacheResult<()> {
+        let (pipe, rows) = self
+            .open_pipeline(pipeline, |p| {
+                vec![(p.dir_key(), Bins::All), (p.doc_key(id), state_bins())]
+            })
+            .await?;
+        let mut rows = rows.into_iter();
+        let dir = rows.next().flatten();
+        let mut doc = rows.next().flatten().map(|r| StagedRecord::from_record(&r));
+        if self.expire_leases(&pipe, dir.as_ref(), now_ms).await? {
+            doc = self.read_state(&pipe, id).await?;
+        }
+        let chunks = String::from_utf8_lossy(&chunks).into_owned();
+        self.move_with(&pipe, id, doc, now_ms, |_| {
+            Some((StagedRecord::unleased(STAGE_PENDING), Some(chunks.clone()), true))
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub(super) async fn pipeline_chunks(&self, pipeline: &str, id: &str) -> CacheResult<Option<Bytes>> {
+        let (_, rows) = self
+            .open_pipeline(pipeline, |p| {
+                vec![(p.doc_key(id), Bins::from(["chunks", "stage"].as_slice()))]
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .next()
+            .flatten()
+            .filter(|r| bin_str(r, "stage").is_some_and(|s| !s.is_empty()))
+            .map(|r| Bytes::from(bin_str(&r, "chunks").unwrap_or_else(|| "[]".into()).into_bytes())))
+    }
+
+    pub(super) async fn pipeline_document_state(
+        &self,
+        pipeline: &str,
+        id: &str,
+        now_ms: u64,
+    ) -> CacheResult<Option<DocState>> {
+        let (pipe, rows) = self
+            .open_pipeline(pipeline, |p| {
+                vec![(p.dir_key(), Bins::All), (p.doc_key(id), state_bins())]
+            })
+            .await?;
+        let mut rows = rows.into_iter();
+        let dir = rows.next().flatten();
+        let mut doc = rows.next().flatten().map(|r| StagedRecord::from_record(&r));
+        if self.expire_leases(&pipe, dir.as_ref(), now_ms).await? {
+            doc = self.read_state(&pipe, id).await?;
+        }
+        Ok(doc.filter(StagedRecord::present).map(|d| DocState {
+            stage: d.stage,
+            version: u64::try_from(d.ver).unwrap_or(0),
+        }))
+    }
+
+    pub(super) async fn pipeline_counts(&self, pipeline: &str, now_ms: u64) -> CacheResult<StageCounts> {
+        let (pipe, rows) = self
+            .open_pipeline(pipeline, |p| vec![(p.dir_key(), Bins::All)])
+            .await?;
+        let dir = rows.into_iter().next().flatten();
+        self.expire_leases(&pipe, dir.as_ref(), now_ms).await?;
+        self.journal_counts(&pipe, now_ms).await
+    }
+
+    pub(super) async fn pipeline_set_stage(&self, pipeline: &str, args: &SetStageArgs) -> CacheResult<u64> {
+        let (pipe, rows) = self
+            .open_pipeline(pipeline, |p| vec![(p.dir_key(), Bins::All)])
+            .await?;
+        let dir = rows.into_iter().next().flatten();
+        self.expire_leases(&pipe, dir.as_ref(), args.now_ms).await?;
+        let creating = args.create_missing
+            && args.from_stage.is_none()
+            && args.worker_id.is_none()
+            && args.only_version.is_none();
+        let mut seen = HashSet::new();
+        let ids: Vec<String> = args
+            .document_ids
+            .iter()
+            .filter(|id| seen.insert(id.as_str()))
+            .cloned()
+            .collect();
+        let docs = self.read_states(&pipe, &ids).await?;
+        let first: std::collections::HashMap<String, Option<StagedRecord>> =
+            ids.iter().cloned().zip(docs).collect();
+        let pipe = &pipe;
+        let first = &first;
+        count_true(&ids, |id| async move {
+            let doc = first.get(&id).cloned().flatten();
+            self.move_with(pipe, &id, doc, args.now_ms, |doc| match doc {
+                None if !creating => None,
+                None => Some((StagedRecord::unleased(&args.stage), Some("[]".to_owned()), true)),
+                Some(doc) => {
+                    if args.from_stage.as_deref().is_some_and(|f| f != doc.stage) {
+                        return None;
+                    }
+                    if args
+                        .worker_id
+                        .as_deref()
+                        .is_some_and(|w| !doc.leased() || doc.worker != w)
+                    {
+                        return None;
+                    }
+                    if args
+                        .only_version
+                        .is_some_and(|v| u64::try_from(doc.ver).ok() != Some(v))
+                    {
+                        return None;
+                    }
+                    Some((StagedRecord::unleased(&args.stage), None, false))
+                }
+            })
+            .await
+        })
+        .await
+    }
+
+    pub(super) async fn pipeline_heartbeat(&self, pipeline: &str, args: &HeartbeatArgs) -> CacheResult<u64> {
+        let (pipe, rows) = self
+            .open_pipeline(pipeline, |p| vec![(p.dir_key(), Bins::All)])
+            .await?;
+        let dir = rows.into_iter().next().flatten();
+        self.expire_leases(&pipe, dir.as_ref(), args.now_ms).await?;
+        let mut seen = HashSet::new();
+        let ids: Vec<String> = args
+            .document_ids
+            .iter()
+            .filter(|id| seen.insert(id.as_str()))
+            .cloned()
+            .collect();
+        let docs = self.read_states(&pipe, &ids).await?;
+        let now = ms_i64(args.now_ms);
+        let eligible = |d: &StagedRecord| {
+            d.present() && d.stage == args.stage && d.leased() && d.worker == args.worker_id
+        };
+        let held: Vec<(String, StagedRecord)> = ids
+            .into_iter()
+            .zip(docs)
+            .filter_map(|(id, d)| d.filter(|d| eligible(d)).map(|d| (id, d)))
+            .collect();
+        // New index entries before the new leases.
+        let fresh: Vec<(String, i64)> = held
+            .iter()
+            .map(|(id, d)| (id.clone(), now.saturating_add(d.lease_ms)))
+            .collect();
+        self.lease_index_add(&pipe, &fresh).await?;
+        let pipe = &pipe;
+        let extending: Vec<_> = held
+            .into_iter()
+            .map(|(id, doc)| async move {
+                let mut doc = doc;
+                let mut indexed = now.saturating_add(doc.lease_ms);
+                for _ in 0..MAX_RMW_ATTEMPTS {
+                    let mut next = doc.clone();
+                    next.lease_expires = now.saturating_add(doc.lease_ms);
+                    if next.lease_expires != indexed {
+                        // The lease length changed since the entries were written: index this one.
+                        self.lease_index_add(pipe, &[(id.clone(), next.lease_expires)])
+                            .await?;
+                        indexed = next.lease_expires;
+                    }
+                    let bins = next.bins();
+                    match self
+                        .put(
+                            &pipe.set,
+                            pipe.doc_key(&id),
+                            &bins,
+                            Cond::Gen(doc.generation),
+                            None,
+                        )
+                        .await?
+                    {
+                        Written::Yes => return Ok(Some((id, doc.lease_expires, next.lease_expires))),
+                        Written::Conflict => match self.read_state(pipe, &id).await? {
+                            Some(d) if eligible(&d) => doc = d,
+                            _ => return Ok(None),
+                        },
+                    }
+                }
+                Ok::<_, CacheError>(None)
+            })
+            .collect();
+        let extended = all(extending).await;
+        let mut stale = Vec::new();
+        let mut updated = 0;
+        let mut failure = None;
+        for result in extended {
+            match result {
+                Ok(Some((id, old, new))) => {
+                    updated += 1;
+                    if old != new {
+                        stale.push((id, old));
+                    }
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    failure.get_or_insert(err);
+                }
+            }
+        }
+        self.lease_index_remove(pipe, &stale).await;
+        match failure {
+            Some(err) => Err(err),
+            None => Ok(updated),
+        }
+    }
+
+    pub(super) async fn pipeline_claim(&self, pipeline: &str, args: &ClaimArgs) -> CacheResult<Vec<String>> {
+        // Past this point no new document is taken: the claim answers in time with what it won
+        // (every won document fully claimed), or 503 if it won none (and changed nothing).
+        let soft_deadline = Instant::now() + self.settings.op_timeout * 6 / 10;
+        let part = stage_part(&args.stage);
+        let queue_keys = |p: &Pipe| {
+            vec![
+                (p.key(&format!("q:{part}:h")), Bins::All),
+                (p.key(&format!("q:{part}:t")), Bins::All),
+            ]
+        };
+        let (pipe, rows) = self
+            .open_pipeline(pipeline, |p| {
+                let mut keys = vec![(p.dir_key(), Bins::All)];
+                keys.extend(queue_keys(p));
+                keys
+            })
+            .await?;
+        let mut rows = rows.into_iter();
+        let dir = rows.next().flatten();
+        let mut head_rec = rows.next().flatten();
+        let mut tail_rec = rows.next().flatten();
+        if self.expire_leases(&pipe, dir.as_ref(), args.now_ms).await? {
+            let keys: Vec<Value> = queue_keys(&pipe).into_iter().map(|(k, _)| k).collect();
+            let mut fresh = self.batch_get(&pipe.set, keys, Bins::All).await?.into_iter();
+            head_rec = fresh.next().flatten();
+            tail_rec = fresh.next().flatten();
+        }
+        let head = head_rec.as_ref().and_then(|r| bin_int(r, "n")).unwrap_or(0);
+        let head_gen = head_rec.as_ref().map(|r| r.generation);
+        let tail = tail_rec.as_ref().and_then(|r| bin_int(r, "n")).unwrap_or(0);
+        let mut walk = Walk {
+            deadline: soft_deadline,
+            out_of_time: false,
+            claimed: Vec::new(),
+            to_close: Vec::new(),
+            new_head: head,
+            contiguous: true,
+            failure: None,
+        };
+        let mut n = head;
+        while n < tail && walk.claimed.len() < args.limit {
+            if Instant::now() >= walk.deadline {
+                walk.out_of_time = true;
+                break;
+            }
+            let chunk = n / CHUNK;
+            let end = tail.min((chunk + 1) * CHUNK);
+            self.claim_from_chunk(&pipe, &part, chunk, n, end, args, &mut walk)
+                .await;
+            if walk.failure.is_some() {
+                break;
+            }
+            n = end;
+        }
+        self.journal_close(&pipe, std::mem::take(&mut walk.to_close))
+            .await;
+        if let Err(err) = self
+            .advance_head(&pipe, &part, head, head_gen, walk.new_head)
+            .await
+        {
+            walk.failure.get_or_insert(err);
+        }
+        match walk.failure {
+            // Documents already won are leased: hand them out rather than orphan them.
+            Some(err) if walk.claimed.is_empty() => Err(err),
+            None if walk.claimed.is_empty() && walk.out_of_time => Err(CacheError::Unavailable(format!(
+                "claim ran out of time before taking a document ({} ms budget); nothing was claimed",
+                self.settings.op_timeout.as_millis()
+            ))),
+            _ => Ok(walk.claimed),
+        }
+    }
+
+    /// Examines slots `from..end` of one chunk: claims live documents, consumes stale slots.
+    #[allow(clippy::too_many_arguments)]
+    async fn claim_from_chunk(
+        &self,
+        pipe: &Pipe,
+        part: &str,
+        chunk: i64,
+        from: i64,
+        end: i64,
+        args: &ClaimArgs,
+        walk: &mut Walk,
+    ) {
+        let result = self
+            .try_claim_from_chunk(pipe, part, chunk, from, end, args, walk)
+            .await;
+        if let Err(err) = result {
+            walk.failure.get_or_insert(err);
+            walk.contiguous = false;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn try_claim_from_chunk(
+        &self,
+        pipe: &Pipe,
+        part: &str,
+        chunk: i64,
+        from: i64,
+        end: i64,
+        args: &ClaimArgs,
+        walk: &mut Walk,
+    ) -> CacheResult<()> {
+        let mut slots = self.read_chunk(pipe, part, chunk).await?;
+        if slots.closed {
+            walk.pass(from..end, &HashSet::new());
+            return Ok(());
+        }
+        let missing: Vec<i64> = (from..end).filter(|k| !slots.slots.contains_key(k)).collect();
+        if !missing.is_empty() {
+            self.give_up_slots(pipe, part, chunk, &missing).await?;
+            slots = self.read_chunk(pipe, part, chunk).await?;
+        }
+        let mut listed: Vec<(i64, String, i64, i64)> = Vec::new();
+        let mut consumed_now: Vec<i64> = Vec::new();
+        let mut kept: HashSet<i64> = HashSet::new();
+        for k in from..end {
+            match slots.slots.get(&k) {
+                Some(Slot::Consumed) => {}
+                Some(Slot::Doc { id, gen, taken_ms }) => listed.push((k, id.clone(), *gen, *taken_ms)),
+                None => {
+                    kept.insert(k);
+                }
+            }
+        }
+        let ids: Vec<String> = listed.iter().map(|(_, id, _, _)| id.clone()).collect();
+        let docs = self.read_states(pipe, &ids).await?;
+        let prefix = args.document_id_prefix.as_deref().unwrap_or("");
+        let now = ms_i64(args.now_ms);
+        let mut wanted: Vec<(i64, String, StagedRecord)> = Vec::new();
+        for ((k, id, gen, taken_ms), doc) in listed.into_iter().zip(docs) {
+            // Slot numbers are per queue: only a document in this stage can point here.
+            let points_here = doc
+                .as_ref()
+                .is_some_and(|d| d.present() && d.stage == args.stage && d.qn == k && !d.leased());
+            if points_here {
+                let doc = doc.unwrap_or_default();
+                if id.starts_with(prefix) {
+                    wanted.push((k, id, doc));
+                } else {
+                    kept.insert(k);
+                }
+                continue;
+            }
+            // Does the write that would point the document here still have a chance?
+            let current_gen = doc.as_ref().map_or(0, |d| i64::from(d.generation));
+            if current_gen != gen {
+                consumed_now.push(k);
+            } else if taken_ms.saturating_add(ms_i64(GRACE_MS)) <= now {
+                let fenced = match &doc {
+                    Some(d) => self.fence(pipe, &id, d).await?,
+                    None => self.fence_missing(pipe, &id).await?,
+                };
+                if fenced == Written::Yes {
+                    consumed_now.push(k);
+                } else {
+                    kept.insert(k);
+                }
+            } else {
+                kept.insert(k);
+            }
+        }
+        let room = args.limit.saturating_sub(walk.claimed.len());
+        let later = wanted.split_off(room.min(wanted.len()));
+        kept.extend(later.iter().map(|(k, _, _)| *k));
+        if !wanted.is_empty() {
+            let expires = now.saturating_add(ms_i64(args.lease_ms));
+            let leases: Vec<(String, i64)> = wanted.iter().map(|(_, id, _)| (id.clone(), expires)).collect();
+            self.lease_index_add(pipe, &leases).await?;
+            // In groups, checking the deadline between them: past it the claim answers with
+            // what it won (each won document is fully claimed), rather than time out.
+            let mut groups = wanted.into_iter().peekable();
+            while groups.peek().is_some() {
+                if Instant::now() >= walk.deadline {
+                    kept.extend(groups.by_ref().map(|(k, _, _)| k));
+                    walk.out_of_time = true;
+                    break;
+                }
+                let moves: Vec<_> = groups
+                    .by_ref()
+                    .take(super::PARALLEL)
+                    .map(|(k, id, doc)| async move {
+                        let result = self.claim_one(pipe, k, &id, doc, args, expires).await;
+                        (k, id, result)
+                    })
+                    .collect();
+                for (k, id, result) in all(moves).await {
+                    match result {
+                        Ok(Moved::Yes(entry)) => {
+                            consumed_now.push(k);
+                            if let Some(entry) = entry {
+                                walk.to_close.push((id.clone(), entry));
+                            }
+                            walk.claimed.push(id);
+                        }
+                        // Someone else is moving it: look again next time.
+                        Ok(Moved::Busy | Moved::Conflict) => {
+                            kept.insert(k);
+                        }
+                        Err(err) => {
+                            kept.insert(k);
+                            walk.failure.get_or_insert(err);
+                        }
+                    }
+                }
+            }
+        }
+        self.consume_slots(pipe, part, chunk, &consumed_now).await?;
+        walk.pass(from..end, &kept);
+        Ok(())
+    }
+}
+
+impl AerospikeCache {
+    /// Claims one document found live at slot `k`. A move in flight on it that its owner
+    /// abandoned is repaired and the claim tried again once.
+    async fn claim_one(
+        &self,
+        pipe: &Pipe,
+        k: i64,
+        id: &str,
+        doc: StagedRecord,
+        args: &ClaimArgs,
+        expires: i64,
+    ) -> CacheResult<Moved> {
+        let mut doc = doc;
+        for attempt in 0..2 {
+            let next = StagedRecord {
+                stage: args.claim_stage.clone(),
+                worker: args.worker_id.clone(),
+                lease_expires: expires,
+                lease_ms: ms_i64(args.lease_ms),
+                from: args.stage.clone(),
+                reason: reason_for(&args.claim_stage),
+                ..StagedRecord::default()
+            };
+            let mv = Move {
+                id: id.to_owned(),
+                old: Some(doc),
+                next,
+                chunks: None,
+                new_version: false,
+            };
+            match self.apply_move(pipe, mv, args.now_ms).await? {
+                Moved::Busy if attempt == 0 && self.settle_stale(pipe, id, args.now_ms).await? => {
+                    match self.read_state(pipe, id).await? {
+                        Some(d) if d.present() && d.stage == args.stage && d.qn == k && !d.leased() => {
+                            doc = d
+                        }
+                        _ => return Ok(Moved::Conflict),
+                    }
+                }
+                other => return Ok(other),
+            }
+        }
+        Ok(Moved::Busy)
+    }
+}
+
+/// A claim's progress along the queue.
+struct Walk {
+    /// Past this no new document is taken.
+    deadline: Instant,
+    /// The deadline stopped the walk with documents possibly left to take.
+    out_of_time: bool,
+    claimed: Vec<String>,
+    to_close: Vec<(String, Entry)>,
+    /// The first slot not known to be consumed (where the head may move).
+    new_head: i64,
+    contiguous: bool,
+    failure: Option<CacheError>,
+}
+
+impl Walk {
+    /// Records slots `range` as examined: all consumed but `kept`.
+    fn pass(&mut self, range: std::ops::Range<i64>, kept: &HashSet<i64>) {
+        for k in range {
+            if self.contiguous && !kept.contains(&k) {
+                self.new_head = k + 1;
+            } else {
+                self.contiguous = false;
+            }
+        }
+    }
+}
