@@ -11,14 +11,15 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
-use hevlayer_filter::sidecar_api::{MirrorRequest, MirrorResponse, PurgeRequest, MIRROR_PATH, PURGE_PATH};
+use hevlayer_filter::sidecar_api::{MirrorResponse, PurgeRequest, MIRROR_PATH, PURGE_PATH};
 
+use crate::cache::mirror::{error_label, result_label};
 use crate::cache::{CacheError, CacheResult, DocumentCache};
 use crate::error::{json_response, ApiError};
-use crate::extract::JsonBody;
+use crate::extract::{parse_json, JsonBody, RawBody};
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
-use crate::mirror::{plan, MirrorOp};
+use crate::mirror::{plan, MirrorCallout, MirrorOp};
 use crate::{documents, pipeline};
 
 /// The clock pipelines use for leases; tests move it forward instead of sleeping.
@@ -85,12 +86,8 @@ impl AppState {
                 Err(_) => Err(timed_out()),
             }
         };
-        let label = match &result {
-            Ok(_) | Err(CacheError::PipelineNotFound(_) | CacheError::PipelineExists(_)) => "ok",
-            Err(CacheError::Unavailable(_)) => "unavailable",
-            Err(CacheError::Full(_)) => "full",
-        };
-        self.metrics.record_cache_op(op, label, started.elapsed());
+        self.metrics
+            .record_cache_op(op, result_label(&result), started.elapsed());
         result.map_err(ApiError::from)
     }
 }
@@ -226,14 +223,24 @@ async fn metrics(State(state): State<SharedState>) -> Response {
     response
 }
 
-/// Lanes a mirror's documents are spread over (one document's ops stay in order in one lane).
-const MIRROR_LANES: usize = 16;
-
-async fn mirror(
-    State(state): State<SharedState>,
-    JsonBody(req): JsonBody<MirrorRequest>,
-) -> Result<Response, ApiError> {
-    let ops = match plan(&req.write, req.response.as_ref(), state.mirror_vectors) {
+/// The mirror callout. The body is parsed here rather than by `JsonBody` so that any body it
+/// cannot use (malformed, or a write of the wrong shape) counts as an `invalid` mirror.
+async fn mirror(State(state): State<SharedState>, RawBody(body): RawBody) -> Result<Response, ApiError> {
+    let MirrorCallout {
+        namespace,
+        upserted_at,
+        write,
+        response,
+    } = match parse_json(&body) {
+        Ok(callout) => callout,
+        Err(err) => {
+            state.metrics.record_event("mirror", "invalid");
+            return Err(err);
+        }
+    };
+    // Everything needed is parsed out: free the (possibly large) body before applying.
+    drop(body);
+    let ops = match plan(write, response.as_ref(), state.mirror_vectors) {
         Ok(ops) => ops,
         Err(message) => {
             state.metrics.record_event("mirror", "invalid");
@@ -242,7 +249,7 @@ async fn mirror(
     };
     // Detached, so a caller that gives up (the filter's callout timeout) cannot cut a mirror
     // short and leave some documents older than what Turbopuffer now holds.
-    let task = tokio::spawn(apply_mirror(state.clone(), req.namespace, req.upserted_at, ops));
+    let task = tokio::spawn(apply_mirror(state.clone(), namespace, upserted_at, ops));
     let (applied, failure) = task.await.unwrap_or_else(|e| {
         (
             0,
@@ -261,135 +268,32 @@ async fn mirror(
     Ok(json_response(StatusCode::OK, &MirrorResponse { applied }))
 }
 
-/// Applies the planned ops: each document's ops in order, documents spread over
-/// `MIRROR_LANES` concurrent lanes. A document whose write failed is evicted (best effort);
-/// returns how many ops took effect and the first failure.
+/// Applies the planned ops as one batch (`DocumentCache::apply_mirror`: each document's ops in
+/// order, a document whose write failed evicted) and records it: one `mirror_batch` cache
+/// operation for the whole batch, plus the single-document operations a backend without a batch
+/// path ran. Returns how many ops took effect and the first failure.
 async fn apply_mirror(
     state: SharedState,
     namespace: String,
     upserted_at: u64,
     ops: Vec<MirrorOp>,
 ) -> (u64, Option<ApiError>) {
-    let mut lanes: Vec<Vec<MirrorOp>> = (0..MIRROR_LANES).map(|_| Vec::new()).collect();
-    let mut lane_of: std::collections::HashMap<crate::cache::DocId, usize> = std::collections::HashMap::new();
-    for op in ops {
-        let id = match &op {
-            MirrorOp::Upsert(id, _)
-            | MirrorOp::Patch(id, _)
-            | MirrorOp::Evict(id)
-            | MirrorOp::Invalidate(id) => id.clone(),
-        };
-        let next = lane_of.len() % MIRROR_LANES;
-        let lane = *lane_of.entry(id).or_insert(next);
-        lanes[lane].push(op);
+    let started = Instant::now();
+    let report = state.cache.apply_mirror(&namespace, ops, upserted_at).await;
+    let label = report.failure.as_ref().map_or("ok", error_label);
+    state.metrics.record_cache_ops(&report.ops);
+    state
+        .metrics
+        .record_cache_op("mirror_batch", label, started.elapsed());
+    if let Some(err) = &report.failure {
+        tracing::warn!(
+            namespace = %namespace,
+            failed_documents = report.failed,
+            error = %err,
+            "mirror failed for some documents (evicted instead)"
+        );
     }
-    let namespace = Arc::new(namespace);
-    let mut tasks = tokio::task::JoinSet::new();
-    for lane in lanes.into_iter().filter(|l| !l.is_empty()) {
-        let state = state.clone();
-        let namespace = namespace.clone();
-        tasks.spawn(async move {
-            let mut applied = 0u64;
-            let mut failure = None;
-            let mut failed_ids = std::collections::HashSet::new();
-            for op in lane {
-                let (id, result) = match op {
-                    MirrorOp::Upsert(id, attrs) | MirrorOp::Patch(id, attrs) if failed_ids.contains(&id) => {
-                        drop(attrs);
-                        continue;
-                    }
-                    MirrorOp::Upsert(id, attrs) => {
-                        let r = mirror_op(&state, "upsert_document", &namespace, &id, move |c, ns, id| async move {
-                            c.upsert_document(&ns, &id, attrs, upserted_at).await
-                        })
-                        .await;
-                        (id, r)
-                    }
-                    MirrorOp::Patch(id, attrs) => {
-                        let r = mirror_op(&state, "patch_document", &namespace, &id, move |c, ns, id| async move {
-                            c.patch_document(&ns, &id, attrs, upserted_at).await
-                        })
-                        .await;
-                        (id, r)
-                    }
-                    MirrorOp::Evict(id) => {
-                        let r = evict(&state, &namespace, &id, upserted_at).await;
-                        (id, r)
-                    }
-                    MirrorOp::Invalidate(id) => {
-                        let r = evict(&state, &namespace, &id, upserted_at.saturating_sub(1)).await;
-                        (id, r)
-                    }
-                };
-                match result {
-                    Ok(true) => applied += 1,
-                    Ok(false) => {}
-                    Err(err) => {
-                        // Leave no stale copy behind what Turbopuffer now holds (copies older than
-                        // this write are refused; this write's own state may be cached again).
-                        let _ = evict(&state, &namespace, &id, upserted_at.saturating_sub(1)).await;
-                        tracing::warn!(namespace = %namespace, error = %err.message, "mirror failed for a document");
-                        failed_ids.insert(id);
-                        failure.get_or_insert(err);
-                    }
-                }
-            }
-            (applied, failure)
-        });
-    }
-    let mut applied = 0;
-    let mut failure = None;
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok((n, f)) => {
-                applied += n;
-                if let Some(f) = f {
-                    failure.get_or_insert(f);
-                }
-            }
-            Err(e) => {
-                failure.get_or_insert(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal_error",
-                    e.to_string(),
-                ));
-            }
-        }
-    }
-    (applied, failure)
-}
-
-/// One mirror op on `id` of `namespace` through `cache_op`.
-async fn mirror_op<F, Fut>(
-    state: &SharedState,
-    op: &'static str,
-    namespace: &Arc<String>,
-    id: &crate::cache::DocId,
-    f: F,
-) -> Result<bool, ApiError>
-where
-    F: FnOnce(Arc<dyn DocumentCache>, Arc<String>, crate::cache::DocId) -> Fut,
-    Fut: Future<Output = CacheResult<bool>> + Send + 'static,
-{
-    let (ns, id) = (namespace.clone(), id.clone());
-    state.cache_op(op, move |c| f(c, ns, id)).await
-}
-
-/// Evicts `id`, refusing copies stamped up to `refuse_up_to`.
-async fn evict(
-    state: &SharedState,
-    namespace: &Arc<String>,
-    id: &crate::cache::DocId,
-    refuse_up_to: u64,
-) -> Result<bool, ApiError> {
-    mirror_op(
-        state,
-        "evict_document",
-        namespace,
-        id,
-        move |c, ns, id| async move { c.evict_document(&ns, &id, refuse_up_to).await },
-    )
-    .await
+    (report.applied, report.failure.map(ApiError::from))
 }
 
 async fn purge(

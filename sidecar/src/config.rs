@@ -28,7 +28,8 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_TIMEOUT_MS", default_value_t = 30_000)]
     pub gateway_timeout_ms: u64,
 
-    /// Comma-separated Aerospike seed hosts (`host:port`). Unset: the embedded store is used.
+    /// Comma-separated Aerospike seed hosts (`host:port`). Unset or empty: the embedded store is
+    /// used.
     #[arg(long, env = "AEROSPIKE_HOSTS")]
     pub aerospike_hosts: Option<String>,
 
@@ -82,6 +83,15 @@ impl Config {
         Self::parse_from(["hevlayer-sidecar"])
     }
 
+    /// The Aerospike seeds, when the Aerospike backend is configured. An empty (or blank) value
+    /// counts as unset, so `AEROSPIKE_HOSTS= make run` uses the embedded store instead of failing
+    /// validation: that is how shells and env files spell "not set".
+    pub fn aerospike_hosts(&self) -> Option<&str> {
+        self.aerospike_hosts
+            .as_deref()
+            .filter(|hosts| !hosts.trim().is_empty())
+    }
+
     /// Checks the whole configuration; the error names the bad setting.
     pub fn validate(&self) -> Result<GatewayUrl, String> {
         let gateway = parse_gateway_url(&self.gateway_url)?;
@@ -110,13 +120,12 @@ impl Config {
                 self.log_level
             ));
         }
-        if let Some(hosts) = &self.aerospike_hosts {
-            let ok = !hosts.trim().is_empty()
-                && hosts.split(',').all(|h| {
-                    h.trim()
-                        .rsplit_once(':')
-                        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
-                });
+        if let Some(hosts) = self.aerospike_hosts() {
+            let ok = hosts.split(',').all(|h| {
+                h.trim()
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+            });
             if !ok {
                 return Err(format!(
                     "AEROSPIKE_HOSTS '{hosts}' must be a comma-separated list of host:port"
@@ -201,7 +210,24 @@ mod tests {
             .unwrap_err()
             .contains("AEROSPIKE_HOSTS"));
         assert!(bad(&["--aerospike-hosts", "a:3000,10.0.0.2:3100"]).is_ok());
+        assert!(bad(&["--aerospike-hosts", "a:3000,"])
+            .unwrap_err()
+            .contains("AEROSPIKE_HOSTS"));
         assert!(bad(&["--listen", "nope"]).is_err());
         assert!(bad(&["--gateway-url", "http://127.0.0.1:1/"]).is_ok());
+    }
+
+    /// `AEROSPIKE_HOSTS=` (empty, as `AEROSPIKE_HOSTS= make run` or an env file sets it) means
+    /// unset: valid, and the embedded store. The binary is checked with the real environment
+    /// variable in `tests/process.rs`; here the flag takes the same path.
+    #[test]
+    fn empty_aerospike_hosts_means_the_embedded_store() {
+        for empty in ["", " ", "\t"] {
+            let cfg = Config::try_parse_from(["hevlayer-sidecar", "--aerospike-hosts", empty]).unwrap();
+            assert!(cfg.validate().is_ok(), "{empty:?}");
+            assert_eq!(cfg.aerospike_hosts(), None, "{empty:?}");
+        }
+        let cfg = Config::try_parse_from(["hevlayer-sidecar", "--aerospike-hosts", "a:3000"]).unwrap();
+        assert_eq!(cfg.aerospike_hosts(), Some("a:3000"));
     }
 }

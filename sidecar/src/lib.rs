@@ -31,12 +31,12 @@ pub fn build_state(config: &Config) -> Result<SharedState, String> {
     build_state_with_cache(config, &gateway_url, cache_backend(config))
 }
 
-/// The configured backend: Aerospike when `AEROSPIKE_HOSTS` is set (connecting in the
-/// background; call from inside a tokio runtime), else the embedded store.
+/// The configured backend: Aerospike when `AEROSPIKE_HOSTS` is set and not empty (connecting in
+/// the background; call from inside a tokio runtime), else the embedded store.
 pub fn cache_backend(config: &Config) -> Arc<dyn DocumentCache> {
-    match &config.aerospike_hosts {
+    match config.aerospike_hosts() {
         Some(hosts) => AerospikeCache::start(AerospikeSettings {
-            hosts: hosts.clone(),
+            hosts: hosts.to_owned(),
             namespace: config.aerospike_namespace.clone(),
             set_prefix: config.set_prefix.clone(),
             pipeline_set_prefix: config.pipeline_set_prefix.clone(),

@@ -64,8 +64,8 @@ async fn main() -> ExitCode {
     };
     tracing::info!(
         listen = %config.listen,
-        backend = if config.aerospike_hosts.is_some() { "aerospike" } else { "embedded" },
-        aerospike_hosts = config.aerospike_hosts.as_deref().unwrap_or(""),
+        backend = if config.aerospike_hosts().is_some() { "aerospike" } else { "embedded" },
+        aerospike_hosts = config.aerospike_hosts().unwrap_or(""),
         budget_bytes = config.embedded_cache_bytes,
         gateway_url = %config.gateway_url,
         mirror_vectors = config.mirror_vectors,

@@ -5,6 +5,8 @@ use std::fmt::Write as _;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use crate::cache::mirror::OpTiming;
+
 /// Upper bounds (seconds) of the latency histogram buckets.
 const BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
@@ -67,6 +69,21 @@ impl Metrics {
             .entry((op, result))
             .or_default()
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records many cache operations under one lock (a mirror batch's single-document ops).
+    pub fn record_cache_ops(&self, ops: &[OpTiming]) {
+        if ops.is_empty() {
+            return;
+        }
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        for op in ops {
+            inner
+                .cache_ops
+                .entry((op.op, op.result))
+                .or_default()
+                .observe(op.elapsed.as_secs_f64());
+        }
     }
 
     pub fn record_event(&self, kind: &'static str, result: &'static str) {

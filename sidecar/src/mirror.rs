@@ -1,81 +1,292 @@
 //! Mirroring a successful write into the document cache (SPEC §2.5) and purging a namespace.
 //!
-//! `plan` turns the stamped write (and, for response-driven writes, the upstream response) into
-//! cache operations; the handler applies them in order.
+//! The mirror callout body (`MirrorRequest`) is parsed as a `MirrorCallout`: the same JSON, with
+//! the write's rows parsed straight into ids and attribute maps (`WriteBody`) instead of into a
+//! JSON tree the planner would walk again. For a large write that second walk is a cold pass over
+//! every row (each row's map and keys are separate allocations, long out of the CPU's caches by
+//! then), and the tree allocates an `"id"` key per row only to drop it. `plan` then turns the
+//! parsed write (and, for response-driven writes, the upstream response) into cache operations,
+//! moving every row's attributes (no copy); the handler hands them to the cache as one batch
+//! (`DocumentCache::apply_mirror`), which applies each document's ops in order.
 
 use std::collections::HashSet;
+use std::fmt;
 
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
+pub use crate::cache::MirrorOp;
 use crate::cache::{Attributes, DocId};
-
-/// One effect on the cached document of `id`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum MirrorOp {
-    /// Replace the cached document (unless it is newer).
-    Upsert(DocId, Attributes),
-    /// Merge into the cached document if it is cached (and not newer).
-    Patch(DocId, Attributes),
-    /// Drop the cached document: it was deleted (a tombstone refuses copies up to this write).
-    Evict(DocId),
-    /// Drop the cached document: it changed upstream in a way the mirror cannot replay
-    /// (`patch_by_filter`); copies older than this write are refused.
-    Invalidate(DocId),
-}
 
 /// The attribute holding a document's vector; cached only with `mirror_vectors`.
 const VECTOR_ATTRIBUTE: &str = "vector";
 
-fn row_attributes(row: &Map<String, Value>, mirror_vectors: bool) -> Attributes {
-    row.iter()
-        .filter(|(k, _)| k.as_str() != "id" && (mirror_vectors || k.as_str() != VECTOR_ATTRIBUTE))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
+/// A mirror callout: `hevlayer_filter::sidecar_api::MirrorRequest`, the one definition of the
+/// message, parsed with the write as a `WriteBody` (a test keeps the two in step).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorCallout {
+    pub namespace: String,
+    pub upserted_at: u64,
+    pub write: WriteBody,
+    #[serde(default)]
+    pub response: Option<Value>,
 }
 
-/// Rows of a row-form operation (`upsert_rows`, `patch_rows`).
-fn rows_of(op: &str, value: &Value, mirror_vectors: bool) -> Result<Vec<(DocId, Attributes)>, String> {
-    let rows = value
-        .as_array()
-        .ok_or_else(|| format!("{op} must be an array of row objects"))?;
-    rows.iter()
-        .map(|row| {
-            let row = row
-                .as_object()
-                .ok_or_else(|| format!("{op} entries must be objects"))?;
-            let id = row
-                .get("id")
-                .and_then(DocId::from_json)
-                .ok_or_else(|| format!("{op} entries must include a string or unsigned integer id"))?;
-            Ok((id, row_attributes(row, mirror_vectors)))
+/// What the mirror needs of a stamped write: its rows (row form parsed into rows, column form
+/// kept as JSON), its deletes, and whether it has a `delete_condition` or a `patch_by_filter`.
+/// Every other key is skipped without being built. Like a JSON object, a repeated key keeps its
+/// last value.
+#[derive(Debug, Default)]
+pub struct WriteBody {
+    upsert_rows: Option<Vec<Row>>,
+    upsert_columns: Option<Value>,
+    patch_rows: Option<Vec<Row>>,
+    patch_columns: Option<Value>,
+    deletes: Option<Value>,
+    delete_condition: bool,
+    patch_by_filter: bool,
+}
+
+/// A row of `upsert_rows` or `patch_rows`: its id and every other attribute.
+#[derive(Debug)]
+struct Row {
+    id: DocId,
+    attributes: Attributes,
+    /// Whether `attributes` holds a `vector` (dropped unless `mirror_vectors`), noted while the
+    /// row was parsed so rows without one are not searched again.
+    has_vector: bool,
+}
+
+/// The write keys `WriteBody` keeps.
+enum WriteKey {
+    UpsertRows,
+    UpsertColumns,
+    PatchRows,
+    PatchColumns,
+    Deletes,
+    DeleteCondition,
+    PatchByFilter,
+    Other,
+}
+
+impl WriteKey {
+    fn of(key: &str) -> Self {
+        match key {
+            "upsert_rows" => Self::UpsertRows,
+            "upsert_columns" => Self::UpsertColumns,
+            "patch_rows" => Self::PatchRows,
+            "patch_columns" => Self::PatchColumns,
+            "deletes" => Self::Deletes,
+            "delete_condition" => Self::DeleteCondition,
+            "patch_by_filter" => Self::PatchByFilter,
+            _ => Self::Other,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WriteKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = WriteKey;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a write key")
+            }
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<WriteKey, E> {
+                Ok(WriteKey::of(key))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for WriteBody {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(WriteVisitor)
+    }
+}
+
+struct WriteVisitor;
+
+impl<'de> Visitor<'de> for WriteVisitor {
+    type Value = WriteBody;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("write to be a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<WriteBody, A::Error> {
+        let mut write = WriteBody::default();
+        while let Some(key) = map.next_key::<WriteKey>()? {
+            match key {
+                WriteKey::UpsertRows => {
+                    write.upsert_rows = Some(map.next_value_seed(RowsSeed("upsert_rows"))?)
+                }
+                WriteKey::PatchRows => write.patch_rows = Some(map.next_value_seed(RowsSeed("patch_rows"))?),
+                WriteKey::UpsertColumns => write.upsert_columns = Some(map.next_value()?),
+                WriteKey::PatchColumns => write.patch_columns = Some(map.next_value()?),
+                WriteKey::Deletes => write.deletes = Some(map.next_value()?),
+                WriteKey::DeleteCondition => {
+                    map.next_value::<IgnoredAny>()?;
+                    write.delete_condition = true;
+                }
+                WriteKey::PatchByFilter => {
+                    map.next_value::<IgnoredAny>()?;
+                    write.patch_by_filter = true;
+                }
+                WriteKey::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(write)
+    }
+}
+
+/// The rows of the row-form operation named `.0`.
+struct RowsSeed(&'static str);
+
+impl<'de> DeserializeSeed<'de> for RowsSeed {
+    type Value = Vec<Row>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Vec<Row>, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RowsSeed {
+    type Value = Vec<Row>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{} to be an array of row objects", self.0)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Row>, A::Error> {
+        let mut rows = Vec::new();
+        while let Some(row) = seq.next_element_seed(RowSeed(self.0))? {
+            rows.push(row);
+        }
+        Ok(rows)
+    }
+}
+
+/// One row of the row-form operation named `.0`.
+struct RowSeed(&'static str);
+
+impl<'de> DeserializeSeed<'de> for RowSeed {
+    type Value = Row;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Row, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RowSeed {
+    type Value = Row;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{} entries to be objects", self.0)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Row, A::Error> {
+        let mut id = None;
+        let mut attributes = Map::new();
+        let mut has_vector = false;
+        while let Some(key) = map.next_key::<RowKey>()? {
+            match key {
+                RowKey::Id => id = Some(map.next_value::<Value>()?),
+                RowKey::Attribute(name) => {
+                    has_vector |= name == VECTOR_ATTRIBUTE;
+                    let value = map.next_value::<Value>()?;
+                    attributes.insert(name, value);
+                }
+            }
+        }
+        let id = id.and_then(DocId::from_json_owned).ok_or_else(|| {
+            de::Error::custom(format!(
+                "{} entries must include a string or unsigned integer id",
+                self.0
+            ))
+        })?;
+        Ok(Row {
+            id,
+            attributes,
+            has_vector,
         })
-        .collect()
+    }
+}
+
+/// A row's key: `id` (never allocated) or an attribute name.
+enum RowKey {
+    Id,
+    Attribute(String),
+}
+
+impl<'de> Deserialize<'de> for RowKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = RowKey;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an attribute name")
+            }
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<RowKey, E> {
+                Ok(if key == "id" {
+                    RowKey::Id
+                } else {
+                    RowKey::Attribute(key.to_owned())
+                })
+            }
+            fn visit_string<E: de::Error>(self, key: String) -> Result<RowKey, E> {
+                Ok(if key == "id" {
+                    RowKey::Id
+                } else {
+                    RowKey::Attribute(key)
+                })
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+/// A row's id and attributes (everything but `id`, and `vector` only with `mirror_vectors`).
+fn row_pair(row: Row, mirror_vectors: bool) -> (DocId, Attributes) {
+    let Row {
+        id,
+        mut attributes,
+        has_vector,
+    } = row;
+    if has_vector && !mirror_vectors {
+        attributes.remove(VECTOR_ATTRIBUTE);
+    }
+    (id, attributes)
 }
 
 /// Rows of a column-form operation (`upsert_columns`, `patch_columns`).
-fn columns_of(op: &str, value: &Value, mirror_vectors: bool) -> Result<Vec<(DocId, Attributes)>, String> {
-    let columns = value
-        .as_object()
-        .ok_or_else(|| format!("{op} must be an object of column arrays"))?;
-    let ids = columns
-        .get("id")
-        .and_then(Value::as_array)
-        .ok_or_else(|| format!("{op} must include an id column array"))?;
+fn columns_of(op: &str, value: Value, mirror_vectors: bool) -> Result<Vec<(DocId, Attributes)>, String> {
+    let Value::Object(mut columns) = value else {
+        return Err(format!("{op} must be an object of column arrays"));
+    };
+    let Some(Value::Array(ids)) = columns.remove("id") else {
+        return Err(format!("{op} must include an id column array"));
+    };
     let mut rows: Vec<(DocId, Attributes)> = ids
-        .iter()
+        .into_iter()
         .map(|id| {
-            DocId::from_json(id)
+            DocId::from_json_owned(id)
                 .map(|id| (id, Map::new()))
                 .ok_or_else(|| format!("{op} id values must be strings or unsigned integers"))
         })
         .collect::<Result<_, _>>()?;
     for (name, column) in columns {
-        if name == "id" || (!mirror_vectors && name == VECTOR_ATTRIBUTE) {
+        if !mirror_vectors && name == VECTOR_ATTRIBUTE {
             continue;
         }
-        let values = column
-            .as_array()
-            .ok_or_else(|| format!("{op} column '{name}' must be an array"))?;
+        let Value::Array(values) = column else {
+            return Err(format!("{op} column '{name}' must be an array"));
+        };
         if values.len() != rows.len() {
             return Err(format!(
                 "{op} column '{name}' has {} values for {} ids",
@@ -84,7 +295,7 @@ fn columns_of(op: &str, value: &Value, mirror_vectors: bool) -> Result<Vec<(DocI
             ));
         }
         for ((_, attrs), v) in rows.iter_mut().zip(values) {
-            attrs.insert(name.clone(), v.clone());
+            attrs.insert(name.clone(), v);
         }
     }
     Ok(rows)
@@ -99,18 +310,19 @@ fn ids_of(op: &str, value: &Value) -> Result<Vec<DocId>, String> {
         .collect()
 }
 
-/// Upserted and patched rows of a write, in request order (rows form, then columns form).
+/// Upserted or patched rows of a write, in request order (rows form, then columns form).
 fn written_rows(
-    write: &Map<String, Value>,
-    rows_key: &str,
+    rows: Option<Vec<Row>>,
+    columns: Option<Value>,
     columns_key: &str,
     mirror_vectors: bool,
 ) -> Result<Vec<(DocId, Attributes)>, String> {
-    let mut out = Vec::new();
-    if let Some(v) = write.get(rows_key) {
-        out.extend(rows_of(rows_key, v, mirror_vectors)?);
-    }
-    if let Some(v) = write.get(columns_key) {
+    let mut out: Vec<(DocId, Attributes)> = rows
+        .unwrap_or_default()
+        .into_iter()
+        .map(|row| row_pair(row, mirror_vectors))
+        .collect();
+    if let Some(v) = columns {
         out.extend(columns_of(columns_key, v, mirror_vectors)?);
     }
     Ok(out)
@@ -122,15 +334,28 @@ fn written_rows(
 /// With a response (conditional and filter writes): only the ids it lists are touched; ids
 /// deleted or patched by filter are evicted (evicting is always safe), listed upserts replace,
 /// listed patches merge.
-pub fn plan(write: &Value, response: Option<&Value>, mirror_vectors: bool) -> Result<Vec<MirrorOp>, String> {
-    let write = write.as_object().ok_or("write must be a JSON object")?;
-    let upserts = written_rows(write, "upsert_rows", "upsert_columns", mirror_vectors)?;
-    let patches = written_rows(write, "patch_rows", "patch_columns", mirror_vectors)?;
-    let deletes = match write.get("deletes") {
+pub fn plan(
+    write: WriteBody,
+    response: Option<&Value>,
+    mirror_vectors: bool,
+) -> Result<Vec<MirrorOp>, String> {
+    let upserts = written_rows(
+        write.upsert_rows,
+        write.upsert_columns,
+        "upsert_columns",
+        mirror_vectors,
+    )?;
+    let patches = written_rows(
+        write.patch_rows,
+        write.patch_columns,
+        "patch_columns",
+        mirror_vectors,
+    )?;
+    let deletes = match &write.deletes {
         Some(v) => ids_of("deletes", v)?,
         None => Vec::new(),
     };
-    let mut ops = Vec::new();
+    let mut ops = Vec::with_capacity(deletes.len() + patches.len() + upserts.len());
     match response {
         None => {
             ops.extend(deletes.into_iter().map(MirrorOp::Evict));
@@ -151,10 +376,10 @@ pub fn plan(write: &Value, response: Option<&Value>, mirror_vectors: bool) -> Re
             // delete_by_filter runs before everything else upstream. Under a delete_condition
             // only the ids Turbopuffer deleted go.
             ops.extend(deleted.into_iter().map(MirrorOp::Evict));
-            if !write.contains_key("delete_condition") {
+            if !write.delete_condition {
                 ops.extend(deletes.into_iter().map(MirrorOp::Evict));
             }
-            if write.contains_key("patch_by_filter") {
+            if write.patch_by_filter {
                 ops.extend(patched.into_iter().map(MirrorOp::Invalidate));
             } else {
                 let patched: HashSet<DocId> = patched.into_iter().collect();
@@ -185,6 +410,17 @@ mod tests {
         v.as_object().cloned().unwrap()
     }
 
+    /// Parses `write` as the callout handler does, then plans it; a parse error is an error too.
+    fn plan_json(
+        write: &Value,
+        response: Option<&Value>,
+        mirror_vectors: bool,
+    ) -> Result<Vec<MirrorOp>, String> {
+        let text = write.to_string();
+        let parsed: WriteBody = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        plan(parsed, response, mirror_vectors)
+    }
+
     #[test]
     fn plain_write_upserts_patches_and_deletes() {
         let write = json!({
@@ -194,7 +430,7 @@ mod tests {
             "patch_columns": {"id": [3], "d": [null]},
             "deletes": [4, "w"]
         });
-        let ops = plan(&write, None, false).unwrap();
+        let ops = plan_json(&write, None, false).unwrap();
         assert_eq!(
             ops,
             vec![
@@ -207,7 +443,7 @@ mod tests {
                 MirrorOp::Upsert(DocId::Str("y".into()), attrs(json!({"b": false}))),
             ]
         );
-        let with_vectors = plan(&write, None, true).unwrap();
+        let with_vectors = plan_json(&write, None, true).unwrap();
         assert_eq!(
             with_vectors[4],
             MirrorOp::Upsert(
@@ -226,7 +462,7 @@ mod tests {
             "patch_condition": ["p", "Eq", null]
         });
         let response = json!({"upserted_ids": [2], "patched_ids": [4]});
-        let ops = plan(&write, Some(&response), false).unwrap();
+        let ops = plan_json(&write, Some(&response), false).unwrap();
         assert_eq!(
             ops,
             vec![
@@ -240,11 +476,11 @@ mod tests {
     fn conditional_deletes_evict_only_the_deleted_ids() {
         let write = json!({"deletes": [1, 2], "delete_condition": ["v", "Eq", 1]});
         let response = json!({"deleted_ids": [1]});
-        let ops = plan(&write, Some(&response), false).unwrap();
+        let ops = plan_json(&write, Some(&response), false).unwrap();
         assert_eq!(ops, vec![MirrorOp::Evict(DocId::Num(1))]);
         // Without a condition every listed delete goes, whatever the response lists.
         let write = json!({"deletes": [1, 2], "upsert_condition": ["v", "Eq", 1]});
-        let ops = plan(&write, Some(&json!({})), false).unwrap();
+        let ops = plan_json(&write, Some(&json!({})), false).unwrap();
         assert_eq!(
             ops,
             vec![MirrorOp::Evict(DocId::Num(1)), MirrorOp::Evict(DocId::Num(2))]
@@ -259,7 +495,7 @@ mod tests {
             "upsert_rows": [{"id": 9, "a": 1}]
         });
         let response = json!({"deleted_ids": [9, 8], "patched_ids": ["p"], "upserted_ids": [9]});
-        let ops = plan(&write, Some(&response), false).unwrap();
+        let ops = plan_json(&write, Some(&response), false).unwrap();
         assert_eq!(
             ops,
             vec![
@@ -270,18 +506,91 @@ mod tests {
             ]
         );
         // No ids returned: nothing to do.
-        assert!(plan(&write, Some(&json!({"status": "OK"})), false)
+        assert!(plan_json(&write, Some(&json!({"status": "OK"})), false)
             .unwrap()
             .is_empty());
     }
 
     #[test]
     fn malformed_writes_are_errors() {
-        assert!(plan(&json!([]), None, false).is_err());
-        assert!(plan(&json!({"upsert_rows": {}}), None, false).is_err());
-        assert!(plan(&json!({"upsert_rows": [{"a": 1}]}), None, false).is_err());
-        assert!(plan(&json!({"upsert_columns": {"id": [1], "a": [1, 2]}}), None, false).is_err());
-        assert!(plan(&json!({"deletes": [-1]}), None, false).is_err());
-        assert!(plan(&json!({"deletes": []}), Some(&json!({"deleted_ids": "x"})), false).is_err());
+        assert!(plan_json(&json!([]), None, false).is_err());
+        assert!(plan_json(&json!({"upsert_rows": {}}), None, false).is_err());
+        assert!(plan_json(&json!({"upsert_rows": [{"a": 1}]}), None, false).is_err());
+        assert!(plan_json(&json!({"upsert_columns": {"id": [1], "a": [1, 2]}}), None, false).is_err());
+        assert!(plan_json(&json!({"deletes": [-1]}), None, false).is_err());
+        assert!(plan_json(&json!({"deletes": []}), Some(&json!({"deleted_ids": "x"})), false).is_err());
+        assert!(plan_json(&json!({"patch_rows": [7]}), None, false).is_err());
+        assert!(plan_json(&json!({"upsert_rows": [{"id": -3}]}), None, false).is_err());
+        assert!(plan_json(&json!({"upsert_rows": [{"id": [1]}]}), None, false).is_err());
+        let message = plan_json(&json!({"patch_rows": [{"a": 1}]}), None, false).unwrap_err();
+        assert!(message.contains("patch_rows entries must include"), "{message}");
+        let message = plan_json(&json!({"upsert_rows": 7}), None, false).unwrap_err();
+        assert!(
+            message.contains("upsert_rows to be an array of row objects"),
+            "{message}"
+        );
+    }
+
+    /// Keys the mirror does not use are skipped whatever they hold; a repeated key keeps its last
+    /// value, as in a JSON object; `id` and `vector` never reach the cached attributes (unless
+    /// vectors are mirrored) and a row's string id is taken as is.
+    #[test]
+    fn the_write_is_parsed_like_a_json_object() {
+        let text = r#"{"schema":{"a":{"type":"string"}},"upsert_rows":[{"id":9}],
+            "upsert_rows":[{"vector":[1.5],"id":"u-\u00e9","t":1,"t":2,"id":"u"}],
+            "distance_metric":"cosine_distance","unknown":[{"deep":[null]}]}"#;
+        let write: WriteBody = serde_json::from_str(text).unwrap();
+        assert_eq!(
+            plan(write, None, false).unwrap(),
+            vec![MirrorOp::Upsert(DocId::Str("u".into()), attrs(json!({"t": 2})))]
+        );
+        let write: WriteBody = serde_json::from_str(text).unwrap();
+        assert_eq!(
+            plan(write, None, true).unwrap(),
+            vec![MirrorOp::Upsert(
+                DocId::Str("u".into()),
+                attrs(json!({"t": 2, "vector": [1.5]}))
+            )]
+        );
+        let escaped: WriteBody =
+            serde_json::from_str(r#"{"patch_rows":[{"i\u0064":"\u00e9","x":1}]}"#).unwrap();
+        assert_eq!(
+            plan(escaped, None, false).unwrap(),
+            vec![MirrorOp::Patch(DocId::Str("é".into()), attrs(json!({"x": 1})))]
+        );
+    }
+
+    /// `MirrorCallout` reads the message the filter sends (`MirrorRequest`, built by
+    /// `mirror_body`) field for field; destructuring `MirrorRequest` without `..` makes a field
+    /// added there fail to compile here until `MirrorCallout` has it too.
+    #[test]
+    fn the_callout_parses_what_the_filter_sends() {
+        use hevlayer_filter::sidecar_api::{mirror_body, MirrorRequest};
+        let body = mirror_body(
+            "ns",
+            7,
+            br#"{"upsert_rows":[{"id":1,"a":"x"}],"upsert_condition":["a","Eq",null]}"#,
+            Some(br#"{"upserted_ids":[1]}"#),
+        );
+        let MirrorRequest {
+            namespace,
+            upserted_at,
+            write: _,
+            response,
+        } = serde_json::from_slice(&body).unwrap();
+        let callout: MirrorCallout = serde_json::from_slice(&body).unwrap();
+        assert_eq!(callout.namespace, namespace);
+        assert_eq!(callout.upserted_at, upserted_at);
+        assert_eq!(callout.response, response);
+        assert_eq!(
+            plan(callout.write, callout.response.as_ref(), false).unwrap(),
+            vec![MirrorOp::Upsert(DocId::Num(1), attrs(json!({"a": "x"})))]
+        );
+        let bare: MirrorCallout = serde_json::from_slice(&mirror_body("n", 1, b"{}", None)).unwrap();
+        assert!(bare.response.is_none());
+        // Unknown envelope fields are refused, as `MirrorRequest` refuses them.
+        let extra = br#"{"namespace":"n","upserted_at":1,"write":{},"extra":1}"#;
+        assert!(serde_json::from_slice::<MirrorCallout>(extra).is_err());
+        assert!(serde_json::from_slice::<MirrorRequest>(extra).is_err());
     }
 }

@@ -76,6 +76,16 @@ async fn mirrored_writes_are_served_from_the_cache(backend: Backend) {
     );
     assert_eq!(c.get("/v2/namespaces/ns/documents/b").await.status, 200);
 
+    // Every mirror is one `mirror_batch` cache operation; the op-by-op path (Aerospike) also
+    // records each document operation it ran.
+    let m = c.get("/metrics").await.text;
+    assert!(
+        m.contains(r#"hevlayer_sidecar_cache_op_seconds_count{op="mirror_batch",result="ok"} 6"#),
+        "{m}"
+    );
+    let per_op = m.contains(r#"op="upsert_document""#);
+    assert_eq!(per_op, backend == Backend::Aerospike, "{m}");
+
     // Purge.
     let a = c
         .post(PURGE_PATH, std::str::from_utf8(&purge_body("ns")).unwrap())

@@ -22,6 +22,37 @@ async fn a_bad_setting_exits_2_naming_it() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("GATEWAY_URL"));
 }
 
+/// `AEROSPIKE_HOSTS=` (as in `AEROSPIKE_HOSTS= make run`) is "unset": the sidecar starts on the
+/// embedded store instead of refusing the setting.
+#[tokio::test]
+async fn an_empty_aerospike_hosts_means_the_embedded_store() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hevlayer-sidecar"))
+        .env("SIDECAR_LISTEN", format!("127.0.0.1:{port}"))
+        .env("AEROSPIKE_HOSTS", "")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the sidecar exited with {status} instead of starting");
+        }
+        assert!(Instant::now() < deadline, "the sidecar did not start listening");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let a = Client::for_url(&format!("http://127.0.0.1:{port}"))
+        .get("/healthz")
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.json()["cache"]["backend"], "embedded");
+    child.kill().await.unwrap();
+}
+
 #[tokio::test]
 async fn sigterm_stops_the_sidecar_cleanly() {
     let port = {

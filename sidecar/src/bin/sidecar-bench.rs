@@ -1,6 +1,7 @@
 //! Sidecar benchmark: stage, get-chunks and claim throughput and latency over loopback on the
 //! embedded store, next to the same server's `/healthz` as the baseline, plus stage latency with
-//! 1,000 vs 1,000,000 staged documents and memory per staged document.
+//! 1,000 vs 1,000,000 staged documents, memory per staged document, and the latency of the mirror
+//! callout (`POST /internal/v1/mirror`) for a 1-row and a 10,000-row write.
 //!
 //! How the size comparison stays honest: the stage scenarios *re-stage* documents already in
 //! their pipeline (ids visited in a fixed pseudo-random order over all of them), so "1,000
@@ -14,6 +15,14 @@
 //! request buffers and allocator slack the server path leaves behind, not just the store's own
 //! accounting (printed next to it).
 //!
+//! The mirror callout is on every write's critical path (the filter holds the client's response
+//! until the sidecar answers, bounded by its 200 ms callout timeout), so it is measured as the
+//! filter sees it: one request at a time on one connection, with the body the filter would send
+//! (the stamped write without vectors: `{"id":i,"title":"row i","_hevlayer_upserted_at":..}` rows,
+//! the gateway benchmark's write minus its vectors). Each request carries a newer stamp, so every
+//! op takes effect: the 10,000-row upsert replaces 10,000 cached documents, the patch merges into
+//! them.
+//!
 //! `cargo run --release -p hevlayer-sidecar --bin sidecar-bench -- [--seconds N] [--concurrency N]
 //! [--large N] [--strict]`
 
@@ -24,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
+use hevlayer_filter::sidecar_api::{mirror_body, MIRROR_PATH};
 use hevlayer_sidecar::cache::embedded::EmbeddedCache;
 use hevlayer_sidecar::cache::{DocumentCache, PipelineMeta};
 use hevlayer_sidecar::config::Config;
@@ -45,6 +55,12 @@ struct Args {
     strict: bool,
 }
 
+/// Rows of the large mirror scenarios.
+const MIRROR_ROWS: usize = 10_000;
+/// Stamp of the first mirror request (2026-01-01); each request adds 1.
+const MIRROR_STAMP: u64 = 1_767_225_600_000;
+/// The large-mirror p99 target: a quarter of the filter's 200 ms callout timeout.
+const MIRROR_P99_TARGET_US: u64 = 50_000;
 /// Bytes of chunk text per document (the issue's 2 KB documents).
 const DOC_TEXT_BYTES: usize = 2048;
 /// Odd multiplier of the order documents are visited in (a permutation of `0..n` for any n
@@ -174,6 +190,117 @@ async fn run(
         p50_us: percentile(&all, 0.50),
         p99_us: percentile(&all, 0.99),
     })
+}
+
+/// A stamped write of `rows` rows as the filter mirrors it (no vectors): `op` is `upsert_rows` or
+/// `patch_rows`.
+fn mirror_write(op: &str, rows: usize, stamp: u64) -> Vec<u8> {
+    let word = if op == "patch_rows" { "patched" } else { "row" };
+    let mut out = format!(r#"{{"{op}":["#);
+    for i in 0..rows {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!(
+            r#"{{"id":{i},"title":"{word} {i}","_hevlayer_upserted_at":{stamp}}}"#
+        ));
+    }
+    out.push_str("]}");
+    out.into_bytes()
+}
+
+/// Sends `write` as mirror callouts one at a time for `duration` (at least `min` times), each
+/// with the next stamp from `stamp`, and checks every answer applied `rows` ops.
+async fn run_mirror(
+    name: &str,
+    base: &str,
+    write: &[u8],
+    rows: u64,
+    stamp: &AtomicU64,
+    duration: Duration,
+    min: usize,
+) -> Result<Stats, String> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let url = format!("{base}{MIRROR_PATH}");
+    let expected = format!(r#"{{"applied":{rows}}}"#);
+    let mut latencies = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < duration || latencies.len() < min {
+        let body = mirror_body("bench", stamp.fetch_add(1, Ordering::Relaxed), write, None);
+        let t = Instant::now();
+        let resp = client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| format!("{name}: {e}"))?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(|e| format!("{name}: {e}"))?;
+        latencies.push(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX));
+        if !status.is_success() || text != expected {
+            return Err(format!("{name}: answered {status} {text} (expected {expected})"));
+        }
+    }
+    let elapsed = started.elapsed();
+    latencies.sort_unstable();
+    Ok(Stats {
+        name: name.to_owned(),
+        requests: latencies.len() as u64,
+        elapsed,
+        p50_us: percentile(&latencies, 0.50),
+        p99_us: percentile(&latencies, 0.99),
+    })
+}
+
+/// The three mirror scenarios, in order (the patch merges into what the large upsert cached).
+async fn mirror_scenarios(base: &str, seconds: Duration) -> Result<[Stats; 3], String> {
+    let stamp = AtomicU64::new(MIRROR_STAMP);
+    let one = mirror_write("upsert_rows", 1, MIRROR_STAMP);
+    let upsert = mirror_write("upsert_rows", MIRROR_ROWS, MIRROR_STAMP);
+    let patch = mirror_write("patch_rows", MIRROR_ROWS, MIRROR_STAMP);
+    println!(
+        "mirror callouts: one at a time on one connection; the 10,000-row upsert body is {} bytes",
+        upsert.len()
+    );
+    let rows = MIRROR_ROWS as u64;
+    Ok([
+        run_mirror("mirror upsert (1 row)", base, &one, 1, &stamp, seconds, 100).await?,
+        run_mirror(
+            "mirror upsert (10,000 rows)",
+            base,
+            &upsert,
+            rows,
+            &stamp,
+            seconds,
+            30,
+        )
+        .await?,
+        run_mirror(
+            "mirror patch (10,000 rows)",
+            base,
+            &patch,
+            rows,
+            &stamp,
+            seconds,
+            30,
+        )
+        .await?,
+    ])
+}
+
+fn print_latency(stats: &Stats) {
+    println!(
+        "{:<28} {:>9} req {:>10.0} req/s                    p50 {:>6} us   p99 {:>6} us",
+        stats.name,
+        stats.requests,
+        stats.rps(),
+        stats.p50_us,
+        stats.p99_us
+    );
 }
 
 async fn preload(cache: &EmbeddedCache, pipeline: &str, count: usize) -> Result<(), String> {
@@ -316,6 +443,11 @@ async fn bench(args: Args) -> Result<bool, String> {
     .await?;
     print(&claim, baseline);
 
+    let mirrors = mirror_scenarios(&base, seconds).await?;
+    for stats in &mirrors {
+        print_latency(stats);
+    }
+
     let rss_before = rss_bytes();
     let used_before = cache.used_bytes();
     let t = Instant::now();
@@ -375,6 +507,15 @@ async fn bench(args: Args) -> Result<bool, String> {
         format!(
             "{} us vs {} us ({p50_ratio:.2}x; first 1,000 run: {} us)",
             stage_large.p50_us, stage_small_again.p50_us, stage_small.p50_us
+        ),
+    );
+    let worst = mirrors[1].p99_us.max(mirrors[2].p99_us);
+    check(
+        "10,000-row mirror p99 <= 50 ms (a quarter of the 200 ms callout timeout)",
+        worst <= MIRROR_P99_TARGET_US,
+        format!(
+            "upsert p99 {} us, patch p99 {} us",
+            mirrors[1].p99_us, mirrors[2].p99_us
         ),
     );
     match per_doc_rss {

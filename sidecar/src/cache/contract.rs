@@ -88,6 +88,8 @@ pub async fn run_all(factory: Factory<'_>) {
     set_stage_only_version_skips_restaged_documents(factory()).await;
     leases_expire_across_minutes_and_after_days_idle(factory()).await;
     heartbeats_and_reclaims_keep_expiry_exact(factory()).await;
+    mirror_batch_keeps_the_single_document_rules(factory()).await;
+    mirror_batch_keeps_each_documents_order(factory()).await;
 }
 
 async fn documents_upsert_get_evict(cache: Arc<dyn DocumentCache>) {
@@ -720,4 +722,120 @@ async fn heartbeats_and_reclaims_keep_expiry_exact(cache: Arc<dyn DocumentCache>
     assert_eq!(counts.leased, 20, "only the other half expired");
     assert_eq!(counts.counts.get(STAGE_PENDING), Some(&20));
     assert_eq!(counts.counts.get("embedding"), Some(&20));
+}
+
+/// `apply_mirror` applies every op under the single-document rules: newer stamps win, a
+/// tombstone refuses older upserts, patches merge only into cached documents, evictions leave
+/// tombstones; `applied` counts the ops that took effect.
+async fn mirror_batch_keeps_the_single_document_rules(cache: Arc<dyn DocumentCache>) {
+    let ns = "contract-batch";
+    let id = |s: &str| DocId::Str(s.into());
+    let stamp = 1_000;
+    for (doc, v) in [("newer", 2_000), ("cached", 500), ("gone", 500), ("inv", 500)] {
+        assert!(cache
+            .upsert_document(ns, &id(doc), attrs(json!({"a": 1, "b": 1})), v)
+            .await
+            .unwrap());
+    }
+    assert!(!cache.evict_document(ns, &id("tomb"), 1_500).await.unwrap());
+    let ops = vec![
+        MirrorOp::Upsert(id("a"), attrs(json!({"v": 1}))),
+        MirrorOp::Patch(id("a"), attrs(json!({"p": 2}))),
+        MirrorOp::Upsert(id("newer"), attrs(json!({"v": "old"}))),
+        MirrorOp::Patch(id("newer"), attrs(json!({"p": "old"}))),
+        MirrorOp::Upsert(id("tomb"), attrs(json!({"v": "old"}))),
+        MirrorOp::Patch(id("phantom"), attrs(json!({"p": 1}))),
+        MirrorOp::Patch(id("cached"), attrs(json!({"b": 2, "c": 3}))),
+        MirrorOp::Evict(id("gone")),
+        MirrorOp::Upsert(id("b"), attrs(json!({"v": 1}))),
+        MirrorOp::Evict(id("b")),
+        MirrorOp::Evict(id("c")),
+        MirrorOp::Upsert(id("c"), attrs(json!({"v": 2}))),
+        MirrorOp::Invalidate(id("inv")),
+    ];
+    let report = cache.apply_mirror(ns, ops, stamp).await;
+    assert!(report.failure.is_none(), "{:?}", report.failure);
+    assert_eq!((report.applied, report.failed), (8, 0));
+    let get = |doc: &'static str| {
+        let cache = cache.clone();
+        async move { cache.get_document(ns, &id(doc)).await.unwrap() }
+    };
+    let a = get("a").await.unwrap();
+    assert_eq!(
+        (a.attributes, a.upserted_at),
+        (attrs(json!({"v": 1, "p": 2})), stamp)
+    );
+    assert_eq!(
+        get("newer").await.unwrap().attributes,
+        attrs(json!({"a": 1, "b": 1}))
+    );
+    assert!(get("tomb").await.is_none());
+    assert!(get("phantom").await.is_none());
+    let cached = get("cached").await.unwrap();
+    assert_eq!(
+        (cached.attributes, cached.upserted_at),
+        (attrs(json!({"a": 1, "b": 2, "c": 3})), stamp)
+    );
+    assert!(get("gone").await.is_none() && get("b").await.is_none() && get("inv").await.is_none());
+    // An eviction's tombstone refuses nothing of this write's own stamp...
+    assert_eq!(get("c").await.unwrap().attributes, attrs(json!({"v": 2})));
+    // ...but a delete's refuses copies up to it, an invalidation's only older ones.
+    assert!(!cache
+        .backfill_document(ns, &id("gone"), attrs(json!({})), stamp)
+        .await
+        .unwrap());
+    assert!(!cache
+        .upsert_document(ns, &id("gone"), attrs(json!({})), stamp - 1)
+        .await
+        .unwrap());
+    assert!(!cache
+        .backfill_document(ns, &id("inv"), attrs(json!({})), stamp - 1)
+        .await
+        .unwrap());
+    assert!(cache
+        .backfill_document(ns, &id("inv"), attrs(json!({"fresh": true})), stamp)
+        .await
+        .unwrap());
+    // An empty batch, and patches alone into a namespace with nothing cached, change nothing.
+    assert_eq!(cache.apply_mirror(ns, Vec::new(), stamp).await.applied, 0);
+    let patches = vec![MirrorOp::Patch(DocId::Num(1), attrs(json!({"p": 1})))];
+    let report = cache.apply_mirror("contract-batch-empty", patches, stamp).await;
+    assert_eq!((report.applied, report.failure), (0, None));
+    assert!(cache
+        .get_document("contract-batch-empty", &DocId::Num(1))
+        .await
+        .unwrap()
+        .is_none());
+}
+
+/// Each document's ops take effect in plan order, however many documents a batch spans (the
+/// op-by-op default spreads them over lanes, the embedded store over chunks of its lock).
+async fn mirror_batch_keeps_each_documents_order(cache: Arc<dyn DocumentCache>) {
+    let ns = "contract-batch-order";
+    let n = 600u64;
+    let mut ops = Vec::new();
+    ops.extend((0..n).map(|i| MirrorOp::Upsert(DocId::Num(i), attrs(json!({"n": i})))));
+    ops.extend((0..n).map(|i| MirrorOp::Patch(DocId::Num(i), attrs(json!({"m": i})))));
+    ops.extend(
+        (0..n)
+            .filter(|i| i % 2 == 0)
+            .map(|i| MirrorOp::Evict(DocId::Num(i))),
+    );
+    ops.extend(
+        (0..n)
+            .filter(|i| i % 4 == 0)
+            .map(|i| MirrorOp::Upsert(DocId::Num(i), attrs(json!({"again": i})))),
+    );
+    let report = cache.apply_mirror(ns, ops, 10).await;
+    assert!(report.failure.is_none(), "{:?}", report.failure);
+    assert_eq!(report.applied, n + n + n / 2 + n / 4);
+    for i in 0..n {
+        let got = cache.get_document(ns, &DocId::Num(i)).await.unwrap();
+        let expected = match i % 4 {
+            0 => Some(attrs(json!({"again": i}))),
+            2 => None,
+            _ => Some(attrs(json!({"n": i, "m": i}))),
+        };
+        assert_eq!(got.map(|d| d.attributes), expected, "document {i}");
+    }
 }

@@ -3,11 +3,13 @@
 //! semantics; `contract` is the test suite both pass. The README documents the Aerospike layout.
 //!
 //! It holds two kinds of records:
-//! - mirrored Turbopuffer documents, per namespace, keyed by document id;
+//! - mirrored Turbopuffer documents, per namespace, keyed by document id (written one at a time
+//!   or as a mirror batch, `mirror`);
 //! - pipelines and their staged documents (chunks, stage, lease).
 
 pub mod aerospike;
 pub mod embedded;
+pub mod mirror;
 
 use std::collections::BTreeMap;
 
@@ -15,6 +17,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+pub use self::mirror::{MirrorOp, MirrorReport};
 
 /// Attribute map of a cached document (everything but `id`).
 pub type Attributes = serde_json::Map<String, Value>;
@@ -31,6 +35,15 @@ impl DocId {
     pub fn from_json(value: &Value) -> Option<Self> {
         match value {
             Value::String(s) => Some(Self::Str(s.clone())),
+            Value::Number(n) => n.as_u64().map(Self::Num),
+            _ => None,
+        }
+    }
+
+    /// Like `from_json`, moving a string id out of the value instead of copying it.
+    pub fn from_json_owned(value: Value) -> Option<Self> {
+        match value {
+            Value::String(s) => Some(Self::Str(s)),
             Value::Number(n) => n.as_u64().map(Self::Num),
             _ => None,
         }
@@ -186,7 +199,8 @@ pub trait DocumentCache: Send + Sync {
 
     /// Whether an operation is several commands that a dropped future would cut short (Aerospike):
     /// the API then runs each operation to completion in its own task, whatever the caller does.
-    /// The embedded store's operations finish within one poll and cannot be cut.
+    /// The embedded store's operations finish within one poll and cannot be cut. (A mirror batch,
+    /// `apply_mirror`, always runs in a task of its own, whatever this says.)
     fn detach_ops(&self) -> bool {
         false
     }
@@ -224,6 +238,13 @@ pub trait DocumentCache: Send + Sync {
         attributes: Attributes,
         upserted_at: u64,
     ) -> CacheResult<bool>;
+    /// Applies the planned mirror of one write stamped `upserted_at` to `namespace`'s documents:
+    /// each document's ops in order, under the single-document rules above, a failed op evicting
+    /// its document (the contract is in `mirror`'s module docs). Default: op by op through the
+    /// methods above (`mirror::apply_op_by_op`).
+    async fn apply_mirror(&self, namespace: &str, ops: Vec<MirrorOp>, upserted_at: u64) -> MirrorReport {
+        mirror::apply_op_by_op(self, namespace, ops, upserted_at).await
+    }
     /// Removes every cached document of a namespace; returns how many when the backend can tell
     /// (Aerospike's truncate cannot: 0).
     async fn purge_namespace(&self, namespace: &str) -> CacheResult<u64>;

@@ -19,6 +19,10 @@
 //! operation is ordered so that any prefix of its commands leaves a consistent, recoverable
 //! state — each module says how — and generations are never predicted (only compared with what a
 //! read returned), so they may wrap at 16 bits.
+//!
+//! Mirror batches use the trait's op-by-op default (`cache::mirror::apply_op_by_op`): every op is
+//! one of the generation-checked single-document writes below, none dropped half-way (the API
+//! runs the whole batch in a task of its own), each command bounded by the operation timeout.
 
 mod breaker;
 mod journal;
