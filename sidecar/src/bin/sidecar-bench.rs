@@ -459,6 +459,10 @@ async fn bench(args: Args) -> Result<bool, String> {
         args.large,
         t.elapsed().as_secs_f64()
     );
+    // /healthz again: whether the process as a whole (a store holding a million documents, the
+    // machine's load now) got slower, which no pipeline-size effect explains.
+    let health_again = run("healthz (again)", &base, "", Scenario::Health, c, seconds, 0).await?;
+    print(&health_again, baseline);
     // The small pipeline again, right before the large one: same process state, same load.
     let stage_small_again = run(
         "stage (1,000 staged, again)",
