@@ -141,6 +141,17 @@ fn start_sidecar(procs: &mut Procs, port: u16, gateway: u16) -> Result<()> {
     Ok(())
 }
 
+/// Serves `app` (any path, no body limit) on a free loopback port, for the life of the benchmark.
+async fn serve(app: Router) -> Result<u16> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let app = app.layer(axum::extract::DefaultBodyLimit::disable());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(port)
+}
+
 /// A Turbopuffer stand-in that reads the body and answers at once.
 async fn start_upstream() -> Result<u16> {
     async fn answer(body: Bytes) -> ([(&'static str, &'static str); 1], String) {
@@ -150,15 +161,7 @@ async fn start_upstream() -> Result<u16> {
             format!(r#"{{"status":"OK","message":"read {n} bytes","rows_affected":1,"billing":{{}}}}"#),
         )
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    let app = Router::new()
-        .fallback(any(answer))
-        .layer(axum::extract::DefaultBodyLimit::disable());
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Ok(port)
+    serve(Router::new().fallback(any(answer))).await
 }
 
 /// A sidecar stand-in that answers every mirror callout at once: what the callout hop itself costs.
@@ -166,15 +169,7 @@ async fn start_mirror_stub() -> Result<u16> {
     async fn answer(_body: Bytes) -> ([(&'static str, &'static str); 1], &'static str) {
         ([("content-type", "application/json")], r#"{"applied":1}"#)
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    let app = Router::new()
-        .fallback(any(answer))
-        .layer(axum::extract::DefaultBodyLimit::disable());
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Ok(port)
+    serve(Router::new().fallback(any(answer))).await
 }
 
 fn write_body(rows: usize, dims: usize) -> Vec<u8> {

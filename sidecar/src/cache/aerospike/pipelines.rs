@@ -22,7 +22,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use aerospike::operations::{maps, MapOrder, MapPolicy, MapReturnType, MapWriteFlags};
+use aerospike::operations::{maps, MapOrder, MapPolicy, MapReturnType, MapWriteFlags, Operation};
 use aerospike::{BatchOperation, BatchReadPolicy, Bin, Bins, Value};
 use bytes::Bytes;
 
@@ -460,29 +460,35 @@ impl AerospikeCache {
         .map(|_| ())
     }
 
+    /// One map operation on the pipeline listing (the `m` bin of the index record `all`).
+    async fn update_pipeline_index(&self, op: Operation) -> CacheResult<()> {
+        self.operate(
+            &self.pipeline_index_set(),
+            Value::String("all".into()),
+            vec![op],
+            Cond::Any,
+            None,
+        )
+        .await?
+        .map(|_| ())
+        .map_err(|code| {
+            CacheError::Unavailable(format!("pipeline index update failed with result code {code}"))
+        })
+    }
+
     // ------------------------------------------------------------------ the operations
 
     pub(super) async fn pipeline_create(&self, meta: PipelineMeta) -> CacheResult<()> {
         let set = super::set_name(&self.settings.pipeline_set_prefix, &meta.id);
         // Listed first: a listing entry without a pipeline record is skipped by readers.
         let policy = MapPolicy::new(MapOrder::KeyOrdered, MapWriteFlags::DEFAULT);
-        let ops = vec![maps::put(
+        self.update_pipeline_index(maps::put(
             &policy,
             "m",
             Value::String(meta.id.clone()),
             Value::String(meta.created_at.clone()),
-        )];
-        self.operate(
-            &self.pipeline_index_set(),
-            Value::String("all".into()),
-            ops,
-            Cond::Any,
-            None,
-        )
-        .await?
-        .map_err(|code| {
-            CacheError::Unavailable(format!("pipeline index write failed with result code {code}"))
-        })?;
+        ))
+        .await?;
         let inc = format!("{:016x}", self.unique_id());
         let bins = [
             Bin::new("target", Value::String(meta.target_namespace.clone())),
@@ -555,22 +561,12 @@ impl AerospikeCache {
             return Ok(false);
         }
         self.remember_incarnation(id, None);
-        let ops = vec![maps::remove_by_key(
+        self.update_pipeline_index(maps::remove_by_key(
             "m",
             Value::String(id.to_owned()),
             MapReturnType::NONE,
-        )];
-        self.operate(
-            &self.pipeline_index_set(),
-            Value::String("all".into()),
-            ops,
-            Cond::Any,
-            None,
-        )
-        .await?
-        .map_err(|code| {
-            CacheError::Unavailable(format!("pipeline index update failed with result code {code}"))
-        })?;
+        ))
+        .await?;
         // Garbage collection only (the records are unreachable now). Skipped if the pipeline was
         // already re-created, whose records share the set.
         if self

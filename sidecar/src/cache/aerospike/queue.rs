@@ -148,19 +148,8 @@ impl AerospikeCache {
         chunk: i64,
         slots: &[i64],
     ) -> CacheResult<()> {
-        if slots.is_empty() {
-            return Ok(());
-        }
-        let items: HashMap<Value, Value> = slots
-            .iter()
-            .map(|n| (Value::Int(*n), Value::String(String::new())))
-            .collect();
         let flags = MapWriteFlags::CREATE_ONLY | MapWriteFlags::NO_FAIL | MapWriteFlags::PARTIAL;
-        let ops = vec![maps::put_items(&key_ordered(flags), "s", items)];
-        self.operate(&pipe.set, pipe.chunk_key(part, chunk), ops, Cond::Any, None)
-            .await?
-            .map(|_| ())
-            .map_err(|code| CacheError::Unavailable(format!("queue update failed with result code {code}")))
+        self.empty_slots(pipe, part, chunk, slots, flags).await
     }
 
     /// Marks slots consumed.
@@ -171,6 +160,19 @@ impl AerospikeCache {
         chunk: i64,
         slots: &[i64],
     ) -> CacheResult<()> {
+        self.empty_slots(pipe, part, chunk, slots, MapWriteFlags::DEFAULT)
+            .await
+    }
+
+    /// Writes `""` into `slots` of a queue chunk with the given map write flags.
+    async fn empty_slots(
+        &self,
+        pipe: &Pipe,
+        part: &str,
+        chunk: i64,
+        slots: &[i64],
+        flags: MapWriteFlags,
+    ) -> CacheResult<()> {
         if slots.is_empty() {
             return Ok(());
         }
@@ -178,7 +180,7 @@ impl AerospikeCache {
             .iter()
             .map(|n| (Value::Int(*n), Value::String(String::new())))
             .collect();
-        let ops = vec![maps::put_items(&key_ordered(MapWriteFlags::DEFAULT), "s", items)];
+        let ops = vec![maps::put_items(&key_ordered(flags), "s", items)];
         self.operate(&pipe.set, pipe.chunk_key(part, chunk), ops, Cond::Any, None)
             .await?
             .map(|_| ())
