@@ -444,6 +444,31 @@ async fn main() -> Result<()> {
         direct.p99_us,
         via.p50_us / direct.p50_us
     );
+    // Connection reuse on the callout cluster: a new connection per callout would be a cost of its own.
+    for (setup, admin) in setups.iter().zip(&admins) {
+        let stats = client
+            .get(format!(
+                "http://127.0.0.1:{admin}/stats?filter=^cluster\\.layer_sidecar\\.upstream_(cx|rq)_total$"
+            ))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let figure = |name: &str| {
+            stats
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("cluster.layer_sidecar.{name}: ")))
+                .unwrap_or("?")
+                .trim()
+                .to_owned()
+        };
+        println!(
+            "{}: {} callouts on {} connections",
+            setup.label,
+            figure("upstream_rq_total"),
+            figure("upstream_cx_total")
+        );
+    }
     drop(procs);
     if missed.is_empty() {
         println!("targets met");
