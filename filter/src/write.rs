@@ -36,7 +36,8 @@ const REMOVED_BLOBS: &str = "document blob writes are no longer supported; store
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
     InvalidJson(SyntaxError),
-    NotAnObject,
+    /// Valid JSON of another kind, starting at this byte offset.
+    NotAnObject(Kind, usize),
     NoOperation,
     RemovedKey(&'static str),
     Reserved(String),
@@ -48,7 +49,17 @@ impl Rejection {
     pub fn message(&self) -> String {
         match self {
             Rejection::InvalidJson(e) => format!("request body is not valid JSON: {e}"),
-            Rejection::NotAnObject => "request body must be a JSON object".to_owned(),
+            Rejection::NotAnObject(kind, at) => {
+                let found = match kind {
+                    Kind::Object => "an object",
+                    Kind::Array => "an array",
+                    Kind::String => "a string",
+                    Kind::Number => "a number",
+                    Kind::Bool => "a boolean",
+                    Kind::Null => "null",
+                };
+                format!("request body must be a JSON object, found {found} at byte {at}")
+            }
             Rejection::NoOperation => NO_OPERATION.to_owned(),
             Rejection::RemovedKey(m) => (*m).to_owned(),
             Rejection::Reserved(name) => format!("attribute '{name}' uses the reserved _hevlayer_* prefix"),
@@ -59,7 +70,7 @@ impl Rejection {
     /// The counter label for this class of rejection.
     pub fn reason(&self) -> &'static str {
         match self {
-            Rejection::InvalidJson(_) | Rejection::NotAnObject => "invalid_json",
+            Rejection::InvalidJson(_) | Rejection::NotAnObject(..) => "invalid_json",
             Rejection::NoOperation => "no_operation",
             Rejection::RemovedKey(_) => "removed_key",
             Rejection::Reserved(_) => "reserved_attribute",
@@ -124,10 +135,11 @@ pub fn plan(body: &[u8]) -> Result<WritePlan, Rejection> {
     let mut scan = Scan::default();
     match cur.peek_kind() {
         Ok(Kind::Object) => {}
-        Ok(_) => {
+        Ok(kind) => {
+            let at = cur.pos();
             cur.skip_value().map_err(Rejection::InvalidJson)?;
             cur.finish().map_err(Rejection::InvalidJson)?;
-            return Err(Rejection::NotAnObject);
+            return Err(Rejection::NotAnObject(kind, at));
         }
         Err(e) => return Err(Rejection::InvalidJson(e)),
     }

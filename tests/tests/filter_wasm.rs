@@ -94,7 +94,7 @@ fn chunking_never_changes_what_goes_upstream() {
 fn every_rejection_class_is_a_local_422_and_nothing_goes_upstream() {
     let cases: &[(&[u8], &str, &str)] = &[
         (b"{\"upsert_rows\":[", "invalid_json", "request body is not valid JSON: unexpected end of input at byte 16"),
-        (b"[1,2]", "invalid_json", "request body must be a JSON object"),
+        (b"[1,2]", "invalid_json", "request body must be a JSON object, found an array at byte 0"),
         (b"{}", "no_operation", "Request must include a native Turbopuffer write operation"),
         (br#"{"upserts":[{"id":1}]}"#, "removed_key", "custom write bodies were removed; use native Turbopuffer write keys such as upsert_rows, patch_rows, patch_columns, and deletes"),
         (br#"{"upsert_rows":[{"id":1,"blobs":{}}]}"#, "removed_key", "document blob writes are no longer supported; store binary payloads externally and write an ordinary attribute with that location"),

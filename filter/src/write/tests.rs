@@ -257,8 +257,19 @@ fn every_rejection_message() {
             r#"{"deletes":[1,null]}"#,
             "deletes values must be strings or numbers",
         ),
-        ("[1]", "request body must be a JSON object"),
-        ("\"x\"", "request body must be a JSON object"),
+        (
+            "[1]",
+            "request body must be a JSON object, found an array at byte 0",
+        ),
+        (
+            " \n\"x\"",
+            "request body must be a JSON object, found a string at byte 2",
+        ),
+        ("null", "request body must be a JSON object, found null at byte 0"),
+        (
+            "-1.5e3 ",
+            "request body must be a JSON object, found a number at byte 0",
+        ),
         (
             "",
             "request body is not valid JSON: unexpected end of input at byte 0",
