@@ -198,17 +198,21 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
 }
 
-/// Sequential requests (one at a time): latency percentiles.
-async fn latency(
+/// Rounds each measurement is split into, the Envoys taking turns, so that a slow spell of the
+/// shared machine falls on every Envoy alike instead of on whichever was measured then.
+const ROUNDS: usize = 5;
+
+/// `n` sequential requests (one at a time) after `warmup` unmeasured ones: their latencies.
+async fn samples(
     client: &reqwest::Client,
     method: &str,
     url: &str,
-    body: &[u8],
+    body: &Bytes,
+    warmup: usize,
     n: usize,
-) -> Result<Latency> {
-    let body = Bytes::copy_from_slice(body);
+) -> Result<Vec<Duration>> {
     let mut samples = Vec::with_capacity(n);
-    for i in 0..n + n / 10 {
+    for i in 0..warmup + n {
         let t = Instant::now();
         let req = match method {
             "PUT" => client.put(url),
@@ -225,25 +229,50 @@ async fn latency(
         if !status.is_success() {
             bail!("{url}: status {status}");
         }
-        if i >= n / 10 {
+        if i >= warmup {
             samples.push(t.elapsed());
         }
     }
-    samples.sort_unstable();
-    Ok(Latency {
-        p50_us: percentile(&samples, 0.5),
-        p99_us: percentile(&samples, 0.99),
-    })
+    Ok(samples)
 }
 
-/// Requests per second with `concurrency` clients for `seconds`.
+/// Latency percentiles of `n` requests to each URL, measured in [`ROUNDS`] interleaved rounds.
+async fn latencies(
+    client: &reqwest::Client,
+    method: &str,
+    urls: &[String],
+    body: &[u8],
+    n: usize,
+) -> Result<Vec<Latency>> {
+    let body = Bytes::copy_from_slice(body);
+    let per_round = n.div_ceil(ROUNDS);
+    let warmup = (per_round / 10).max(1);
+    let mut all: Vec<Vec<Duration>> = vec![Vec::with_capacity(n); urls.len()];
+    for _ in 0..ROUNDS {
+        for (url, samples_of) in urls.iter().zip(&mut all) {
+            samples_of.extend(samples(client, method, url, &body, warmup, per_round).await?);
+        }
+    }
+    Ok(all
+        .into_iter()
+        .map(|mut s| {
+            s.sort_unstable();
+            Latency {
+                p50_us: percentile(&s, 0.5),
+                p99_us: percentile(&s, 0.99),
+            }
+        })
+        .collect())
+}
+
+/// Requests done by `concurrency` clients in about `seconds`, and the seconds it really took.
 async fn throughput(
     client: &reqwest::Client,
     url: &str,
     body: &[u8],
     concurrency: usize,
     seconds: u64,
-) -> Result<f64> {
+) -> Result<(f64, f64)> {
     let stop = Arc::new(AtomicBool::new(false));
     let body = Bytes::copy_from_slice(body);
     let mut tasks = Vec::new();
@@ -280,7 +309,7 @@ async fn throughput(
             Err(e) => bail!("{e}"),
         }
     }
-    Ok(total as f64 / start.elapsed().as_secs_f64())
+    Ok((total as f64, start.elapsed().as_secs_f64()))
 }
 
 /// One Envoy of the comparison.
@@ -351,14 +380,12 @@ async fn main() -> Result<()> {
     let cases = [
         ("1 row", write_body(1, 768), 2000),
         ("100 x 768", write_body(100, 768), 300),
-        ("10,000 x 768", write_body(10_000, 768), 12),
+        ("10,000 x 768", write_body(10_000, 768), 30),
     ];
     let mut missed = Vec::new();
+    let writes: Vec<String> = setups.iter().map(|s| url(s, "/v2/namespaces/bench")).collect();
     for (name, body, n) in &cases {
-        let mut figures = Vec::new();
-        for setup in &setups {
-            figures.push(latency(&client, "POST", &url(setup, "/v2/namespaces/bench"), body, *n).await?);
-        }
+        let figures = latencies(&client, "POST", &writes, body, *n).await?;
         let base = &figures[0];
         print!("{name:<14} {:>9}", body.len());
         for f in &figures {
@@ -380,32 +407,33 @@ async fn main() -> Result<()> {
     let one = &cases[0].1;
     let query = br#"{"rank_by":["id","asc"],"top_k":1}"#;
     print!("{:<24}", "query (headers only)");
-    let mut base = 0.0;
-    for setup in &setups {
-        let l = latency(
-            &client,
-            "POST",
-            &url(setup, "/v2/namespaces/bench/query"),
-            query,
-            2000,
-        )
-        .await?;
-        if base == 0.0 {
-            base = l.p50_us;
-        }
-        print!(" {:>12} {:>6.2}x", format!("{:.0}us", l.p50_us), l.p50_us / base);
+    let queries: Vec<String> = setups
+        .iter()
+        .map(|s| url(s, "/v2/namespaces/bench/query"))
+        .collect();
+    let figures = latencies(&client, "POST", &queries, query, 2000).await?;
+    for f in &figures {
+        print!(
+            " {:>12} {:>6.2}x",
+            format!("{:.0}us", f.p50_us),
+            f.p50_us / figures[0].p50_us
+        );
     }
     println!();
     print!("{:<24}", "1 row, 16 clients");
-    let mut base = 0.0;
-    let mut product_ratio = 0.0;
-    for setup in &setups {
-        let rps = throughput(&client, &url(setup, "/v2/namespaces/bench"), one, 16, 3).await?;
-        if base == 0.0 {
-            base = rps;
+    // Interleaved like the latencies: one second per Envoy per round.
+    let mut done = vec![(0.0, 0.0); setups.len()];
+    for _ in 0..3 {
+        for (url, (requests, seconds)) in writes.iter().zip(&mut done) {
+            let (n, elapsed) = throughput(&client, url, one, 16, 1).await?;
+            *requests += n;
+            *seconds += elapsed;
         }
-        product_ratio = rps / base;
-        print!(" {:>12} {:>6.2}x", format!("{rps:.0}/s"), product_ratio);
+    }
+    let rates: Vec<f64> = done.iter().map(|(n, s)| n / s).collect();
+    let product_ratio = rates.last().map_or(0.0, |r| r / rates[0]);
+    for rps in &rates {
+        print!(" {:>12} {:>6.2}x", format!("{rps:.0}/s"), rps / rates[0]);
     }
     println!();
     if product_ratio < 0.8 {
@@ -420,22 +448,14 @@ async fn main() -> Result<()> {
         .body(create)
         .send()
         .await?;
-    let via = latency(
-        &client,
-        "PUT",
-        &url(product, "/v2/pipelines/bench/documents/d1"),
-        chunks,
-        1000,
-    )
-    .await?;
-    let direct = latency(
-        &client,
-        "PUT",
-        &format!("http://127.0.0.1:{sidecar}/v2/pipelines/bench/documents/d1"),
-        chunks,
-        1000,
-    )
-    .await?;
+    let stage = [
+        url(product, "/v2/pipelines/bench/documents/d1"),
+        format!("http://127.0.0.1:{sidecar}/v2/pipelines/bench/documents/d1"),
+    ];
+    let Ok([via, direct]) = <[Latency; 2]>::try_from(latencies(&client, "PUT", &stage, chunks, 1000).await?)
+    else {
+        bail!("two stage figures expected");
+    };
     println!(
         "stage route p50/p99: {:.0}/{:.0}us through Envoy, {:.0}/{:.0}us sidecar direct ({:.2}x at p50)",
         via.p50_us,
