@@ -45,6 +45,10 @@ clippy: wasm-target
 .PHONY: test-native
 test-native:
 	cargo test --workspace --exclude hevlayer-tests
+ifneq ($(strip $(AEROSPIKE_HOSTS)),)
+	@echo "AEROSPIKE_HOSTS is set: the cache contract suite runs against that cluster too"
+	cargo test -p hevlayer-sidecar --lib -- --ignored aerospike_meets_the_contract_on_a_real_cluster
+endif
 
 .PHONY: test-wasm
 test-wasm: wasm

@@ -42,7 +42,8 @@ async fn aerospike_meets_the_contract_on_the_wire_double() {
     assert!(double.commands_served() > 10_000);
 }
 
-/// Runs only when asked for, against the cluster `AEROSPIKE_HOSTS` names (in fresh sets):
+/// Runs against the cluster `AEROSPIKE_HOSTS` names (in fresh sets); `make test` runs it whenever
+/// `AEROSPIKE_HOSTS` is set, by hand:
 /// `AEROSPIKE_HOSTS=host:3000 cargo test -p hevlayer-sidecar -- --ignored real_cluster`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs a real Aerospike cluster in AEROSPIKE_HOSTS"]
