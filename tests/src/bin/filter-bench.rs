@@ -198,6 +198,26 @@ fn main() -> Result<()> {
     println!("         64 KiB chunks, the stamped body read back; filter+mirror adds the 2xx response and");
     println!("         the mirror callout carrying the stamped write to the sidecar. Ratios use value-wasm.");
 
+    // The fixed cost of one request: the gateway benchmark's 1-row write (4 KB, a 768-dim base64
+    // vector) through the whole filter, per request rather than per byte.
+    let one_row = {
+        let bytes: Vec<u8> = (0..768u32)
+            .flat_map(|i| (i as f32 / 768.0).to_le_bytes())
+            .collect();
+        format!(
+            "{{\"upsert_rows\":[{{\"id\":1,\"vector\":\"{}\",\"title\":\"one\"}}],\"distance_metric\":\"cosine_distance\"}}",
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        )
+    };
+    let alone = timer.best(|| filter.write(one_row.as_bytes(), false))?;
+    let with_mirror = timer.best(|| filter.write(one_row.as_bytes(), true))?;
+    println!(
+        "1 row ({} bytes) through the whole filter in wasmtime: {:.1} us per request, {:.1} us with the 2xx and its mirror callout",
+        one_row.len(),
+        alone * 1e6,
+        with_mirror * 1e6
+    );
+
     let largest = fixtures
         .iter()
         .max_by_key(|f| f.body.len())
