@@ -116,7 +116,8 @@ fn start_envoy(
             "--base-id",
             &admin.to_string(),
             "--log-level",
-            "warn",
+            // error, not warn: the no-callout Envoy would log every failed dispatch otherwise
+            "error",
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
