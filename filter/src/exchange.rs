@@ -597,17 +597,19 @@ impl Exchange {
             return Step::Continue;
         };
         let elapsed = now_ms.saturating_sub(self.callout_started_ms);
+        // Envoy answers a call it could not deliver or that timed out with its own plain-text
+        // reply (503 "upstream connect error ...", 504 "upstream request timeout"), not as a
+        // failure; only a reset comes without headers. The sidecar always answers JSON, so any
+        // other answer means the sidecar did not answer.
+        let json = headers.iter().any(|(k, v)| {
+            k.eq_ignore_ascii_case("content-type") && v.trim_start().starts_with("application/json")
+        });
+        let status = status.filter(|_| json);
         match purpose {
             Purpose::Route => {
                 if self.phase != Phase::AwaitingRoute {
                     return Step::Continue;
                 }
-                // Envoy answers a call it could not deliver with its own plain-text reply; the
-                // sidecar always answers JSON.
-                let json = headers.iter().any(|(k, v)| {
-                    k.eq_ignore_ascii_case("content-type") && v.trim_start().starts_with("application/json")
-                });
-                let status = status.filter(|_| json);
                 match status {
                     Some(status) => {
                         let headers = headers

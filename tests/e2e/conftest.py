@@ -234,6 +234,9 @@ class RecorderHandler(http.server.BaseHTTPRequestHandler):
     do_PUT = do_POST
 
 
+# The filter's mirror callout path (filter/src/sidecar_api.rs MIRROR_PATH).
+MIRROR_PATH = "/internal/v1/mirror"
+
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "upgrade", "te", "trailer"}
 
 
@@ -244,6 +247,9 @@ class SidecarTap(QuietServer):
     def __init__(self, target_port):
         self.target_port = target_port
         self.requests: list[Recorded] = []
+        # A test may make the "sidecar" misbehave on mirror callouts: ("delay", seconds) answers
+        # 200 only after that long, ("status", code) answers that status at once; neither forwards.
+        self.mirror_fault = None
         super().__init__(("127.0.0.1", 0), TapHandler)
         self.port = self.server_address[1]
 
@@ -257,6 +263,18 @@ class TapHandler(http.server.BaseHTTPRequestHandler):
     def _relay(self):
         body = read_body(self)
         self.server.requests.append(Recorded(self.command, self.path, self.headers, body))
+        fault = self.server.mirror_fault
+        if fault and self.path.startswith(MIRROR_PATH):
+            kind, value = fault
+            if kind == "delay":
+                time.sleep(value)
+            payload = b'{"error":"internal_error","message":"injected by the test"}' if kind == "status" else b"{}"
+            self.send_response_only(value if kind == "status" else 200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            return
         conn = http.client.HTTPConnection("127.0.0.1", self.server.target_port, timeout=30)
         try:
             conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)

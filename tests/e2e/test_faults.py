@@ -1,7 +1,8 @@
 """Upstream faults: refused connections, an upstream that never answers, throttling and failed
-conditional writes."""
+conditional writes; and sidecar faults on the mirror (slow, erroring) that never fail a write."""
 
 import json
+import time
 import uuid
 
 import httpx
@@ -103,3 +104,46 @@ def test_a_failed_conditional_write_is_relayed_verbatim(stack):
     assert r.json() == {"status": "error", "error": "condition failed for 1 document"}
     sent = stack["recorder"].requests[-1].body
     assert b'"return_affected_ids":true' in sent
+
+
+@pytest.mark.parametrize("fault,counter", [(("delay", 3.0), "hevlayer.mirror_timeout"),
+                                           (("status", 500), "hevlayer.mirror_failed")],
+                         ids=["sidecar slow", "sidecar erroring"])
+def test_a_slow_or_erroring_sidecar_never_fails_a_write(keys_stack, fault, counter):
+    """The mirror waits at most its timeout (200 ms by default) and its failure only counts: the
+    client gets the upstream's 2xx either way."""
+    ks = keys_stack
+    tap, gw = ks.tap, ks.gateway
+    before = gw.counter(counter)
+    tap.mirror_fault = fault
+    try:
+        started = time.monotonic()
+        r = httpx.post(f"{gw.url}/v2/namespaces/e2e-fault-{uuid.uuid4().hex[:8]}",
+                       headers={"authorization": f"Bearer {ks.keys['write']}"},
+                       json={"upsert_rows": [{"id": 1, "t": "a"}]}, timeout=10)
+        elapsed = time.monotonic() - started
+    finally:
+        tap.mirror_fault = None
+    assert r.status_code == 200, r.text
+    assert r.json()["rows_affected"] == 1
+    assert gw.counter(counter) == before + 1
+    assert any(req.path.startswith("/internal/v1/mirror") for req in tap.requests)
+    if fault[0] == "delay":
+        # Bounded by the mirror timeout, not by the sidecar: far less than its 3 s delay.
+        assert elapsed < 2.0, elapsed
+
+
+def test_a_healthy_sidecar_is_counted_as_mirrored_and_purged(keys_stack):
+    """The counters tell a real mirror and purge from Envoy's own answers: the sidecar's JSON 2xx
+    counts as done (and the fault cases above as failed or timed out)."""
+    ks = keys_stack
+    gw = ks.gateway
+    name = f"e2e-fault-{uuid.uuid4().hex[:8]}"
+    auth = {"authorization": f"Bearer {ks.keys['admin']}"}
+    mirrored, purged = gw.counter("hevlayer.mirror_ok"), gw.counter("hevlayer.purge_ok")
+    r = httpx.post(f"{gw.url}/v2/namespaces/{name}", headers=auth, json={"upsert_rows": [{"id": 1, "t": "a"}]})
+    assert r.status_code == 200, r.text
+    assert gw.counter("hevlayer.mirror_ok") == mirrored + 1
+    r = httpx.delete(f"{gw.url}/v2/namespaces/{name}", headers=auth)
+    assert r.status_code == 200, r.text
+    assert gw.counter("hevlayer.purge_ok") == purged + 1

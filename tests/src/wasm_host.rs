@@ -463,8 +463,9 @@ impl Stream<'_> {
         Ok(a)
     }
 
-    /// Answers a callout: `Some((status, headers, body))`, or `None` for a failed call (reset,
-    /// timeout: Envoy then reports no headers).
+    /// Answers a callout: `Some((status, headers, body))`, or `None` for a reset call (Envoy then
+    /// reports no headers). Envoy answers a call that timed out or found no healthy host as a
+    /// response of its own (504 / 503, `text/plain`), so a test gives those as `Some`.
     pub fn answer_callout(&mut self, token: u32, answer: Option<Answer<'_>>) -> Result<()> {
         let (headers, body) = match answer {
             Some((status, headers, body)) => {

@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use hevlayer_tests::wasm_host::{filter, Action, Stream, Vm};
+use hevlayer_tests::wasm_host::{filter, Action, Answer, Stream, Vm};
 use serde_json::{json, Value};
 use std::io::Write;
 
@@ -365,7 +365,7 @@ fn upstream_errors_are_relayed_verbatim() {
 
 #[test]
 fn successful_writes_wait_for_the_mirror_and_survive_its_failure() {
-    for answer in ["ok", "error", "reset"] {
+    for answer in ["ok", "error", "unreachable", "reset"] {
         let mut vm = vm("{}");
         let mut s = send_write(&mut vm, br#"{"upsert_rows":[{"id":7,"a":1}]}"#, 100);
         s.response_headers(200, &[JSON], false, "via_upstream").unwrap();
@@ -396,6 +396,12 @@ fn successful_writes_wait_for_the_mirror_and_survive_its_failure() {
                     Some((503, &[JSON], b"{\"error\":\"cache_unavailable\"}")),
                 )
                 .unwrap(),
+            "unreachable" => s
+                .answer_callout(
+                    call.token,
+                    Some((503, &[("content-type", "text/plain")], b"upstream connect error")),
+                )
+                .unwrap(),
             _ => s.answer_callout(call.token, None).unwrap(),
         }
         assert_eq!(s.client_status(), Some(200), "{answer}");
@@ -411,15 +417,25 @@ fn successful_writes_wait_for_the_mirror_and_survive_its_failure() {
 
 #[test]
 fn a_mirror_timeout_is_counted_as_such() {
-    let mut vm = vm(r#"{"mirror_timeout_ms": 50}"#);
-    let mut s = send_write(&mut vm, br#"{"deletes":[1]}"#, 100);
-    s.respond(200, &[JSON], br#"{"status":"OK"}"#, "via_upstream")
-        .unwrap();
-    let token = s.callouts()[0].token;
-    s.advance_ms(60);
-    s.answer_callout(token, None).unwrap();
-    assert_eq!(s.client_status(), Some(200));
-    assert_eq!(s.counter("hevlayer.mirror_timeout"), 1);
+    // Envoy reports a callout that timed out as its own 504 answer (it is no failure to the
+    // async client; only a reset comes without headers). Both, past the timeout, are timeouts.
+    let envoy_timeout: Answer<'_> = (
+        504,
+        &[("content-type", "text/plain")],
+        b"upstream request timeout",
+    );
+    for answer in [Some(envoy_timeout), None] {
+        let mut vm = vm(r#"{"mirror_timeout_ms": 50}"#);
+        let mut s = send_write(&mut vm, br#"{"deletes":[1]}"#, 100);
+        s.respond(200, &[JSON], br#"{"status":"OK"}"#, "via_upstream")
+            .unwrap();
+        let token = s.callouts()[0].token;
+        s.advance_ms(50);
+        s.answer_callout(token, answer).unwrap();
+        assert_eq!(s.client_status(), Some(200));
+        assert_eq!(s.counter("hevlayer.mirror_timeout"), 1, "{answer:?}");
+        assert_eq!(s.counter("hevlayer.mirror_failed"), 0, "{answer:?}");
+    }
 }
 
 #[test]

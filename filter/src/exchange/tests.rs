@@ -444,7 +444,7 @@ fn successful_writes_are_mirrored_before_the_response_goes_on() {
     assert_eq!(msg.write["upsert_rows"][0]["_hevlayer_upserted_at"], NOW);
     assert!(msg.response.is_none());
     assert_eq!(
-        ex.on_callout_answer(Some(200), &[], b"{}".to_vec(), NOW + 5),
+        ex.on_callout_answer(Some(200), &json_type(), b"{}".to_vec(), NOW + 5),
         Step::Continue
     );
     assert!(ex.take_counters().contains(&Counter::MirrorOk));
@@ -456,12 +456,25 @@ fn successful_writes_are_mirrored_before_the_response_goes_on() {
     );
 }
 
+/// The headers of a JSON answer, as the sidecar sends.
+fn json_type() -> Vec<(String, String)> {
+    vec![("content-type".to_owned(), "application/json".to_owned())]
+}
+
 #[test]
 fn mirror_failures_and_timeouts_never_change_the_response() {
-    for (status, elapsed, counter) in [
-        (Some(500), 3, Counter::MirrorFailed),
-        (None, 3, Counter::MirrorFailed),
-        (None, 250, Counter::MirrorTimeout),
+    let plain = vec![("content-type".to_owned(), "text/plain".to_owned())];
+    // (status, headers, ms after dispatch, what is counted)
+    for (status, headers, elapsed, counter) in [
+        (Some(500), json_type(), 3, Counter::MirrorFailed),
+        // A reset (no headers) before the timeout.
+        (None, Vec::new(), 3, Counter::MirrorFailed),
+        (None, Vec::new(), 250, Counter::MirrorTimeout),
+        // Envoy's own answers: the sidecar unreachable, and the callout timing out.
+        (Some(503), plain.clone(), 3, Counter::MirrorFailed),
+        (Some(504), plain.clone(), 200, Counter::MirrorTimeout),
+        // A 2xx that is not the sidecar's JSON answer is not a mirror that happened.
+        (Some(200), plain.clone(), 3, Counter::MirrorFailed),
     ] {
         let mut ex = start_write(&Config::default());
         assert!(matches!(
@@ -471,7 +484,7 @@ fn mirror_failures_and_timeouts_never_change_the_response() {
         let (_, step) = ex.on_response_headers(200, Some("via_upstream"), false, NOW);
         assert!(matches!(step, Step::Dispatch(_)));
         assert_eq!(
-            ex.on_callout_answer(status, &[], Vec::new(), NOW + elapsed),
+            ex.on_callout_answer(status, &headers, Vec::new(), NOW + elapsed),
             Step::Continue
         );
         assert!(ex.take_counters().contains(&counter), "{status:?} {elapsed}");
@@ -530,7 +543,7 @@ fn namespace_delete_purges_after_success() {
     assert_eq!(call.purpose, Purpose::Purge);
     let msg: sidecar_api::PurgeRequest = serde_json::from_slice(&call.body).unwrap();
     assert_eq!(msg.namespace, "n 1");
-    ex.on_callout_answer(Some(200), &[], Vec::new(), NOW);
+    ex.on_callout_answer(Some(200), &json_type(), b"{}".to_vec(), NOW);
     assert!(ex.take_counters().contains(&Counter::PurgeOk));
 }
 
