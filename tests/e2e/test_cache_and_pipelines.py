@@ -34,7 +34,11 @@ def test_write_then_fetch_is_a_cache_hit_with_the_stamp(stack):
         body = r.json()
         assert body["id"] == doc_id
         assert body["attributes"]["title"] == title
-        assert isinstance(body["attributes"]["_hevlayer_upserted_at"], int)
+        # The cached stamp is the one Turbopuffer stored.
+        stored = httpx.post(f"{stack['minifugu']}/v2/namespaces/{name}/query", headers=AUTH,
+                            json={"rank_by": ["id", "asc"], "top_k": 1, "include_attributes": True}).json()["rows"][0]
+        assert isinstance(stored["_hevlayer_upserted_at"], int)
+        assert body["attributes"]["_hevlayer_upserted_at"] == stored["_hevlayer_upserted_at"]
 
 
 def test_patch_merges_and_delete_evicts(stack):
@@ -178,6 +182,22 @@ def test_pipeline_lifecycle_through_the_gateway(stack):
     assert all(isinstance(r["_hevlayer_upserted_at"], int) for r in rows)
     assert httpx.delete(f"{gw}/v2/pipelines/{pid}", headers=AUTH).status_code == 200
     assert httpx.get(f"{gw}/v2/pipelines/{pid}/status", headers=AUTH).status_code == 404
+
+
+def test_a_large_document_is_staged_and_read_back_through_the_gateway(stack):
+    """A 20 MB document goes to the sidecar in the stage callout and comes back in the chunks
+    callout's answer: nothing in Envoy's callout path truncates or refuses it."""
+    gw = stack["main"].url
+    pid = f"p-{uuid.uuid4().hex[:8]}"
+    assert httpx.post(f"{gw}/v2/pipelines", headers=AUTH, json={"id": pid, "target_namespace": ns()}).status_code == 201
+    chunks = [{"id": f"c{i}", "text": f"{i:08d}" + "x" * (200_000 - 8)} for i in range(100)]
+    r = httpx.put(f"{gw}/v2/pipelines/{pid}/documents/big", headers=AUTH, json={"chunks": chunks}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["chunk_count"] == 100
+    r = httpx.get(f"{gw}/v2/pipelines/{pid}/documents/big/chunks", headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text[:200]
+    assert r.json() == chunks
+    assert httpx.delete(f"{gw}/v2/pipelines/{pid}", headers=AUTH).status_code == 200
 
 
 def test_bad_pipeline_bodies_are_json_422(stack):
