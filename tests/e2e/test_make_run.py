@@ -1,13 +1,13 @@
 """`make run`'s script, envoy/run.sh, as a user runs it: it starts the whole gateway, the example it
 prints works, and Ctrl-C stops everything it started. On free loopback ports, bounded waits."""
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import time
 
-import httpx
 
 from conftest import ROOT, free_port, port_open, wait_until
 
@@ -60,15 +60,24 @@ def test_run_starts_everything_answers_and_ctrl_c_stops_it_all():
         banner = read_until(proc, "Ctrl-C stops everything.")
         gateway = f"http://127.0.0.1:{ports['GATEWAY_PORT']}"
         assert gateway in banner and "minifugu" in banner and "embedded document cache" in banner
-        # The example the banner prints: a write, then the document from the cache.
-        auth = {"authorization": "Bearer local-key"}
-        write = httpx.post(f"{gateway}/v2/namespaces/run-demo", headers=auth,
-                           json={"upsert_rows": [{"id": 1, "title": "hello"}]}, timeout=10)
-        assert write.status_code == 200, write.text
-        fetched = httpx.get(f"{gateway}/v2/namespaces/run-demo/documents/1", headers=auth, timeout=10)
-        assert fetched.status_code == 200 and fetched.headers["x-layer-cache"] == "hit"
-        assert fetched.json()["attributes"]["title"] == "hello"
-        assert isinstance(fetched.json()["attributes"]["_hevlayer_upserted_at"], int)
+        # The logs line names a folder that holds the logs of what was started.
+        logs_line = next(line for line in banner.splitlines() if line.strip().startswith("logs"))
+        logs_dir = logs_line.split()[1].split("{")[0]
+        for name in ("envoy.log", "sidecar.log", "minifugu.log"):
+            assert os.path.exists(os.path.join(logs_dir, name)), (logs_dir, name)
+        # The example the banner prints, run as printed: a write, then the document from the cache.
+        example = banner.split("Try:\n", 1)[1].split("\n\n", 1)[0].replace("\\\n", " ")
+        commands = [line.strip() for line in example.splitlines() if line.strip()]
+        assert len(commands) == 2 and all(c.startswith("curl ") for c in commands), commands
+        write = subprocess.run(["bash", "-c", commands[0]], capture_output=True, text=True, timeout=20)
+        assert write.returncode == 0 and json.loads(write.stdout)["rows_affected"] == 1, write
+        fetched = subprocess.run(["bash", "-c", commands[1] + " -i"], capture_output=True, text=True, timeout=20)
+        head, _, body = fetched.stdout.replace("\r\n", "\n").partition("\n\n")
+        assert head.startswith("HTTP/1.1 200") and "x-layer-cache: hit" in head.lower(), fetched.stdout
+        document = json.loads(body)
+        assert document["attributes"]["title"] == "hello"
+        assert isinstance(document["attributes"]["_hevlayer_upserted_at"], int)
+        assert gateway in commands[0]
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(20) == 130
         for name, port in ports.items():
