@@ -8,7 +8,6 @@ import socket
 import subprocess
 import time
 
-
 from conftest import ROOT, free_port, port_open, wait_until
 
 RUN = ROOT / "envoy" / "run.sh"
