@@ -11,6 +11,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
+use bytes::Bytes;
 use hevlayer_filter::sidecar_api::{MirrorResponse, PurgeRequest, MIRROR_PATH, PURGE_PATH};
 
 use crate::cache::mirror::{error_label, result_label};
@@ -223,9 +224,23 @@ async fn metrics(State(state): State<SharedState>) -> Response {
     response
 }
 
-/// The mirror callout. The body is parsed here rather than by `JsonBody` so that any body it
-/// cannot use (malformed, or a write of the wrong shape) counts as an `invalid` mirror.
+/// The mirror callout. Once its body is in, the mirror runs detached: a caller that gives up
+/// (the filter's callout timeout) cannot cut it short while it is parsed, planned or applied and
+/// leave some documents older than what Turbopuffer now holds.
 async fn mirror(State(state): State<SharedState>, RawBody(body): RawBody) -> Result<Response, ApiError> {
+    tokio::spawn(run_mirror(state, body)).await.unwrap_or_else(|e| {
+        Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            e.to_string(),
+        ))
+    })
+}
+
+/// Parses, plans and applies one mirror callout. The body is parsed here rather than by
+/// `JsonBody` so that any body it cannot use (malformed, or a write of the wrong shape) counts as
+/// an `invalid` mirror.
+async fn run_mirror(state: SharedState, body: Bytes) -> Result<Response, ApiError> {
     let MirrorCallout {
         namespace,
         upserted_at,
@@ -247,19 +262,7 @@ async fn mirror(State(state): State<SharedState>, RawBody(body): RawBody) -> Res
             return Err(ApiError::validation(message));
         }
     };
-    // Detached, so a caller that gives up (the filter's callout timeout) cannot cut a mirror
-    // short and leave some documents older than what Turbopuffer now holds.
-    let task = tokio::spawn(apply_mirror(state.clone(), namespace, upserted_at, ops));
-    let (applied, failure) = task.await.unwrap_or_else(|e| {
-        (
-            0,
-            Some(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal_error",
-                e.to_string(),
-            )),
-        )
-    });
+    let (applied, failure) = apply_mirror(state.clone(), namespace, upserted_at, ops).await;
     if let Some(err) = failure {
         state.metrics.record_event("mirror", "failed");
         return Err(err);

@@ -445,3 +445,52 @@ async fn a_failed_mirror_evicts_instead_of_leaving_stale_documents() {
     let a = c.get("/v2/namespaces/ns/documents/2").await;
     assert_eq!(a.json()["attributes"]["v"], "new");
 }
+
+/// A caller that hangs up once the mirror callout is in (the filter's callout timeout) does not
+/// cut the mirror short: every document of the write lands, or the cache would keep older
+/// versions of some of them than Turbopuffer holds. (HTTP/1 in today's hyper does not cancel a
+/// handler when its caller goes away, but an HTTP/2 stream reset would; the mirror runs detached
+/// so that this holds either way. Parsing and planning are backend-independent, so the embedded
+/// store stands for both.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_whose_caller_hangs_up_still_lands() {
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncWriteExt;
+    let s = sidecar_on(Backend::Embedded, &dead_url().await, &[]).await;
+    let c = Client::new(&s);
+    let rows = 100_000;
+    let write = format!(
+        r#"{{"upsert_rows":[{}]}}"#,
+        (0..rows)
+            .map(|i| format!(r#"{{"id":{i},"title":"row {i}","_hevlayer_upserted_at":100}}"#))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let body = mirror_body("hangup", 100, write.as_bytes(), None);
+    let mut request = format!(
+        "POST {MIRROR_PATH} HTTP/1.1\r\nhost: sidecar\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    let mut stream = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    stream.write_all(&request).await.unwrap();
+    // Long enough for the sidecar to take the whole body in, far shorter than parsing it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(stream);
+    let last = format!("/v2/namespaces/hangup/documents/{}", rows - 1);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let a = c.get(&last).await;
+        if a.status == 200 {
+            assert_eq!(a.headers.get("x-layer-cache").unwrap(), "hit");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the mirror never landed: {}", a.text);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for id in [0, rows / 2, rows - 1] {
+        let a = c.get(&format!("/v2/namespaces/hangup/documents/{id}")).await;
+        assert_eq!(a.json()["attributes"]["title"], format!("row {id}"));
+    }
+}
