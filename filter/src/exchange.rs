@@ -604,7 +604,12 @@ impl Exchange {
         let json = headers.iter().any(|(k, v)| {
             k.eq_ignore_ascii_case("content-type") && v.trim_start().starts_with("application/json")
         });
+        // Envoy's own 504 is its callout timeout firing; so is a reset at or past the timeout.
+        // (Its timer and the host clock are read at different moments, so elapsed time alone can
+        // fall a millisecond short of a timeout that did fire.)
+        let envoy_timeout = !json && status == Some(504);
         let status = status.filter(|_| json);
+        let timed_out = |limit_ms: u64| status.is_none() && (envoy_timeout || elapsed >= limit_ms);
         match purpose {
             Purpose::Route => {
                 if self.phase != Phase::AwaitingRoute {
@@ -627,7 +632,7 @@ impl Exchange {
                     }
                     None => {
                         self.counters.push(Counter::SidecarUnavailable);
-                        let why = if elapsed >= self.sidecar_timeout_ms {
+                        let why = if timed_out(self.sidecar_timeout_ms) {
                             "timed out"
                         } else {
                             "no response"
@@ -646,9 +651,7 @@ impl Exchange {
                     (Purpose::Purge, true) => Counter::PurgeOk,
                     (Purpose::Purge, false) => Counter::PurgeFailed,
                     (_, true) => Counter::MirrorOk,
-                    (_, false) if status.is_none() && elapsed >= self.mirror_timeout_ms => {
-                        Counter::MirrorTimeout
-                    }
+                    (_, false) if timed_out(self.mirror_timeout_ms) => Counter::MirrorTimeout,
                     (_, false) => Counter::MirrorFailed,
                 };
                 if !ok {
