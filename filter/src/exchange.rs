@@ -584,8 +584,8 @@ impl Exchange {
         self.json_callout(Purpose::Mirror, sidecar_api::MIRROR_PATH, body, now_ms)
     }
 
-    /// The sidecar answered a callout. `status` is `None` when the call failed (reset, timeout,
-    /// no `:status`).
+    /// A callout came back. `status` is `None` when it was reset (no headers, no `:status`); an
+    /// answer that is not JSON is Envoy's own (timeout, unreachable sidecar), not the sidecar's.
     pub fn on_callout_answer(
         &mut self,
         status: Option<u16>,
