@@ -208,7 +208,17 @@ async fn a_hung_cluster_fails_fast_and_healthz_says_so() {
         "{:?}",
         started.elapsed()
     );
-    let health = c.get("/healthz").await;
+    // The request's own deadline and the stalled command's timeout are both 150 ms, and the
+    // command runs on detached: the breaker opens when the command itself gives up, which can be
+    // a moment after the 503. Within a bounded wait /healthz says so.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let health = loop {
+        let health = c.get("/healthz").await;
+        if health.status == 503 || Instant::now() > deadline {
+            break health;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(health.status, 503, "{}", health.text);
     assert_eq!(health.json()["cache"]["connected"], false);
     assert!(
