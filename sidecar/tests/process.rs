@@ -11,6 +11,33 @@ use common::{Client, FakeGateway};
 use serde_json::{json, Value};
 use tokio::process::Command;
 
+/// Starts the sidecar binary on a free loopback port with `env` set (and `AEROSPIKE_HOSTS` removed
+/// unless `env` names it) and waits, bounded, until it listens. Killed when dropped.
+async fn start_sidecar(env: &[(&str, &str)]) -> (tokio::process::Child, u16) {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hevlayer-sidecar"));
+    cmd.env("SIDECAR_LISTEN", format!("127.0.0.1:{port}"))
+        .env_remove("AEROSPIKE_HOSTS")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the sidecar exited with {status} instead of starting");
+        }
+        assert!(Instant::now() < deadline, "the sidecar did not start listening");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (child, port)
+}
+
 #[tokio::test]
 async fn a_bad_setting_exits_2_naming_it() {
     let out = Command::new(env!("CARGO_BIN_EXE_hevlayer-sidecar"))
@@ -26,25 +53,7 @@ async fn a_bad_setting_exits_2_naming_it() {
 /// embedded store instead of refusing the setting.
 #[tokio::test]
 async fn an_empty_aerospike_hosts_means_the_embedded_store() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hevlayer-sidecar"))
-        .env("SIDECAR_LISTEN", format!("127.0.0.1:{port}"))
-        .env("AEROSPIKE_HOSTS", "")
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("the sidecar exited with {status} instead of starting");
-        }
-        assert!(Instant::now() < deadline, "the sidecar did not start listening");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (mut child, port) = start_sidecar(&[("AEROSPIKE_HOSTS", "")]).await;
     let a = Client::for_url(&format!("http://127.0.0.1:{port}"))
         .get("/healthz")
         .await;
@@ -55,22 +64,7 @@ async fn an_empty_aerospike_hosts_means_the_embedded_store() {
 
 #[tokio::test]
 async fn sigterm_stops_the_sidecar_cleanly() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hevlayer-sidecar"))
-        .env("SIDECAR_LISTEN", format!("127.0.0.1:{port}"))
-        .env_remove("AEROSPIKE_HOSTS")
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(Instant::now() < deadline, "the sidecar did not start listening");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (mut child, _port) = start_sidecar(&[]).await;
     let pid = child.id().unwrap().to_string();
     let killed = Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
     assert!(killed.success());
@@ -96,24 +90,8 @@ async fn sigterm_lets_an_in_flight_request_finish() {
         Duration::from_millis(700),
     )
     .await;
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hevlayer-sidecar"))
-        .env("SIDECAR_LISTEN", format!("127.0.0.1:{port}"))
-        .env("GATEWAY_URL", &gw.url)
-        .env("LOG_LEVEL", "warn")
-        .env_remove("AEROSPIKE_HOSTS")
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (mut child, port) = start_sidecar(&[("GATEWAY_URL", &gw.url), ("LOG_LEVEL", "warn")]).await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(Instant::now() < deadline, "the sidecar did not start listening");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     let c = Arc::new(Client::for_url(&format!("http://127.0.0.1:{port}")));
     let in_flight = {
         let c = c.clone();

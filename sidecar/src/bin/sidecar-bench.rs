@@ -76,6 +76,18 @@ struct Stats {
 }
 
 impl Stats {
+    /// The figures of one scenario from its request latencies (µs, any order).
+    fn of(name: &str, mut latencies: Vec<u64>, elapsed: Duration) -> Self {
+        latencies.sort_unstable();
+        Stats {
+            name: name.to_owned(),
+            requests: latencies.len() as u64,
+            elapsed,
+            p50_us: percentile(&latencies, 0.50),
+            p99_us: percentile(&latencies, 0.99),
+        }
+    }
+
     fn rps(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64()
     }
@@ -182,14 +194,7 @@ async fn run(
     if errors > 0 {
         return Err(format!("{name}: {errors} requests failed"));
     }
-    all.sort_unstable();
-    Ok(Stats {
-        name: name.to_owned(),
-        requests: all.len() as u64,
-        elapsed,
-        p50_us: percentile(&all, 0.50),
-        p99_us: percentile(&all, 0.99),
-    })
+    Ok(Stats::of(name, all, elapsed))
 }
 
 /// A stamped write of `rows` rows as the filter mirrors it (no vectors): `op` is `upsert_rows` or
@@ -246,14 +251,7 @@ async fn run_mirror(
         }
     }
     let elapsed = started.elapsed();
-    latencies.sort_unstable();
-    Ok(Stats {
-        name: name.to_owned(),
-        requests: latencies.len() as u64,
-        elapsed,
-        p50_us: percentile(&latencies, 0.50),
-        p99_us: percentile(&latencies, 0.99),
-    })
+    Ok(Stats::of(name, latencies, elapsed))
 }
 
 /// The three mirror scenarios, in order (the patch merges into what the large upsert cached).
