@@ -7,6 +7,10 @@ pub const DEFAULT_MAX_BODY_BYTES: u64 = 256 * 1024 * 1024;
 pub const DEFAULT_SIDECAR_CLUSTER: &str = "layer_sidecar";
 pub const DEFAULT_MIRROR_TIMEOUT_MS: u64 = 200;
 pub const DEFAULT_SIDECAR_TIMEOUT_MS: u64 = 30_000;
+pub const DEFAULT_WATERMARK_REFRESH_MS: u64 = 500;
+pub const DEFAULT_WATERMARK_STALE_MS: u64 = 5_000;
+pub const DEFAULT_WATERMARK_NAMESPACES: usize = 1_000;
+pub const DEFAULT_WATERMARK_IDLE_MS: u64 = 600_000;
 
 /// How callers authenticate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -17,6 +21,21 @@ pub enum AuthMode {
     Passthrough,
     /// Gateway keys with scopes; the upstream key comes from this configuration.
     Keys,
+}
+
+/// Which queries get the read watermark's predicate while a namespace's index is updating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadWatermark {
+    /// Queries that ask for `"consistency":{"level":"eventual"}` (strong ones already see every
+    /// acknowledged write).
+    #[default]
+    Eventual,
+    /// Every query, as hev layer does.
+    Always,
+    /// No watermark: no polling, no predicate, no `x-layer-stable-as-of` (as_of and between
+    /// still work).
+    Off,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -41,6 +60,12 @@ struct RawConfig {
     sidecar_timeout_ms: Option<u64>,
     #[serde(default)]
     mirror_vectors: bool,
+    #[serde(default)]
+    read_watermark: ReadWatermark,
+    watermark_refresh_ms: Option<u64>,
+    watermark_stale_ms: Option<u64>,
+    watermark_namespaces: Option<usize>,
+    watermark_idle_ms: Option<u64>,
 }
 
 /// A gateway key: its SHA-256 digest and scope.
@@ -64,6 +89,15 @@ pub struct Config {
     pub sidecar_timeout_ms: u64,
     /// Send vectors to the document cache too (the sidecar's `MIRROR_VECTORS` must agree).
     pub mirror_vectors: bool,
+    pub read_watermark: ReadWatermark,
+    /// How often each worker's root context refreshes watermarks from the sidecar.
+    pub watermark_refresh_ms: u64,
+    /// A watermark copy older than this is not used (the sidecar stopped answering).
+    pub watermark_stale_ms: u64,
+    /// Most namespaces one worker asks the sidecar to watch.
+    pub watermark_namespaces: usize,
+    /// A namespace not queried or written through a worker for this long leaves its set.
+    pub watermark_idle_ms: u64,
 }
 
 impl Default for Config {
@@ -77,6 +111,11 @@ impl Default for Config {
             mirror_timeout_ms: DEFAULT_MIRROR_TIMEOUT_MS,
             sidecar_timeout_ms: DEFAULT_SIDECAR_TIMEOUT_MS,
             mirror_vectors: false,
+            read_watermark: ReadWatermark::Eventual,
+            watermark_refresh_ms: DEFAULT_WATERMARK_REFRESH_MS,
+            watermark_stale_ms: DEFAULT_WATERMARK_STALE_MS,
+            watermark_namespaces: DEFAULT_WATERMARK_NAMESPACES,
+            watermark_idle_ms: DEFAULT_WATERMARK_IDLE_MS,
         }
     }
 }
@@ -125,6 +164,21 @@ impl Config {
         if mirror_timeout_ms == 0 || sidecar_timeout_ms == 0 {
             return Err("timeouts must be positive".to_owned());
         }
+        let watermark_refresh_ms = raw.watermark_refresh_ms.unwrap_or(DEFAULT_WATERMARK_REFRESH_MS);
+        let watermark_stale_ms = raw.watermark_stale_ms.unwrap_or(DEFAULT_WATERMARK_STALE_MS);
+        let watermark_namespaces = raw.watermark_namespaces.unwrap_or(DEFAULT_WATERMARK_NAMESPACES);
+        let watermark_idle_ms = raw.watermark_idle_ms.unwrap_or(DEFAULT_WATERMARK_IDLE_MS);
+        if watermark_refresh_ms == 0 || watermark_namespaces == 0 || watermark_idle_ms == 0 {
+            return Err(
+                "watermark_refresh_ms, watermark_namespaces and watermark_idle_ms must be positive"
+                    .to_owned(),
+            );
+        }
+        if watermark_stale_ms <= watermark_refresh_ms {
+            return Err(format!(
+                "watermark_stale_ms ({watermark_stale_ms}) must be greater than watermark_refresh_ms ({watermark_refresh_ms}), or every copy would be stale before the next refresh"
+            ));
+        }
         Ok(Config {
             auth_mode: raw.auth_mode,
             keys,
@@ -134,6 +188,11 @@ impl Config {
             mirror_timeout_ms,
             sidecar_timeout_ms,
             mirror_vectors: raw.mirror_vectors,
+            read_watermark: raw.read_watermark,
+            watermark_refresh_ms,
+            watermark_stale_ms,
+            watermark_namespaces,
+            watermark_idle_ms,
         })
     }
 }
@@ -180,6 +239,31 @@ mod tests {
     }
 
     #[test]
+    fn watermark_settings() {
+        let c = Config::parse(
+            br#"{"read_watermark":"always","watermark_refresh_ms":250,"watermark_stale_ms":2000,"watermark_namespaces":10,"watermark_idle_ms":60000}"#,
+        )
+        .unwrap();
+        assert_eq!(c.read_watermark, ReadWatermark::Always);
+        assert_eq!(
+            (
+                c.watermark_refresh_ms,
+                c.watermark_stale_ms,
+                c.watermark_namespaces,
+                c.watermark_idle_ms
+            ),
+            (250, 2000, 10, 60000)
+        );
+        assert_eq!(
+            Config::parse(br#"{"read_watermark":"off"}"#)
+                .unwrap()
+                .read_watermark,
+            ReadWatermark::Off
+        );
+        assert_eq!(Config::default().read_watermark, ReadWatermark::Eventual);
+    }
+
+    #[test]
     fn bad_configs_fail_loudly() {
         for bad in [
             r#"{"unknown":1}"#,
@@ -193,6 +277,10 @@ mod tests {
             r#"{"max_body_bytes":-1}"#,
             r#"{"mirror_timeout_ms":0}"#,
             r#"{"sidecar_cluster":""}"#,
+            r#"{"read_watermark":"sometimes"}"#,
+            r#"{"watermark_refresh_ms":0}"#,
+            r#"{"watermark_namespaces":0}"#,
+            r#"{"watermark_refresh_ms":1000,"watermark_stale_ms":1000}"#,
             "not json",
         ] {
             assert!(Config::parse(bad.as_bytes()).is_err(), "{bad}");

@@ -3,14 +3,22 @@
 
 use crate::auth::{authenticate, Credential};
 use crate::body::{is_gzip, BodyBuffer, BodyError};
-use crate::config::{AuthMode, Config};
+use crate::config::{AuthMode, Config, ReadWatermark};
 use crate::error::LocalReply;
-use crate::metrics::Counter;
+use crate::metrics::{Counter, ReadReason, WriteReason};
 use crate::outcome::{classify, ResponseClass};
+use crate::reads::{self, WatermarkRule};
 use crate::response::strip_affected_ids;
 use crate::route::{self, Route, Scope};
 use crate::sidecar_api;
+use crate::watermark::{Touch, Watermark};
 use crate::write::{plan, render, render_mirror, WritePlan};
+
+/// The response header reporting a namespace's read watermark (epoch ms).
+pub const STABLE_AS_OF_HEADER: &str = "x-layer-stable-as-of";
+
+/// Looks a namespace's watermark up where the glue keeps it (Envoy's shared data).
+pub type WatermarkLookup = fn(&str) -> Option<Watermark>;
 
 /// What Envoy reported about the request headers.
 #[derive(Debug, Clone, Copy, Default)]
@@ -23,6 +31,10 @@ pub struct RequestHead<'a> {
     pub content_type: Option<&'a str>,
     pub request_id: &'a str,
     pub end_of_stream: bool,
+    /// The host clock (epoch ms) when the headers arrived.
+    pub now_ms: u64,
+    /// Where queries read the watermark of their namespace (none: unknown everywhere).
+    pub watermarks: Option<WatermarkLookup>,
 }
 
 /// Header changes for the glue to make before it carries out the step.
@@ -142,7 +154,11 @@ pub struct Exchange {
     sidecar_timeout_ms: u64,
     sidecar_cluster: String,
     mirror_vectors: bool,
+    read_watermark: ReadWatermark,
+    /// A query's namespace watermark, when known and fresh at the request headers.
+    watermark: Option<Watermark>,
     counters: Vec<Counter>,
+    touches: Vec<Touch>,
 }
 
 impl Default for Exchange {
@@ -174,7 +190,10 @@ impl Exchange {
             sidecar_timeout_ms: 0,
             sidecar_cluster: String::new(),
             mirror_vectors: false,
+            read_watermark: ReadWatermark::Off,
+            watermark: None,
             counters: Vec::new(),
+            touches: Vec::new(),
         }
     }
 
@@ -183,9 +202,30 @@ impl Exchange {
         std::mem::take(&mut self.counters)
     }
 
-    /// The callout the exchange is waiting for, if any.
-    pub fn awaiting(&self) -> Option<Purpose> {
-        self.callout_purpose
+    /// Namespaces used since the last call, for the watermark tracker.
+    pub fn take_touches(&mut self) -> Vec<Touch> {
+        std::mem::take(&mut self.touches)
+    }
+
+    /// Records that this request used `namespace` (when the watermark is on).
+    fn touch(&mut self, namespace: &str, written: bool) {
+        if self.read_watermark == ReadWatermark::Off {
+            return;
+        }
+        self.touches.push(Touch {
+            namespace: namespace.to_owned(),
+            written,
+            authorization: self.forward_authorization.clone(),
+        });
+    }
+
+    /// The counter for a body refused for its encoding, by route.
+    fn bad_encoding(&self) -> Counter {
+        if matches!(self.route, Route::Query { .. }) {
+            Counter::ReadsRejected(ReadReason::BadEncoding)
+        } else {
+            Counter::WritesRejected(WriteReason::BadEncoding)
+        }
     }
 
     fn reply(&mut self, reply: LocalReply) -> Step {
@@ -229,6 +269,17 @@ impl Exchange {
         self.sidecar_timeout_ms = config.sidecar_timeout_ms;
         self.sidecar_cluster = config.sidecar_cluster.clone();
         self.mirror_vectors = config.mirror_vectors;
+        self.read_watermark = config.read_watermark;
+        if let Route::Query { namespace } = &self.route {
+            if self.read_watermark != ReadWatermark::Off {
+                let namespace = namespace.clone();
+                self.watermark = head
+                    .watermarks
+                    .and_then(|lookup| lookup(&namespace))
+                    .filter(|w| w.is_fresh(head.now_ms, config.watermark_stale_ms));
+                self.touch(&namespace, false);
+            }
+        }
         if !self.route.needs_body() {
             self.phase = Phase::Upstream;
             return (edits, Step::Continue);
@@ -247,7 +298,7 @@ impl Exchange {
             .content_encoding
             .filter(|e| !gzip && !e.trim().eq_ignore_ascii_case("identity"))
         {
-            self.counters.push(Counter::WritesRejected("bad_encoding"));
+            self.counters.push(self.bad_encoding());
             let message = format!(
                 "unsupported content-encoding '{}'; send identity or gzip",
                 enc.trim()
@@ -334,7 +385,7 @@ impl Exchange {
                 self.reply(LocalReply::payload_too_large(self.max_body_bytes))
             }
             BodyError::BadGzip(reason) => {
-                self.counters.push(Counter::WritesRejected("bad_encoding"));
+                self.counters.push(self.bad_encoding());
                 self.reply(LocalReply::validation(&format!(
                     "request body is not valid gzip: {reason}"
                 )))
@@ -353,6 +404,7 @@ impl Exchange {
         };
         match self.route.clone() {
             Route::Write { namespace } => self.finish_write(namespace, decoded, now_ms),
+            Route::Query { namespace } => self.finish_query(&namespace, decoded),
             Route::Pipeline | Route::DocumentFetch => {
                 self.phase = Phase::AwaitingRoute;
                 self.callout_purpose = Some(Purpose::Route);
@@ -387,7 +439,7 @@ impl Exchange {
                 log::info!(
                     "request {}: write to '{namespace}' rejected: {}",
                     self.request_id,
-                    rejection.reason()
+                    rejection.reason().as_str()
                 );
                 return self.reply(LocalReply::validation(&rejection.message()));
             }
@@ -425,6 +477,47 @@ impl Exchange {
                 plan,
             });
         }
+        Step::Forward(forward)
+    }
+
+    /// A complete query body: validate, apply the temporal fields and the watermark, forward.
+    fn finish_query(&mut self, namespace: &str, mut body: Vec<u8>) -> Step {
+        let rule = WatermarkRule {
+            at_ms: self
+                .watermark
+                .filter(|w| w.updating && self.read_watermark != ReadWatermark::Off)
+                .map(|w| w.at_ms),
+            always: self.read_watermark == ReadWatermark::Always,
+        };
+        let plan = match reads::plan(&body, rule) {
+            Ok(p) => p,
+            Err(rejection) => {
+                self.counters.push(Counter::ReadsRejected(rejection.reason()));
+                log::info!(
+                    "request {}: query of '{namespace}' rejected: {}",
+                    self.request_id,
+                    rejection.reason().as_str()
+                );
+                return self.reply(LocalReply::validation(&rejection.message()));
+            }
+        };
+        if plan.temporal > 0 {
+            self.counters.push(Counter::QueriesTemporal);
+        }
+        if plan.watermarked > 0 {
+            self.counters.push(Counter::QueriesWatermarked);
+        }
+        if self.watermark.is_none() && self.read_watermark != ReadWatermark::Off {
+            self.counters.push(Counter::QueriesWithoutWatermark);
+        }
+        self.phase = Phase::Upstream;
+        let forward = if !plan.is_identity() {
+            Some(reads::render(&body, &plan))
+        } else if self.decoded {
+            Some(std::mem::take(&mut body))
+        } else {
+            None
+        };
         Step::Forward(forward)
     }
 
@@ -501,11 +594,18 @@ impl Exchange {
             self.phase = Phase::ResponseBuffering;
             return (edits, Step::Continue);
         }
+        if let (Route::Query { .. }, Some(w)) = (&self.route, self.watermark) {
+            edits.set.push((STABLE_AS_OF_HEADER, w.at_ms.to_string()));
+        }
         let success = (200..300).contains(&status);
         if !success {
             self.phase = Phase::Done;
             self.sent = None;
             return (edits, Step::Continue);
+        }
+        if let Route::Write { namespace } = &self.route {
+            let namespace = namespace.clone();
+            self.touch(&namespace, true);
         }
         match &self.route {
             Route::DeleteNamespace { namespace } => {

@@ -1,13 +1,16 @@
 //! The proxy-wasm glue: moves headers and bytes between Envoy and [`Exchange`] and carries out the
 //! steps it returns. Every hostcall result is handled; nothing here panics.
 
-use crate::config::Config;
+use crate::config::{Config, ReadWatermark};
 use crate::error::LocalReply;
 use crate::exchange::{request_id_from, Callout, Exchange, HeaderEdits, Purpose, RequestHead, Step};
-use crate::metrics::Counter;
+use crate::metrics::{Counter, NAMESPACES_TRACKED};
+use crate::sidecar_api;
+use crate::watermark::{self, Tracker, Watermark};
 use proxy_wasm::hostcalls as host;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -17,10 +20,11 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
 }}
 
-/// Counter ids, defined once per VM at configure time.
+/// Counter ids (and the tracked-namespaces gauge), defined once per VM at configure time.
 #[derive(Default)]
 struct Metrics {
     ids: HashMap<&'static str, u32>,
+    tracked: Option<u32>,
 }
 
 impl Metrics {
@@ -34,7 +38,18 @@ impl Metrics {
                 Err(status) => log::warn!("could not define metric {name}: {status:?}"),
             }
         }
-        Metrics { ids }
+        let tracked = host::define_metric(MetricType::Gauge, NAMESPACES_TRACKED)
+            .map_err(|status| log::warn!("could not define metric {NAMESPACES_TRACKED}: {status:?}"))
+            .ok();
+        Metrics { ids, tracked }
+    }
+
+    fn set_tracked(&self, namespaces: usize) {
+        if let Some(id) = self.tracked {
+            if let Err(status) = host::record_metric(id, namespaces as u64) {
+                log::debug!("could not record {NAMESPACES_TRACKED}: {status:?}");
+            }
+        }
     }
 
     fn record(&self, counters: Vec<Counter>) {
@@ -49,13 +64,145 @@ impl Metrics {
     }
 }
 
+/// A watermark registration on its way to the sidecar.
+struct InFlight {
+    token: u32,
+    seq: u64,
+    sent_ms: u64,
+}
+
 #[derive(Default)]
 struct Root {
     config: Rc<Config>,
     metrics: Rc<Metrics>,
+    /// The namespaces this VM's requests used, shared with every stream of the VM.
+    tracker: Rc<RefCell<Option<Tracker>>>,
+    registration: Option<InFlight>,
 }
 
-impl Context for Root {}
+/// How long a registration may take before the next tick sends another.
+const REGISTRATION_TIMEOUT_MS: u64 = 2_000;
+
+impl Root {
+    /// Sends the tracked namespaces to the sidecar (one registration at a time).
+    fn register(&mut self) {
+        let now = now_ms();
+        if let Some(in_flight) = &self.registration {
+            if now.saturating_sub(in_flight.sent_ms) < REGISTRATION_TIMEOUT_MS {
+                return;
+            }
+            log::warn!("watermark registration got no answer in {REGISTRATION_TIMEOUT_MS} ms");
+            self.metrics.record(vec![Counter::WatermarkRefreshFailed]);
+            self.registration = None;
+        }
+        let Ok(mut tracker) = self.tracker.try_borrow_mut() else {
+            return;
+        };
+        let Some(tracker) = tracker.as_mut() else {
+            return;
+        };
+        let next = tracker.registration(now);
+        self.metrics.set_tracked(tracker.len());
+        let Some(next) = next else {
+            return;
+        };
+        let headers = vec![
+            (":method", "POST"),
+            (":path", sidecar_api::WATERMARKS_PATH),
+            (":authority", self.config.sidecar_cluster.as_str()),
+            ("content-type", "application/json"),
+        ];
+        match self.dispatch_http_call(
+            &self.config.sidecar_cluster,
+            headers,
+            Some(&next.body),
+            Vec::new(),
+            Duration::from_millis(REGISTRATION_TIMEOUT_MS),
+        ) {
+            Ok(token) => {
+                self.registration = Some(InFlight {
+                    token,
+                    seq: next.seq,
+                    sent_ms: now,
+                });
+            }
+            Err(status) => {
+                log::warn!("could not dispatch the watermark registration: {status:?}");
+                self.metrics.record(vec![
+                    Counter::WatermarkRefreshFailed,
+                    Counter::CalloutDispatchFailed,
+                ]);
+            }
+        }
+    }
+
+    /// Stores the sidecar's watermarks in shared data, where every worker's queries read them.
+    fn store(&self, body: &[u8], seq: u64) -> Result<usize, String> {
+        let now = now_ms();
+        let answer = watermark::parse_answer(body, now)?;
+        for (namespace, known) in &answer {
+            let value = known.map(|w| w.encode()).unwrap_or_default();
+            if let Err(status) = host::set_shared_data(&watermark::shared_key(namespace), Some(&value), None)
+            {
+                return Err(format!(
+                    "could not store the watermark of '{namespace}': {status:?}"
+                ));
+            }
+        }
+        if let Ok(mut tracker) = self.tracker.try_borrow_mut() {
+            if let Some(tracker) = tracker.as_mut() {
+                tracker.acknowledge(seq);
+            }
+        }
+        Ok(answer.len())
+    }
+}
+
+/// A query's watermark, from shared data (empty or missing: unknown).
+fn shared_watermark(namespace: &str) -> Option<Watermark> {
+    match host::get_shared_data(&watermark::shared_key(namespace)) {
+        Ok((Some(bytes), _)) => Watermark::decode(&bytes),
+        _ => None,
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let Some(in_flight) = self.registration.take_if(|r| r.token == token) else {
+            log::warn!("ignoring a callout answer with unknown token {token}");
+            return;
+        };
+        let headers = host::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
+        let status = headers
+            .iter()
+            .find(|(k, _)| k == ":status")
+            .and_then(|(_, v)| v.parse::<u16>().ok());
+        let body = match host::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
+            Ok(b) => b.unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        let outcome = match status {
+            Some(200) => self.store(&body, in_flight.seq),
+            other => Err(format!("the sidecar answered {other:?}")),
+        };
+        match outcome {
+            Ok(n) => {
+                log::debug!("watermarks of {n} namespaces refreshed");
+                self.metrics.record(vec![Counter::WatermarkRefreshOk]);
+            }
+            Err(e) => {
+                log::warn!("watermark refresh failed: {e}");
+                self.metrics.record(vec![Counter::WatermarkRefreshFailed]);
+            }
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -74,6 +221,13 @@ impl RootContext for Root {
                     config.max_body_bytes,
                     config.sidecar_cluster
                 );
+                if config.read_watermark != ReadWatermark::Off {
+                    *self.tracker.borrow_mut() = Some(Tracker::new(
+                        config.watermark_namespaces,
+                        config.watermark_idle_ms,
+                    ));
+                    self.set_tick_period(Duration::from_millis(config.watermark_refresh_ms));
+                }
                 self.config = Rc::new(config);
                 self.metrics = Rc::new(Metrics::define());
                 true
@@ -85,10 +239,15 @@ impl RootContext for Root {
         }
     }
 
+    fn on_tick(&mut self) {
+        self.register();
+    }
+
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Filter {
             config: Rc::clone(&self.config),
             metrics: Rc::clone(&self.metrics),
+            tracker: Rc::clone(&self.tracker),
             exchange: Exchange::new(),
             request_seen: 0,
             callout: None,
@@ -114,6 +273,7 @@ enum Site {
 struct Filter {
     config: Rc<Config>,
     metrics: Rc<Metrics>,
+    tracker: Rc<RefCell<Option<Tracker>>>,
     exchange: Exchange,
     /// Request body bytes Envoy has buffered (reported cumulatively while the filter pauses).
     request_seen: usize,
@@ -185,6 +345,18 @@ fn send_reply(reply: &LocalReply) {
 impl Filter {
     fn record(&mut self) {
         self.metrics.record(self.exchange.take_counters());
+        let touches = self.exchange.take_touches();
+        if touches.is_empty() {
+            return;
+        }
+        if let Ok(mut tracker) = self.tracker.try_borrow_mut() {
+            if let Some(tracker) = tracker.as_mut() {
+                let now = now_ms();
+                for touch in touches {
+                    tracker.touch(touch, now);
+                }
+            }
+        }
     }
 
     fn dispatch(&mut self, call: &Callout) -> Result<(), ()> {
@@ -325,6 +497,8 @@ impl HttpContext for Filter {
             content_type: get("content-type"),
             request_id: &request_id,
             end_of_stream,
+            now_ms: now_ms(),
+            watermarks: Some(shared_watermark),
         };
         let config = Rc::clone(&self.config);
         let (edits, step) = self.exchange.on_request_headers(&config, &head);

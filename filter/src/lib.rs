@@ -2,8 +2,8 @@
 //!
 //! Everything except `glue` is plain Rust with no proxy-wasm dependency, tested natively: route
 //! classification, auth, body accumulation, the single-pass JSON scanner, validation and stamping,
-//! and the mapping of upstream outcomes. `glue` (wasm32 only) moves bytes and headers between Envoy
-//! and that core and carries out its decisions.
+//! the query rewrite and the read watermark, and the mapping of upstream outcomes. `glue` (wasm32
+//! only) moves bytes and headers between Envoy and that core and carries out its decisions.
 
 pub mod auth;
 pub mod body;
@@ -12,10 +12,12 @@ pub mod error;
 pub mod exchange;
 pub mod metrics;
 pub mod outcome;
+pub mod reads;
 pub mod response;
 pub mod route;
 pub mod scan;
 pub mod sidecar_api;
+pub mod watermark;
 pub mod write;
 
 #[cfg(all(target_arch = "wasm32", feature = "glue"))]

@@ -1,10 +1,72 @@
 //! The filter's counters. Every decision the filter makes counts under one of these names.
 
+/// Why a write body was refused with 422.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteReason {
+    /// Not JSON, or JSON but not an object.
+    InvalidJson,
+    NoOperation,
+    RemovedKey,
+    ReservedAttribute,
+    Shape,
+    /// A `content-encoding` other than gzip or identity, or gzip that does not decode.
+    BadEncoding,
+}
+
+impl WriteReason {
+    pub const ALL: [WriteReason; 6] = [
+        WriteReason::InvalidJson,
+        WriteReason::NoOperation,
+        WriteReason::RemovedKey,
+        WriteReason::ReservedAttribute,
+        WriteReason::Shape,
+        WriteReason::BadEncoding,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteReason::InvalidJson => "invalid_json",
+            WriteReason::NoOperation => "no_operation",
+            WriteReason::RemovedKey => "removed_key",
+            WriteReason::ReservedAttribute => "reserved_attribute",
+            WriteReason::Shape => "shape",
+            WriteReason::BadEncoding => "bad_encoding",
+        }
+    }
+}
+
+/// Why a query was refused with 422.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadReason {
+    /// Not JSON, or JSON but not an object.
+    InvalidJson,
+    /// `as_of` or `between` is invalid, both are given, or a member the rewrite reads is repeated.
+    BadField,
+    /// A `content-encoding` other than gzip or identity, or gzip that does not decode.
+    BadEncoding,
+}
+
+impl ReadReason {
+    pub const ALL: [ReadReason; 3] = [
+        ReadReason::InvalidJson,
+        ReadReason::BadField,
+        ReadReason::BadEncoding,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadReason::InvalidJson => "invalid_json",
+            ReadReason::BadField => "bad_field",
+            ReadReason::BadEncoding => "bad_encoding",
+        }
+    }
+}
+
 /// A counter and how much to add.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counter {
     WritesAccepted,
-    WritesRejected(&'static str),
+    WritesRejected(WriteReason),
     RowsStamped(u64),
     PayloadTooLarge,
     Unauthorized,
@@ -22,17 +84,17 @@ pub enum Counter {
     SidecarRouted,
     SidecarUnavailable,
     CalloutDispatchFailed,
+    /// A query (or multi-query) got a predicate from `as_of` or `between`.
+    QueriesTemporal,
+    /// A query got the read watermark's predicate.
+    QueriesWatermarked,
+    /// A query of a namespace whose watermark is unknown or stale (no header, no watermark).
+    QueriesWithoutWatermark,
+    ReadsRejected(ReadReason),
+    /// The root context's refresh of watermarks from the sidecar.
+    WatermarkRefreshOk,
+    WatermarkRefreshFailed,
 }
-
-/// Rejection reasons, as in [`crate::write::Rejection::reason`].
-pub const REJECTION_REASONS: [&str; 6] = [
-    "invalid_json",
-    "no_operation",
-    "removed_key",
-    "reserved_attribute",
-    "shape",
-    "bad_encoding",
-];
 
 impl Counter {
     /// The metric name (Envoy shows it among the wasm stats).
@@ -40,12 +102,12 @@ impl Counter {
         match self {
             Counter::WritesAccepted => "hevlayer.writes_accepted",
             Counter::WritesRejected(reason) => match reason {
-                "invalid_json" => "hevlayer.writes_rejected.invalid_json",
-                "no_operation" => "hevlayer.writes_rejected.no_operation",
-                "removed_key" => "hevlayer.writes_rejected.removed_key",
-                "reserved_attribute" => "hevlayer.writes_rejected.reserved_attribute",
-                "shape" => "hevlayer.writes_rejected.shape",
-                _ => "hevlayer.writes_rejected.bad_encoding",
+                WriteReason::InvalidJson => "hevlayer.writes_rejected.invalid_json",
+                WriteReason::NoOperation => "hevlayer.writes_rejected.no_operation",
+                WriteReason::RemovedKey => "hevlayer.writes_rejected.removed_key",
+                WriteReason::ReservedAttribute => "hevlayer.writes_rejected.reserved_attribute",
+                WriteReason::Shape => "hevlayer.writes_rejected.shape",
+                WriteReason::BadEncoding => "hevlayer.writes_rejected.bad_encoding",
             },
             Counter::RowsStamped(_) => "hevlayer.rows_stamped",
             Counter::PayloadTooLarge => "hevlayer.payload_too_large",
@@ -64,6 +126,16 @@ impl Counter {
             Counter::SidecarRouted => "hevlayer.sidecar_routed",
             Counter::SidecarUnavailable => "hevlayer.sidecar_unavailable",
             Counter::CalloutDispatchFailed => "hevlayer.callout_dispatch_failed",
+            Counter::QueriesTemporal => "hevlayer.queries_rewritten.temporal",
+            Counter::QueriesWatermarked => "hevlayer.queries_rewritten.watermark",
+            Counter::QueriesWithoutWatermark => "hevlayer.queries_without_watermark",
+            Counter::ReadsRejected(reason) => match reason {
+                ReadReason::InvalidJson => "hevlayer.reads_rejected.invalid_json",
+                ReadReason::BadField => "hevlayer.reads_rejected.bad_field",
+                ReadReason::BadEncoding => "hevlayer.reads_rejected.bad_encoding",
+            },
+            Counter::WatermarkRefreshOk => "hevlayer.watermark_refresh_ok",
+            Counter::WatermarkRefreshFailed => "hevlayer.watermark_refresh_failed",
         }
     }
 
@@ -74,12 +146,13 @@ impl Counter {
         }
     }
 
-    /// Every counter name, so the glue can define them all at start.
+    /// Every counter name a request can increment, so the glue can define them all at start.
     pub fn all_names() -> Vec<&'static str> {
-        let mut names: Vec<&'static str> = REJECTION_REASONS
+        let mut names: Vec<&'static str> = WriteReason::ALL
             .iter()
-            .map(|r| Counter::WritesRejected(r).name())
+            .map(|&r| Counter::WritesRejected(r).name())
             .collect();
+        names.extend(ReadReason::ALL.iter().map(|&r| Counter::ReadsRejected(r).name()));
         names.extend(
             [
                 Counter::WritesAccepted,
@@ -100,12 +173,20 @@ impl Counter {
                 Counter::SidecarRouted,
                 Counter::SidecarUnavailable,
                 Counter::CalloutDispatchFailed,
+                Counter::QueriesTemporal,
+                Counter::QueriesWatermarked,
+                Counter::QueriesWithoutWatermark,
+                Counter::WatermarkRefreshOk,
+                Counter::WatermarkRefreshFailed,
             ]
             .map(Counter::name),
         );
         names
     }
 }
+
+/// The gauge of namespaces this VM asks the sidecar to watch.
+pub const NAMESPACES_TRACKED: &str = "hevlayer.watermark_namespaces";
 
 #[cfg(test)]
 mod tests {
@@ -119,8 +200,12 @@ mod tests {
         sorted.dedup();
         assert_eq!(sorted.len(), names.len());
         assert!(names.iter().all(|n| n.starts_with("hevlayer.")));
-        for reason in REJECTION_REASONS {
-            assert!(Counter::WritesRejected(reason).name().ends_with(reason));
+        assert!(!names.contains(&NAMESPACES_TRACKED));
+        for reason in WriteReason::ALL {
+            assert!(Counter::WritesRejected(reason).name().ends_with(reason.as_str()));
+        }
+        for reason in ReadReason::ALL {
+            assert!(Counter::ReadsRejected(reason).name().ends_with(reason.as_str()));
         }
     }
 }

@@ -13,6 +13,9 @@ use percent_encoding::percent_decode_str;
 pub enum Route {
     /// `POST /v2/namespaces/{ns}`: buffered, validated, stamped, mirrored.
     Write { namespace: String },
+    /// `POST /v2/namespaces/{ns}/query` and `/multi_query`: buffered; the temporal fields and the
+    /// read watermark become filters (SPEC §2.6).
+    Query { namespace: String },
     /// `DELETE /v2/namespaces/{ns}`: passes through; purges the cache after success.
     DeleteNamespace { namespace: String },
     /// `GET /v2/namespaces/{ns}/documents/{id}`: answered by the sidecar.
@@ -26,7 +29,10 @@ pub enum Route {
 impl Route {
     /// Whether the filter must see the request body.
     pub fn needs_body(&self) -> bool {
-        matches!(self, Route::Write { .. } | Route::Pipeline | Route::DocumentFetch)
+        matches!(
+            self,
+            Route::Write { .. } | Route::Query { .. } | Route::Pipeline | Route::DocumentFetch
+        )
     }
 }
 
@@ -59,6 +65,9 @@ impl Scope {
 pub fn classify(method: &str, path: &str) -> Route {
     match (method, segments(path).as_slice()) {
         ("POST", ["v2", "namespaces", ns]) => Route::Write {
+            namespace: decode(ns),
+        },
+        ("POST", ["v2", "namespaces", ns, "query" | "multi_query"]) => Route::Query {
             namespace: decode(ns),
         },
         ("DELETE", ["v2", "namespaces", ns]) => Route::DeleteNamespace {
@@ -129,6 +138,10 @@ mod tests {
         Route::Write { namespace: ns.into() }
     }
 
+    fn query(ns: &str) -> Route {
+        Route::Query { namespace: ns.into() }
+    }
+
     #[test]
     fn classifies_routes() {
         let cases = [
@@ -145,7 +158,11 @@ mod tests {
                     namespace: "ns1".into(),
                 },
             ),
-            ("POST", "/v2/namespaces/ns1/query", Route::Passthrough),
+            ("POST", "/v2/namespaces/ns1/query", query("ns1")),
+            ("POST", "/v2/namespaces/ns1/multi_query?x=1", query("ns1")),
+            ("POST", "/v2/namespaces/ns1/explain_query", Route::Passthrough),
+            ("POST", "/v1/namespaces/ns1/query", Route::Passthrough),
+            ("GET", "/v2/namespaces/ns1/query", Route::Passthrough),
             ("GET", "/v2/namespaces/ns1/documents/7", Route::DocumentFetch),
             ("GET", "/v1/namespaces/ns1/metadata", Route::Passthrough),
             ("PUT", "/v2/pipelines/p/documents/d", Route::Pipeline),
@@ -161,7 +178,7 @@ mod tests {
         for (method, path, route) in cases {
             assert_eq!(classify(method, path), route, "{method} {path}");
         }
-        assert!(write("x").needs_body());
+        assert!(write("x").needs_body() && query("x").needs_body());
         assert!(!Route::Passthrough.needs_body());
     }
 
@@ -192,8 +209,13 @@ mod tests {
             ("GET", "//v2/namespaces/x/documents/7/", Route::DocumentFetch),
             ("GET", "/v2/namespaces/x/./documents//7", Route::DocumentFetch),
             ("GET", "/v1/../v2/pipelines/", Route::Pipeline),
-            ("POST", "/v2/namespaces/x/./query", Route::Passthrough),
-            ("POST", "/v2/namespaces/x/query/", Route::Passthrough),
+            ("POST", "/v2/namespaces/x/./query", query("x")),
+            ("POST", "/v2/namespaces/x/query/", query("x")),
+            (
+                "POST",
+                "//v2/namespaces/a%2Fb//query?stainless_overload=multiQuery",
+                query("a/b"),
+            ),
             // Encoded dots are not dot segments: they may be a document id.
             ("GET", "/v2/namespaces/x/documents/%2E%2E", Route::DocumentFetch),
             ("POST", "/v2/namespaces/x/%2e", Route::Passthrough),

@@ -36,6 +36,20 @@ pub enum Kind {
     Null,
 }
 
+impl Kind {
+    /// The kind as a message names it ("an object", "null").
+    pub fn described(self) -> &'static str {
+        match self {
+            Kind::Object => "an object",
+            Kind::Array => "an array",
+            Kind::String => "a string",
+            Kind::Number => "a number",
+            Kind::Bool => "a boolean",
+            Kind::Null => "null",
+        }
+    }
+}
+
 /// Where a string token sits: `start..end` is the content between the quotes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StrToken {

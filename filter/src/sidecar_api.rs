@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 pub const MIRROR_PATH: &str = "/internal/v1/mirror";
 /// Purge a namespace's cached documents after `DELETE /v2/namespaces/{ns}` succeeded.
 pub const PURGE_PATH: &str = "/internal/v1/purge";
+/// Register watched namespaces and read their watermarks (the filter's root context, on a timer).
+pub const WATERMARKS_PATH: &str = "/internal/v1/watermarks";
 /// Header carrying the request id on every callout.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
@@ -41,6 +43,43 @@ pub struct PurgeRequest {
 pub struct MirrorResponse {
     /// Number of cached documents written, merged or evicted.
     pub applied: u64,
+}
+
+/// Body of `POST WATERMARKS_PATH`: the namespaces one Envoy worker has seen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatermarkRegistration {
+    pub namespaces: Vec<WatchedNamespace>,
+}
+
+/// One namespace to watch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchedNamespace {
+    pub namespace: String,
+    /// A write to it succeeded since the last acknowledged registration.
+    #[serde(default)]
+    pub written: bool,
+    /// The caller's `authorization` (passthrough mode), sent when a request used it since the
+    /// last acknowledged registration: the sidecar polls the namespace's metadata with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<String>,
+}
+
+/// Answer to `POST WATERMARKS_PATH`: the watermark of each registered namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatermarkAnswer {
+    pub watermarks: Vec<NamespaceWatermark>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceWatermark {
+    pub namespace: String,
+    /// Epoch ms: every write stamped at or before it is indexed. `None` until a poll saw the
+    /// index up to date.
+    pub watermark: Option<u64>,
+    /// The index was updating at the last successful poll.
+    pub updating: bool,
 }
 
 /// Builds a `MirrorRequest` body from the raw bytes the filter holds, without parsing them.

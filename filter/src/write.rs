@@ -5,6 +5,7 @@
 //! client's own `_hevlayer_upserted_at` / `_hevlayer_shard` members to replace or drop. [`render`]
 //! then copies the body with those splices applied. Every other byte goes upstream unchanged.
 
+use crate::metrics::WriteReason;
 use crate::scan::{Cursor, Kind, Member, MemberCuts, StrToken, SyntaxError};
 
 /// The stamp attribute.
@@ -49,17 +50,7 @@ impl Rejection {
     pub fn message(&self) -> String {
         match self {
             Rejection::InvalidJson(e) => format!("request body is not valid JSON: {e}"),
-            Rejection::NotAnObject(kind, at) => {
-                let found = match kind {
-                    Kind::Object => "an object",
-                    Kind::Array => "an array",
-                    Kind::String => "a string",
-                    Kind::Number => "a number",
-                    Kind::Bool => "a boolean",
-                    Kind::Null => "null",
-                };
-                format!("request body must be a JSON object, found {found} at byte {at}")
-            }
+            Rejection::NotAnObject(kind, at) => not_an_object(*kind, *at),
             Rejection::NoOperation => NO_OPERATION.to_owned(),
             Rejection::RemovedKey(m) => (*m).to_owned(),
             Rejection::Reserved(name) => format!("attribute '{name}' uses the reserved _hevlayer_* prefix"),
@@ -68,15 +59,23 @@ impl Rejection {
     }
 
     /// The counter label for this class of rejection.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> WriteReason {
         match self {
-            Rejection::InvalidJson(_) | Rejection::NotAnObject(..) => "invalid_json",
-            Rejection::NoOperation => "no_operation",
-            Rejection::RemovedKey(_) => "removed_key",
-            Rejection::Reserved(_) => "reserved_attribute",
-            Rejection::Shape(_) => "shape",
+            Rejection::InvalidJson(_) | Rejection::NotAnObject(..) => WriteReason::InvalidJson,
+            Rejection::NoOperation => WriteReason::NoOperation,
+            Rejection::RemovedKey(_) => WriteReason::RemovedKey,
+            Rejection::Reserved(_) => WriteReason::ReservedAttribute,
+            Rejection::Shape(_) => WriteReason::Shape,
         }
     }
+}
+
+/// The message for a body that is valid JSON of another kind than an object, found at `at`.
+pub fn not_an_object(kind: Kind, at: usize) -> String {
+    format!(
+        "request body must be a JSON object, found {} at byte {at}",
+        kind.described()
+    )
 }
 
 /// What goes in at a splice.

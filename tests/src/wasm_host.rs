@@ -19,6 +19,7 @@ const ROOT_ID: u32 = 1;
 const OK: u32 = 0;
 const NOT_FOUND: u32 = 1;
 const BAD_ARGUMENT: u32 = 2;
+const CAS_MISMATCH: u32 = 8;
 
 // proxy-wasm map and buffer types.
 const REQUEST_HEADERS: u32 = 0;
@@ -119,6 +120,12 @@ pub struct HostState {
     response: Half,
     local_reply: Option<LocalReply>,
     callouts: Vec<Callout>,
+    /// Callouts the root context dispatched (from `on_tick`), which outlive any stream.
+    root_callouts: Vec<Callout>,
+    /// The host is running a root-context callback: callouts go to `root_callouts`.
+    in_root_callback: bool,
+    tick_period_ms: u32,
+    shared_data: HashMap<String, (Vec<u8>, u32)>,
     next_token: u32,
     call_response: Option<(Headers, Vec<u8>)>,
     clusters: Vec<String>,
@@ -286,6 +293,52 @@ impl Vm {
     /// Linear memory size in bytes.
     pub fn memory_bytes(&self) -> usize {
         self.memory.data_size(&self.store)
+    }
+
+    /// Runs the root context's timer callback once (as Envoy does every tick period).
+    pub fn tick(&mut self) -> Result<()> {
+        let f: TypedFunc<u32, ()> = self.func("proxy_on_tick")?;
+        self.store.data_mut().in_root_callback = true;
+        let result = f.call(&mut self.store, ROOT_ID);
+        self.store.data_mut().in_root_callback = false;
+        result
+    }
+
+    /// The tick period the filter asked for (0: none).
+    pub fn tick_period_ms(&self) -> u32 {
+        self.store.data().tick_period_ms
+    }
+
+    /// Callouts dispatched by the root context so far.
+    pub fn root_callouts(&self) -> &[Callout] {
+        &self.store.data().root_callouts
+    }
+
+    /// A shared-data value (Envoy's per-VM-id key-value store shared by all workers).
+    pub fn shared_data(&self, key: &str) -> Option<&[u8]> {
+        self.store.data().shared_data.get(key).map(|(v, _)| v.as_slice())
+    }
+
+    /// Answers a callout (see [`Stream::answer_callout`]); root callouts are answered here.
+    pub fn answer_callout(&mut self, token: u32, answer: Option<Answer<'_>>) -> Result<()> {
+        let (headers, body) = match answer {
+            Some((status, headers, body)) => {
+                let mut all = vec![(":status".to_owned(), status.to_string())];
+                all.extend(owned(headers));
+                (all, body.to_vec())
+            }
+            None => (Vec::new(), Vec::new()),
+        };
+        let (n, size) = (u32::try_from(headers.len())?, u32::try_from(body.len())?);
+        self.store.data_mut().call_response = Some((headers, body));
+        let f: TypedFunc<(u32, u32, u32, u32, u32), ()> = self.func("proxy_on_http_call_response")?;
+        let root = self.store.data().root_callouts.iter().any(|c| c.token == token);
+        self.store.data_mut().in_root_callback = root;
+        let result = f.call(&mut self.store, (ROOT_ID, token, n, size, 0));
+        let state = self.store.data_mut();
+        state.in_root_callback = false;
+        state.call_response = None;
+        result
     }
 
     /// Starts a new request stream.
@@ -467,20 +520,7 @@ impl Stream<'_> {
     /// reports no headers). Envoy answers a call that timed out or found no healthy host as a
     /// response of its own (504 / 503, `text/plain`), so a test gives those as `Some`.
     pub fn answer_callout(&mut self, token: u32, answer: Option<Answer<'_>>) -> Result<()> {
-        let (headers, body) = match answer {
-            Some((status, headers, body)) => {
-                let mut all = vec![(":status".to_owned(), status.to_string())];
-                all.extend(owned(headers));
-                (all, body.to_vec())
-            }
-            None => (Vec::new(), Vec::new()),
-        };
-        let (n, size) = (u32::try_from(headers.len())?, u32::try_from(body.len())?);
-        self.state().call_response = Some((headers, body));
-        let f: TypedFunc<(u32, u32, u32, u32, u32), ()> = self.vm.func("proxy_on_http_call_response")?;
-        f.call(&mut self.vm.store, (ROOT_ID, token, n, size, 0))?;
-        self.state().call_response = None;
-        Ok(())
+        self.vm.answer_callout(token, answer)
     }
 
     /// Advances the host clock.
@@ -733,7 +773,37 @@ fn define_imports(linker: &mut Linker<HostState>) -> Result<()> {
     linker.func_wrap(
         "env",
         "proxy_set_tick_period_milliseconds",
-        |_: Caller<'_, HostState>, _ms: u32| Ok(OK),
+        |mut c: Caller<'_, HostState>, ms: u32| {
+            c.data_mut().tick_period_ms = ms;
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_shared_data",
+        |mut c: Caller<'_, HostState>, kp: u32, kl: u32, ptr_out: u32, size_out: u32, cas_out: u32| {
+            let key = read_string(&mut c, kp, kl)?;
+            let Some((value, cas)) = c.data().shared_data.get(&key).cloned() else {
+                return Ok(NOT_FOUND);
+            };
+            give(&mut c, &value, ptr_out, size_out)?;
+            write_u32(&mut c, cas_out, cas)?;
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_shared_data",
+        |mut c: Caller<'_, HostState>, kp: u32, kl: u32, vp: u32, vl: u32, cas: u32| {
+            let key = read_string(&mut c, kp, kl)?;
+            let value = read(&mut c, vp, vl)?;
+            let entry = c.data_mut().shared_data.entry(key).or_insert((Vec::new(), 0));
+            if cas != 0 && cas != entry.1 {
+                return Ok(CAS_MISMATCH);
+            }
+            *entry = (value, entry.1 + 1);
+            Ok(OK)
+        },
     )?;
     linker.func_wrap(
         "env",
@@ -907,13 +977,18 @@ fn define_imports(linker: &mut Linker<HostState>) -> Result<()> {
             let state = c.data_mut();
             state.next_token += 1;
             let token = state.next_token;
-            state.callouts.push(Callout {
+            let call = Callout {
                 token,
                 cluster,
                 headers,
                 body,
                 timeout_ms,
-            });
+            };
+            if state.in_root_callback {
+                state.root_callouts.push(call);
+            } else {
+                state.callouts.push(call);
+            }
             write_u32(&mut c, token_out, token)?;
             Ok(OK)
         },
@@ -947,6 +1022,21 @@ fn define_imports(linker: &mut Linker<HostState>) -> Result<()> {
             };
             write_u32(&mut c, id_out, u32::try_from(id)?)?;
             Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_record_metric",
+        |mut c: Caller<'_, HostState>, id: u32, value: u64| match c
+            .data_mut()
+            .metric_values
+            .get_mut(id as usize)
+        {
+            Some(v) => {
+                *v = i64::try_from(value).unwrap_or(i64::MAX);
+                Ok(OK)
+            }
+            None => Ok(NOT_FOUND),
         },
     )?;
     linker.func_wrap(

@@ -195,7 +195,8 @@ fn trailers_end_the_body() {
 fn passthrough_routes_are_untouched_and_not_buffered() {
     let mut vm = vm("{}");
     for (method, path) in [
-        ("POST", "/v2/namespaces/ns/query"),
+        ("POST", "/v2/namespaces/ns/explain_query"),
+        ("POST", "/v1/namespaces/ns/query"),
         ("GET", "/v1/namespaces"),
         ("GET", "/v2/namespaces/ns/metadata"),
     ] {
@@ -268,7 +269,7 @@ fn a_timeout_on_a_read_does_not_mention_a_write() {
     for (method, path, message) in [
         (
             "POST",
-            "/v2/namespaces/ns/query",
+            "/v2/namespaces/ns/explain_query",
             "Turbopuffer did not answer in time",
         ),
         ("GET", "/v1/namespaces", "Turbopuffer did not answer in time"),
@@ -862,7 +863,7 @@ fn passthrough_mode_needs_a_bearer_and_forwards_it_unchanged() {
     let mut s = vm.stream().unwrap();
     let headers = [
         (":method", "POST"),
-        (":path", "/v2/namespaces/ns/query"),
+        (":path", "/v2/namespaces/ns/explain_query"),
         ("authorization", "Bearer caller-key"),
     ];
     assert_eq!(s.request_headers(&headers, false).unwrap(), Action::Continue);
@@ -895,4 +896,198 @@ fn client_stamps_are_replaced_and_every_stamped_op_gets_the_same_value() {
         let text = String::from_utf8_lossy(s.upstream_body());
         assert_eq!(text.matches("_hevlayer_upserted_at").count(), 3, "{text}");
     }
+}
+
+// ---- reads by the stamp ----
+
+fn query_headers(path: &str) -> Vec<(&str, &str)> {
+    vec![
+        (":method", "POST"),
+        (":path", path),
+        (":authority", "gateway"),
+        ("authorization", "Bearer tpuf_key"),
+        JSON,
+    ]
+}
+
+fn send_query<'v>(vm: &'v mut Vm, body: &[u8], chunk: usize) -> Stream<'v> {
+    let mut s = vm.stream().unwrap();
+    assert_eq!(
+        s.request_headers(&query_headers("/v2/namespaces/ns/query"), false)
+            .unwrap(),
+        Action::Pause
+    );
+    s.request_body_chunked(body, chunk).unwrap();
+    s
+}
+
+/// Runs one tick and answers the registration it sends with `watermarks`; returns what the
+/// filter registered.
+fn refresh(vm: &mut Vm, watermarks: Value) -> Value {
+    let before = vm.root_callouts().len();
+    vm.tick().unwrap();
+    let calls = vm.root_callouts()[before..].to_vec();
+    assert_eq!(calls.len(), 1, "one registration per tick");
+    let call = &calls[0];
+    assert_eq!(call.cluster, "layer_sidecar");
+    assert_eq!(call.header(":path"), Some("/internal/v1/watermarks"));
+    assert_eq!(call.header(":method"), Some("POST"));
+    let answer = serde_json::to_vec(&json!({ "watermarks": watermarks })).unwrap();
+    vm.answer_callout(call.token, Some((200, &[JSON], &answer)))
+        .unwrap();
+    serde_json::from_slice(&call.body).unwrap()
+}
+
+#[test]
+fn a_query_with_as_of_reaches_turbopuffer_with_the_predicate_and_nothing_else_changed() {
+    let body = br#"{"rank_by": ["id", "asc"], "top_k": 5, "as_of": 1795000000000, "include_attributes": ["_hevlayer_upserted_at"]}"#;
+    let mut outputs = Vec::new();
+    for chunk in [1, 9, body.len()] {
+        let mut vm = vm("{}");
+        let s = send_query(&mut vm, body, chunk);
+        assert!(s.reached_upstream(), "{:?}", s.local_reply());
+        assert_eq!(s.upstream_header("content-length"), None);
+        assert_eq!(s.counter("hevlayer.queries_rewritten.temporal"), 1);
+        outputs.push(s.upstream_body().to_vec());
+    }
+    assert!(outputs.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(
+        String::from_utf8_lossy(&outputs[0]),
+        r#"{"filters":["_hevlayer_upserted_at","Lte",1795000000000],"rank_by": ["id", "asc"], "top_k": 5, "include_attributes": ["_hevlayer_upserted_at"]}"#
+    );
+}
+
+#[test]
+fn a_bad_temporal_field_is_a_local_422() {
+    let mut vm = vm("{}");
+    let s = send_query(&mut vm, br#"{"top_k":1,"between":[9,3]}"#, 4);
+    let (status, v) = reply_json(&s);
+    assert_eq!(status, 422);
+    assert_eq!(
+        v,
+        json!({"error": "validation_error", "message": "between lower bound 9 is greater than its upper bound 3"})
+    );
+    assert!(!s.reached_upstream());
+    assert_eq!(s.counter("hevlayer.reads_rejected.bad_field"), 1);
+}
+
+#[test]
+fn watermarks_come_from_the_sidecar_on_a_timer_and_apply_without_a_callout_per_query() {
+    let mut vm = vm("{}");
+    assert_eq!(vm.tick_period_ms(), 500);
+    // Nothing tracked yet: a tick sends nothing.
+    vm.tick().unwrap();
+    assert!(vm.root_callouts().is_empty());
+
+    // A query before any watermark is known: no header, no predicate, and its namespace is tracked.
+    let eventual = br#"{"consistency":{"level":"eventual"},"top_k":1}"#;
+    let mut s = send_query(&mut vm, eventual, 100);
+    assert_eq!(s.upstream_body(), eventual);
+    assert!(s.callouts().is_empty(), "a query never calls out");
+    s.respond(200, &[JSON], br#"{"rows":[]}"#, "via_upstream")
+        .unwrap();
+    assert_eq!(s.client_header("x-layer-stable-as-of"), None);
+    assert_eq!(s.counter("hevlayer.queries_without_watermark"), 1);
+    s.finish().unwrap();
+    // A successful write marks its namespace written.
+    let mut s = send_write(&mut vm, br#"{"deletes":[1]}"#, 100);
+    s.respond(200, &[JSON], br#"{"status":"OK"}"#, "via_upstream")
+        .unwrap();
+    let mirror = s.callouts()[0].token;
+    s.answer_callout(mirror, Some((200, &[JSON], br#"{"applied":1}"#)))
+        .unwrap();
+    s.finish().unwrap();
+    let mut s = vm.stream().unwrap();
+    let mut h = write_headers(&[]);
+    h[1] = (":path", "/v2/namespaces/other");
+    s.request_headers(&h, false).unwrap();
+    s.request_body(br#"{"deletes":[1]}"#, true).unwrap();
+    s.respond(200, &[JSON], br#"{"status":"OK"}"#, "via_upstream")
+        .unwrap();
+    s.finish().unwrap();
+
+    let registered = refresh(
+        &mut vm,
+        json!([{"namespace": "ns", "watermark": 1795000000000u64, "updating": true},
+               {"namespace": "other", "watermark": null, "updating": false}]),
+    );
+    assert_eq!(
+        registered,
+        json!({"namespaces": [
+            {"namespace": "ns", "written": true, "authorization": "Bearer tpuf_key"},
+            {"namespace": "other", "written": true, "authorization": "Bearer tpuf_key"}
+        ]})
+    );
+    assert_eq!(vm.counter("hevlayer.watermark_refresh_ok"), 1);
+    assert_eq!(vm.counter("hevlayer.watermark_namespaces"), 2);
+    assert_eq!(
+        vm.shared_data("hevlayer.watermark:ns"),
+        Some(format!("1795000000000,1,{NOW_MS}").as_bytes())
+    );
+    assert_eq!(vm.shared_data("hevlayer.watermark:other"), Some(&b""[..]));
+
+    // Now an eventual query of the updating namespace is bounded and reports the watermark.
+    let mut s = send_query(&mut vm, eventual, 100);
+    assert_eq!(
+        String::from_utf8_lossy(s.upstream_body()),
+        r#"{"filters":["_hevlayer_upserted_at","Lte",1795000000000],"consistency":{"level":"eventual"},"top_k":1}"#
+    );
+    s.respond(200, &[JSON], br#"{"rows":[]}"#, "via_upstream")
+        .unwrap();
+    assert_eq!(s.client_header("x-layer-stable-as-of"), Some("1795000000000"));
+    assert_eq!(s.counter("hevlayer.queries_rewritten.watermark"), 1);
+    s.finish().unwrap();
+    // A strong one goes on as sent, with the header.
+    let mut s = send_query(&mut vm, br#"{"top_k":1}"#, 100);
+    assert_eq!(s.upstream_body(), br#"{"top_k":1}"#);
+    s.respond(200, &[JSON], br#"{"rows":[]}"#, "via_upstream")
+        .unwrap();
+    assert_eq!(s.client_header("x-layer-stable-as-of"), Some("1795000000000"));
+    s.finish().unwrap();
+
+    // The acknowledged registration carried the writes and keys: the next one carries only
+    // what requests used since (the two queries of "ns", with their key).
+    let registered = refresh(
+        &mut vm,
+        json!([{"namespace": "ns", "watermark": 1795000000400u64, "updating": false}]),
+    );
+    assert_eq!(
+        registered,
+        json!({"namespaces": [
+            {"namespace": "ns", "written": false, "authorization": "Bearer tpuf_key"},
+            {"namespace": "other", "written": false}
+        ]})
+    );
+
+    // When the sidecar stops answering, the copy goes stale and is not used.
+    vm.set_time_ms(NOW_MS + 5_001);
+    vm.tick().unwrap();
+    let token = vm.root_callouts().last().unwrap().token;
+    vm.answer_callout(
+        token,
+        Some((503, &[("content-type", "text/plain")], b"no healthy upstream")),
+    )
+    .unwrap();
+    assert_eq!(vm.counter("hevlayer.watermark_refresh_failed"), 1);
+    let mut s = send_query(&mut vm, eventual, 100);
+    assert_eq!(s.upstream_body(), eventual);
+    s.respond(200, &[JSON], br#"{"rows":[]}"#, "via_upstream")
+        .unwrap();
+    assert_eq!(s.client_header("x-layer-stable-as-of"), None);
+}
+
+#[test]
+fn with_the_watermark_off_the_filter_never_ticks() {
+    let mut vm = vm(r#"{"read_watermark":"off"}"#);
+    assert_eq!(vm.tick_period_ms(), 0);
+    let mut s = send_query(&mut vm, br#"{"as_of":5}"#, 100);
+    assert_eq!(
+        s.upstream_body(),
+        br#"{"filters":["_hevlayer_upserted_at","Lte",5]}"#
+    );
+    s.respond(200, &[JSON], br#"{"rows":[]}"#, "via_upstream")
+        .unwrap();
+    s.finish().unwrap();
+    vm.tick().unwrap();
+    assert!(vm.root_callouts().is_empty());
 }

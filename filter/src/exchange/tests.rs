@@ -116,7 +116,10 @@ fn invalid_writes_get_a_local_422() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(ex.take_counters(), vec![Counter::WritesRejected("no_operation")]);
+    assert_eq!(
+        ex.take_counters(),
+        vec![Counter::WritesRejected(WriteReason::NoOperation)]
+    );
     assert_eq!(ex.trailers(NOW), Step::Pause);
     // After the reply nothing else happens, whatever Envoy calls next.
     assert_eq!(
@@ -185,7 +188,8 @@ fn gzip_bodies_are_decoded_and_unknown_encodings_refused() {
 #[test]
 fn passthrough_routes_are_untouched() {
     for (m, p) in [
-        ("POST", "/v2/namespaces/ns/query"),
+        ("POST", "/v2/namespaces/ns/explain_query"),
+        ("POST", "/v1/namespaces/ns/query"),
         ("GET", "/v1/namespaces"),
         ("DELETE", "/v2/namespaces/ns"),
         ("GET", "/healthz"),
@@ -765,4 +769,209 @@ fn the_mirror_carries_no_vectors_unless_configured() {
         assert_eq!(row["t"], "x");
         assert_eq!(row["_hevlayer_upserted_at"], NOW);
     }
+}
+
+// ---- reads by the stamp ----
+
+fn updating_watermark(_namespace: &str) -> Option<Watermark> {
+    Some(Watermark {
+        at_ms: 1_700_000_000_000,
+        updating: true,
+        refreshed_ms: NOW,
+    })
+}
+
+fn stable_watermark(_namespace: &str) -> Option<Watermark> {
+    Some(Watermark {
+        at_ms: 1_700_000_000_000,
+        updating: false,
+        refreshed_ms: NOW,
+    })
+}
+
+fn start_query(config: &Config, lookup: Option<WatermarkLookup>, now: u64) -> Driver {
+    let mut ex = Driver::new();
+    let mut h = head("POST", "/v2/namespaces/ns/query");
+    h.watermarks = lookup;
+    h.now_ms = now;
+    let (edits, step) = ex.on_request_headers(config, &h);
+    assert_eq!(step, Step::Pause);
+    assert!(edits.remove.contains(&"content-length"));
+    ex
+}
+
+#[test]
+fn queries_get_their_temporal_predicate_across_chunks() {
+    let body = br#"{"rank_by":["id","asc"],"top_k":5,"as_of":1700000000123}"#;
+    let mut ex = start_query(&Config::default(), None, NOW);
+    for chunk in body[..body.len() - 1].chunks(3) {
+        assert_eq!(ex.feed(chunk, false, NOW), Step::Pause);
+    }
+    let out = forwarded(ex.feed(&body[body.len() - 1..], true, NOW));
+    assert_eq!(
+        out,
+        br#"{"filters":["_hevlayer_upserted_at","Lte",1700000000123],"rank_by":["id","asc"],"top_k":5}"#
+    );
+    let counters = ex.take_counters();
+    assert!(counters.contains(&Counter::QueriesTemporal));
+    assert!(counters.contains(&Counter::QueriesWithoutWatermark));
+    // The query's namespace is tracked for the watermark, with the caller's key (passthrough).
+    let touches = ex.take_touches();
+    assert_eq!(touches.len(), 1);
+    assert_eq!(touches[0].namespace, "ns");
+    assert!(!touches[0].written);
+    assert_eq!(touches[0].authorization.as_deref(), Some("Bearer k"));
+    // No watermark known: no header on the response.
+    let (edits, _) = ex.on_response_headers(200, Some("via_upstream"), false, NOW);
+    assert!(edits.set.is_empty());
+}
+
+#[test]
+fn a_plain_query_goes_on_unchanged_and_gzip_is_decoded() {
+    use std::io::Write;
+    let body = br#"{"rank_by":["id","asc"],"top_k":5}"#;
+    let mut ex = start_query(&Config::default(), None, NOW);
+    assert_eq!(ex.feed(body, true, NOW), Step::Forward(None));
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(br#"{"as_of":3}"#).unwrap();
+    let gz = enc.finish().unwrap();
+    let mut ex = Driver::new();
+    let mut h = head("POST", "/v2/namespaces/ns/query");
+    h.content_encoding = Some("gzip");
+    let (edits, _) = ex.on_request_headers(&Config::default(), &h);
+    assert!(edits.remove.contains(&"content-encoding"));
+    for chunk in gz.chunks(4) {
+        let _ = ex.feed(chunk, false, NOW);
+    }
+    assert_eq!(
+        forwarded(ex.feed(b"", true, NOW)),
+        br#"{"filters":["_hevlayer_upserted_at","Lte",3]}"#
+    );
+    let mut ex = Driver::new();
+    let _ = ex.on_request_headers(&Config::default(), &h);
+    match ex.feed(b"not gzip", true, NOW) {
+        Step::Reply(r) => assert_eq!(r.status, 422),
+        other => panic!("{other:?}"),
+    }
+    assert!(ex
+        .take_counters()
+        .contains(&Counter::ReadsRejected(ReadReason::BadEncoding)));
+}
+
+#[test]
+fn bad_queries_get_a_local_422_and_are_counted_as_reads() {
+    let mut ex = start_query(&Config::default(), None, NOW);
+    match ex.feed(br#"{"as_of":-5}"#, true, NOW) {
+        Step::Reply(r) => {
+            assert_eq!(r.status, 422);
+            assert_eq!(json(&r)["error"], "validation_error");
+            assert!(json(&r)["message"].as_str().unwrap().starts_with("as_of must be"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(ex
+        .take_counters()
+        .contains(&Counter::ReadsRejected(ReadReason::BadField)));
+    let mut ex = start_query(&Config::default(), None, NOW);
+    match ex.feed(b"{\"top_k\":", true, NOW) {
+        Step::Reply(r) => assert!(json(&r)["message"].as_str().unwrap().ends_with("at byte 9")),
+        other => panic!("{other:?}"),
+    }
+    assert!(ex
+        .take_counters()
+        .contains(&Counter::ReadsRejected(ReadReason::InvalidJson)));
+}
+
+#[test]
+fn an_updating_namespace_bounds_eventual_queries_and_every_query_reports_the_watermark() {
+    let config = Config::default();
+    let mut ex = start_query(&config, Some(updating_watermark), NOW);
+    let out = forwarded(ex.feed(br#"{"consistency":{"level":"eventual"},"top_k":1}"#, true, NOW));
+    assert_eq!(
+        out,
+        br#"{"filters":["_hevlayer_upserted_at","Lte",1700000000000],"consistency":{"level":"eventual"},"top_k":1}"#
+    );
+    assert!(ex.take_counters().contains(&Counter::QueriesWatermarked));
+    let (edits, _) = ex.on_response_headers(200, Some("via_upstream"), false, NOW);
+    assert_eq!(edits.set, vec![(STABLE_AS_OF_HEADER, "1700000000000".to_owned())]);
+    // A strong query is left alone, but still reports the watermark (errors too).
+    let mut ex = start_query(&config, Some(updating_watermark), NOW);
+    assert_eq!(ex.feed(br#"{"top_k":1}"#, true, NOW), Step::Forward(None));
+    let (edits, _) = ex.on_response_headers(400, Some("via_upstream"), false, NOW);
+    assert_eq!(edits.set[0].0, STABLE_AS_OF_HEADER);
+    // `always` applies it to strong queries too.
+    let always = Config {
+        read_watermark: ReadWatermark::Always,
+        ..Config::default()
+    };
+    let mut ex = start_query(&always, Some(updating_watermark), NOW);
+    assert!(forwarded(ex.feed(br#"{"top_k":1}"#, true, NOW)).starts_with(br#"{"filters":["#));
+    // An up-to-date namespace: no predicate, the header all the same.
+    let mut ex = start_query(&always, Some(stable_watermark), NOW);
+    assert_eq!(ex.feed(br#"{"top_k":1}"#, true, NOW), Step::Forward(None));
+    let (edits, _) = ex.on_response_headers(200, Some("via_upstream"), false, NOW);
+    assert_eq!(edits.set.len(), 1);
+}
+
+#[test]
+fn a_stale_watermark_is_not_used() {
+    let config = Config::default();
+    let later = NOW + config.watermark_stale_ms + 1;
+    let mut ex = start_query(&config, Some(updating_watermark), later);
+    assert_eq!(
+        ex.feed(br#"{"consistency":{"level":"eventual"}}"#, true, later),
+        Step::Forward(None)
+    );
+    assert!(ex.take_counters().contains(&Counter::QueriesWithoutWatermark));
+    let (edits, _) = ex.on_response_headers(200, Some("via_upstream"), false, later);
+    assert!(edits.set.is_empty());
+}
+
+#[test]
+fn with_the_watermark_off_nothing_is_tracked_or_reported() {
+    let off = Config {
+        read_watermark: ReadWatermark::Off,
+        ..Config::default()
+    };
+    let mut ex = start_query(&off, Some(updating_watermark), NOW);
+    let out = forwarded(ex.feed(br#"{"as_of":4,"consistency":{"level":"eventual"}}"#, true, NOW));
+    assert_eq!(
+        out,
+        br#"{"filters":["_hevlayer_upserted_at","Lte",4],"consistency":{"level":"eventual"}}"#
+    );
+    assert!(ex.take_touches().is_empty());
+    assert!(!ex.take_counters().contains(&Counter::QueriesWithoutWatermark));
+    let (edits, _) = ex.on_response_headers(200, Some("via_upstream"), false, NOW);
+    assert!(edits.set.is_empty());
+    let mut ex = start_write(&off);
+    let _ = ex.feed(br#"{"deletes":[1]}"#, true, NOW);
+    let _ = ex.on_response_headers(200, Some("via_upstream"), false, NOW);
+    assert!(ex.take_touches().is_empty());
+}
+
+#[test]
+fn only_successful_writes_mark_their_namespace_written() {
+    let config = Config::default();
+    let mut ex = start_write(&config);
+    let _ = ex.feed(br#"{"deletes":[1]}"#, true, NOW);
+    assert!(ex.take_touches().is_empty());
+    let _ = ex.on_response_headers(500, Some("via_upstream"), false, NOW);
+    assert!(ex.take_touches().is_empty());
+    let mut ex = start_write(&config);
+    let _ = ex.feed(br#"{"deletes":[1]}"#, true, NOW);
+    let _ = ex.on_response_headers(200, Some("via_upstream"), false, NOW);
+    let touches = ex.take_touches();
+    assert_eq!(touches.len(), 1);
+    assert!(touches[0].written && touches[0].namespace == "ns");
+}
+
+#[test]
+fn keys_mode_never_hands_the_callers_key_to_the_tracker() {
+    let config = keys_config(crate::route::Scope::Admin);
+    let mut ex = Driver::new();
+    let (edits, _) = ex.on_request_headers(&config, &head("POST", "/v2/namespaces/ns/query"));
+    assert_eq!(edits.set[0], ("authorization", "Bearer up".to_owned()));
+    let touches = ex.take_touches();
+    assert_eq!(touches.len(), 1);
+    assert_eq!(touches[0].authorization, None);
 }

@@ -312,16 +312,22 @@ fn first_error_wins() {
 
 #[test]
 fn reason_labels() {
-    assert_eq!(plan(b"{").unwrap_err().reason(), "invalid_json");
-    assert_eq!(plan(b"{}").unwrap_err().reason(), "no_operation");
-    assert_eq!(plan(br#"{"upserts":[]}"#).unwrap_err().reason(), "removed_key");
+    assert_eq!(plan(b"{").unwrap_err().reason(), WriteReason::InvalidJson);
+    assert_eq!(plan(b"{}").unwrap_err().reason(), WriteReason::NoOperation);
+    assert_eq!(
+        plan(br#"{"upserts":[]}"#).unwrap_err().reason(),
+        WriteReason::RemovedKey
+    );
     assert_eq!(
         plan(br#"{"upsert_rows":[{"id":1,"_hevlayer_q":1}]}"#)
             .unwrap_err()
             .reason(),
-        "reserved_attribute"
+        WriteReason::ReservedAttribute
     );
-    assert_eq!(plan(br#"{"deletes":1}"#).unwrap_err().reason(), "shape");
+    assert_eq!(
+        plan(br#"{"deletes":1}"#).unwrap_err().reason(),
+        WriteReason::Shape
+    );
 }
 
 // ---- property tests ----
