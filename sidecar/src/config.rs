@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::watermark::WatermarkSettings;
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "hevlayer-sidecar",
@@ -61,6 +63,43 @@ pub struct Config {
     #[arg(long, env = "SIDECAR_MAX_BODY_BYTES", default_value_t = 256 << 20)]
     pub max_body_bytes: usize,
 
+    /// Watermark poll interval of namespaces updating, recently written or without a watermark.
+    #[arg(long, env = "WATERMARK_POLL_MS", default_value_t = 1_000)]
+    pub watermark_poll_ms: u64,
+
+    /// Watermark poll interval of stable namespaces.
+    #[arg(long, env = "WATERMARK_STABLE_POLL_MS", default_value_t = 60_000)]
+    pub watermark_stable_poll_ms: u64,
+
+    /// How long after a write through the gateway a namespace is polled at the fast interval.
+    #[arg(long, env = "WATERMARK_RECENT_WRITE_MS", default_value_t = 60_000)]
+    pub watermark_recent_write_ms: u64,
+
+    /// Safety margin: a poll started at T that sees the index up to date sets the watermark to
+    /// T minus this.
+    #[arg(long, env = "WATERMARK_MARGIN_MS", default_value_t = 500)]
+    pub watermark_margin_ms: u64,
+
+    /// Time limit of one namespace-metadata request.
+    #[arg(long, env = "WATERMARK_POLL_TIMEOUT_MS", default_value_t = 2_000)]
+    pub watermark_poll_timeout_ms: u64,
+
+    /// Most namespaces watched (the least recently registered leave first).
+    #[arg(long, env = "WATERMARK_MAX_NAMESPACES", default_value_t = 10_000)]
+    pub watermark_max_namespaces: usize,
+
+    /// A namespace no Envoy registered for this long stops being watched.
+    #[arg(long, env = "WATERMARK_IDLE_MS", default_value_t = 600_000)]
+    pub watermark_idle_ms: u64,
+
+    /// Most metadata requests in flight at once.
+    #[arg(long, env = "WATERMARK_CONCURRENCY", default_value_t = 8)]
+    pub watermark_concurrency: usize,
+
+    /// Most namespaces with their own watermark-age series in /metrics (the oldest watermarks).
+    #[arg(long, env = "WATERMARK_METRICS_NAMESPACES", default_value_t = 50)]
+    pub watermark_metrics_namespaces: usize,
+
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -114,6 +153,23 @@ impl Config {
         {
             return Err("GATEWAY_API_KEY is set but empty".into());
         }
+        if self.watermark_poll_ms == 0
+            || self.watermark_poll_timeout_ms == 0
+            || self.watermark_max_namespaces == 0
+            || self.watermark_idle_ms == 0
+            || self.watermark_concurrency == 0
+        {
+            return Err(
+                "WATERMARK_POLL_MS, WATERMARK_POLL_TIMEOUT_MS, WATERMARK_MAX_NAMESPACES, WATERMARK_IDLE_MS and WATERMARK_CONCURRENCY must be greater than 0"
+                    .into(),
+            );
+        }
+        if self.watermark_stable_poll_ms < self.watermark_poll_ms {
+            return Err(format!(
+                "WATERMARK_STABLE_POLL_MS ({}) must be at least WATERMARK_POLL_MS ({})",
+                self.watermark_stable_poll_ms, self.watermark_poll_ms
+            ));
+        }
         if self.log_level.parse::<tracing::Level>().is_err() {
             return Err(format!(
                 "LOG_LEVEL '{}' is not one of error, warn, info, debug, trace",
@@ -151,6 +207,20 @@ impl Config {
     pub fn cache_op_timeout(&self) -> Duration {
         Duration::from_millis(self.cache_op_timeout_ms)
     }
+
+    pub fn watermark_settings(&self) -> WatermarkSettings {
+        WatermarkSettings {
+            poll_ms: self.watermark_poll_ms,
+            stable_poll_ms: self.watermark_stable_poll_ms,
+            recent_write_ms: self.watermark_recent_write_ms,
+            margin_ms: self.watermark_margin_ms,
+            poll_timeout_ms: self.watermark_poll_timeout_ms,
+            max_namespaces: self.watermark_max_namespaces,
+            idle_ms: self.watermark_idle_ms,
+            concurrency: self.watermark_concurrency,
+            metrics_namespaces: self.watermark_metrics_namespaces,
+        }
+    }
 }
 
 fn parse_gateway_url(raw: &str) -> Result<GatewayUrl, String> {
@@ -179,6 +249,7 @@ mod tests {
         assert_eq!(cfg.validate().unwrap().base, "http://127.0.0.1:8080");
         assert!(!cfg.mirror_vectors);
         assert_eq!(cfg.aerospike_namespace, "hevlayer");
+        assert_eq!(cfg.watermark_settings(), WatermarkSettings::default());
     }
 
     #[test]
@@ -214,6 +285,17 @@ mod tests {
             .unwrap_err()
             .contains("AEROSPIKE_HOSTS"));
         assert!(bad(&["--listen", "nope"]).is_err());
+        assert!(bad(&["--watermark-poll-ms", "0"])
+            .unwrap_err()
+            .contains("WATERMARK_POLL_MS"));
+        assert!(bad(&[
+            "--watermark-poll-ms",
+            "5000",
+            "--watermark-stable-poll-ms",
+            "1000"
+        ])
+        .unwrap_err()
+        .contains("WATERMARK_STABLE_POLL_MS"));
         assert!(bad(&["--gateway-url", "http://127.0.0.1:1/"]).is_ok());
     }
 

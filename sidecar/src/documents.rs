@@ -6,11 +6,11 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
-use crate::app::SharedState;
 use crate::cache::{Attributes, DocId};
 use crate::error::{json_response, ApiError};
 use crate::extract::{check_id, PathParams};
 use crate::gateway::encode_segment;
+use crate::state::SharedState;
 
 const CACHE_HEADER: &str = "x-layer-cache";
 

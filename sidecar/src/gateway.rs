@@ -13,6 +13,9 @@ use crate::error::ApiError;
 /// Upstream headers a client acts on, relayed with an upstream error.
 const RELAYED_HEADERS: [&str; 4] = ["retry-after", "retry-after-ms", "x-request-id", "x-should-retry"];
 
+/// What the sidecar's requests to the gateway say they are (the watermark poller's included).
+pub const USER_AGENT: &str = concat!("hevlayer-sidecar/", env!("CARGO_PKG_VERSION"));
+
 pub struct Gateway {
     base: String,
     api_key: Option<String>,
@@ -61,6 +64,7 @@ pub fn encode_segment(segment: &str) -> String {
 impl Gateway {
     pub fn new(url: &GatewayUrl, api_key: Option<String>, timeout: Duration) -> Result<Self, String> {
         let client = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .no_proxy()
@@ -111,6 +115,38 @@ impl Gateway {
             request = request.header("x-request-id", id.clone());
         }
         let response = request.send().await.map_err(transport_error)?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.bytes().await.map_err(transport_error)?;
+        Ok(GatewayResponse {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+impl Gateway {
+    /// `GET {base}/v1/namespaces/{namespace}/metadata` within `timeout`.
+    pub async fn get_metadata(
+        &self,
+        namespace: &str,
+        authorization: HeaderValue,
+        timeout: Duration,
+    ) -> Result<GatewayResponse, ApiError> {
+        let url = format!(
+            "{}/v1/namespaces/{}/metadata",
+            self.base,
+            encode_segment(namespace)
+        );
+        let response = self
+            .client
+            .get(url)
+            .header(header::AUTHORIZATION, authorization)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(transport_error)?;
         let status = response.status();
         let headers = response.headers().clone();
         let body = response.bytes().await.map_err(transport_error)?;

@@ -2,6 +2,7 @@
 
 pub mod app;
 pub mod cache;
+pub mod callouts;
 pub mod config;
 pub mod documents;
 pub mod error;
@@ -10,6 +11,8 @@ pub mod gateway;
 pub mod metrics;
 pub mod mirror;
 pub mod pipeline;
+pub mod state;
+pub mod watermark;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,13 +20,14 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-use crate::app::{AppState, Clock, SharedState};
 use crate::cache::aerospike::{AerospikeCache, AerospikeSettings};
 use crate::cache::embedded::EmbeddedCache;
 use crate::cache::DocumentCache;
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
+use crate::state::{AppState, Clock, SharedState};
+use crate::watermark::Watermarks;
 
 /// Builds the shared state from a validated configuration.
 pub fn build_state(config: &Config) -> Result<SharedState, String> {
@@ -65,20 +69,25 @@ pub fn build_state_with_cache(
         clock: Clock::default(),
         mirror_vectors: config.mirror_vectors,
         cache_timeout: config.cache_op_timeout(),
+        watermarks: Watermarks::new(config.watermark_settings()),
     }))
 }
 
-/// Serves the sidecar on `listener` until `shutdown` resolves, then finishes in-flight requests.
+/// Serves the sidecar on `listener` (and polls watermarks) until `shutdown` resolves, then
+/// finishes in-flight requests.
 pub async fn serve(
     listener: TcpListener,
     state: SharedState,
     max_body_bytes: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let poller = tokio::spawn(watermark::run_poller(state.clone()));
     let router = app::router(state, max_body_bytes);
-    axum::serve(listener, router)
+    let served = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    poller.abort();
+    served
 }
 
 /// A sidecar running on a background task (tests and benchmarks): bound to `127.0.0.1:0`, stopped

@@ -6,6 +6,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::cache::mirror::OpTiming;
+use crate::watermark::WatermarkReport;
 
 /// Upper bounds (seconds) of the latency histogram buckets.
 const BUCKETS: [f64; 12] = [
@@ -39,6 +40,8 @@ struct Inner {
     cache_ops: BTreeMap<(&'static str, &'static str), Histogram>,
     /// (kind, result) -> count: mirror / purge / fetch outcomes
     mirror: BTreeMap<(&'static str, &'static str), u64>,
+    /// result -> count of namespace-metadata polls
+    watermark_polls: BTreeMap<&'static str, u64>,
 }
 
 #[derive(Default)]
@@ -91,8 +94,19 @@ impl Metrics {
         *inner.mirror.entry((kind, result)).or_insert(0) += 1;
     }
 
-    /// Renders everything; `stages` are (pipeline, stage, documents) gauges read at scrape time.
-    pub fn render(&self, stages: &[(String, String, u64)], cache_connected: bool) -> String {
+    pub fn record_watermark_poll(&self, result: &'static str) {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        *inner.watermark_polls.entry(result).or_insert(0) += 1;
+    }
+
+    /// Renders everything; `stages` are (pipeline, stage, documents) gauges and `watermarks` the
+    /// watermark state, both read at scrape time.
+    pub fn render(
+        &self,
+        stages: &[(String, String, u64)],
+        cache_connected: bool,
+        watermarks: &WatermarkReport,
+    ) -> String {
         let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let mut out = String::new();
         out.push_str("# HELP hevlayer_sidecar_requests_total HTTP requests served, by route and status.\n");
@@ -159,6 +173,56 @@ impl Metrics {
             "hevlayer_sidecar_cache_connected {}",
             u8::from(cache_connected)
         );
+        render_watermarks(&mut out, &inner.watermark_polls, watermarks);
         out
+    }
+}
+
+fn render_watermarks(out: &mut String, polls: &BTreeMap<&'static str, u64>, report: &WatermarkReport) {
+    out.push_str("# HELP hevlayer_sidecar_watermark_polls_total Namespace-metadata polls, by result.\n");
+    out.push_str("# TYPE hevlayer_sidecar_watermark_polls_total counter\n");
+    for (result, n) in polls {
+        let _ = writeln!(
+            out,
+            "hevlayer_sidecar_watermark_polls_total{{result=\"{result}\"}} {n}"
+        );
+    }
+    out.push_str("# HELP hevlayer_sidecar_watermark_namespaces Namespaces watched, by state.\n");
+    out.push_str("# TYPE hevlayer_sidecar_watermark_namespaces gauge\n");
+    let stable = report.namespaces - report.updating.min(report.namespaces);
+    let _ = writeln!(
+        out,
+        "hevlayer_sidecar_watermark_namespaces{{state=\"all\"}} {}",
+        report.namespaces
+    );
+    let _ = writeln!(
+        out,
+        "hevlayer_sidecar_watermark_namespaces{{state=\"updating\"}} {}",
+        report.updating
+    );
+    let _ = writeln!(
+        out,
+        "hevlayer_sidecar_watermark_namespaces{{state=\"unknown\"}} {}",
+        report.unknown
+    );
+    let _ = writeln!(
+        out,
+        "hevlayer_sidecar_watermark_namespaces{{state=\"not_updating\"}} {stable}"
+    );
+    out.push_str(
+        "# HELP hevlayer_sidecar_watermark_age_seconds How far each watermark is behind now (the oldest ones only, WATERMARK_METRICS_NAMESPACES of them).\n",
+    );
+    out.push_str("# TYPE hevlayer_sidecar_watermark_age_seconds gauge\n");
+    for (namespace, age) in &report.oldest {
+        let _ = writeln!(
+            out,
+            "hevlayer_sidecar_watermark_age_seconds{{namespace=\"{}\"}} {age}",
+            escape(namespace)
+        );
+    }
+    out.push_str("# HELP hevlayer_sidecar_watermark_max_age_seconds The oldest watermark's age.\n");
+    out.push_str("# TYPE hevlayer_sidecar_watermark_max_age_seconds gauge\n");
+    if let Some(age) = report.max_age_seconds {
+        let _ = writeln!(out, "hevlayer_sidecar_watermark_max_age_seconds {age}");
     }
 }

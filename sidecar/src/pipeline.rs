@@ -9,7 +9,6 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::app::SharedState;
 use crate::cache::{
     Chunk, ClaimArgs, HeartbeatArgs, PipelineMeta, SetStageArgs, RATE_WINDOW_SECONDS, STAGE_FAILED,
     STAGE_INDEXED, STAGE_PENDING,
@@ -17,6 +16,7 @@ use crate::cache::{
 use crate::error::{json_response, raw_json_response, ApiError};
 use crate::extract::{check_id, JsonBody, PathParams, RawBody};
 use crate::gateway::encode_segment;
+use crate::state::SharedState;
 
 pub const DEFAULT_DISTANCE_METRIC: &str = "cosine_distance";
 pub const DEFAULT_CLAIM_STAGE: &str = "embedding";

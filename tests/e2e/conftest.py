@@ -165,6 +165,11 @@ class Recorder(QuietServer):
 
     def __init__(self):
         self.requests: list[Recorded] = []
+        # The sidecar's watermark polls (namespace metadata, told apart by the sidecar's
+        # user-agent) are kept apart from the requests a test sends, and answered with the index
+        # status a test sets per namespace.
+        self.metadata_polls: list[Recorded] = []
+        self.index_status: dict[str, str] = {}
         super().__init__(("127.0.0.1", 0), RecorderHandler)
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
@@ -210,9 +215,14 @@ class RecorderHandler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = read_body(self)
-        self.server.requests.append(Recorded(self.command, self.path, self.headers, body))
         segments = [s for s in self.path.split("?")[0].split("/") if s]
         ns = namespace_of(segments)
+        if self.command == "GET" and segments[-1:] == ["metadata"] and \
+                self.headers.get("user-agent", "").startswith("hevlayer-sidecar/"):
+            self.server.metadata_polls.append(Recorded(self.command, self.path, self.headers, body))
+            status = self.server.index_status.get(ns, "up-to-date")
+            return self._send(200, {"approx_row_count": 0, "index": {"status": status}})
+        self.server.requests.append(Recorded(self.command, self.path, self.headers, body))
         if ns == "hang":
             time.sleep(4)
             return self._send(200, {"status": "OK"})
@@ -234,8 +244,9 @@ class RecorderHandler(http.server.BaseHTTPRequestHandler):
     do_PUT = do_POST
 
 
-# The filter's mirror callout path (filter/src/sidecar_api.rs MIRROR_PATH).
+# The filter's mirror and watermark callout paths (filter/src/sidecar_api.rs).
 MIRROR_PATH = "/internal/v1/mirror"
+WATERMARKS_PATH = "/internal/v1/watermarks"
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "upgrade", "te", "trailer"}
 
@@ -247,6 +258,8 @@ class SidecarTap(QuietServer):
     def __init__(self, target_port):
         self.target_port = target_port
         self.requests: list[Recorded] = []
+        # The filter's watermark registrations (on a timer, not caused by any one request).
+        self.registrations: list[Recorded] = []
         # A test may make the "sidecar" misbehave on mirror callouts: ("delay", seconds) answers
         # 200 only after that long, ("status", code) answers that status at once; neither forwards.
         self.mirror_fault = None
@@ -262,7 +275,11 @@ class TapHandler(http.server.BaseHTTPRequestHandler):
 
     def _relay(self):
         body = read_body(self)
-        self.server.requests.append(Recorded(self.command, self.path, self.headers, body))
+        recorded = Recorded(self.command, self.path, self.headers, body)
+        if self.path.startswith(WATERMARKS_PATH):
+            self.server.registrations.append(recorded)
+        else:
+            self.server.requests.append(recorded)
         fault = self.server.mirror_fault
         if fault and self.path.startswith(MIRROR_PATH):
             kind, value = fault
@@ -371,6 +388,7 @@ def stack(tmp_path_factory):
             "recorder": recorder,
             "minifugu": f"http://127.0.0.1:{mf_port}",
             "sidecar_port": sc_port,
+            "recorder_sidecar_port": rec_sc_port,
             "logs": logs,
         }
     finally:

@@ -1,0 +1,118 @@
+//! The routes the filter calls out to: mirror a write, purge a namespace, register the namespaces
+//! a worker has seen and read their watermarks.
+
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use bytes::Bytes;
+use hevlayer_filter::sidecar_api::{MirrorResponse, PurgeRequest, WatermarkRegistration};
+
+use crate::cache::mirror::error_label;
+use crate::error::{json_response, ApiError};
+use crate::extract::{parse_json, JsonBody, RawBody};
+use crate::mirror::{plan, MirrorCallout, MirrorOp};
+use crate::state::SharedState;
+
+/// The mirror callout. Once its body is in, the mirror runs detached: a caller that gives up
+/// (the filter's callout timeout) cannot cut it short while it is parsed, planned or applied and
+/// leave some documents older than what Turbopuffer now holds.
+pub async fn mirror(State(state): State<SharedState>, RawBody(body): RawBody) -> Result<Response, ApiError> {
+    tokio::spawn(run_mirror(state, body)).await.unwrap_or_else(|e| {
+        Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            e.to_string(),
+        ))
+    })
+}
+
+/// Parses, plans and applies one mirror callout. The body is parsed here rather than by
+/// `JsonBody` so that any body it cannot use (malformed, or a write of the wrong shape) counts as
+/// an `invalid` mirror.
+async fn run_mirror(state: SharedState, body: Bytes) -> Result<Response, ApiError> {
+    let MirrorCallout {
+        namespace,
+        upserted_at,
+        write,
+        response,
+    } = match parse_json(&body) {
+        Ok(callout) => callout,
+        Err(err) => {
+            state.metrics.record_event("mirror", "invalid");
+            return Err(err);
+        }
+    };
+    // Everything needed is parsed out: free the (possibly large) body before applying.
+    drop(body);
+    let ops = match plan(write, response.as_ref(), state.mirror_vectors) {
+        Ok(ops) => ops,
+        Err(message) => {
+            state.metrics.record_event("mirror", "invalid");
+            return Err(ApiError::validation(message));
+        }
+    };
+    let (applied, failure) = apply_mirror(state.clone(), namespace, upserted_at, ops).await;
+    if let Some(err) = failure {
+        state.metrics.record_event("mirror", "failed");
+        return Err(err);
+    }
+    state.metrics.record_event("mirror", "ok");
+    Ok(json_response(StatusCode::OK, &MirrorResponse { applied }))
+}
+
+/// Applies the planned ops as one batch (`DocumentCache::apply_mirror`: each document's ops in
+/// order, a document whose write failed evicted) and records it: one `mirror_batch` cache
+/// operation for the whole batch, plus the single-document operations a backend without a batch
+/// path ran. Returns how many ops took effect and the first failure.
+async fn apply_mirror(
+    state: SharedState,
+    namespace: String,
+    upserted_at: u64,
+    ops: Vec<MirrorOp>,
+) -> (u64, Option<ApiError>) {
+    let started = Instant::now();
+    let report = state.cache.apply_mirror(&namespace, ops, upserted_at).await;
+    let label = report.failure.as_ref().map_or("ok", error_label);
+    state.metrics.record_cache_ops(&report.ops);
+    state
+        .metrics
+        .record_cache_op("mirror_batch", label, started.elapsed());
+    if let Some(err) = &report.failure {
+        tracing::warn!(
+            namespace = %namespace,
+            failed_documents = report.failed,
+            error = %err,
+            "mirror failed for some documents (evicted instead)"
+        );
+    }
+    (report.applied, report.failure.map(ApiError::from))
+}
+
+pub async fn purge(
+    State(state): State<SharedState>,
+    JsonBody(req): JsonBody<PurgeRequest>,
+) -> Result<Response, ApiError> {
+    let namespace = req.namespace.clone();
+    let result = state
+        .cache_op("purge_namespace", move |c| async move {
+            c.purge_namespace(&namespace).await
+        })
+        .await;
+    state
+        .metrics
+        .record_event("purge", if result.is_ok() { "ok" } else { "failed" });
+    let applied = result?;
+    tracing::info!(namespace = %req.namespace, purged = applied, "namespace purged");
+    Ok(json_response(StatusCode::OK, &MirrorResponse { applied }))
+}
+
+/// A worker registers the namespaces its requests used and gets their watermarks back.
+pub async fn watermarks(
+    State(state): State<SharedState>,
+    JsonBody(registration): JsonBody<WatermarkRegistration>,
+) -> Response {
+    let answer = state.watermarks.register(registration, crate::cache::now_ms());
+    json_response(StatusCode::OK, &answer)
+}

@@ -1,0 +1,85 @@
+//! The state every handler shares: the cache, the gateway client, metrics, the clock and the
+//! watermarks. Handlers use it; it uses no handler.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::cache::mirror::result_label;
+use crate::cache::{CacheError, CacheResult, DocumentCache};
+use crate::error::ApiError;
+use crate::gateway::Gateway;
+use crate::metrics::Metrics;
+use crate::watermark::Watermarks;
+
+/// The clock pipelines use for leases; tests move it forward instead of sleeping.
+#[derive(Default)]
+pub struct Clock {
+    offset_ms: AtomicU64,
+}
+
+impl Clock {
+    pub fn now_ms(&self) -> u64 {
+        crate::cache::now_ms().saturating_add(self.offset_ms.load(Ordering::Relaxed))
+    }
+
+    /// Moves this clock forward (tests only need it; harmless otherwise).
+    pub fn advance(&self, by: Duration) {
+        let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+        self.offset_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+}
+
+pub struct AppState {
+    pub cache: Arc<dyn DocumentCache>,
+    pub gateway: Gateway,
+    pub metrics: Metrics,
+    pub clock: Clock,
+    pub mirror_vectors: bool,
+    pub cache_timeout: Duration,
+    pub watermarks: Watermarks,
+}
+
+pub type SharedState = Arc<AppState>;
+
+impl AppState {
+    /// Runs one cache operation under the per-operation timeout and records it. `f` gets the
+    /// cache and returns the operation.
+    ///
+    /// A backend whose operations are several commands (`detach_ops`: Aerospike) runs each in its
+    /// own task: when the timeout fires, or the client goes away, the caller stops waiting (503)
+    /// but the operation still finishes, so it is never cut between two of its commands.
+    pub async fn cache_op<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<dyn DocumentCache>) -> Fut,
+        Fut: Future<Output = CacheResult<T>> + Send + 'static,
+    {
+        let started = Instant::now();
+        let timed_out = || {
+            CacheError::Unavailable(format!(
+                "{op} timed out after {} ms",
+                self.cache_timeout.as_millis()
+            ))
+        };
+        let fut = f(self.cache.clone());
+        let result = if self.cache.detach_ops() {
+            let mut task = tokio::spawn(fut);
+            match tokio::time::timeout(self.cache_timeout, &mut task).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(join)) => Err(CacheError::Unavailable(format!("{op} failed: {join}"))),
+                // Dropping the handle leaves the task running to completion.
+                Err(_) => Err(timed_out()),
+            }
+        } else {
+            match tokio::time::timeout(self.cache_timeout, fut).await {
+                Ok(r) => r,
+                Err(_) => Err(timed_out()),
+            }
+        };
+        self.metrics
+            .record_cache_op(op, result_label(&result), started.elapsed());
+        result.map_err(ApiError::from)
+    }
+}
