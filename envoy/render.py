@@ -7,7 +7,7 @@ Environment (all optional; defaults in brackets):
   GATEWAY_PORT [8080]  ADMIN_PORT [9901]  SIDECAR_PORT [9090]  MINIFUGU_PORT [8787]
   FILTER_WASM [target/wasm32-wasip1/release/hevlayer_filter.wasm]  ACCESS_LOG [/dev/stdout]
   MAX_BODY_BYTES [268435456]  ROUTE_TIMEOUT [60s]  MIRROR_TIMEOUT_MS [200]  SIDECAR_TIMEOUT_MS [30000]
-  MIRROR_VECTORS [false] (also read by the sidecar)
+  MIRROR_VECTORS [false] (also read by the sidecar)  READ_WATERMARK [eventual] (eventual|always|off)
   Upstream (local profile): TURBOPUFFER_URL (any http/https base URL), else TURBOPUFFER_API_KEY with
     TURBOPUFFER_REGION (TLS to {region}.turbopuffer.com:443), else minifugu on 127.0.0.1:MINIFUGU_PORT.
   Auth: AUTH_MODE [passthrough for local, keys for production]; in keys mode GATEWAY_KEYS="name:sha256hex:scope,..." and
@@ -65,6 +65,14 @@ def plugin_config(profile):
         fail(f"MIRROR_VECTORS must be true or false, got {mirror_vectors!r}")
     # The sidecar reads the same variable: both sides agree on whether the cache keeps vectors.
     config["mirror_vectors"] = mirror_vectors in ("true", "1")
+    read_watermark = env("READ_WATERMARK", "eventual")
+    if read_watermark not in ("eventual", "always", "off"):
+        fail(f"READ_WATERMARK must be eventual, always or off, got {read_watermark!r}")
+    config["read_watermark"] = read_watermark
+    read_watermark = env("READ_WATERMARK", "eventual")
+    if read_watermark not in ("eventual", "always", "off"):
+        fail(f"READ_WATERMARK must be eventual, always or off, got {read_watermark!r}")
+    config["read_watermark"] = read_watermark
     # Production means gateway keys unless passthrough is asked for by name.
     mode = env("AUTH_MODE", "keys" if profile == "production" else "passthrough")
     if mode not in ("passthrough", "keys"):

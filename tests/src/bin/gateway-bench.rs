@@ -189,6 +189,18 @@ fn write_body(rows: usize, dims: usize) -> Vec<u8> {
     out.into_bytes()
 }
 
+/// A vector query of about 1 KB with `as_of`: what the read rewrite costs.
+fn query_body() -> Vec<u8> {
+    let vector: Vec<String> = (0..110)
+        .map(|i| format!("{:.4}", (i as f32 * 0.37).sin()))
+        .collect();
+    format!(
+        r#"{{"rank_by":["vector","ANN",[{}]],"top_k":10,"include_attributes":["title"],"filters":["title","NotEq",null],"as_of":1795000000000}}"#,
+        vector.join(",")
+    )
+    .into_bytes()
+}
+
 struct Latency {
     p50_us: f64,
     p99_us: f64,
@@ -315,7 +327,7 @@ async fn throughput(
 
 /// One Envoy of the comparison.
 struct Setup {
-    label: &'static str,
+    label: String,
     port: u16,
 }
 
@@ -325,7 +337,19 @@ fn url(setup: &Setup, path: &str) -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let strict = std::env::args().any(|a| a == "--strict");
+    let args: Vec<String> = std::env::args().collect();
+    let strict = args.iter().any(|a| a == "--strict");
+    // `--queries`: only the query rows (a quick look at the per-request cost). `--variant
+    // LABEL=PATH`: one more Envoy running another build of the filter, next to the others.
+    let queries_only = args.iter().any(|a| a == "--queries");
+    let variants: Vec<(String, PathBuf)> = args
+        .windows(2)
+        .filter(|w| w[0] == "--variant")
+        .filter_map(|w| {
+            w[1].split_once('=')
+                .map(|(l, p)| (l.to_owned(), PathBuf::from(p)))
+        })
+        .collect();
     let wasm = root().join("target/wasm32-wasip1/release/hevlayer_filter.wasm");
     let empty = root().join("target/wasm32-wasip1/release/hevlayer_empty_filter.wasm");
     for module in [&wasm, &empty] {
@@ -362,7 +386,19 @@ async fn main() -> Result<()> {
     ];
     let mut setups = Vec::new();
     let mut admins = Vec::new();
-    for (i, (label, filter, sidecar_port)) in plan.into_iter().enumerate() {
+    // Variants go before the product, which stays last.
+    let (product_plan, others) = plan.split_last().map_or((None, &plan[..]), |(p, o)| (Some(p), o));
+    let mut all: Vec<(String, Filter<'_>, u16)> = others
+        .iter()
+        .map(|(label, filter, port)| ((*label).to_owned(), *filter, *port))
+        .collect();
+    all.extend(
+        variants
+            .iter()
+            .map(|(label, path)| (label.clone(), Filter::Wasm(path.as_path(), None), stub)),
+    );
+    all.extend(product_plan.map(|(label, filter, port)| ((*label).to_owned(), *filter, *port)));
+    for (i, (label, filter, sidecar_port)) in all.into_iter().enumerate() {
         let (port, admin) = start_envoy(&mut procs, &format!("envoy-{i}"), filter, upstream, sidecar_port)?;
         setups.push(Setup { label, port });
         admins.push(admin);
@@ -396,7 +432,7 @@ async fn main() -> Result<()> {
     ];
     let mut missed = Vec::new();
     let writes: Vec<String> = setups.iter().map(|s| url(s, "/v2/namespaces/bench")).collect();
-    for (name, body, n) in &cases {
+    for (name, body, n) in cases.iter().filter(|_| !queries_only) {
         let figures = latencies(&client, "POST", &writes, body, *n).await?;
         let base = &figures[0];
         print!("{name:<14} {:>9}", body.len());
@@ -417,21 +453,31 @@ async fn main() -> Result<()> {
     }
 
     let one = &cases[0].1;
-    let query = br#"{"rank_by":["id","asc"],"top_k":1}"#;
-    print!("{:<24}", "query (headers only)");
     let queries: Vec<String> = setups
         .iter()
         .map(|s| url(s, "/v2/namespaces/bench/query"))
         .collect();
-    let figures = latencies(&client, "POST", &queries, query, 2000).await?;
-    for f in &figures {
-        print!(
-            " {:>12} {:>6.2}x",
-            format!("{:.0}us", f.p50_us),
-            f.p50_us / figures[0].p50_us
-        );
+    let small = br#"{"rank_by":["id","asc"],"top_k":1}"#.to_vec();
+    for (name, body, limit) in [
+        ("query, 35 B", small, f64::INFINITY),
+        ("query 1 KB, as_of", query_body(), 1.15),
+    ] {
+        print!("{name:<14} {:>9}", body.len());
+        let figures = latencies(&client, "POST", &queries, &body, 2000).await?;
+        for f in &figures {
+            print!(" {:>12}", format!("{:.0}/{:.0}us", f.p50_us, f.p99_us));
+            print!(" {:>6.2}x", f.p50_us / figures[0].p50_us);
+        }
+        println!();
+        let ratio = figures.last().map_or(0.0, |f| f.p50_us / figures[0].p50_us);
+        if ratio > limit {
+            missed.push(format!("{name}: p50 ratio {ratio:.2} > {limit}"));
+        }
     }
-    println!();
+    if queries_only {
+        drop(procs);
+        return Ok(());
+    }
     print!("{:<24}", "1 row, 16 clients");
     // Interleaved like the latencies: one second per Envoy per round.
     let mut done = vec![(0.0, 0.0); setups.len()];
