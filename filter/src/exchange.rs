@@ -84,7 +84,9 @@ pub enum Step {
     Pause,
     /// Send this reply locally; the request is over.
     Reply(LocalReply),
-    /// Replace the buffered body when given, then let the stream go on.
+    /// Replace the buffered body when given, then let the stream go on. A replaced body goes
+    /// up with `content-length` set to its length (removed when the request ended with trailers,
+    /// where the upstream request is chunked).
     Forward(Option<Vec<u8>>),
     /// Dispatch this callout and hold the stream until [`Exchange::on_callout_answer`].
     Dispatch(Callout),
@@ -309,7 +311,9 @@ impl Exchange {
             self.counters.push(Counter::GzipDecoded);
             edits.remove.push("content-encoding");
         }
-        edits.remove.push("content-length");
+        // `content-length` stays: the glue sets it to the new length if the body is replaced
+        // (Envoy holds the headers until the body is complete), so an unchanged body goes up as
+        // it came.
         if matches!(self.route, Route::Write { .. }) {
             // The filter reads write responses (affected ids); keep them uncompressed.
             edits.remove.push("accept-encoding");
@@ -567,6 +571,7 @@ impl Exchange {
             self.counters.push(match reply.status {
                 504 => Counter::GatewayTimeout,
                 413 => Counter::PayloadTooLarge,
+                404 => Counter::RouteNotFound,
                 _ => Counter::UpstreamError,
             });
             log::warn!(

@@ -265,6 +265,7 @@ impl RootContext for Root {
 enum Site {
     RequestHeaders,
     RequestBody,
+    RequestTrailers,
     ResponseHeaders,
     ResponseBody,
     Callout,
@@ -323,6 +324,27 @@ fn new_request_id() -> String {
         bytes[..8].copy_from_slice(&now_ms().to_le_bytes());
     }
     request_id_from(bytes)
+}
+
+/// Replaces the buffered request body and makes `content-length` agree with it (the headers are
+/// still held): set to the new length, or removed when the request ended with trailers (the
+/// upstream request is then chunked, as the client's was).
+fn replace_request_body(body: &[u8], buffered: usize, site: Site) -> Result<(), LocalReply> {
+    let failed = |what: &str, status: proxy_wasm::types::Status| {
+        log::error!("could not {what}: {status:?}");
+        LocalReply::error(500, "internal_error", &format!("the gateway could not {what}"))
+    };
+    host::set_buffer(BufferType::HttpRequestBody, 0, buffered, body)
+        .map_err(|s| failed("replace the request body", s))?;
+    let map = MapType::HttpRequestHeaders;
+    let length = if site == Site::RequestTrailers {
+        None
+    } else {
+        Some(body.len().to_string())
+    };
+    host::set_map_value(map, "content-length", length.as_deref())
+        .map_err(|s| failed("set the request's content-length", s))?;
+    Ok(())
 }
 
 fn send_reply(reply: &LocalReply) {
@@ -397,12 +419,13 @@ impl Filter {
                 Action::Pause
             }
             Step::Forward(body) => {
-                if let Some(body) = body {
-                    if site != Site::RequestHeaders {
-                        if let Err(status) = host::set_buffer(BufferType::HttpRequestBody, 0, body_len, &body)
-                        {
-                            log::error!("could not replace the request body: {status:?}");
-                        }
+                if let Some(body) = body.filter(|_| site != Site::RequestHeaders) {
+                    if let Err(reply) = replace_request_body(&body, body_len, site) {
+                        // Never forward a body that should have changed (an unstamped write).
+                        self.metrics.record(vec![Counter::BodyReplaceFailed]);
+                        send_reply(&reply);
+                        self.record();
+                        return Action::Pause;
                     }
                 }
                 self.proceed(site)
@@ -519,7 +542,7 @@ impl HttpContext for Filter {
         let step = self
             .exchange
             .on_request_trailers(size, now_ms(), &mut read_request_body);
-        self.execute(step, Site::RequestBody, size)
+        self.execute(step, Site::RequestTrailers, size)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
@@ -527,10 +550,16 @@ impl HttpContext for Filter {
         let status = header(map, ":status")
             .and_then(|s| s.parse::<u16>().ok())
             .unwrap_or(0);
-        let details = host::get_property(vec!["response", "code_details"])
-            .ok()
-            .flatten()
-            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        // Envoy's own replies (no upstream response) are never 2xx or 3xx: only other statuses
+        // need the (costlier) property read that tells them apart.
+        let details = if (200..400).contains(&status) {
+            None
+        } else {
+            host::get_property(vec!["response", "code_details"])
+                .ok()
+                .flatten()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+        };
         let (edits, step) =
             self.exchange
                 .on_response_headers(status, details.as_deref(), end_of_stream, now_ms());

@@ -73,6 +73,10 @@ pub enum Counter {
     Forbidden,
     UpstreamError,
     GatewayTimeout,
+    /// Envoy found no route for the request (its 404, answered as JSON).
+    RouteNotFound,
+    /// Envoy refused to replace a request body: answered 500, nothing forwarded.
+    BodyReplaceFailed,
     GzipDecoded,
     AffectedIdsRequested,
     AffectedIdsStripped,
@@ -115,6 +119,8 @@ impl Counter {
             Counter::Forbidden => "hevlayer.auth_forbidden",
             Counter::UpstreamError => "hevlayer.upstream_error",
             Counter::GatewayTimeout => "hevlayer.gateway_timeout",
+            Counter::RouteNotFound => "hevlayer.route_not_found",
+            Counter::BodyReplaceFailed => "hevlayer.body_replace_failed",
             Counter::GzipDecoded => "hevlayer.gzip_decoded",
             Counter::AffectedIdsRequested => "hevlayer.affected_ids_requested",
             Counter::AffectedIdsStripped => "hevlayer.affected_ids_stripped",
@@ -162,6 +168,8 @@ impl Counter {
                 Counter::Forbidden,
                 Counter::UpstreamError,
                 Counter::GatewayTimeout,
+                Counter::RouteNotFound,
+                Counter::BodyReplaceFailed,
                 Counter::GzipDecoded,
                 Counter::AffectedIdsRequested,
                 Counter::AffectedIdsStripped,

@@ -62,8 +62,8 @@ fn accepted_write_is_stamped_and_forwarded_byte_for_byte() {
     assert_eq!(String::from_utf8_lossy(s.upstream_body()), expected);
     assert_eq!(
         s.upstream_header("content-length"),
-        None,
-        "content-length must go: the body changed"
+        Some(expected.len().to_string().as_str()),
+        "content-length is the stamped body's"
     );
     assert_eq!(s.upstream_header("authorization"), Some("Bearer tpuf_key"));
     assert!(s.upstream_header("x-request-id").is_some_and(|id| id.len() == 36));
@@ -174,7 +174,8 @@ fn gzip_bodies_are_decoded_and_forwarded_plain() {
 fn trailers_end_the_body() {
     let mut vm = vm("{}");
     let mut s = vm.stream().unwrap();
-    s.request_headers(&write_headers(&[]), false).unwrap();
+    s.request_headers(&write_headers(&[("content-length", "31")]), false)
+        .unwrap();
     assert_eq!(
         s.request_body(br#"{"patch_rows":[{"id":1,"#, false).unwrap(),
         Action::Pause
@@ -189,6 +190,36 @@ fn trailers_end_the_body() {
         upstream_json(&s)["patch_rows"][0]["_hevlayer_upserted_at"],
         json!(NOW_MS)
     );
+    // With trailers the upstream request is chunked: no content-length, stale or new.
+    assert_eq!(s.upstream_header("content-length"), None);
+}
+
+#[test]
+fn an_unchanged_body_keeps_its_content_length_and_a_decoded_one_gets_its_own() {
+    let mut vm = vm("{}");
+    let body = br#"{"deletes":[1,2]}"#;
+    let mut s = vm.stream().unwrap();
+    let len = body.len().to_string();
+    s.request_headers(&write_headers(&[("content-length", len.as_str())]), false)
+        .unwrap();
+    s.request_body(body, true).unwrap();
+    assert_eq!(s.upstream_body(), body);
+    assert_eq!(s.upstream_header("content-length"), Some(len.as_str()));
+    s.finish().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(body).unwrap();
+    let gz = gz.finish().unwrap();
+    let mut s = vm.stream().unwrap();
+    let gz_len = gz.len().to_string();
+    s.request_headers(
+        &write_headers(&[("content-length", gz_len.as_str()), ("content-encoding", "gzip")]),
+        false,
+    )
+    .unwrap();
+    s.request_body(&gz, true).unwrap();
+    assert_eq!(s.upstream_body(), body);
+    assert_eq!(s.upstream_header("content-length"), Some(len.as_str()));
+    assert_eq!(s.upstream_header("content-encoding"), None);
 }
 
 #[test]
@@ -324,6 +355,22 @@ fn a_router_reply_without_a_body_still_gets_the_json_envelope() {
         )
     );
     assert_eq!(s.counter("hevlayer.upstream_error"), 1);
+    drop(s);
+
+    // No route: a JSON 404, not counted as an upstream error.
+    let mut s = vm.stream().unwrap();
+    s.request_headers(&headers, true).unwrap();
+    s.respond(404, &[], b"", "route_not_found").unwrap();
+    let (status, v) = reply_json(&s);
+    assert_eq!(
+        (status, v),
+        (
+            404,
+            json!({"error": "not_found", "message": "no route for this path"})
+        )
+    );
+    assert_eq!(s.counter("hevlayer.route_not_found"), 1);
+    assert_eq!(s.counter("hevlayer.upstream_error"), 1, "still only the first");
     drop(s);
 
     // HEAD: Envoy sends no body whatever the reply, and none may be sent; the status and
@@ -946,7 +993,10 @@ fn a_query_with_as_of_reaches_turbopuffer_with_the_predicate_and_nothing_else_ch
         let mut vm = vm("{}");
         let s = send_query(&mut vm, body, chunk);
         assert!(s.reached_upstream(), "{:?}", s.local_reply());
-        assert_eq!(s.upstream_header("content-length"), None);
+        assert_eq!(
+            s.upstream_header("content-length"),
+            Some(s.upstream_body().len().to_string().as_str())
+        );
         assert_eq!(s.counter("hevlayer.queries_rewritten.temporal"), 1);
         outputs.push(s.upstream_body().to_vec());
     }

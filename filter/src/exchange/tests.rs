@@ -64,7 +64,10 @@ fn start_write(config: &Config) -> Driver {
     let mut ex = Driver::new();
     let (edits, step) = ex.on_request_headers(config, &head("POST", "/v2/namespaces/ns"));
     assert_eq!(step, Step::Pause);
-    assert!(edits.remove.contains(&"content-length"));
+    assert!(
+        !edits.remove.contains(&"content-length"),
+        "the glue sets it if the body changes"
+    );
     ex
 }
 
@@ -796,7 +799,10 @@ fn start_query(config: &Config, lookup: Option<WatermarkLookup>, now: u64) -> Dr
     h.now_ms = now;
     let (edits, step) = ex.on_request_headers(config, &h);
     assert_eq!(step, Step::Pause);
-    assert!(edits.remove.contains(&"content-length"));
+    assert!(
+        !edits.remove.contains(&"content-length"),
+        "the glue sets it if the body changes"
+    );
     ex
 }
 

@@ -58,13 +58,25 @@ enum Filter<'a> {
     Wasm(&'a Path, Option<&'a str>),
 }
 
+/// CPU time a process has used, all threads, in nanoseconds (`/proc/PID/task/*/schedstat`).
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 fn start_envoy(
     procs: &mut Procs,
     name: &str,
     filter: Filter<'_>,
     upstream: u16,
     sidecar: u16,
-) -> Result<(u16, u16)> {
+) -> Result<(u16, u16, u32)> {
     let (port, admin) = (free_port()?, free_port()?);
     let dir = root().join(".run/bench");
     std::fs::create_dir_all(&dir)?;
@@ -122,8 +134,9 @@ fn start_envoy(
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
+    let pid = child.id();
     procs.0.push(child);
-    Ok((port, admin))
+    Ok((port, admin, pid))
 }
 
 fn start_sidecar(procs: &mut Procs, port: u16, gateway: u16) -> Result<()> {
@@ -204,6 +217,8 @@ fn query_body() -> Vec<u8> {
 struct Latency {
     p50_us: f64,
     p99_us: f64,
+    /// Envoy's CPU time per request (all its threads), while these requests ran.
+    cpu_us: f64,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -249,11 +264,13 @@ async fn samples(
     Ok(samples)
 }
 
-/// Latency percentiles of `n` requests to each URL, measured in [`ROUNDS`] interleaved rounds.
+/// Latency percentiles of `n` requests to each URL, measured in [`ROUNDS`] interleaved rounds,
+/// and the CPU time per request of the process behind each (`pids`; 0: not measured).
 async fn latencies(
     client: &reqwest::Client,
     method: &str,
     urls: &[String],
+    pids: &[u32],
     body: &[u8],
     n: usize,
 ) -> Result<Vec<Latency>> {
@@ -261,18 +278,25 @@ async fn latencies(
     let per_round = n.div_ceil(ROUNDS);
     let warmup = (per_round / 10).max(1);
     let mut all: Vec<Vec<Duration>> = vec![Vec::with_capacity(n); urls.len()];
+    let mut cpu = vec![0u64; urls.len()];
     for _ in 0..ROUNDS {
-        for (url, samples_of) in urls.iter().zip(&mut all) {
+        for (i, (url, samples_of)) in urls.iter().zip(&mut all).enumerate() {
+            let pid = pids.get(i).copied().unwrap_or(0);
+            let before = cpu_ns(pid);
             samples_of.extend(samples(client, method, url, &body, warmup, per_round).await?);
+            cpu[i] += cpu_ns(pid).saturating_sub(before);
         }
     }
+    let requests = (ROUNDS * (per_round + warmup)) as f64;
     Ok(all
         .into_iter()
-        .map(|mut s| {
+        .zip(cpu)
+        .map(|(mut s, cpu)| {
             s.sort_unstable();
             Latency {
                 p50_us: percentile(&s, 0.5),
                 p99_us: percentile(&s, 0.99),
+                cpu_us: cpu as f64 / 1e3 / requests,
             }
         })
         .collect())
@@ -325,10 +349,36 @@ async fn throughput(
     Ok((total as f64, start.elapsed().as_secs_f64()))
 }
 
+/// Prints one case: p50/p99 and the p50 ratio to the first Envoy, then a line with each
+/// Envoy's CPU time per request and its ratio; records a miss when the last Envoy's p50 ratio is
+/// over `limit`.
+fn print_row(name: &str, bytes: usize, figures: &[Latency], limit: f64, missed: &mut Vec<String>) {
+    let Some(base) = figures.first() else {
+        return;
+    };
+    print!("{name:<18} {bytes:>9}");
+    for f in figures {
+        print!(" {:>12}", format!("{:.0}/{:.0}us", f.p50_us, f.p99_us));
+        print!(" {:>6.2}x", f.p50_us / base.p50_us);
+    }
+    println!();
+    print!("{:<18} {:>9}", "  Envoy CPU/req", "");
+    for f in figures {
+        print!(" {:>12}", format!("{:.0}us", f.cpu_us));
+        print!(" {:>6.2}x", f.cpu_us / base.cpu_us);
+    }
+    println!();
+    let ratio = figures.last().map_or(0.0, |f| f.p50_us / base.p50_us);
+    if ratio > limit {
+        missed.push(format!("{name}: p50 ratio {ratio:.2} > {limit}"));
+    }
+}
+
 /// One Envoy of the comparison.
 struct Setup {
     label: String,
     port: u16,
+    pid: u32,
 }
 
 fn url(setup: &Setup, path: &str) -> String {
@@ -399,8 +449,9 @@ async fn main() -> Result<()> {
     );
     all.extend(product_plan.map(|(label, filter, port)| ((*label).to_owned(), *filter, *port)));
     for (i, (label, filter, sidecar_port)) in all.into_iter().enumerate() {
-        let (port, admin) = start_envoy(&mut procs, &format!("envoy-{i}"), filter, upstream, sidecar_port)?;
-        setups.push(Setup { label, port });
+        let (port, admin, pid) =
+            start_envoy(&mut procs, &format!("envoy-{i}"), filter, upstream, sidecar_port)?;
+        setups.push(Setup { label, port, pid });
         admins.push(admin);
     }
     let Some(product) = setups.last() else {
@@ -420,7 +471,7 @@ async fn main() -> Result<()> {
     println!("  filter, no callout: the hevlayer filter with a callout cluster Envoy lacks (the filter's own work)");
     println!("  instant mirror:    the hevlayer filter, its mirror callout answered at once by a stand-in");
     println!("  hevlayer:          the hevlayer filter and the sidecar (the product)");
-    print!("{:<14} {:>9}", "write", "bytes");
+    print!("{:<18} {:>9}", "request", "bytes");
     for setup in &setups {
         print!(" {:>20}", setup.label);
     }
@@ -432,24 +483,15 @@ async fn main() -> Result<()> {
     ];
     let mut missed = Vec::new();
     let writes: Vec<String> = setups.iter().map(|s| url(s, "/v2/namespaces/bench")).collect();
+    let pids: Vec<u32> = setups.iter().map(|s| s.pid).collect();
     for (name, body, n) in cases.iter().filter(|_| !queries_only) {
-        let figures = latencies(&client, "POST", &writes, body, *n).await?;
-        let base = &figures[0];
-        print!("{name:<14} {:>9}", body.len());
-        for f in &figures {
-            print!(" {:>12}", format!("{:.0}/{:.0}us", f.p50_us, f.p99_us));
-            print!(" {:>6.2}x", f.p50_us / base.p50_us);
-        }
-        println!();
-        let ratio = figures.last().map_or(0.0, |f| f.p50_us / base.p50_us);
+        let figures = latencies(&client, "POST", &writes, &pids, body, *n).await?;
         let limit = match *name {
             "1 row" => 1.10,
             "10,000 x 768" => 1.25,
             _ => f64::INFINITY,
         };
-        if ratio > limit {
-            missed.push(format!("{name}: p50 ratio {ratio:.2} > {limit}"));
-        }
+        print_row(name, body.len(), &figures, limit, &mut missed);
     }
 
     let one = &cases[0].1;
@@ -462,17 +504,8 @@ async fn main() -> Result<()> {
         ("query, 35 B", small, f64::INFINITY),
         ("query 1 KB, as_of", query_body(), 1.15),
     ] {
-        print!("{name:<14} {:>9}", body.len());
-        let figures = latencies(&client, "POST", &queries, &body, 2000).await?;
-        for f in &figures {
-            print!(" {:>12}", format!("{:.0}/{:.0}us", f.p50_us, f.p99_us));
-            print!(" {:>6.2}x", f.p50_us / figures[0].p50_us);
-        }
-        println!();
-        let ratio = figures.last().map_or(0.0, |f| f.p50_us / figures[0].p50_us);
-        if ratio > limit {
-            missed.push(format!("{name}: p50 ratio {ratio:.2} > {limit}"));
-        }
+        let figures = latencies(&client, "POST", &queries, &pids, &body, 2000).await?;
+        print_row(name, body.len(), &figures, limit, &mut missed);
     }
     if queries_only {
         drop(procs);
@@ -510,7 +543,8 @@ async fn main() -> Result<()> {
         url(product, "/v2/pipelines/bench/documents/d1"),
         format!("http://127.0.0.1:{sidecar}/v2/pipelines/bench/documents/d1"),
     ];
-    let Ok([via, direct]) = <[Latency; 2]>::try_from(latencies(&client, "PUT", &stage, chunks, 1000).await?)
+    let Ok([via, direct]) =
+        <[Latency; 2]>::try_from(latencies(&client, "PUT", &stage, &[], chunks, 1000).await?)
     else {
         bail!("two stage figures expected");
     };
