@@ -17,8 +17,16 @@ use crate::write::{plan, render, render_mirror, WritePlan};
 /// The response header reporting a namespace's read watermark (epoch ms).
 pub const STABLE_AS_OF_HEADER: &str = "x-layer-stable-as-of";
 
-/// Looks a namespace's watermark up where the glue keeps it (Envoy's shared data).
-pub type WatermarkLookup = fn(&str) -> Option<Watermark>;
+/// Looks a namespace's watermark up where the glue keeps it (the worker's own copy, else
+/// Envoy's shared data).
+#[derive(Clone, Copy)]
+pub struct WatermarkLookup<'a>(pub &'a dyn Fn(&str) -> Option<Watermark>);
+
+impl std::fmt::Debug for WatermarkLookup<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WatermarkLookup")
+    }
+}
 
 /// What Envoy reported about the request headers.
 #[derive(Debug, Clone, Copy, Default)]
@@ -31,10 +39,11 @@ pub struct RequestHead<'a> {
     pub content_type: Option<&'a str>,
     pub request_id: &'a str,
     pub end_of_stream: bool,
-    /// The host clock (epoch ms) when the headers arrived.
+    /// A clock (epoch ms) for the watermark's freshness: the glue passes a coarse one (its timer's
+    /// last tick), which saves a hostcall per request.
     pub now_ms: u64,
     /// Where queries read the watermark of their namespace (none: unknown everywhere).
-    pub watermarks: Option<WatermarkLookup>,
+    pub watermarks: Option<WatermarkLookup<'a>>,
 }
 
 /// Header changes for the glue to make before it carries out the step.
@@ -204,6 +213,12 @@ impl Exchange {
         std::mem::take(&mut self.counters)
     }
 
+    /// Whether the next request or response step needs the clock: to stamp a write, or to time a
+    /// callout. Queries and passthrough requests do not, and the glue then skips the hostcall.
+    pub fn needs_clock(&self) -> bool {
+        !matches!(self.route, Route::Query { .. } | Route::Passthrough)
+    }
+
     /// Namespaces used since the last call, for the watermark tracker.
     pub fn take_touches(&mut self) -> Vec<Touch> {
         std::mem::take(&mut self.touches)
@@ -277,7 +292,7 @@ impl Exchange {
                 let namespace = namespace.clone();
                 self.watermark = head
                     .watermarks
-                    .and_then(|lookup| lookup(&namespace))
+                    .and_then(|lookup| (lookup.0)(&namespace))
                     .filter(|w| w.is_fresh(head.now_ms, config.watermark_stale_ms));
                 self.touch(&namespace, false);
             }

@@ -3,14 +3,16 @@
 
 use crate::config::{Config, ReadWatermark};
 use crate::error::LocalReply;
-use crate::exchange::{request_id_from, Callout, Exchange, HeaderEdits, Purpose, RequestHead, Step};
+use crate::exchange::{
+    request_id_from, Callout, Exchange, HeaderEdits, Purpose, RequestHead, Step, WatermarkLookup,
+};
 use crate::metrics::{Counter, NAMESPACES_TRACKED};
 use crate::sidecar_api;
 use crate::watermark::{self, Tracker, Watermark};
 use proxy_wasm::hostcalls as host;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -78,6 +80,8 @@ struct Root {
     /// The namespaces this VM's requests used, shared with every stream of the VM.
     tracker: Rc<RefCell<Option<Tracker>>>,
     registration: Option<InFlight>,
+    /// The clock at the last tick: coarse (one refresh interval), but free for streams to read.
+    tick_clock: Rc<Cell<u64>>,
 }
 
 /// How long a registration may take before the next tick sends another.
@@ -87,6 +91,7 @@ impl Root {
     /// Sends the tracked namespaces to the sidecar (one registration at a time).
     fn register(&mut self) {
         let now = now_ms();
+        self.tick_clock.set(now);
         if let Some(in_flight) = &self.registration {
             if now.saturating_sub(in_flight.sent_ms) < REGISTRATION_TIMEOUT_MS {
                 return;
@@ -140,18 +145,19 @@ impl Root {
     fn store(&self, body: &[u8], seq: u64) -> Result<usize, String> {
         let now = now_ms();
         let answer = watermark::parse_answer(body, now)?;
+        if let Ok(mut tracker) = self.tracker.try_borrow_mut() {
+            if let Some(tracker) = tracker.as_mut() {
+                tracker.store(&answer);
+                tracker.acknowledge(seq);
+            }
+        }
         for (namespace, known) in &answer {
             let value = known.map(|w| w.encode()).unwrap_or_default();
-            if let Err(status) = host::set_shared_data(&watermark::shared_key(namespace), Some(&value), None)
-            {
+            let key = watermark::shared_key(namespace);
+            if let Err(status) = host::set_shared_data(&key, Some(&value), None) {
                 return Err(format!(
                     "could not store the watermark of '{namespace}': {status:?}"
                 ));
-            }
-        }
-        if let Ok(mut tracker) = self.tracker.try_borrow_mut() {
-            if let Some(tracker) = tracker.as_mut() {
-                tracker.acknowledge(seq);
             }
         }
         Ok(answer.len())
@@ -221,6 +227,7 @@ impl RootContext for Root {
                     config.max_body_bytes,
                     config.sidecar_cluster
                 );
+                self.tick_clock.set(now_ms());
                 if config.read_watermark != ReadWatermark::Off {
                     *self.tracker.borrow_mut() = Some(Tracker::new(
                         config.watermark_namespaces,
@@ -248,6 +255,7 @@ impl RootContext for Root {
             config: Rc::clone(&self.config),
             metrics: Rc::clone(&self.metrics),
             tracker: Rc::clone(&self.tracker),
+            tick_clock: Rc::clone(&self.tick_clock),
             exchange: Exchange::new(),
             request_seen: 0,
             callout: None,
@@ -275,6 +283,7 @@ struct Filter {
     config: Rc<Config>,
     metrics: Rc<Metrics>,
     tracker: Rc<RefCell<Option<Tracker>>>,
+    tick_clock: Rc<Cell<u64>>,
     exchange: Exchange,
     /// Request body bytes Envoy has buffered (reported cumulatively while the filter pauses).
     request_seen: usize,
@@ -373,11 +382,20 @@ impl Filter {
         }
         if let Ok(mut tracker) = self.tracker.try_borrow_mut() {
             if let Some(tracker) = tracker.as_mut() {
-                let now = now_ms();
+                let now = self.tick_clock.get();
                 for touch in touches {
                     tracker.touch(touch, now);
                 }
             }
+        }
+    }
+
+    /// The host clock when the exchange needs it (stamps, callout timing); 0 otherwise.
+    fn clock(&self) -> u64 {
+        if self.exchange.needs_clock() {
+            now_ms()
+        } else {
+            0
         }
     }
 
@@ -501,6 +519,15 @@ impl HttpContext for Filter {
                 .find(|(k, _)| k.eq_ignore_ascii_case(name))
                 .map(|(_, v)| v.as_str())
         };
+        // A tracked namespace's watermark is in this worker's own copy; any other's in shared data.
+        let tracker = Rc::clone(&self.tracker);
+        let lookup = move |namespace: &str| {
+            let local = tracker
+                .try_borrow()
+                .ok()
+                .and_then(|t| t.as_ref().and_then(|t| t.watermark(namespace)));
+            local.or_else(|| shared_watermark(namespace))
+        };
         let request_id = match get("x-request-id").filter(|v| !v.is_empty()) {
             Some(id) => id.to_owned(),
             None => {
@@ -520,8 +547,8 @@ impl HttpContext for Filter {
             content_type: get("content-type"),
             request_id: &request_id,
             end_of_stream,
-            now_ms: now_ms(),
-            watermarks: Some(shared_watermark),
+            now_ms: self.tick_clock.get(),
+            watermarks: Some(WatermarkLookup(&lookup)),
         };
         let config = Rc::clone(&self.config);
         let (edits, step) = self.exchange.on_request_headers(&config, &head);
@@ -531,9 +558,9 @@ impl HttpContext for Filter {
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         self.request_seen = body_size;
-        let step = self
-            .exchange
-            .on_request_body(body_size, end_of_stream, now_ms(), &mut read_request_body);
+        let step =
+            self.exchange
+                .on_request_body(body_size, end_of_stream, self.clock(), &mut read_request_body);
         self.execute(step, Site::RequestBody, body_size)
     }
 
@@ -541,7 +568,7 @@ impl HttpContext for Filter {
         let size = self.request_seen;
         let step = self
             .exchange
-            .on_request_trailers(size, now_ms(), &mut read_request_body);
+            .on_request_trailers(size, self.clock(), &mut read_request_body);
         self.execute(step, Site::RequestTrailers, size)
     }
 
@@ -562,7 +589,7 @@ impl HttpContext for Filter {
         };
         let (edits, step) =
             self.exchange
-                .on_response_headers(status, details.as_deref(), end_of_stream, now_ms());
+                .on_response_headers(status, details.as_deref(), end_of_stream, self.clock());
         apply(map, &edits);
         self.execute(step, Site::ResponseHeaders, 0)
     }
@@ -586,7 +613,7 @@ impl HttpContext for Filter {
                 Vec::new()
             }
         };
-        let (replacement, step) = self.exchange.on_response_complete(&body, now_ms());
+        let (replacement, step) = self.exchange.on_response_complete(&body, self.clock());
         if let Some(new_body) = replacement {
             if let Err(status) = host::set_buffer(BufferType::HttpResponseBody, 0, body_size, &new_body) {
                 log::error!("could not replace the response body: {status:?}");

@@ -5,7 +5,9 @@
 //! worker's root context, on a timer, sends the sidecar the namespaces this worker has seen (a
 //! [`Tracker`]: queried or written, bounded, least recently used leave) and stores every answer in
 //! Envoy's shared data ([`shared_key`], [`Watermark::encode`]), which every worker's queries read
-//! with one hostcall. An entry not refreshed for `watermark_stale_ms` is not used
+//! with one hostcall. The tracker also keeps the worker's own copy of the watermarks of the
+//! namespaces it tracks ([`Tracker::watermark`]), so the queries that made a worker track a
+//! namespace need no hostcall at all. An entry not refreshed for `watermark_stale_ms` is not used
 //! ([`Watermark::is_fresh`]).
 
 use crate::sidecar_api::{WatchedNamespace, WatermarkAnswer, WatermarkRegistration};
@@ -78,6 +80,8 @@ struct Tracked {
     authorization: Option<String>,
     /// The registration that will carry the authorization (0: sent already).
     authorization_due: u64,
+    /// The sidecar's last answer for it.
+    watermark: Option<Watermark>,
 }
 
 /// A registration ready to send, and its sequence number for [`Tracker::acknowledge`].
@@ -134,6 +138,7 @@ impl Tracker {
             written: 0,
             authorization: None,
             authorization_due: 0,
+            watermark: None,
         });
         entry.used_ms = entry.used_ms.max(now_ms);
         if touch.written {
@@ -172,6 +177,20 @@ impl Tracker {
         namespaces.sort_by(|a, b| a.namespace.cmp(&b.namespace));
         let body = serde_json::to_vec(&WatermarkRegistration { namespaces }).ok()?;
         Some(Registration { body, seq: self.seq })
+    }
+
+    /// This worker's copy of a tracked namespace's watermark.
+    pub fn watermark(&self, namespace: &str) -> Option<Watermark> {
+        self.entries.get(namespace).and_then(|t| t.watermark)
+    }
+
+    /// Keeps the sidecar's answer for the namespaces still tracked.
+    pub fn store(&mut self, answer: &[(String, Option<Watermark>)]) {
+        for (namespace, known) in answer {
+            if let Some(t) = self.entries.get_mut(namespace) {
+                t.watermark = *known;
+            }
+        }
     }
 
     /// The sidecar accepted registration `seq`: what it carried need not be sent again.
@@ -294,6 +313,23 @@ mod tests {
         assert_eq!(names, ["d"]);
         assert_eq!(t.registration(5_000), None);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn the_worker_keeps_its_own_copy_of_tracked_watermarks() {
+        let mut t = Tracker::new(10, 60_000);
+        t.touch(touch("a", false, None), 0);
+        assert_eq!(t.watermark("a"), None);
+        let w = Watermark {
+            at_ms: 5,
+            updating: true,
+            refreshed_ms: 9,
+        };
+        t.store(&[("a".to_owned(), Some(w)), ("untracked".to_owned(), Some(w))]);
+        assert_eq!(t.watermark("a"), Some(w));
+        assert_eq!(t.watermark("untracked"), None, "only tracked namespaces are kept");
+        t.store(&[("a".to_owned(), None)]);
+        assert_eq!(t.watermark("a"), None, "the sidecar forgot it: so does the copy");
     }
 
     #[test]

@@ -94,6 +94,40 @@ impl FilterRun {
         Ok(sent)
     }
 
+    /// One query: headers, the body in one piece, the (rewritten) body read back, and a 200.
+    /// Returns the size of the body the upstream received.
+    pub fn query(&mut self, body: &[u8]) -> Result<u32> {
+        let len = body.len().to_string();
+        let mut s = self.vm.stream()?;
+        s.request_headers(
+            &[
+                (":method", "POST"),
+                (":path", "/v2/namespaces/bench/query"),
+                ("authorization", "Bearer bench"),
+                ("content-type", "application/json"),
+                ("content-length", &len),
+                ("x-request-id", "bench"),
+            ],
+            false,
+        )?;
+        s.request_body(body, true)?;
+        if !s.reached_upstream() {
+            wasmtime::bail!(
+                "the filter did not forward the benchmark query: {:?}",
+                s.local_reply()
+            );
+        }
+        let sent = u32::try_from(s.upstream_body().len())?;
+        s.respond(
+            200,
+            &[("content-type", "application/json")],
+            br#"{"rows":[]}"#,
+            "via_upstream",
+        )?;
+        s.finish()?;
+        Ok(sent)
+    }
+
     pub fn memory_bytes(&self) -> usize {
         self.vm.memory_bytes()
     }

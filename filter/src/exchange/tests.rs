@@ -792,10 +792,11 @@ fn stable_watermark(_namespace: &str) -> Option<Watermark> {
     })
 }
 
-fn start_query(config: &Config, lookup: Option<WatermarkLookup>, now: u64) -> Driver {
+fn start_query(config: &Config, lookup: Option<fn(&str) -> Option<Watermark>>, now: u64) -> Driver {
     let mut ex = Driver::new();
     let mut h = head("POST", "/v2/namespaces/ns/query");
-    h.watermarks = lookup;
+    let lookup = lookup.map(|f| move |ns: &str| f(ns));
+    h.watermarks = lookup.as_ref().map(|f| WatermarkLookup(f));
     h.now_ms = now;
     let (edits, step) = ex.on_request_headers(config, &h);
     assert_eq!(step, Step::Pause);
