@@ -166,14 +166,17 @@ async fn serve(app: Router) -> Result<u16> {
     Ok(port)
 }
 
-/// A Turbopuffer stand-in that reads the body and answers at once.
+/// A Turbopuffer stand-in that reads the body and answers at once (namespace metadata says the
+/// index is up to date, so the product's read watermark is known, as against Turbopuffer).
 async fn start_upstream() -> Result<u16> {
-    async fn answer(body: Bytes) -> ([(&'static str, &'static str); 1], String) {
+    async fn answer(uri: axum::http::Uri, body: Bytes) -> ([(&'static str, &'static str); 1], String) {
         let n = body.len();
-        (
-            [("content-type", "application/json")],
-            format!(r#"{{"status":"OK","message":"read {n} bytes","rows_affected":1,"billing":{{}}}}"#),
-        )
+        let text = if uri.path().ends_with("/metadata") {
+            r#"{"approx_row_count":1,"index":{"status":"up-to-date"}}"#.to_owned()
+        } else {
+            format!(r#"{{"status":"OK","message":"read {n} bytes","rows_affected":1,"billing":{{}}}}"#)
+        };
+        ([("content-type", "application/json")], text)
     }
     serve(Router::new().fallback(any(answer))).await
 }
