@@ -8,7 +8,8 @@ cd "$root"
 
 : "${GATEWAY_PORT:=8080}" "${ADMIN_PORT:=9901}" "${SIDECAR_PORT:=9090}" "${MINIFUGU_PORT:=8787}"
 export GATEWAY_PORT ADMIN_PORT SIDECAR_PORT MINIFUGU_PORT
-run_dir="$root/.run"
+# One folder per gateway port, so two gateways on one host keep their configs and logs apart.
+run_dir="$root/.run/gateway-$GATEWAY_PORT"
 logs="$run_dir/logs"
 mkdir -p "$logs"
 envoy_bin="$root/.tools/venv/bin/envoy"
@@ -93,7 +94,10 @@ pids+=($!)
 wait_for sidecar "http://127.0.0.1:$SIDECAR_PORT/healthz" 100
 
 ACCESS_LOG="$logs/access.log" python3 "$root/envoy/render.py" --profile local --out "$run_dir/envoy.yaml"
-"$envoy_bin" -c "$run_dir/envoy.yaml" --concurrency "${ENVOY_CONCURRENCY:-2}" --log-path "$logs/envoy.log" &
+# A dynamic base id: a second Envoy on the host would otherwise fail to bind the hot-restart socket
+# of base id 0 ("unable to bind domain socket with base_id=0").
+"$envoy_bin" -c "$run_dir/envoy.yaml" --concurrency "${ENVOY_CONCURRENCY:-2}" --use-dynamic-base-id \
+  --log-path "$logs/envoy.log" &
 pids+=($!)
 wait_for envoy "http://127.0.0.1:$ADMIN_PORT/ready" 200
 

@@ -102,3 +102,36 @@ def test_run_refuses_a_port_in_use_and_starts_nothing():
     assert proc.returncode == 1
     assert f"port {ports['SIDECAR_PORT']} is already in use; set SIDECAR_PORT" in out
     assert not port_open(ports["GATEWAY_PORT"]) and not port_open(ports["MINIFUGU_PORT"])
+
+
+def test_two_gateways_run_side_by_side_on_one_host():
+    runs = []
+    try:
+        for _ in range(2):
+            ports, env = ports_env()
+            runs.append((ports, start_run(env)))
+        for ports, proc in runs:
+            read_until(proc, "Ctrl-C stops everything.")
+        for i, (ports, _) in enumerate(runs):
+            gateway = f"http://127.0.0.1:{ports['GATEWAY_PORT']}"
+            auth = {"authorization": "Bearer local-key"}
+            r = subprocess.run(
+                ["curl", "-s", "-X", "POST", f"{gateway}/v2/namespaces/side-{i}", "-H", "authorization: Bearer local-key",
+                 "-H", "content-type: application/json", "-d", '{"upsert_rows":[{"id":1,"n":%d}]}' % i],
+                capture_output=True, text=True, timeout=20)
+            assert json.loads(r.stdout)["rows_affected"] == 1, r
+            fetched = subprocess.run(
+                ["curl", "-s", f"{gateway}/v2/namespaces/side-{i}/documents/1", "-H", f"authorization: {auth['authorization']}"],
+                capture_output=True, text=True, timeout=20)
+            assert json.loads(fetched.stdout)["attributes"]["n"] == i, fetched
+        # Each keeps its own config and logs.
+        dirs = {ROOT / ".run" / f"gateway-{ports['GATEWAY_PORT']}" for ports, _ in runs}
+        assert len(dirs) == 2 and all((d / "logs" / "envoy.log").exists() for d in dirs)
+        for _, proc in runs:
+            os.killpg(proc.pid, signal.SIGINT)
+            assert proc.wait(20) == 130
+    finally:
+        for _, proc in runs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
