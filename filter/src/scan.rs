@@ -92,6 +92,28 @@ fn word(b: &[u8], i: usize) -> Option<u64> {
     Some(u64::from_le_bytes(bytes))
 }
 
+/// Numbers whose integer digits plus positive exponent stay within this are far from overflowing
+/// an f64 (its largest is about 1.8e308); larger ones are checked by serde_json.
+const MAX_SAFE_DIGITS: usize = 300;
+
+/// Whether the decimal exponent `digits` is at least `limit`, without overflowing.
+fn exponent_at_least(digits: &[u8], limit: usize) -> bool {
+    let mut value = 0usize;
+    for &d in digits {
+        value = value.saturating_mul(10).saturating_add(usize::from(d - b'0'));
+        if value >= limit {
+            return true;
+        }
+    }
+    value >= limit
+}
+
+/// The value of four hex digits (validated by the caller).
+fn hex4(h: &[u8]) -> u32 {
+    h.iter()
+        .fold(0, |acc, &c| acc * 16 + (c as char).to_digit(16).unwrap_or(0))
+}
+
 /// Index of the first byte at or after `i` that is not an ASCII digit, eight bytes at a time.
 #[inline]
 fn digit_run(b: &[u8], mut i: usize) -> usize {
@@ -303,10 +325,12 @@ impl<'a> Cursor<'a> {
     #[inline]
     fn number_here(&mut self) -> Result<()> {
         let b = self.bytes;
-        let mut i = self.pos;
+        let start = self.pos;
+        let mut i = start;
         if b.get(i) == Some(&b'-') {
             i += 1;
         }
+        let int_start = i;
         match b.get(i) {
             Some(b'0') => i += 1,
             Some(b'1'..=b'9') => i = digit_run(b, i + 1),
@@ -315,6 +339,7 @@ impl<'a> Cursor<'a> {
                 return self.error("invalid number");
             }
         }
+        let int_digits = i - int_start;
         if b.get(i) == Some(&b'.') {
             i += 1;
             if !matches!(b.get(i), Some(b'0'..=b'9')) {
@@ -323,8 +348,10 @@ impl<'a> Cursor<'a> {
             }
             i = digit_run(b, i + 1);
         }
+        let mut big = int_digits > MAX_SAFE_DIGITS;
         if matches!(b.get(i), Some(b'e' | b'E')) {
             i += 1;
+            let negative = b.get(i) == Some(&b'-');
             if matches!(b.get(i), Some(b'+' | b'-')) {
                 i += 1;
             }
@@ -332,7 +359,19 @@ impl<'a> Cursor<'a> {
                 self.pos = i;
                 return self.error("invalid number");
             }
+            let exp_start = i;
             i = digit_run(b, i + 1);
+            big |= !negative
+                && exponent_at_least(
+                    &b[exp_start..i],
+                    MAX_SAFE_DIGITS - int_digits.min(MAX_SAFE_DIGITS),
+                );
+        }
+        // A number that may not fit an f64 gets serde_json's own verdict, so the two always agree
+        // on which numbers are valid (serde_json refuses one that overflows, e.g. 1e400).
+        if big && serde_json::from_slice::<serde_json::Value>(&b[start..i]).is_err() {
+            self.pos = start;
+            return self.error("number out of range");
         }
         self.pos = i;
         Ok(())
@@ -360,12 +399,34 @@ impl<'a> Cursor<'a> {
                     match b.get(i + 1) {
                         Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => i += 2,
                         Some(b'u') => {
-                            let hex = b.get(i + 2..i + 6);
-                            if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                            let Some(hex) = b
+                                .get(i + 2..i + 6)
+                                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+                            else {
                                 self.pos = i;
                                 return self.error("invalid \\u escape in string");
+                            };
+                            // UTF-16 surrogates come in pairs (a high one, then a low one), as
+                            // serde_json requires: a lone one names no character.
+                            match hex4(hex) {
+                                0xD800..=0xDBFF => {
+                                    let low = b
+                                        .get(i + 6..i + 12)
+                                        .filter(|l| l[0] == b'\\' && l[1] == b'u')
+                                        .filter(|l| l[2..].iter().all(u8::is_ascii_hexdigit))
+                                        .map(|l| hex4(&l[2..]));
+                                    if !matches!(low, Some(0xDC00..=0xDFFF)) {
+                                        self.pos = i;
+                                        return self.error("lone surrogate in \\u escape");
+                                    }
+                                    i += 12;
+                                }
+                                0xDC00..=0xDFFF => {
+                                    self.pos = i;
+                                    return self.error("lone surrogate in \\u escape");
+                                }
+                                _ => i += 6,
                             }
-                            i += 6;
                         }
                         Some(_) => {
                             self.pos = i;
@@ -499,6 +560,58 @@ pub struct Member {
     pub key: StrToken,
 }
 
+/// The member names of one object seen so far, to find one given twice. Names compare decoded, so
+/// `"id"` and `"\u0069d"` are the same member, as any JSON parser sees them. A 64-bit filter of
+/// cheap fingerprints spares the comparisons for names that cannot match, which is nearly all of
+/// them: this runs for every member of every row.
+#[derive(Debug, Default)]
+pub struct Names {
+    filter: u64,
+    escaped: bool,
+    seen: Vec<StrToken>,
+}
+
+impl Names {
+    /// Forgets the names (keeps the buffer for the next object).
+    pub fn clear(&mut self) {
+        self.filter = 0;
+        self.escaped = false;
+        self.seen.clear();
+    }
+
+    /// Records `key`; true if the object already had a member of that name.
+    pub fn repeats(&mut self, bytes: &[u8], key: StrToken) -> bool {
+        let raw = bytes.get(key.start..key.end).unwrap_or_default();
+        let found = if key.escaped || self.escaped {
+            self.escaped = true;
+            self.seen
+                .iter()
+                .any(|other| decode(bytes, *other) == decode(bytes, key))
+        } else {
+            let bit = 1u64 << (fingerprint(raw) & 63);
+            let maybe = self.filter & bit != 0;
+            self.filter |= bit;
+            maybe
+                && self
+                    .seen
+                    .iter()
+                    .any(|other| bytes.get(other.start..other.end) == Some(raw))
+        };
+        if !found {
+            self.seen.push(key);
+        }
+        found
+    }
+}
+
+/// A cheap hash of a name's raw bytes: its length and first and last bytes.
+#[inline]
+fn fingerprint(raw: &[u8]) -> usize {
+    let first = raw.first().copied().unwrap_or(0) as usize;
+    let last = raw.last().copied().unwrap_or(0) as usize;
+    raw.len().wrapping_mul(31) ^ first.wrapping_mul(7) ^ last.wrapping_mul(13)
+}
+
 /// Plans the removal of some members of one object, each with one adjacent comma, so that what
 /// remains is still a valid object. Feed it every member in order, then close it.
 #[derive(Debug, Default)]
@@ -619,6 +732,60 @@ mod tests {
     }
 
     #[test]
+    fn surrogates_must_pair_and_numbers_must_fit_like_serde_json_says() {
+        for (text, offset) in [
+            (r#""\ud800""#, 1),
+            (r#""\udc00""#, 1),
+            (r#""ab\ud800\u0041""#, 3),
+            (r#""\ud800\ud800""#, 1),
+            (r#""\ud800x""#, 1),
+            (r#""\uDBFF\""#, 1),
+            ("1e400", 0),
+            ("-1e400", 0),
+            ("[1, 1.8e308]", 4),
+            ("1.7976931348623158e308", 0),
+            ("1e99999999999999999999", 0),
+        ] {
+            let err = validate(text.as_bytes()).unwrap_err();
+            assert_eq!(err.offset, offset, "{text}: {err}");
+            assert!(serde_json::from_str::<serde_json::Value>(text).is_err(), "{text}");
+        }
+        let long = format!("1{}", "0".repeat(400));
+        assert!(validate(long.as_bytes()).is_err());
+        for text in [
+            r#""\ud800\udc00""#,
+            r#""\uDBFF\uDFFF x""#,
+            r#""\ud7ff\ue000""#,
+            "1e308",
+            "1.7976931348623157e308",
+            "17976931348623157e292",
+            "1e-400",
+            "0e99999999999999999999",
+            "123456789012345678901234567890",
+            "0.0000000000000000000000000000001e330",
+        ] {
+            assert!(validate(text.as_bytes()).is_ok(), "{text}");
+            assert!(serde_json::from_str::<serde_json::Value>(text).is_ok(), "{text}");
+        }
+    }
+
+    #[test]
+    fn repeated_names_are_found_decoded() {
+        let text = br#"{"id":1,"a":2,"\u0069d":3,"ab":4,"a":5}"#;
+        let mut cur = Cursor::new(text);
+        let mut seen = Names::default();
+        let mut repeated = Vec::new();
+        cur.object(|cur, m| {
+            if seen.repeats(cur.bytes(), m.key) {
+                repeated.push(m.key_start);
+            }
+            cur.skip_value().map(|_| ())
+        })
+        .unwrap();
+        assert_eq!(repeated, vec![14, 33]);
+    }
+
+    #[test]
     fn decodes_escaped_names() {
         let text = br#""\u005fhevlayer_x""#;
         let mut cur = Cursor::new(text);
@@ -639,9 +806,29 @@ mod tests {
         fn agrees_with_serde_json_on_json_like_text(text in "[\\[\\]{}\",:0-9a-z.eE+\\- \\\\]{0,40}") {
             let ours = validate(text.as_bytes()).is_ok();
             let theirs = serde_json::from_str::<serde_json::Value>(&text).is_ok();
-            // serde_json refuses lone surrogates in \u escapes; the grammar allows them.
-            if !text.contains("\\u") {
-                proptest::prop_assert_eq!(ours, theirs);
+            proptest::prop_assert_eq!(ours, theirs);
+        }
+
+        #[test]
+        fn agrees_with_serde_json_on_escapes_and_big_numbers(
+            parts in proptest::collection::vec(proptest::prop_oneof![
+                "\\\\u[dD][89abAB][0-9a-fA-F]{2}",
+                "\\\\u[dD][c-fC-F][0-9a-fA-F]{2}",
+                "\\\\u[0-9a-fA-F]{4}",
+                "[a-z\\\\\"]",
+            ], 0..6),
+            mantissa in "-?[1-9][0-9]{0,20}(\\.[0-9]{1,20})?",
+            exponent in proptest::option::of(-400i32..700),
+        ) {
+            let string = format!("\"{}\"", parts.concat());
+            let number = match exponent {
+                Some(e) => format!("{mantissa}e{e}"),
+                None => mantissa,
+            };
+            for text in [string.clone(), number.clone(), format!("[{string},{number}]")] {
+                let ours = validate(text.as_bytes()).is_ok();
+                let theirs = serde_json::from_str::<serde_json::Value>(&text).is_ok();
+                proptest::prop_assert_eq!(ours, theirs, "{}", text);
             }
         }
     }

@@ -6,7 +6,7 @@
 //! then copies the body with those splices applied. Every other byte goes upstream unchanged.
 
 use crate::metrics::WriteReason;
-use crate::scan::{Cursor, Kind, Member, MemberCuts, StrToken, SyntaxError};
+use crate::scan::{Cursor, Kind, Member, MemberCuts, Names, StrToken, SyntaxError};
 
 /// The stamp attribute.
 pub const STAMP: &str = "_hevlayer_upserted_at";
@@ -144,8 +144,10 @@ pub fn plan(body: &[u8]) -> Result<WritePlan, Rejection> {
     }
     let open = cur.pos();
     let mut members = 0;
+    let mut names = Names::default();
     cur.object(|cur, m| {
         members += 1;
+        scan.unique(&mut names, cur, &m, "the request body");
         scan.top_member(cur, m)
     })
     .map_err(Rejection::InvalidJson)?;
@@ -311,6 +313,8 @@ struct Scan {
     removed_top_key: Option<&'static str>,
     first_error: Option<Rejection>,
     affected_ids_value: Option<(usize, usize)>,
+    /// A row's member names, the buffer reused from row to row.
+    row_names: Names,
 }
 
 type Step = crate::scan::Result<()>;
@@ -324,6 +328,18 @@ impl Scan {
 
     fn shape(&mut self, message: String) {
         self.fail(Rejection::Shape(message));
+    }
+
+    /// Refuses a member name seen before in the same object: which of the two Turbopuffer would
+    /// apply is its parser's choice, and the mirror could cache the other.
+    fn unique(&mut self, names: &mut Names, cur: &Cursor<'_>, m: &Member, place: &str) {
+        if names.repeats(cur.bytes(), m.key) {
+            self.shape(format!(
+                "member '{}' appears twice in {place} (again at byte {})",
+                cur.text(m.key),
+                m.key_start
+            ));
+        }
     }
 
     fn top_member(&mut self, cur: &mut Cursor<'_>, m: Member) -> Step {
@@ -420,9 +436,17 @@ impl Scan {
         let mut cuts = MemberCuts::default();
         let mut mirror_cuts = MemberCuts::default();
         let mut edits: Vec<Edit> = Vec::new();
+        let mut names = std::mem::take(&mut self.row_names);
+        names.clear();
+        let place = match op {
+            "patch_by_filter" => "patch_by_filter.patch",
+            "upsert_rows" => "an upsert_rows entry",
+            _ => "a patch_rows entry",
+        };
         let close = cur.object(|cur, m| {
             cuts.begin(&m);
             mirror_cuts.begin(&m);
+            self.unique(&mut names, cur, &m, place);
             let class = self.attribute(cur, m.key, op);
             let value_start = cur.pos();
             match class {
@@ -452,6 +476,7 @@ impl Scan {
             mirror_cuts.end(&m, value_end, matches!(class, Name::Shard | Name::Vector));
             Ok(())
         })?;
+        self.row_names = names;
         edits.extend(cuts.close(close).into_iter().map(drop_edit));
         self.plan.mirror_drops.extend(mirror_cuts.close(close));
         if needs_id && !has_id {
@@ -482,9 +507,11 @@ impl Scan {
         let mut cuts = MemberCuts::default();
         let mut mirror_cuts = MemberCuts::default();
         let mut errors: Vec<String> = Vec::new();
+        let mut names = Names::default();
         let close = cur.object(|cur, m| {
             cuts.begin(&m);
             mirror_cuts.begin(&m);
+            self.unique(&mut names, cur, &m, name);
             let class = self.attribute(cur, m.key, name);
             let value_start = cur.pos();
             let is_array = cur.peek_kind()? == Kind::Array;
@@ -602,7 +629,9 @@ impl Scan {
             // Turbopuffer judges a malformed patch_by_filter; there is nothing to stamp.
             return cur.skip_value().map(|_| ());
         }
+        let mut names = Names::default();
         cur.object(|cur, m| {
+            self.unique(&mut names, cur, &m, "patch_by_filter");
             if cur.text(m.key) == "patch" && cur.peek_kind()? == Kind::Object {
                 self.stamped_object(cur, "patch_by_filter", false)
             } else {

@@ -63,6 +63,11 @@ REJECTIONS = [
     (b'{"upsert_rows": [{"id": 1, "_hevlayer_secret": 1}]}', "attribute '_hevlayer_secret' uses the reserved _hevlayer_* prefix"),
     (b'{"patch_rows": [{"id": 1, "vector": [1.0]}]}', "patch_rows cannot patch vector or vectors values; upsert full rows instead"),
     (b'{"upsert_columns": {"id": [1, 2], "a": [1]}}', "upsert_columns column 'a' has 1 values for 2 ids"),
+    # One meaning per body: what parsers could read differently is refused.
+    (b'{"upsert_rows":[{"id":1,"id":2,"a":1}]}', "member 'id' appears twice in an upsert_rows entry (again at byte 24)"),
+    (b'{"upsert_rows":[{"id":1}],"upsert_rows":[{"id":2}]}', "member 'upsert_rows' appears twice in the request body (again at byte 26)"),
+    (b'{"upsert_rows":[{"id":1,"t":"\\ud800"}]}', "request body is not valid JSON: lone surrogate in \\u escape at byte 29"),
+    (b'{"upsert_rows":[{"id":1,"n":1e999999}]}', "request body is not valid JSON: number out of range at byte 28"),
 ]
 
 

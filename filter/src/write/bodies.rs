@@ -61,10 +61,13 @@ fn id() -> impl Strategy<Value = String> {
 /// A member of a generated object: its text and whether its name is reserved.
 type Member = (String, bool);
 
+/// Attributes with distinct names (a name given twice in one object is refused).
 fn attributes(max: usize) -> impl Strategy<Value = Vec<Member>> {
     prop::collection::vec(("[a-z]{1,6}", scalar(), ws()), 0..max).prop_map(|attrs| {
+        let mut seen = std::collections::HashSet::new();
         attrs
             .into_iter()
+            .filter(|(k, _, _)| seen.insert(k.clone()))
             .map(|(k, v, w)| (format!("\"a_{k}\":{w}{v}"), false))
             .collect()
     })

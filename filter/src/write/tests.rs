@@ -311,6 +311,45 @@ fn first_error_wins() {
 }
 
 #[test]
+fn a_member_given_twice_is_refused_with_its_name_and_offset() {
+    for (body, message) in [
+        (
+            r#"{"upsert_rows":[{"id":1,"id":2,"a":1}]}"#,
+            "member 'id' appears twice in an upsert_rows entry (again at byte 24)",
+        ),
+        (
+            r#"{"upsert_rows":[{"id":1}],"upsert_rows":[{"id":2}]}"#,
+            "member 'upsert_rows' appears twice in the request body (again at byte 26)",
+        ),
+        (
+            r#"{"patch_rows":[{"id":1,"a":1,"\u0061":2}]}"#,
+            "member 'a' appears twice in a patch_rows entry (again at byte 29)",
+        ),
+        (
+            r#"{"upsert_columns":{"id":[1],"x":[1],"x":[2]}}"#,
+            "member 'x' appears twice in upsert_columns (again at byte 36)",
+        ),
+        (
+            r#"{"patch_by_filter":{"filters":["a","Eq",1],"patch":{"b":1},"patch":{"b":2}}}"#,
+            "member 'patch' appears twice in patch_by_filter (again at byte 59)",
+        ),
+        (
+            r#"{"patch_by_filter":{"filters":["a","Eq",1],"patch":{"b":1,"b":2}}}"#,
+            "member 'b' appears twice in patch_by_filter.patch (again at byte 58)",
+        ),
+        (
+            r#"{"deletes":[1],"deletes":[2]}"#,
+            "member 'deletes' appears twice in the request body (again at byte 15)",
+        ),
+    ] {
+        assert_eq!(rejected(body), message, "{body}");
+        assert_eq!(plan(body.as_bytes()).unwrap_err().reason(), WriteReason::Shape);
+    }
+    // Members of nested values and rows of different entries may share names.
+    stamped(r#"{"upsert_rows":[{"id":1,"m":{"k":1}},{"id":2,"m":{"k":1}}]}"#);
+}
+
+#[test]
 fn reason_labels() {
     assert_eq!(plan(b"{").unwrap_err().reason(), WriteReason::InvalidJson);
     assert_eq!(plan(b"{}").unwrap_err().reason(), WriteReason::NoOperation);
