@@ -12,6 +12,11 @@ pub const MIRROR_PATH: &str = "/internal/v1/mirror";
 pub const PURGE_PATH: &str = "/internal/v1/purge";
 /// Register watched namespaces and read their watermarks (the filter's root context, on a timer).
 pub const WATERMARKS_PATH: &str = "/internal/v1/watermarks";
+/// Evict what writes could not mirror (the filter's root context, until acknowledged).
+pub const EVICT_PATH: &str = "/internal/v1/evict";
+/// On a document-fetch callout: leave the cache alone (neither read nor backfill), because an
+/// eviction for the namespace is pending. The sidecar answers `x-layer-cache: bypass`.
+pub const BYPASS_HEADER: &str = "x-hevlayer-cache-bypass";
 /// Header carrying the request id on every callout.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
@@ -43,6 +48,24 @@ pub struct PurgeRequest {
 pub struct MirrorResponse {
     /// Number of cached documents written, merged or evicted.
     pub applied: u64,
+}
+
+/// Body of `POST EVICT_PATH`: what the filter could not mirror.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvictRequest {
+    pub fences: Vec<Fence>,
+}
+
+/// One namespace's documents to evict.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fence {
+    pub namespace: String,
+    /// The ids to evict; `None`: every cached document of the namespace (a purge).
+    pub ids: Option<Vec<serde_json::Value>>,
+    /// The newest stamp among the writes fenced: the evictions' tombstones refuse copies up to it.
+    pub stamp: u64,
 }
 
 /// Body of `POST WATERMARKS_PATH`: the namespaces one Envoy worker has seen.

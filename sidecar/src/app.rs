@@ -8,7 +8,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
-use hevlayer_filter::sidecar_api::{MIRROR_PATH, PURGE_PATH, WATERMARKS_PATH};
+use hevlayer_filter::sidecar_api::{EVICT_PATH, MIRROR_PATH, PURGE_PATH, WATERMARKS_PATH};
 
 use crate::error::{json_response, ApiError};
 use crate::state::SharedState;
@@ -21,6 +21,7 @@ pub fn router(state: SharedState, max_body_bytes: usize) -> Router {
         .route(MIRROR_PATH, post(callouts::mirror))
         .route(PURGE_PATH, post(callouts::purge))
         .route(WATERMARKS_PATH, post(callouts::watermarks))
+        .route(EVICT_PATH, post(callouts::evict))
         .route("/v2/namespaces/{namespace}/documents/{id}", get(documents::fetch))
         .route("/v2/pipelines", post(pipeline::create).get(pipeline::list))
         .route(

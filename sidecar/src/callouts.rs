@@ -7,9 +7,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use bytes::Bytes;
-use hevlayer_filter::sidecar_api::{MirrorResponse, PurgeRequest, WatermarkRegistration};
+use hevlayer_filter::sidecar_api::{EvictRequest, MirrorResponse, PurgeRequest, WatermarkRegistration};
 
 use crate::cache::mirror::error_label;
+use crate::cache::DocId;
 use crate::error::{json_response, ApiError};
 use crate::extract::{parse_json, JsonBody, RawBody};
 use crate::mirror::{plan, MirrorCallout, MirrorOp};
@@ -115,4 +116,62 @@ pub async fn watermarks(
 ) -> Response {
     let answer = state.watermarks.register(registration, crate::cache::now_ms());
     json_response(StatusCode::OK, &answer)
+}
+
+/// Evicts what the filter could not mirror (a write whose mirror failed, timed out, or whose
+/// outcome it never saw): each fence's ids, their tombstones refusing copies older than the
+/// fence's stamp, or a whole namespace. Idempotent, so the filter retries until it gets a 2xx.
+pub async fn evict(
+    State(state): State<SharedState>,
+    JsonBody(request): JsonBody<EvictRequest>,
+) -> Result<Response, ApiError> {
+    let mut plans = Vec::with_capacity(request.fences.len());
+    for fence in request.fences {
+        let ids = match fence.ids {
+            None => None,
+            Some(ids) => Some(
+                ids.into_iter()
+                    .map(|id| {
+                        DocId::from_json_owned(id).ok_or_else(|| {
+                            ApiError::validation("fence ids must be strings or unsigned integers")
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        plans.push((fence.namespace, ids, fence.stamp));
+    }
+    let mut applied = 0;
+    for (namespace, ids, stamp) in plans {
+        let outcome = match ids {
+            None => {
+                let ns = namespace.clone();
+                state
+                    .cache_op(
+                        "purge_namespace",
+                        move |c| async move { c.purge_namespace(&ns).await },
+                    )
+                    .await
+            }
+            // Invalidations: copies older than the fenced write are refused for a while, the
+            // write's own version (if Turbopuffer applied it) may be cached again.
+            Some(ids) => {
+                let ops = ids.into_iter().map(MirrorOp::Invalidate).collect();
+                match apply_mirror(state.clone(), namespace.clone(), stamp, ops).await {
+                    (n, None) => Ok(n),
+                    (_, Some(err)) => Err(err),
+                }
+            }
+        };
+        match outcome {
+            Ok(n) => applied += n,
+            Err(err) => {
+                state.metrics.record_event("evict", "failed");
+                return Err(err);
+            }
+        }
+    }
+    state.metrics.record_event("evict", "ok");
+    tracing::info!(applied, "fenced documents evicted");
+    Ok(json_response(StatusCode::OK, &MirrorResponse { applied }))
 }

@@ -59,6 +59,12 @@ pub struct Config {
     #[arg(long, env = "CACHE_OP_TIMEOUT_MS", default_value_t = 200)]
     pub cache_op_timeout_ms: u64,
 
+    /// The oldest cached copy of a document a fetch serves, in seconds: older copies are fetched
+    /// from Turbopuffer again and replaced. It bounds how long an entry can stay stale when an
+    /// Envoy died with evictions still to send.
+    #[arg(long, env = "CACHE_MAX_AGE_SECONDS", default_value_t = 600)]
+    pub cache_max_age_seconds: u64,
+
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "SIDECAR_MAX_BODY_BYTES", default_value_t = 256 << 20)]
     pub max_body_bytes: usize,
@@ -139,6 +145,9 @@ impl Config {
         }
         if self.cache_op_timeout_ms == 0 {
             return Err("CACHE_OP_TIMEOUT_MS must be greater than 0".into());
+        }
+        if self.cache_max_age_seconds == 0 {
+            return Err("CACHE_MAX_AGE_SECONDS must be greater than 0".into());
         }
         if self.embedded_cache_bytes < 1 << 20 {
             return Err("EMBEDDED_CACHE_BYTES must be at least 1048576 (1 MiB)".into());

@@ -69,6 +69,7 @@ pub fn build_state_with_cache(
         clock: Clock::default(),
         mirror_vectors: config.mirror_vectors,
         cache_timeout: config.cache_op_timeout(),
+        doc_max_age_ms: config.cache_max_age_seconds.saturating_mul(1000),
         watermarks: Watermarks::new(config.watermark_settings()),
     }))
 }

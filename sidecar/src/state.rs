@@ -38,6 +38,8 @@ pub struct AppState {
     pub clock: Clock,
     pub mirror_vectors: bool,
     pub cache_timeout: Duration,
+    /// Fetches serve no cached copy older than this (`CACHE_MAX_AGE_SECONDS`).
+    pub doc_max_age_ms: u64,
     pub watermarks: Watermarks,
 }
 

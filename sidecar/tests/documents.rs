@@ -8,7 +8,9 @@ mod common;
 use std::sync::Arc;
 
 use common::{dead_url, sidecar_on, Backend, Client, FakeGateway};
-use hevlayer_filter::sidecar_api::{mirror_body, purge_body, MIRROR_PATH, PURGE_PATH};
+use hevlayer_filter::sidecar_api::{
+    mirror_body, purge_body, BYPASS_HEADER, EVICT_PATH, MIRROR_PATH, PURGE_PATH,
+};
 use serde_json::{json, Value};
 
 async fn mirror(c: &Client, ns: &str, stamp: u64, write: &str, response: Option<&str>) -> Value {
@@ -413,6 +415,173 @@ async fn a_failing_cache_is_a_miss_on_error() {
     );
 }
 
+/// A stand-in Turbopuffer whose every document is `{"title": "tp"}` stamped 7.
+async fn turbopuffer_with_every_document() -> FakeGateway {
+    FakeGateway::start(Arc::new(|_path: &str, body: &Value| {
+        let id = body["filters"][2].clone();
+        let rows = json!([{"id": id, "title": "tp", "_hevlayer_upserted_at": 7}]);
+        (200, vec![], json!({"rows": rows, "billing": {}}).to_string())
+    }))
+    .await
+}
+
+async fn fences_evict_what_could_not_be_mirrored(backend: Backend) {
+    let gw = turbopuffer_with_every_document().await;
+    let s = sidecar_on(backend, &gw.url, &[]).await;
+    let c = Client::new(&s);
+    let write = r#"{"upsert_rows":[{"id":"a","title":"cached"},{"id":"b","title":"cached"},{"id":3,"title":"cached"}]}"#;
+    mirror(&c, "fenced", 5, write, None).await;
+    mirror(
+        &c,
+        "other",
+        5,
+        r#"{"upsert_rows":[{"id":"a","title":"cached"}]}"#,
+        None,
+    )
+    .await;
+    let fences = json!({"fences": [
+        {"namespace": "fenced", "ids": ["a", 3], "stamp": 6},
+        {"namespace": "other", "ids": null, "stamp": 6}
+    ]});
+    let a = c.post(EVICT_PATH, &fences.to_string()).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let get = |path: &'static str| {
+        let c = &c;
+        async move { c.send("GET", path, None, Some("Bearer k")).await }
+    };
+    // Evicted: Turbopuffer's copy (stamped 7, newer than the fenced write) is fetched and cached.
+    let a = get("/v2/namespaces/fenced/documents/a").await;
+    assert_eq!(a.headers.get("x-layer-cache").unwrap(), "miss");
+    assert_eq!(a.json()["attributes"]["title"], "tp");
+    assert_eq!(
+        get("/v2/namespaces/fenced/documents/a")
+            .await
+            .headers
+            .get("x-layer-cache")
+            .unwrap(),
+        "hit"
+    );
+    assert_eq!(
+        get("/v2/namespaces/fenced/documents/3").await.json()["attributes"]["title"],
+        "tp"
+    );
+    // Not fenced: still cached.
+    assert_eq!(
+        get("/v2/namespaces/fenced/documents/b").await.json()["attributes"]["title"],
+        "cached"
+    );
+    // A whole namespace (ids null) is purged.
+    assert_eq!(
+        get("/v2/namespaces/other/documents/a").await.json()["attributes"]["title"],
+        "tp"
+    );
+    // Idempotent: retried, it still answers 200.
+    assert_eq!(c.post(EVICT_PATH, &fences.to_string()).await.status, 200);
+    // A copy older than the fence is refused for a while: a backfill racing the eviction cannot
+    // bring the stale version back.
+    let old = json!({"fences": [{"namespace": "fenced", "ids": ["b"], "stamp": 9}]});
+    assert_eq!(c.post(EVICT_PATH, &old.to_string()).await.status, 200);
+    let a = get("/v2/namespaces/fenced/documents/b").await;
+    assert_eq!(a.headers.get("x-layer-cache").unwrap(), "miss");
+    assert_eq!(
+        get("/v2/namespaces/fenced/documents/b")
+            .await
+            .headers
+            .get("x-layer-cache")
+            .unwrap(),
+        "miss",
+        "stamp 7 < 9: not cached"
+    );
+    for bad in [
+        r#"{"fences":[{"namespace":"n","ids":[-1],"stamp":1}]}"#,
+        r#"{"fences":[{"namespace":"n","ids":[{"x":1}],"stamp":1}]}"#,
+        r#"{"fences":[{"namespace":"n","stamp":1,"extra":1}]}"#,
+        r#"{"fences":"n"}"#,
+    ] {
+        c.post(EVICT_PATH, bad).await.error(422, "validation_error");
+    }
+}
+
+async fn a_bypassed_fetch_neither_reads_nor_fills_the_cache(backend: Backend) {
+    let gw = turbopuffer_with_every_document().await;
+    let s = sidecar_on(backend, &gw.url, &[]).await;
+    let c = Client::new(&s);
+    mirror(
+        &c,
+        "ns",
+        5,
+        r#"{"upsert_rows":[{"id":"a","title":"cached"}]}"#,
+        None,
+    )
+    .await;
+    let bypassed = |path: &'static str| {
+        let c = &c;
+        async move {
+            c.send_with(
+                "GET",
+                path,
+                None,
+                &[("authorization", "Bearer k"), (BYPASS_HEADER, "1")],
+            )
+            .await
+        }
+    };
+    let a = bypassed("/v2/namespaces/ns/documents/a").await;
+    assert_eq!(a.headers.get("x-layer-cache").unwrap(), "bypass");
+    assert_eq!(
+        a.json()["attributes"]["title"],
+        "tp",
+        "from Turbopuffer, not the cache"
+    );
+    let a = bypassed("/v2/namespaces/ns/documents/new").await;
+    assert_eq!(a.headers.get("x-layer-cache").unwrap(), "bypass");
+    // Nothing was backfilled, and the cached copy is still there for later.
+    let a = c
+        .send("GET", "/v2/namespaces/ns/documents/new", None, Some("Bearer k"))
+        .await;
+    assert_eq!(a.headers.get("x-layer-cache").unwrap(), "miss");
+    let a = c
+        .send("GET", "/v2/namespaces/ns/documents/a", None, Some("Bearer k"))
+        .await;
+    assert_eq!(a.headers.get("x-layer-cache").unwrap(), "hit");
+}
+
+async fn copies_older_than_the_max_age_are_fetched_again(backend: Backend) {
+    let gw = turbopuffer_with_every_document().await;
+    let s = sidecar_on(backend, &gw.url, &["--cache-max-age-seconds", "1"]).await;
+    let c = Client::new(&s);
+    mirror(
+        &c,
+        "ns",
+        5,
+        r#"{"upsert_rows":[{"id":"a","title":"cached"}]}"#,
+        None,
+    )
+    .await;
+    let get = || c.send("GET", "/v2/namespaces/ns/documents/a", None, Some("Bearer k"));
+    assert_eq!(get().await.headers.get("x-layer-cache").unwrap(), "hit");
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let a = get().await;
+    assert_eq!(
+        a.headers.get("x-layer-cache").unwrap(),
+        "miss",
+        "too old: fetched again"
+    );
+    assert_eq!(a.json()["attributes"]["title"], "tp");
+    // Replaced by the fetched copy, which is fresh.
+    let a = get().await;
+    assert_eq!(a.headers.get("x-layer-cache").unwrap(), "hit");
+    assert_eq!(a.json()["attributes"]["title"], "tp");
+    let metrics = c.get("/metrics").await.text;
+    assert!(
+        metrics.contains(r#"hevlayer_sidecar_mirror_total{kind="fetch",result="expired"} 1"#),
+        "{metrics}"
+    );
+}
+
+both_backends!(fences_evict_what_could_not_be_mirrored);
+both_backends!(a_bypassed_fetch_neither_reads_nor_fills_the_cache);
+both_backends!(copies_older_than_the_max_age_are_fetched_again);
 both_backends!(a_numeric_id_miss_is_backfilled);
 both_backends!(a_backfill_older_than_a_concurrent_delete_is_refused);
 both_backends!(mirrored_writes_are_served_from_the_cache);

@@ -76,6 +76,7 @@ pub async fn run_all(factory: Factory<'_>) {
     documents_stamp_ordering(factory()).await;
     documents_patch_merges_only_cached(factory()).await;
     documents_purge_is_per_namespace(factory()).await;
+    documents_know_when_they_were_cached(factory()).await;
     pipelines_create_list_delete(factory()).await;
     stage_and_restage(factory()).await;
     claim_limit_prefix_and_exclusivity(factory()).await;
@@ -121,6 +122,51 @@ async fn documents_upsert_get_evict(cache: Arc<dyn DocumentCache>) {
     assert!(!cache.evict_document(ns, &num, 10).await.unwrap());
     assert!(cache.get_document(ns, &num).await.unwrap().is_none());
     assert!(cache.get_document(ns, &s).await.unwrap().is_some());
+}
+
+/// Each copy knows when it entered the cache (fetches serve none older than the max age):
+/// upserts, backfills and mirrors set it, patches keep it.
+async fn documents_know_when_they_were_cached(cache: Arc<dyn DocumentCache>) {
+    let ns = "contract-cache-time";
+    let (a, b, c) = (DocId::Num(1), DocId::Str("b".into()), DocId::Str("c".into()));
+    let before = crate::cache::now_ms();
+    assert!(cache
+        .upsert_document(ns, &a, attrs(json!({"x": 1})), 10)
+        .await
+        .unwrap());
+    assert!(cache
+        .backfill_document(ns, &b, attrs(json!({"y": 1})), 10)
+        .await
+        .unwrap());
+    let first = cache.get_document(ns, &a).await.unwrap().unwrap().cached_ms;
+    let after = crate::cache::now_ms();
+    assert!(
+        (before..=after).contains(&first),
+        "{before} <= {first} <= {after}"
+    );
+    let backfilled = cache.get_document(ns, &b).await.unwrap().unwrap().cached_ms;
+    assert!((before..=after).contains(&backfilled));
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert!(cache
+        .patch_document(ns, &a, attrs(json!({"z": 2})), 11)
+        .await
+        .unwrap());
+    let patched = cache.get_document(ns, &a).await.unwrap().unwrap();
+    assert_eq!(
+        (patched.cached_ms, patched.upserted_at),
+        (first, 11),
+        "a patch keeps the cache time"
+    );
+    assert!(cache
+        .upsert_document(ns, &a, attrs(json!({"x": 3})), 12)
+        .await
+        .unwrap());
+    assert!(cache.get_document(ns, &a).await.unwrap().unwrap().cached_ms >= first + 20);
+    let report = cache
+        .apply_mirror(ns, vec![MirrorOp::Upsert(c.clone(), attrs(json!({"m": 1})))], 13)
+        .await;
+    assert!(report.failure.is_none());
+    assert!(cache.get_document(ns, &c).await.unwrap().unwrap().cached_ms >= first + 20);
 }
 
 async fn documents_stamp_ordering(cache: Arc<dyn DocumentCache>) {

@@ -461,8 +461,15 @@ impl DocumentCache for EmbeddedCache {
         upserted_at: u64,
     ) -> CacheResult<bool> {
         let mut garbage = Garbage::new();
-        self.with_docs(namespace, true, |docs, _| {
-            docs.upsert(&self.budget, id.clone(), attributes, upserted_at, &mut garbage)
+        self.with_docs(namespace, true, |docs, now| {
+            docs.upsert(
+                &self.budget,
+                id.clone(),
+                attributes,
+                upserted_at,
+                now,
+                &mut garbage,
+            )
         })
         .map_or(Ok(false), |r| r.map_err(|refused| refused.error))
     }
@@ -497,8 +504,8 @@ impl DocumentCache for EmbeddedCache {
         attributes: Attributes,
         upserted_at: u64,
     ) -> CacheResult<bool> {
-        self.with_docs(namespace, true, |docs, _| {
-            docs.backfill(&self.budget, id, attributes, upserted_at)
+        self.with_docs(namespace, true, |docs, now| {
+            docs.backfill(&self.budget, id, attributes, upserted_at, now)
         })
         .unwrap_or(Ok(false))
     }

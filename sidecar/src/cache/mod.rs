@@ -70,6 +70,10 @@ impl DocId {
 pub struct CachedDoc {
     pub attributes: Attributes,
     pub upserted_at: u64,
+    /// When the document's current copy entered the cache (epoch ms): set by upserts and
+    /// backfills, kept by patches (which merge into a copy that was already there). Fetches serve
+    /// no copy older than the configured max age. 0 when unknown (then it is too old).
+    pub cached_ms: u64,
 }
 
 /// A staged chunk, as sent by the client and returned by get-chunks.

@@ -268,14 +268,25 @@ impl Client {
     }
 
     pub async fn send(&self, method: &str, path: &str, body: Option<&str>, auth: Option<&str>) -> Answer {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+        self.send_with(method, path, body, &headers).await
+    }
+
+    pub async fn send_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Answer {
         let mut req = self
             .http
             .request(method.parse().unwrap(), format!("{}{path}", self.base));
         if let Some(b) = body {
             req = req.header("content-type", "application/json").body(b.to_owned());
         }
-        if let Some(a) = auth {
-            req = req.header("authorization", a);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
         }
         let resp = req.send().await.unwrap();
         let status = resp.status().as_u16();

@@ -518,19 +518,22 @@ impl AerospikeCache {
         )
     }
 
-    /// Writes a live document (clearing a tombstone) under `cond`.
+    /// Writes a live document (clearing a tombstone) under `cond`. `cached_ms` is when this copy
+    /// entered the cache (now, unless a patch keeps the copy's own).
     async fn write_cached(
         &self,
         set: &str,
         id: &DocId,
         text: &str,
         upserted_at: u64,
+        cached_ms: u64,
         cond: Cond,
     ) -> CacheResult<Written> {
         let bins = [
             Bin::new("attrs", Value::String(text.to_owned())),
             Bin::new("ts", Value::Int(ms_i64(upserted_at))),
             Bin::new("del", Value::Nil),
+            Bin::new("at", Value::Int(ms_i64(cached_ms))),
         ];
         self.put(set, doc_key_value(id), &bins, cond, None).await
     }
@@ -606,6 +609,9 @@ impl DocumentCache for AerospikeCache {
         Ok(Some(CachedDoc {
             attributes,
             upserted_at: u64::try_from(ts).unwrap_or(0),
+            cached_ms: bin_int(&rec, "at")
+                .and_then(|t| u64::try_from(t).ok())
+                .unwrap_or(0),
         }))
     }
 
@@ -628,7 +634,10 @@ impl DocumentCache for AerospikeCache {
                 Some(rec) => Cond::Gen(rec.generation),
                 None => Cond::Create,
             };
-            if let Written::Yes = self.write_cached(&set, id, &text, upserted_at, cond).await? {
+            if let Written::Yes = self
+                .write_cached(&set, id, &text, upserted_at, super::now_ms(), cond)
+                .await?
+            {
                 return Ok(true);
             }
         }
@@ -658,7 +667,10 @@ impl DocumentCache for AerospikeCache {
                     _ => return Ok(false),
                 },
             };
-            if let Written::Yes = self.write_cached(&set, id, &text, upserted_at, cond).await? {
+            if let Written::Yes = self
+                .write_cached(&set, id, &text, upserted_at, super::now_ms(), cond)
+                .await?
+            {
                 return Ok(true);
             }
         }
@@ -688,8 +700,11 @@ impl DocumentCache for AerospikeCache {
                 merged.insert(k.clone(), v.clone());
             }
             let text = serde_json::to_string(&merged).unwrap_or_else(|_| "{}".into());
+            let cached_ms = bin_int(&rec, "at")
+                .and_then(|t| u64::try_from(t).ok())
+                .unwrap_or(0);
             if let Written::Yes = self
-                .write_cached(&set, id, &text, upserted_at, Cond::Gen(gen))
+                .write_cached(&set, id, &text, upserted_at, cached_ms, Cond::Gen(gen))
                 .await?
             {
                 return Ok(true);
@@ -719,6 +734,7 @@ impl DocumentCache for AerospikeCache {
                 Bin::new("attrs", Value::Nil),
                 Bin::new("ts", Value::Int(stamp)),
                 Bin::new("del", Value::Int(1)),
+                Bin::new("at", Value::Nil),
             ];
             if let Written::Yes = self.put(&set, doc_key_value(id), &bins, cond, Some(ttl)).await? {
                 return Ok(was_cached);

@@ -131,6 +131,7 @@ impl NamespaceDocs {
         id: DocId,
         attributes: Attributes,
         upserted_at: u64,
+        now_ms: u64,
         garbage: &mut Garbage,
     ) -> Result<bool, Refused> {
         if self.refused_up_to(&id).is_some_and(|t| t > upserted_at) {
@@ -141,6 +142,7 @@ impl NamespaceDocs {
         let doc = CachedDoc {
             attributes,
             upserted_at,
+            cached_ms: now_ms,
         };
         let old = match self.docs.get(&id) {
             Some((cached, _)) if cached.upserted_at > upserted_at => {
@@ -236,6 +238,7 @@ impl NamespaceDocs {
         id: &DocId,
         attributes: Attributes,
         upserted_at: u64,
+        now_ms: u64,
     ) -> CacheResult<bool> {
         if self.docs.contains_key(id) || self.refused_up_to(id).is_some_and(|t| t >= upserted_at) {
             return Ok(false);
@@ -249,6 +252,7 @@ impl NamespaceDocs {
                 CachedDoc {
                     attributes,
                     upserted_at,
+                    cached_ms: now_ms,
                 },
                 weight,
             ),
@@ -301,7 +305,7 @@ impl Batch {
         let refuse = refuse_up_to(&op, stamp);
         let outcome = match op {
             MirrorOp::Upsert(id, attrs) => docs
-                .upsert(budget, id, attrs, stamp, garbage)
+                .upsert(budget, id, attrs, stamp, now_ms, garbage)
                 .map_err(|r| (r.id, r.error)),
             MirrorOp::Patch(id, attrs) => match docs.patch(budget, &id, attrs, stamp, garbage) {
                 Ok(took) => Ok(took),
@@ -372,6 +376,7 @@ mod tests {
             id.clone(),
             attrs(json!({"a": "xx", "b": [1, 2]})),
             1,
+            5,
             &mut garbage,
         );
         assert!(matches!(upserted, Ok(true)));
@@ -385,6 +390,7 @@ mod tests {
                 .unwrap());
             let (doc, charged) = &docs.docs[&id];
             assert_eq!(*charged, doc_weight(&id, &doc.attributes));
+            assert_eq!(doc.cached_ms, 5, "a patch keeps the copy's cache time");
             assert_eq!(budget.used.load(std::sync::atomic::Ordering::Acquire), *charged);
         }
         assert!(docs.evict(&budget, id, 4, 10, &mut garbage));
