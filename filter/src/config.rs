@@ -11,6 +11,8 @@ pub const DEFAULT_WATERMARK_REFRESH_MS: u64 = 500;
 pub const DEFAULT_WATERMARK_STALE_MS: u64 = 5_000;
 pub const DEFAULT_WATERMARK_NAMESPACES: usize = 1_000;
 pub const DEFAULT_WATERMARK_IDLE_MS: u64 = 600_000;
+pub const DEFAULT_FENCE_NAMESPACES: usize = 1_000;
+pub const DEFAULT_FENCE_MAX_IDS: usize = 1_000;
 
 /// How callers authenticate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -66,6 +68,8 @@ struct RawConfig {
     watermark_stale_ms: Option<u64>,
     watermark_namespaces: Option<usize>,
     watermark_idle_ms: Option<u64>,
+    fence_namespaces: Option<usize>,
+    fence_max_ids: Option<usize>,
 }
 
 /// A gateway key: its SHA-256 digest and scope.
@@ -98,6 +102,10 @@ pub struct Config {
     pub watermark_namespaces: usize,
     /// A namespace not queried or written through a worker for this long leaves its set.
     pub watermark_idle_ms: u64,
+    /// Most namespaces one worker fences at once (evictions pending).
+    pub fence_namespaces: usize,
+    /// Most ids one namespace's fence lists; beyond, its whole cache is purged instead.
+    pub fence_max_ids: usize,
 }
 
 impl Default for Config {
@@ -116,6 +124,8 @@ impl Default for Config {
             watermark_stale_ms: DEFAULT_WATERMARK_STALE_MS,
             watermark_namespaces: DEFAULT_WATERMARK_NAMESPACES,
             watermark_idle_ms: DEFAULT_WATERMARK_IDLE_MS,
+            fence_namespaces: DEFAULT_FENCE_NAMESPACES,
+            fence_max_ids: DEFAULT_FENCE_MAX_IDS,
         }
     }
 }
@@ -174,6 +184,11 @@ impl Config {
                     .to_owned(),
             );
         }
+        let fence_namespaces = raw.fence_namespaces.unwrap_or(DEFAULT_FENCE_NAMESPACES);
+        let fence_max_ids = raw.fence_max_ids.unwrap_or(DEFAULT_FENCE_MAX_IDS);
+        if fence_namespaces == 0 || fence_max_ids == 0 {
+            return Err("fence_namespaces and fence_max_ids must be positive".to_owned());
+        }
         if watermark_stale_ms <= watermark_refresh_ms {
             return Err(format!(
                 "watermark_stale_ms ({watermark_stale_ms}) must be greater than watermark_refresh_ms ({watermark_refresh_ms}), or every copy would be stale before the next refresh"
@@ -193,6 +208,8 @@ impl Config {
             watermark_stale_ms,
             watermark_namespaces,
             watermark_idle_ms,
+            fence_namespaces,
+            fence_max_ids,
         })
     }
 }
@@ -280,6 +297,7 @@ mod tests {
             r#"{"read_watermark":"sometimes"}"#,
             r#"{"watermark_refresh_ms":0}"#,
             r#"{"watermark_namespaces":0}"#,
+            r#"{"fence_max_ids":0}"#,
             r#"{"watermark_refresh_ms":1000,"watermark_stale_ms":1000}"#,
             "not json",
         ] {

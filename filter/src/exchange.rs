@@ -5,6 +5,7 @@ use crate::auth::{authenticate, Credential};
 use crate::body::{is_gzip, BodyBuffer, BodyError};
 use crate::config::{AuthMode, Config, ReadWatermark};
 use crate::error::LocalReply;
+use crate::fence::{FenceNote, Scope as FenceScope};
 use crate::metrics::{Counter, ReadReason, WriteReason};
 use crate::outcome::{classify, ResponseClass};
 use crate::reads::{self, WatermarkRule};
@@ -12,7 +13,7 @@ use crate::response::strip_affected_ids;
 use crate::route::{self, Route, Scope};
 use crate::sidecar_api;
 use crate::watermark::{Touch, Watermark};
-use crate::write::{plan, render, render_mirror, WritePlan};
+use crate::write::{fence_scope, plan, render, render_mirror, WritePlan};
 
 /// The response header reporting a namespace's read watermark (epoch ms).
 pub const STABLE_AS_OF_HEADER: &str = "x-layer-stable-as-of";
@@ -25,6 +26,17 @@ pub struct WatermarkLookup<'a>(pub &'a dyn Fn(&str) -> Option<Watermark>);
 impl std::fmt::Debug for WatermarkLookup<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("WatermarkLookup")
+    }
+}
+
+/// Tells whether a namespace has an eviction pending (the worker's fences, else other workers'
+/// through Envoy's shared data).
+#[derive(Clone, Copy)]
+pub struct FenceLookup<'a>(pub &'a dyn Fn(&str) -> bool);
+
+impl std::fmt::Debug for FenceLookup<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FenceLookup")
     }
 }
 
@@ -44,6 +56,8 @@ pub struct RequestHead<'a> {
     pub now_ms: u64,
     /// Where queries read the watermark of their namespace (none: unknown everywhere).
     pub watermarks: Option<WatermarkLookup<'a>>,
+    /// Where document fetches learn whether their namespace is fenced (none: never).
+    pub fences: Option<FenceLookup<'a>>,
 }
 
 /// Header changes for the glue to make before it carries out the step.
@@ -166,10 +180,18 @@ pub struct Exchange {
     sidecar_cluster: String,
     mirror_vectors: bool,
     read_watermark: ReadWatermark,
+    /// A document fetch of a fenced namespace: the sidecar is asked to leave the cache alone.
+    bypass: bool,
     /// A query's namespace watermark, when known and fresh at the request headers.
     watermark: Option<Watermark>,
     counters: Vec<Counter>,
     touches: Vec<Touch>,
+    fences: Vec<FenceNote>,
+    fence_max_ids: usize,
+    /// The write was accepted and forwarded; `outcome` says whether its one mirror outcome
+    /// counter (ok, failed, timeout, skipped, unanswered) was recorded yet.
+    accepted: bool,
+    outcome: bool,
 }
 
 impl Default for Exchange {
@@ -202,9 +224,14 @@ impl Exchange {
             sidecar_cluster: String::new(),
             mirror_vectors: false,
             read_watermark: ReadWatermark::Off,
+            bypass: false,
             watermark: None,
             counters: Vec::new(),
             touches: Vec::new(),
+            fences: Vec::new(),
+            fence_max_ids: 0,
+            accepted: false,
+            outcome: false,
         }
     }
 
@@ -217,6 +244,61 @@ impl Exchange {
     /// callout. Queries and passthrough requests do not, and the glue then skips the hostcall.
     pub fn needs_clock(&self) -> bool {
         !matches!(self.route, Route::Query { .. } | Route::Passthrough)
+    }
+
+    /// What writes could not mirror since the last call, for the worker's fences.
+    pub fn take_fences(&mut self) -> Vec<FenceNote> {
+        std::mem::take(&mut self.fences)
+    }
+
+    /// Records an accepted write's one mirror outcome (`MirrorOk`, `MirrorFailed`,
+    /// `MirrorTimeout`, `MirrorSkipped` or `WritesUnanswered`).
+    fn outcome(&mut self, counter: Counter) {
+        if self.accepted && !self.outcome {
+            self.outcome = true;
+            self.counters.push(counter);
+        }
+    }
+
+    /// The write kept for its mirror did not reach the cache: fence the documents it may change.
+    fn fence_sent(&mut self) {
+        if let Some(sent) = self.sent.take() {
+            let scope = fence_scope(&sent.body, self.fence_max_ids);
+            self.fences.push(FenceNote {
+                namespace: sent.namespace,
+                scope,
+                stamp: sent.stamp,
+            });
+        }
+    }
+
+    /// The stream ended (the glue calls this from Envoy's last callback). A write forwarded whose
+    /// outcome never came (the client hung up, Envoy reset the stream) may have been applied by
+    /// Turbopuffer: fence it. So is a namespace delete whose purge did not happen.
+    pub fn on_stream_end(&mut self) {
+        let open = matches!(
+            self.phase,
+            Phase::Upstream | Phase::ResponseBuffering | Phase::AwaitingMirror
+        );
+        if !open {
+            return;
+        }
+        self.phase = Phase::Done;
+        match &self.route {
+            Route::Write { .. } => {
+                self.outcome(Counter::WritesUnanswered);
+                self.fence_sent();
+            }
+            Route::DeleteNamespace { namespace } => {
+                let namespace = namespace.clone();
+                self.fences.push(FenceNote {
+                    namespace,
+                    scope: FenceScope::Namespace,
+                    stamp: 0,
+                });
+            }
+            _ => {}
+        }
     }
 
     /// Namespaces used since the last call, for the watermark tracker.
@@ -287,6 +369,13 @@ impl Exchange {
         self.sidecar_cluster = config.sidecar_cluster.clone();
         self.mirror_vectors = config.mirror_vectors;
         self.read_watermark = config.read_watermark;
+        self.fence_max_ids = config.fence_max_ids;
+        if let Route::DocumentFetch { namespace } = &self.route {
+            if head.fences.is_some_and(|fenced| (fenced.0)(namespace)) {
+                self.bypass = true;
+                self.counters.push(Counter::FetchesBypassed);
+            }
+        }
         if let Route::Query { namespace } = &self.route {
             if self.read_watermark != ReadWatermark::Off {
                 let namespace = namespace.clone();
@@ -424,7 +513,7 @@ impl Exchange {
         match self.route.clone() {
             Route::Write { namespace } => self.finish_write(namespace, decoded, now_ms),
             Route::Query { namespace } => self.finish_query(&namespace, decoded),
-            Route::Pipeline | Route::DocumentFetch => {
+            Route::Pipeline | Route::DocumentFetch { .. } => {
                 self.phase = Phase::AwaitingRoute;
                 self.callout_purpose = Some(Purpose::Route);
                 self.callout_started_ms = now_ms;
@@ -435,6 +524,9 @@ impl Exchange {
                 }
                 if let Some(auth) = &self.forward_authorization {
                     headers.push(("authorization".to_owned(), auth.clone()));
+                }
+                if self.bypass {
+                    headers.push((sidecar_api::BYPASS_HEADER.to_owned(), "1".to_owned()));
                 }
                 Step::Dispatch(Callout {
                     purpose: Purpose::Route,
@@ -464,6 +556,7 @@ impl Exchange {
             }
         };
         self.counters.push(Counter::WritesAccepted);
+        self.accepted = true;
         if plan.stamped_rows > 0 {
             self.counters.push(Counter::RowsStamped(plan.stamped_rows));
         }
@@ -594,6 +687,19 @@ impl Exchange {
                 self.request_id,
                 reply.status
             );
+            // No answer from Turbopuffer: a forwarded write may or may not have applied.
+            if self.phase == Phase::Upstream {
+                self.outcome(Counter::WritesUnanswered);
+                self.fence_sent();
+                if let Route::DeleteNamespace { namespace } = &self.route {
+                    let namespace = namespace.clone();
+                    self.fences.push(FenceNote {
+                        namespace,
+                        scope: FenceScope::Namespace,
+                        stamp: 0,
+                    });
+                }
+            }
             self.sent = None;
             // Envoy sends its reply as headers only for a HEAD request (no body allowed: the new
             // status and content type are all the client gets) and when the reply has no body
@@ -619,6 +725,8 @@ impl Exchange {
         }
         let success = (200..300).contains(&status);
         if !success {
+            // Turbopuffer refused the write: nothing changed, nothing to mirror.
+            self.outcome(Counter::MirrorSkipped);
             self.phase = Phase::Done;
             self.sent = None;
             return (edits, Step::Continue);
@@ -648,6 +756,8 @@ impl Exchange {
                     (edits, step)
                 }
                 None => {
+                    // Nothing the cache holds changes (schema, copy, branch).
+                    self.outcome(Counter::MirrorSkipped);
                     self.phase = Phase::Done;
                     (edits, Step::Continue)
                 }
@@ -690,7 +800,8 @@ impl Exchange {
     }
 
     fn mirror(&mut self, response: Option<&[u8]>, now_ms: u64) -> Step {
-        let Some(sent) = self.sent.take() else {
+        // The write is kept until the mirror's outcome is known: a failed one fences its ids.
+        let Some(sent) = self.sent.as_ref() else {
             self.phase = Phase::Done;
             return Step::Continue;
         };
@@ -776,11 +887,11 @@ impl Exchange {
                 };
                 if !ok {
                     log::warn!(
-                        "request {}: {purpose:?} callout failed (status {status:?})",
+                        "request {}: {purpose:?} callout failed (status {status:?}); fencing",
                         self.request_id
                     );
                 }
-                self.counters.push(counter);
+                self.settle(purpose, ok, counter);
                 Step::Continue
             }
         }
@@ -795,15 +906,41 @@ impl Exchange {
                 self.reply(LocalReply::cache_unavailable("callout could not be dispatched"))
             }
             Some(purpose) => {
-                self.counters.push(if purpose == Purpose::Purge {
+                let counter = if purpose == Purpose::Purge {
                     Counter::PurgeFailed
                 } else {
                     Counter::MirrorFailed
-                });
+                };
+                self.settle(purpose, false, counter);
                 self.phase = Phase::Done;
                 Step::Continue
             }
             None => Step::Continue,
+        }
+    }
+
+    /// A mirror or purge callout's outcome: counted, and fenced when it did not happen.
+    fn settle(&mut self, purpose: Purpose, ok: bool, counter: Counter) {
+        match purpose {
+            Purpose::Mirror => {
+                self.outcome(counter);
+                if ok {
+                    self.sent = None;
+                } else {
+                    self.fence_sent();
+                }
+            }
+            _ => {
+                self.counters.push(counter);
+                if let (false, Route::DeleteNamespace { namespace }) = (ok, &self.route) {
+                    let namespace = namespace.clone();
+                    self.fences.push(FenceNote {
+                        namespace,
+                        scope: FenceScope::Namespace,
+                        stamp: 0,
+                    });
+                }
+            }
         }
     }
 }

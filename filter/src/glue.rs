@@ -1,17 +1,20 @@
 //! The proxy-wasm glue: moves headers and bytes between Envoy and [`Exchange`] and carries out the
 //! steps it returns. Every hostcall result is handled; nothing here panics.
 
-use crate::config::{Config, ReadWatermark};
+mod root;
+
+use crate::config::Config;
 use crate::error::LocalReply;
 use crate::exchange::{
-    request_id_from, Callout, Exchange, HeaderEdits, Purpose, RequestHead, Step, WatermarkLookup,
+    request_id_from, Callout, Exchange, FenceLookup, HeaderEdits, Purpose, RequestHead, Step, WatermarkLookup,
 };
-use crate::metrics::{Counter, NAMESPACES_TRACKED};
-use crate::sidecar_api;
+use crate::fence::{Added, FenceNote, Fences};
+use crate::metrics::{Counter, EVICTIONS_PENDING, NAMESPACES_TRACKED};
 use crate::watermark::{self, Tracker, Watermark};
 use proxy_wasm::hostcalls as host;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
+use proxy_wasm::types::{Action, BufferType, LogLevel, MapType, MetricType, Status};
+use root::Root;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -22,11 +25,12 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
 }}
 
-/// Counter ids (and the tracked-namespaces gauge), defined once per VM at configure time.
+/// Counter ids and the two gauges, defined once per VM at configure time.
 #[derive(Default)]
 struct Metrics {
     ids: HashMap<&'static str, u32>,
     tracked: Option<u32>,
+    pending: Option<u32>,
 }
 
 impl Metrics {
@@ -40,10 +44,25 @@ impl Metrics {
                 Err(status) => log::warn!("could not define metric {name}: {status:?}"),
             }
         }
-        let tracked = host::define_metric(MetricType::Gauge, NAMESPACES_TRACKED)
-            .map_err(|status| log::warn!("could not define metric {NAMESPACES_TRACKED}: {status:?}"))
-            .ok();
-        Metrics { ids, tracked }
+        let gauge = |name: &str| {
+            host::define_metric(MetricType::Gauge, name)
+                .map_err(|status| log::warn!("could not define metric {name}: {status:?}"))
+                .ok()
+        };
+        Metrics {
+            ids,
+            tracked: gauge(NAMESPACES_TRACKED),
+            pending: gauge(EVICTIONS_PENDING),
+        }
+    }
+
+    /// Adds to the evictions-pending gauge (every worker adds its own).
+    fn add_pending(&self, delta: i64) {
+        if let Some(id) = self.pending {
+            if let Err(status) = host::increment_metric(id, delta) {
+                log::debug!("could not change {EVICTIONS_PENDING}: {status:?}");
+            }
+        }
     }
 
     fn set_tracked(&self, namespaces: usize) {
@@ -66,208 +85,6 @@ impl Metrics {
     }
 }
 
-/// A watermark registration on its way to the sidecar.
-struct InFlight {
-    token: u32,
-    seq: u64,
-    sent_ms: u64,
-}
-
-#[derive(Default)]
-struct Root {
-    config: Rc<Config>,
-    metrics: Rc<Metrics>,
-    /// The namespaces this VM's requests used, shared with every stream of the VM.
-    tracker: Rc<RefCell<Option<Tracker>>>,
-    registration: Option<InFlight>,
-    /// The clock at the last tick: coarse (one refresh interval), but free for streams to read.
-    tick_clock: Rc<Cell<u64>>,
-}
-
-/// How long a registration may take before the next tick sends another.
-const REGISTRATION_TIMEOUT_MS: u64 = 2_000;
-
-impl Root {
-    /// Sends the tracked namespaces to the sidecar (one registration at a time).
-    fn register(&mut self) {
-        let now = now_ms();
-        self.tick_clock.set(now);
-        if let Some(in_flight) = &self.registration {
-            if now.saturating_sub(in_flight.sent_ms) < REGISTRATION_TIMEOUT_MS {
-                return;
-            }
-            log::warn!("watermark registration got no answer in {REGISTRATION_TIMEOUT_MS} ms");
-            self.metrics.record(vec![Counter::WatermarkRefreshFailed]);
-            self.registration = None;
-        }
-        let Ok(mut tracker) = self.tracker.try_borrow_mut() else {
-            return;
-        };
-        let Some(tracker) = tracker.as_mut() else {
-            return;
-        };
-        let next = tracker.registration(now);
-        self.metrics.set_tracked(tracker.len());
-        let Some(next) = next else {
-            return;
-        };
-        let headers = vec![
-            (":method", "POST"),
-            (":path", sidecar_api::WATERMARKS_PATH),
-            (":authority", self.config.sidecar_cluster.as_str()),
-            ("content-type", "application/json"),
-        ];
-        match self.dispatch_http_call(
-            &self.config.sidecar_cluster,
-            headers,
-            Some(&next.body),
-            Vec::new(),
-            Duration::from_millis(REGISTRATION_TIMEOUT_MS),
-        ) {
-            Ok(token) => {
-                self.registration = Some(InFlight {
-                    token,
-                    seq: next.seq,
-                    sent_ms: now,
-                });
-            }
-            Err(status) => {
-                log::warn!("could not dispatch the watermark registration: {status:?}");
-                self.metrics.record(vec![
-                    Counter::WatermarkRefreshFailed,
-                    Counter::CalloutDispatchFailed,
-                ]);
-            }
-        }
-    }
-
-    /// Stores the sidecar's watermarks in shared data, where every worker's queries read them.
-    fn store(&self, body: &[u8], seq: u64) -> Result<usize, String> {
-        let now = now_ms();
-        let answer = watermark::parse_answer(body, now)?;
-        if let Ok(mut tracker) = self.tracker.try_borrow_mut() {
-            if let Some(tracker) = tracker.as_mut() {
-                tracker.store(&answer);
-                tracker.acknowledge(seq);
-            }
-        }
-        for (namespace, known) in &answer {
-            let value = known.map(|w| w.encode()).unwrap_or_default();
-            let key = watermark::shared_key(namespace);
-            if let Err(status) = host::set_shared_data(&key, Some(&value), None) {
-                return Err(format!(
-                    "could not store the watermark of '{namespace}': {status:?}"
-                ));
-            }
-        }
-        Ok(answer.len())
-    }
-}
-
-/// A query's watermark, from shared data (empty or missing: unknown).
-fn shared_watermark(namespace: &str) -> Option<Watermark> {
-    match host::get_shared_data(&watermark::shared_key(namespace)) {
-        Ok((Some(bytes), _)) => Watermark::decode(&bytes),
-        _ => None,
-    }
-}
-
-impl Context for Root {
-    fn on_http_call_response(
-        &mut self,
-        token: u32,
-        _num_headers: usize,
-        body_size: usize,
-        _num_trailers: usize,
-    ) {
-        let Some(in_flight) = self.registration.take_if(|r| r.token == token) else {
-            log::warn!("ignoring a callout answer with unknown token {token}");
-            return;
-        };
-        let headers = host::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
-        let status = headers
-            .iter()
-            .find(|(k, _)| k == ":status")
-            .and_then(|(_, v)| v.parse::<u16>().ok());
-        let body = match host::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
-            Ok(b) => b.unwrap_or_default(),
-            Err(_) => Vec::new(),
-        };
-        let outcome = match status {
-            Some(200) => self.store(&body, in_flight.seq),
-            other => Err(format!("the sidecar answered {other:?}")),
-        };
-        match outcome {
-            Ok(n) => {
-                log::debug!("watermarks of {n} namespaces refreshed");
-                self.metrics.record(vec![Counter::WatermarkRefreshOk]);
-            }
-            Err(e) => {
-                log::warn!("watermark refresh failed: {e}");
-                self.metrics.record(vec![Counter::WatermarkRefreshFailed]);
-            }
-        }
-    }
-}
-
-impl RootContext for Root {
-    fn on_configure(&mut self, _size: usize) -> bool {
-        let bytes = match host::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
-            Ok(bytes) => bytes.unwrap_or_default(),
-            Err(status) => {
-                log::error!("hevlayer: cannot read plugin configuration: {status:?}");
-                return false;
-            }
-        };
-        match Config::parse(&bytes) {
-            Ok(config) => {
-                log::info!(
-                    "hevlayer: configured (auth {:?}, body limit {} bytes, sidecar cluster '{}')",
-                    config.auth_mode,
-                    config.max_body_bytes,
-                    config.sidecar_cluster
-                );
-                self.tick_clock.set(now_ms());
-                if config.read_watermark != ReadWatermark::Off {
-                    *self.tracker.borrow_mut() = Some(Tracker::new(
-                        config.watermark_namespaces,
-                        config.watermark_idle_ms,
-                    ));
-                    self.set_tick_period(Duration::from_millis(config.watermark_refresh_ms));
-                }
-                self.config = Rc::new(config);
-                self.metrics = Rc::new(Metrics::define());
-                true
-            }
-            Err(e) => {
-                log::error!("hevlayer: {e}");
-                false
-            }
-        }
-    }
-
-    fn on_tick(&mut self) {
-        self.register();
-    }
-
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Filter {
-            config: Rc::clone(&self.config),
-            metrics: Rc::clone(&self.metrics),
-            tracker: Rc::clone(&self.tracker),
-            tick_clock: Rc::clone(&self.tick_clock),
-            exchange: Exchange::new(),
-            request_seen: 0,
-            callout: None,
-            answered: None,
-        }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
-}
-
 /// Where a step is carried out: it decides how "continue" and "reply" are expressed.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Site {
@@ -279,11 +96,104 @@ enum Site {
     Callout,
 }
 
-struct Filter {
+/// What a VM's streams share with its root context.
+#[derive(Default, Clone)]
+struct Shared {
     config: Rc<Config>,
     metrics: Rc<Metrics>,
+    /// The namespaces this VM's requests used (`None` with the watermark off).
     tracker: Rc<RefCell<Option<Tracker>>>,
+    /// What this VM's writes could not mirror, until the sidecar evicts it.
+    fences: Rc<RefCell<Fences>>,
+    /// The clock at the last tick: coarse (one refresh interval), but free for streams to read.
     tick_clock: Rc<Cell<u64>>,
+}
+
+impl Shared {
+    /// Takes a stream's fence notes: kept until evicted, and marked in shared data so every
+    /// worker's fetches of the namespace bypass the cache meanwhile.
+    fn fence(&self, notes: Vec<FenceNote>) {
+        let Ok(mut fences) = self.fences.try_borrow_mut() else {
+            return;
+        };
+        let now = self.tick_clock.get();
+        for note in notes {
+            let namespace = note.namespace.clone();
+            log::warn!("fencing namespace '{namespace}': a write could not be mirrored");
+            match fences.add(note, now) {
+                Added::New => {
+                    shared_fence_add(&namespace, 1);
+                    self.metrics.add_pending(1);
+                }
+                Added::Merged => {}
+                Added::BecamePurge => self.metrics.record(vec![Counter::EvictionsAsPurge]),
+                Added::Overflow => {
+                    log::error!("fence full: '{namespace}' is left to the sidecar's max age");
+                    self.metrics.record(vec![Counter::FenceOverflow]);
+                }
+            }
+        }
+    }
+
+    /// Whether fetches of `namespace` must bypass the cache: this worker fences it, or another.
+    fn fenced(&self, namespace: &str) -> bool {
+        let local = self.fences.try_borrow().is_ok_and(|f| f.contains(namespace));
+        local || shared_fence_count(namespace) > 0
+    }
+}
+
+/// A query's watermark, from shared data (empty or missing: unknown).
+fn shared_watermark(namespace: &str) -> Option<Watermark> {
+    match host::get_shared_data(&watermark::shared_key(namespace)) {
+        Ok((Some(bytes), _)) => Watermark::decode(&bytes),
+        _ => None,
+    }
+}
+
+fn fence_key(namespace: &str) -> String {
+    format!("hevlayer.fence:{namespace}")
+}
+
+/// How many workers fence `namespace` (shared data, ASCII decimal).
+fn shared_fence_count(namespace: &str) -> i64 {
+    match host::get_shared_data(&fence_key(namespace)) {
+        Ok((Some(bytes), _)) => std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Adds `delta` to the number of workers fencing `namespace`, with compare-and-swap (workers
+/// write it concurrently).
+fn shared_fence_add(namespace: &str, delta: i64) {
+    let key = fence_key(namespace);
+    for _ in 0..16 {
+        let (current, cas) = match host::get_shared_data(&key) {
+            Ok((value, cas)) => (
+                value
+                    .and_then(|b| std::str::from_utf8(&b).ok().and_then(|s| s.parse::<i64>().ok()))
+                    .unwrap_or(0),
+                cas,
+            ),
+            Err(_) => (0, None),
+        };
+        let next = (current + delta).max(0).to_string();
+        match host::set_shared_data(&key, Some(next.as_bytes()), cas) {
+            Ok(()) => return,
+            Err(Status::CasMismatch) => continue,
+            Err(status) => {
+                log::warn!("could not mark the fence of '{namespace}': {status:?}");
+                return;
+            }
+        }
+    }
+    log::warn!("could not mark the fence of '{namespace}': too much contention");
+}
+
+struct Filter {
+    shared: Shared,
     exchange: Exchange,
     /// Request body bytes Envoy has buffered (reported cumulatively while the filter pauses).
     request_seen: usize,
@@ -375,14 +285,18 @@ fn send_reply(reply: &LocalReply) {
 
 impl Filter {
     fn record(&mut self) {
-        self.metrics.record(self.exchange.take_counters());
+        self.shared.metrics.record(self.exchange.take_counters());
+        let fences = self.exchange.take_fences();
+        if !fences.is_empty() {
+            self.shared.fence(fences);
+        }
         let touches = self.exchange.take_touches();
         if touches.is_empty() {
             return;
         }
-        if let Ok(mut tracker) = self.tracker.try_borrow_mut() {
+        if let Ok(mut tracker) = self.shared.tracker.try_borrow_mut() {
             if let Some(tracker) = tracker.as_mut() {
-                let now = self.tick_clock.get();
+                let now = self.shared.tick_clock.get();
                 for touch in touches {
                     tracker.touch(touch, now);
                 }
@@ -406,7 +320,7 @@ impl Filter {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         match host::dispatch_http_call(
-            &self.config.sidecar_cluster,
+            &self.shared.config.sidecar_cluster,
             headers,
             Some(&call.body),
             Vec::new(),
@@ -420,7 +334,7 @@ impl Filter {
                 log::warn!(
                     "could not dispatch {:?} callout to '{}': {status:?}",
                     call.purpose,
-                    self.config.sidecar_cluster
+                    self.shared.config.sidecar_cluster
                 );
                 Err(())
             }
@@ -440,7 +354,7 @@ impl Filter {
                 if let Some(body) = body.filter(|_| site != Site::RequestHeaders) {
                     if let Err(reply) = replace_request_body(&body, body_len, site) {
                         // Never forward a body that should have changed (an unstamped write).
-                        self.metrics.record(vec![Counter::BodyReplaceFailed]);
+                        self.shared.metrics.record(vec![Counter::BodyReplaceFailed]);
                         send_reply(&reply);
                         self.record();
                         return Action::Pause;
@@ -509,6 +423,12 @@ impl Context for Filter {
 }
 
 impl HttpContext for Filter {
+    /// The stream is over: a write whose outcome never came is fenced.
+    fn on_log(&mut self) {
+        self.exchange.on_stream_end();
+        self.record();
+    }
+
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let map = MapType::HttpRequestHeaders;
         // One hostcall for the whole map instead of one per header.
@@ -520,7 +440,7 @@ impl HttpContext for Filter {
                 .map(|(_, v)| v.as_str())
         };
         // A tracked namespace's watermark is in this worker's own copy; any other's in shared data.
-        let tracker = Rc::clone(&self.tracker);
+        let tracker = Rc::clone(&self.shared.tracker);
         let lookup = move |namespace: &str| {
             let local = tracker
                 .try_borrow()
@@ -528,6 +448,8 @@ impl HttpContext for Filter {
                 .and_then(|t| t.as_ref().and_then(|t| t.watermark(namespace)));
             local.or_else(|| shared_watermark(namespace))
         };
+        let shared = self.shared.clone();
+        let fenced = move |namespace: &str| shared.fenced(namespace);
         let request_id = match get("x-request-id").filter(|v| !v.is_empty()) {
             Some(id) => id.to_owned(),
             None => {
@@ -547,10 +469,11 @@ impl HttpContext for Filter {
             content_type: get("content-type"),
             request_id: &request_id,
             end_of_stream,
-            now_ms: self.tick_clock.get(),
+            now_ms: self.shared.tick_clock.get(),
             watermarks: Some(WatermarkLookup(&lookup)),
+            fences: Some(FenceLookup(&fenced)),
         };
-        let config = Rc::clone(&self.config);
+        let config = Rc::clone(&self.shared.config);
         let (edits, step) = self.exchange.on_request_headers(&config, &head);
         apply(map, &edits);
         self.execute(step, Site::RequestHeaders, 0)

@@ -10,6 +10,7 @@ pub mod body;
 pub mod config;
 pub mod error;
 pub mod exchange;
+pub mod fence;
 pub mod metrics;
 pub mod outcome;
 pub mod reads;

@@ -83,6 +83,21 @@ pub enum Counter {
     MirrorOk,
     MirrorFailed,
     MirrorTimeout,
+    /// An accepted write with nothing to mirror: Turbopuffer refused it, or it changes no
+    /// document (schema, copy, branch).
+    MirrorSkipped,
+    /// An accepted write whose outcome the filter never saw (the client hung up, Envoy timed out
+    /// or reset): fenced.
+    WritesUnanswered,
+    /// A document fetch of a fenced namespace, sent past the cache.
+    FetchesBypassed,
+    /// The root context's eviction requests: failed (retried later) and namespaces acknowledged.
+    EvictionsRetried,
+    EvictionsAcknowledged,
+    /// A namespace's fence grew past its id limit: its cache is purged instead.
+    EvictionsAsPurge,
+    /// A fence dropped because the worker already fences the most namespaces it keeps.
+    FenceOverflow,
     PurgeOk,
     PurgeFailed,
     SidecarRouted,
@@ -127,6 +142,13 @@ impl Counter {
             Counter::MirrorOk => "hevlayer.mirror_ok",
             Counter::MirrorFailed => "hevlayer.mirror_failed",
             Counter::MirrorTimeout => "hevlayer.mirror_timeout",
+            Counter::MirrorSkipped => "hevlayer.mirror_skipped",
+            Counter::WritesUnanswered => "hevlayer.writes_unanswered",
+            Counter::FetchesBypassed => "hevlayer.fetches_bypassed",
+            Counter::EvictionsRetried => "hevlayer.evictions_retried",
+            Counter::EvictionsAcknowledged => "hevlayer.evictions_acknowledged",
+            Counter::EvictionsAsPurge => "hevlayer.evictions_as_purge",
+            Counter::FenceOverflow => "hevlayer.fence_overflow",
             Counter::PurgeOk => "hevlayer.purge_ok",
             Counter::PurgeFailed => "hevlayer.purge_failed",
             Counter::SidecarRouted => "hevlayer.sidecar_routed",
@@ -176,6 +198,13 @@ impl Counter {
                 Counter::MirrorOk,
                 Counter::MirrorFailed,
                 Counter::MirrorTimeout,
+                Counter::MirrorSkipped,
+                Counter::WritesUnanswered,
+                Counter::FetchesBypassed,
+                Counter::EvictionsRetried,
+                Counter::EvictionsAcknowledged,
+                Counter::EvictionsAsPurge,
+                Counter::FenceOverflow,
                 Counter::PurgeOk,
                 Counter::PurgeFailed,
                 Counter::SidecarRouted,
@@ -195,6 +224,8 @@ impl Counter {
 
 /// The gauge of namespaces this VM asks the sidecar to watch.
 pub const NAMESPACES_TRACKED: &str = "hevlayer.watermark_namespaces";
+/// The gauge of fenced namespaces (evictions pending), added to by every worker.
+pub const EVICTIONS_PENDING: &str = "hevlayer.evictions_pending";
 
 #[cfg(test)]
 mod tests {
@@ -208,7 +239,7 @@ mod tests {
         sorted.dedup();
         assert_eq!(sorted.len(), names.len());
         assert!(names.iter().all(|n| n.starts_with("hevlayer.")));
-        assert!(!names.contains(&NAMESPACES_TRACKED));
+        assert!(!names.contains(&NAMESPACES_TRACKED) && !names.contains(&EVICTIONS_PENDING));
         for reason in WriteReason::ALL {
             assert!(Counter::WritesRejected(reason).name().ends_with(reason.as_str()));
         }

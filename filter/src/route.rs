@@ -19,7 +19,7 @@ pub enum Route {
     /// `DELETE /v2/namespaces/{ns}`: passes through; purges the cache after success.
     DeleteNamespace { namespace: String },
     /// `GET /v2/namespaces/{ns}/documents/{id}`: answered by the sidecar.
-    DocumentFetch,
+    DocumentFetch { namespace: String },
     /// `/v2/pipelines...`: answered by the sidecar.
     Pipeline,
     /// Every other path (Envoy routes them all to Turbopuffer): authenticated, otherwise untouched.
@@ -31,7 +31,7 @@ impl Route {
     pub fn needs_body(&self) -> bool {
         matches!(
             self,
-            Route::Write { .. } | Route::Query { .. } | Route::Pipeline | Route::DocumentFetch
+            Route::Write { .. } | Route::Query { .. } | Route::Pipeline | Route::DocumentFetch { .. }
         )
     }
 }
@@ -73,7 +73,9 @@ pub fn classify(method: &str, path: &str) -> Route {
         ("DELETE", ["v2", "namespaces", ns]) => Route::DeleteNamespace {
             namespace: decode(ns),
         },
-        ("GET", ["v2", "namespaces", _, "documents", _]) => Route::DocumentFetch,
+        ("GET", ["v2", "namespaces", ns, "documents", _]) => Route::DocumentFetch {
+            namespace: decode(ns),
+        },
         (_, ["v2", "pipelines", ..]) => Route::Pipeline,
         _ => Route::Passthrough,
     }
@@ -142,6 +144,10 @@ mod tests {
         Route::Query { namespace: ns.into() }
     }
 
+    fn fetch(ns: &str) -> Route {
+        Route::DocumentFetch { namespace: ns.into() }
+    }
+
     #[test]
     fn classifies_routes() {
         let cases = [
@@ -163,7 +169,7 @@ mod tests {
             ("POST", "/v2/namespaces/ns1/explain_query", Route::Passthrough),
             ("POST", "/v1/namespaces/ns1/query", Route::Passthrough),
             ("GET", "/v2/namespaces/ns1/query", Route::Passthrough),
-            ("GET", "/v2/namespaces/ns1/documents/7", Route::DocumentFetch),
+            ("GET", "/v2/namespaces/ns1/documents/7", fetch("ns1")),
             ("GET", "/v1/namespaces/ns1/metadata", Route::Passthrough),
             ("PUT", "/v2/pipelines/p/documents/d", Route::Pipeline),
             ("GET", "/v2/pipelines", Route::Pipeline),
@@ -206,8 +212,8 @@ mod tests {
                     namespace: "x".into(),
                 },
             ),
-            ("GET", "//v2/namespaces/x/documents/7/", Route::DocumentFetch),
-            ("GET", "/v2/namespaces/x/./documents//7", Route::DocumentFetch),
+            ("GET", "//v2/namespaces/x/documents/7/", fetch("x")),
+            ("GET", "/v2/namespaces/x/./documents//7", fetch("x")),
             ("GET", "/v1/../v2/pipelines/", Route::Pipeline),
             ("POST", "/v2/namespaces/x/./query", query("x")),
             ("POST", "/v2/namespaces/x/query/", query("x")),
@@ -217,7 +223,7 @@ mod tests {
                 query("a/b"),
             ),
             // Encoded dots are not dot segments: they may be a document id.
-            ("GET", "/v2/namespaces/x/documents/%2E%2E", Route::DocumentFetch),
+            ("GET", "/v2/namespaces/x/documents/%2E%2E", fetch("x")),
             ("POST", "/v2/namespaces/x/%2e", Route::Passthrough),
         ];
         for (method, path, route) in variants {

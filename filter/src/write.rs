@@ -642,6 +642,65 @@ impl Scan {
     }
 }
 
+/// The documents an accepted write may change, for the fence when its mirror did not happen: the
+/// ids it names (as the JSON tokens it spells them with), or the whole namespace for filter writes
+/// and for more than `max_ids` ids. Scans the body again: this runs only when a mirror failed.
+pub fn fence_scope(body: &[u8], max_ids: usize) -> crate::fence::Scope {
+    use crate::fence::Scope;
+    let mut ids: Vec<String> = Vec::new();
+    let mut whole = false;
+    let mut cur = Cursor::new(body);
+    let token = |cur: &mut Cursor<'_>, ids: &mut Vec<String>| -> crate::scan::Result<()> {
+        let start = cur.pos();
+        cur.skip_value()?;
+        if ids.len() <= max_ids {
+            ids.push(String::from_utf8_lossy(&body[start..cur.pos()]).into_owned());
+        }
+        Ok(())
+    };
+    let scanned = cur.object(|cur, m| {
+        let key = cur.text(m.key);
+        let kind = cur.peek_kind()?;
+        match (key.as_ref(), kind) {
+            ("upsert_rows" | "patch_rows", Kind::Array) => cur
+                .array(|cur| {
+                    if cur.peek_kind()? != Kind::Object {
+                        return cur.skip_value().map(|_| ());
+                    }
+                    cur.object(|cur, m| {
+                        if cur.text(m.key) == "id" {
+                            token(cur, &mut ids)
+                        } else {
+                            cur.skip_value().map(|_| ())
+                        }
+                    })
+                    .map(|_| ())
+                })
+                .map(|_| ()),
+            ("upsert_columns" | "patch_columns", Kind::Object) => cur
+                .object(|cur, m| {
+                    if cur.text(m.key) == "id" && cur.peek_kind()? == Kind::Array {
+                        cur.array(|cur| token(cur, &mut ids)).map(|_| ())
+                    } else {
+                        cur.skip_value().map(|_| ())
+                    }
+                })
+                .map(|_| ()),
+            ("deletes", Kind::Array) => cur.array(|cur| token(cur, &mut ids)).map(|_| ()),
+            ("patch_by_filter" | "delete_by_filter", k) if k != Kind::Null => {
+                whole = true;
+                cur.skip_value().map(|_| ())
+            }
+            _ => cur.skip_value().map(|_| ()),
+        }
+    });
+    if whole || scanned.is_err() || ids.len() > max_ids {
+        Scope::Namespace
+    } else {
+        Scope::Ids(ids)
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod bodies;
 #[cfg(test)]

@@ -1054,6 +1054,9 @@ fn watermarks_come_from_the_sidecar_on_a_timer_and_apply_without_a_callout_per_q
     s.request_body(br#"{"deletes":[1]}"#, true).unwrap();
     s.respond(200, &[JSON], br#"{"status":"OK"}"#, "via_upstream")
         .unwrap();
+    let mirror = s.callouts()[0].token;
+    s.answer_callout(mirror, Some((200, &[JSON], br#"{"applied":1}"#)))
+        .unwrap();
     s.finish().unwrap();
 
     let registered = refresh(
@@ -1127,9 +1130,10 @@ fn watermarks_come_from_the_sidecar_on_a_timer_and_apply_without_a_callout_per_q
 }
 
 #[test]
-fn with_the_watermark_off_the_filter_never_ticks() {
+fn with_the_watermark_off_nothing_is_registered() {
     let mut vm = vm(r#"{"read_watermark":"off"}"#);
-    assert_eq!(vm.tick_period_ms(), 0);
+    // The timer still runs: it sends evictions when a mirror fails.
+    assert_eq!(vm.tick_period_ms(), 500);
     let mut s = send_query(&mut vm, br#"{"as_of":5}"#, 100);
     assert_eq!(
         s.upstream_body(),
@@ -1140,4 +1144,151 @@ fn with_the_watermark_off_the_filter_never_ticks() {
     s.finish().unwrap();
     vm.tick().unwrap();
     assert!(vm.root_callouts().is_empty());
+}
+
+// ---- the fence ----
+
+fn fetch_callout(vm: &mut Vm, namespace: &str) -> (Option<String>, i64) {
+    let mut s = vm.stream().unwrap();
+    let path = format!("/v2/namespaces/{namespace}/documents/a");
+    s.request_headers(
+        &[
+            (":method", "GET"),
+            (":path", &path),
+            ("authorization", "Bearer k"),
+        ],
+        true,
+    )
+    .unwrap();
+    let call = s.callouts()[0].clone();
+    let bypass = call.header("x-hevlayer-cache-bypass").map(str::to_owned);
+    let token = call.token;
+    s.answer_callout(token, Some((200, &[JSON], br#"{"id":"a","attributes":{}}"#)))
+        .unwrap();
+    (bypass, s.counter("hevlayer.fetches_bypassed"))
+}
+
+#[test]
+fn a_failed_mirror_is_fenced_until_the_sidecar_evicts_it() {
+    let mut vm = vm(r#"{"read_watermark":"off"}"#);
+    let mut s = send_write(
+        &mut vm,
+        br#"{"upsert_rows":[{"id":"a","t":1},{"id":2,"t":2}]}"#,
+        100,
+    );
+    s.respond(200, &[JSON], br#"{"status":"OK"}"#, "via_upstream")
+        .unwrap();
+    let mirror = s.callouts()[0].token;
+    s.answer_callout(
+        mirror,
+        Some((503, &[("content-type", "text/plain")], b"no healthy upstream")),
+    )
+    .unwrap();
+    assert_eq!(s.client_status(), Some(200), "the write succeeded all the same");
+    s.finish().unwrap();
+    assert_eq!(vm.counter("hevlayer.mirror_failed"), 1);
+    assert_eq!(vm.counter("hevlayer.evictions_pending"), 1);
+    assert_eq!(vm.shared_data("hevlayer.fence:ns"), Some(&b"1"[..]));
+
+    // Meanwhile fetches of the namespace bypass the cache; other namespaces do not.
+    assert_eq!(fetch_callout(&mut vm, "ns"), (Some("1".to_owned()), 1));
+    assert_eq!(fetch_callout(&mut vm, "elsewhere").0, None);
+
+    // The timer sends the eviction; a failure is retried after a backoff.
+    vm.tick().unwrap();
+    let call = vm.root_callouts().last().unwrap().clone();
+    assert_eq!(call.header(":path"), Some("/internal/v1/evict"));
+    let body: Value = serde_json::from_slice(&call.body).unwrap();
+    assert_eq!(
+        body,
+        json!({"fences": [{"namespace": "ns", "ids": ["a", 2], "stamp": NOW_MS}]})
+    );
+    vm.answer_callout(
+        call.token,
+        Some((503, &[("content-type", "text/plain")], b"down")),
+    )
+    .unwrap();
+    assert_eq!(vm.counter("hevlayer.evictions_retried"), 1);
+    let sent = vm.root_callouts().len();
+    vm.tick().unwrap();
+    assert_eq!(vm.root_callouts().len(), sent, "backing off");
+    vm.set_time_ms(NOW_MS + 1_000);
+    vm.tick().unwrap();
+    let retry = vm.root_callouts().last().unwrap().clone();
+    assert_eq!(retry.body, call.body);
+    vm.answer_callout(retry.token, Some((200, &[JSON], br#"{"applied":2}"#)))
+        .unwrap();
+    assert_eq!(vm.counter("hevlayer.evictions_acknowledged"), 1);
+    assert_eq!(vm.counter("hevlayer.evictions_pending"), 0);
+    assert_eq!(vm.shared_data("hevlayer.fence:ns"), Some(&b"0"[..]));
+    assert_eq!(
+        fetch_callout(&mut vm, "ns").0,
+        None,
+        "evicted: the cache serves again"
+    );
+    vm.tick().unwrap();
+    assert_eq!(vm.root_callouts().len(), sent + 1, "nothing left to send");
+}
+
+#[test]
+fn every_accepted_write_ends_in_one_mirror_outcome() {
+    let mut vm = vm(r#"{"read_watermark":"off"}"#);
+    // Mirrored.
+    let mut s = send_write(&mut vm, br#"{"deletes":[1]}"#, 100);
+    s.respond(200, &[JSON], br#"{"status":"OK"}"#, "via_upstream")
+        .unwrap();
+    let t = s.callouts()[0].token;
+    s.answer_callout(t, Some((200, &[JSON], br#"{"applied":1}"#)))
+        .unwrap();
+    s.finish().unwrap();
+    // Refused by Turbopuffer.
+    let mut s = send_write(&mut vm, br#"{"deletes":[1]}"#, 100);
+    s.respond(429, &[JSON], br#"{"status":"error"}"#, "via_upstream")
+        .unwrap();
+    s.finish().unwrap();
+    // The client hung up after its body went upstream: fenced.
+    let s = send_write(&mut vm, br#"{"patch_rows":[{"id":9,"x":1}]}"#, 100);
+    assert!(s.reached_upstream());
+    s.finish().unwrap();
+    // Envoy's 504: Turbopuffer did not answer in time; fenced.
+    let mut s = send_write(&mut vm, br#"{"deletes":[3]}"#, 100);
+    s.respond(
+        504,
+        &[("content-type", "text/plain")],
+        b"upstream request timeout",
+        "response_timeout",
+    )
+    .unwrap();
+    s.finish().unwrap();
+    // Rejected: never accepted.
+    let s = send_write(&mut vm, b"{}", 100);
+    s.finish().unwrap();
+    let outcomes: i64 = [
+        "mirror_ok",
+        "mirror_failed",
+        "mirror_timeout",
+        "mirror_skipped",
+        "writes_unanswered",
+    ]
+    .iter()
+    .map(|c| vm.counter(&format!("hevlayer.{c}")))
+    .sum();
+    assert_eq!(vm.counter("hevlayer.writes_accepted"), 4);
+    assert_eq!(outcomes, 4);
+    assert_eq!(
+        (
+            vm.counter("hevlayer.mirror_ok"),
+            vm.counter("hevlayer.mirror_skipped"),
+            vm.counter("hevlayer.writes_unanswered")
+        ),
+        (1, 1, 2)
+    );
+    assert_eq!(
+        vm.counter("hevlayer.evictions_pending"),
+        1,
+        "one namespace, two writes"
+    );
+    vm.tick().unwrap();
+    let body: Value = serde_json::from_slice(&vm.root_callouts().last().unwrap().body).unwrap();
+    assert_eq!(body["fences"][0]["ids"], json!([3, 9]));
 }

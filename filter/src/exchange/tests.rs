@@ -982,3 +982,163 @@ fn keys_mode_never_hands_the_callers_key_to_the_tracker() {
     assert_eq!(touches.len(), 1);
     assert_eq!(touches[0].authorization, None);
 }
+
+// ---- the fence ----
+
+use crate::fence::{FenceNote, Scope as FenceScope};
+
+/// A write of `body`, forwarded, with its response headers `status`: the exchange after them.
+fn answered_write(body: &[u8], status: u16, details: &str) -> (Driver, Step) {
+    let mut ex = start_write(&Config::default());
+    let _ = ex.feed(body, true, NOW);
+    let (_, step) = ex.on_response_headers(status, Some(details), false, NOW);
+    (ex, step)
+}
+
+/// The mirror outcome counters an exchange recorded (each accepted write has exactly one).
+fn outcomes(counters: &[Counter]) -> Vec<Counter> {
+    counters
+        .iter()
+        .copied()
+        .filter(|c| {
+            matches!(
+                c,
+                Counter::MirrorOk
+                    | Counter::MirrorFailed
+                    | Counter::MirrorTimeout
+                    | Counter::MirrorSkipped
+                    | Counter::WritesUnanswered
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_mirror_that_did_not_happen_fences_the_writes_ids() {
+    let body = br#"{"upsert_rows":[{"id":"a","t":1},{"id":7}],"deletes":["z"]}"#;
+    let expected = FenceNote {
+        namespace: "ns".into(),
+        scope: FenceScope::Ids(vec!["\"a\"".into(), "7".into(), "\"z\"".into()]),
+        stamp: NOW,
+    };
+    // Failed, timed out, or never dispatched: the same fence.
+    for (status, elapsed, counter) in [
+        (Some(500), 3, Counter::MirrorFailed),
+        (None, 300, Counter::MirrorTimeout),
+    ] {
+        let (mut ex, step) = answered_write(body, 200, "via_upstream");
+        assert!(matches!(step, Step::Dispatch(_)));
+        ex.on_callout_answer(status, &json_type(), Vec::new(), NOW + elapsed);
+        assert_eq!(ex.take_fences(), vec![expected.clone()]);
+        assert_eq!(outcomes(&ex.take_counters()), vec![counter]);
+        ex.on_stream_end();
+        assert!(
+            ex.take_fences().is_empty() && ex.take_counters().is_empty(),
+            "one outcome"
+        );
+    }
+    let (mut ex, _) = answered_write(body, 200, "via_upstream");
+    ex.on_callout_dispatch_failed();
+    assert_eq!(ex.take_fences(), vec![expected]);
+    assert_eq!(outcomes(&ex.take_counters()), vec![Counter::MirrorFailed]);
+}
+
+#[test]
+fn a_mirror_that_happened_fences_nothing() {
+    let (mut ex, _) = answered_write(br#"{"deletes":[1]}"#, 200, "via_upstream");
+    ex.on_callout_answer(Some(200), &json_type(), br#"{"applied":1}"#.to_vec(), NOW + 1);
+    ex.on_stream_end();
+    assert!(ex.take_fences().is_empty());
+    assert_eq!(outcomes(&ex.take_counters()), vec![Counter::MirrorOk]);
+}
+
+#[test]
+fn a_write_whose_outcome_never_came_is_fenced() {
+    // The client hung up after the body went upstream.
+    let mut ex = start_write(&Config::default());
+    let _ = ex.feed(br#"{"patch_rows":[{"id":5,"x":1}]}"#, true, NOW);
+    ex.on_stream_end();
+    assert_eq!(
+        ex.take_fences(),
+        vec![FenceNote {
+            namespace: "ns".into(),
+            scope: FenceScope::Ids(vec!["5".into()]),
+            stamp: NOW
+        }]
+    );
+    assert_eq!(outcomes(&ex.take_counters()), vec![Counter::WritesUnanswered]);
+    // Hung up while the mirror of a 2xx was in flight: its answer will never be seen.
+    let (mut ex, _) = answered_write(br#"{"deletes":[1]}"#, 200, "via_upstream");
+    ex.on_stream_end();
+    assert_eq!(ex.take_fences().len(), 1);
+    assert_eq!(outcomes(&ex.take_counters()), vec![Counter::WritesUnanswered]);
+    // Envoy's own 504 (Turbopuffer did not answer in time): the write may have applied.
+    let (mut ex, _) = answered_write(br#"{"deletes":[1]}"#, 504, "response_timeout");
+    assert_eq!(ex.take_fences().len(), 1);
+    assert_eq!(outcomes(&ex.take_counters()), vec![Counter::WritesUnanswered]);
+    // A filter write: the whole namespace.
+    let mut ex = start_write(&Config::default());
+    let _ = ex.feed(br#"{"delete_by_filter":["a","Eq",1]}"#, true, NOW);
+    ex.on_stream_end();
+    assert_eq!(ex.take_fences()[0].scope, FenceScope::Namespace);
+}
+
+#[test]
+fn writes_with_nothing_to_mirror_are_skipped_not_fenced() {
+    for (body, status) in [
+        (&br#"{"deletes":[1]}"#[..], 429),
+        (&br#"{"deletes":[1]}"#[..], 400),
+        (&br#"{"schema":{"a":{"type":"string"}}}"#[..], 200),
+    ] {
+        let (mut ex, step) = answered_write(body, status, "via_upstream");
+        assert_eq!(step, Step::Continue);
+        ex.on_stream_end();
+        assert!(ex.take_fences().is_empty());
+        assert_eq!(
+            outcomes(&ex.take_counters()),
+            vec![Counter::MirrorSkipped],
+            "{status}"
+        );
+    }
+    // A rejected write was never accepted: no outcome at all.
+    let mut ex = start_write(&Config::default());
+    let _ = ex.feed(b"{}", true, NOW);
+    ex.on_stream_end();
+    assert!(outcomes(&ex.take_counters()).is_empty());
+}
+
+#[test]
+fn a_failed_purge_fences_the_namespace() {
+    let mut ex = Driver::new();
+    ex.on_request_headers(&Config::default(), &head("DELETE", "/v2/namespaces/gone"));
+    let (_, step) = ex.on_response_headers(200, Some("via_upstream"), true, NOW);
+    assert!(matches!(step, Step::Dispatch(_)));
+    ex.on_callout_answer(Some(503), &[], Vec::new(), NOW + 1);
+    assert_eq!(
+        ex.take_fences(),
+        vec![FenceNote {
+            namespace: "gone".into(),
+            scope: FenceScope::Namespace,
+            stamp: 0
+        }]
+    );
+}
+
+#[test]
+fn a_fetch_of_a_fenced_namespace_bypasses_the_cache() {
+    let fenced = |ns: &str| ns == "fenced";
+    for (ns, bypass) in [("fenced", true), ("other", false)] {
+        let mut ex = Driver::new();
+        let path = format!("/v2/namespaces/{ns}/documents/7");
+        let mut h = head("GET", &path);
+        h.end_of_stream = true;
+        h.fences = Some(FenceLookup(&fenced));
+        let (_, step) = ex.on_request_headers(&Config::default(), &h);
+        let Step::Dispatch(call) = step else {
+            panic!("{step:?}")
+        };
+        let has = call.headers.iter().any(|(k, _)| k == sidecar_api::BYPASS_HEADER);
+        assert_eq!(has, bypass, "{ns}");
+        assert_eq!(ex.take_counters().contains(&Counter::FetchesBypassed), bypass);
+    }
+}

@@ -557,3 +557,41 @@ proptest! {
         prop_assert_eq!(mirror, expected);
     }
 }
+
+#[test]
+fn a_fence_names_the_ids_a_write_touches_or_its_whole_namespace() {
+    use crate::fence::Scope;
+    let ids = |body: &str| match fence_scope(body.as_bytes(), 5) {
+        Scope::Ids(ids) => Some(ids),
+        Scope::Namespace => None,
+    };
+    assert_eq!(
+        ids(
+            r#"{"upsert_rows":[{"t":1,"id":"a"},{"id":7}],"patch_columns":{"x":[1],"id":["\u0062"]},"deletes":[9,"z"]}"#
+        ),
+        Some(vec![
+            "\"a\"".into(),
+            "7".into(),
+            "\"\\u0062\"".into(),
+            "9".into(),
+            "\"z\"".into()
+        ])
+    );
+    assert_eq!(
+        ids(r#"{"upsert_rows":[{"id":1}],"upsert_condition":["v","Lt",1]}"#),
+        Some(vec!["1".into()]),
+        "a conditional write touches at most its own ids"
+    );
+    assert_eq!(
+        ids(r#"{"patch_by_filter":{"filters":["a","Eq",1],"patch":{"b":1}}}"#),
+        None
+    );
+    assert_eq!(ids(r#"{"delete_by_filter":["a","Eq",1]}"#), None);
+    assert_eq!(
+        ids(r#"{"deletes":[1,2,3,4,5,6]}"#),
+        None,
+        "more than the limit: the namespace"
+    );
+    assert_eq!(ids(r#"{"deletes":[1,2,3,4,5]}"#).map(|v| v.len()), Some(5));
+    assert_eq!(ids(r#"{"schema":{}}"#), Some(vec![]));
+}

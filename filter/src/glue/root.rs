@@ -1,0 +1,303 @@
+//! The root context: configuration, and on its timer the two things that outlive any stream —
+//! registering the namespaces this worker saw (and reading their watermarks back), and sending
+//! what writes could not mirror to the sidecar until it acknowledges.
+
+use super::{now_ms, shared_fence_add, Metrics, Shared};
+use crate::config::{Config, ReadWatermark};
+use crate::exchange::Exchange;
+use crate::fence::Fences;
+use crate::metrics::Counter;
+use crate::sidecar_api;
+use crate::watermark::{self, Tracker};
+use proxy_wasm::hostcalls as host;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{BufferType, ContextType, MapType};
+use std::rc::Rc;
+use std::time::Duration;
+
+/// How long a registration or an eviction request may take before the next tick gives up on it.
+const CALLOUT_TIMEOUT_MS: u64 = 2_000;
+/// Backoff of a namespace's evictions: doubling from the first, at most the second.
+const EVICT_BACKOFF_MS: (u64, u64) = (500, 30_000);
+
+/// A root callout on its way to the sidecar.
+enum InFlight {
+    Registration { seq: u64 },
+    Eviction { covers: Vec<(String, u64)> },
+}
+
+#[derive(Default)]
+pub(super) struct Root {
+    shared: Shared,
+    /// At most one callout of each kind at a time: (token, what, sent at).
+    registration: Option<(u32, InFlight, u64)>,
+    eviction: Option<(u32, InFlight, u64)>,
+}
+
+impl Root {
+    fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    fn call(&self, path: &str, body: &[u8]) -> Result<u32, proxy_wasm::types::Status> {
+        let cluster = self.config().sidecar_cluster.as_str();
+        let headers = vec![
+            (":method", "POST"),
+            (":path", path),
+            (":authority", cluster),
+            ("content-type", "application/json"),
+        ];
+        self.dispatch_http_call(
+            cluster,
+            headers,
+            Some(body),
+            Vec::new(),
+            Duration::from_millis(CALLOUT_TIMEOUT_MS),
+        )
+    }
+
+    /// Sends the tracked namespaces to the sidecar (one registration at a time).
+    fn register(&mut self, now: u64) {
+        if let Some((_, _, sent)) = &self.registration {
+            if now.saturating_sub(*sent) < CALLOUT_TIMEOUT_MS {
+                return;
+            }
+            log::warn!("watermark registration got no answer in {CALLOUT_TIMEOUT_MS} ms");
+            self.metrics().record(vec![Counter::WatermarkRefreshFailed]);
+            self.registration = None;
+        }
+        let next = {
+            let Ok(mut tracker) = self.shared.tracker.try_borrow_mut() else {
+                return;
+            };
+            let Some(tracker) = tracker.as_mut() else {
+                return;
+            };
+            let next = tracker.registration(now);
+            self.metrics().set_tracked(tracker.len());
+            next
+        };
+        let Some(next) = next else {
+            return;
+        };
+        match self.call(sidecar_api::WATERMARKS_PATH, &next.body) {
+            Ok(token) => {
+                self.registration = Some((token, InFlight::Registration { seq: next.seq }, now));
+            }
+            Err(status) => {
+                log::warn!("could not dispatch the watermark registration: {status:?}");
+                self.metrics().record(vec![
+                    Counter::WatermarkRefreshFailed,
+                    Counter::CalloutDispatchFailed,
+                ]);
+            }
+        }
+    }
+
+    /// Sends the fenced namespaces whose time has come (one request at a time).
+    fn evict(&mut self, now: u64) {
+        if let Some((_, in_flight, sent)) = &self.eviction {
+            if now.saturating_sub(*sent) < CALLOUT_TIMEOUT_MS {
+                return;
+            }
+            log::warn!("eviction request got no answer in {CALLOUT_TIMEOUT_MS} ms");
+            if let InFlight::Eviction { covers } = in_flight {
+                self.evictions_failed(&covers.clone(), now);
+            }
+            self.eviction = None;
+        }
+        let Some(batch) = self.shared.fences.try_borrow().ok().and_then(|f| f.due(now)) else {
+            return;
+        };
+        match self.call(sidecar_api::EVICT_PATH, &batch.body) {
+            Ok(token) => {
+                let covers = batch.covers;
+                self.eviction = Some((token, InFlight::Eviction { covers }, now));
+            }
+            Err(status) => {
+                log::warn!("could not dispatch an eviction request: {status:?}");
+                self.metrics().record(vec![Counter::CalloutDispatchFailed]);
+                self.evictions_failed(&batch.covers, now);
+            }
+        }
+    }
+
+    fn evictions_failed(&self, covers: &[(String, u64)], now: u64) {
+        if let Ok(mut fences) = self.shared.fences.try_borrow_mut() {
+            fences.failed(covers, now);
+        }
+        self.metrics().record(vec![Counter::EvictionsRetried]);
+    }
+
+    fn evictions_done(&self, covers: &[(String, u64)]) {
+        let released = match self.shared.fences.try_borrow_mut() {
+            Ok(mut fences) => fences.acknowledge(covers),
+            Err(_) => return,
+        };
+        for namespace in &released {
+            log::info!("fence of namespace '{namespace}' released: the sidecar evicted it");
+            shared_fence_add(namespace, -1);
+        }
+        let n = released.len() as i64;
+        if n > 0 {
+            self.metrics().add_pending(-n);
+            self.metrics()
+                .record(vec![Counter::EvictionsAcknowledged; released.len()]);
+        }
+    }
+
+    /// Stores the sidecar's watermarks: in this worker's tracker, and in shared data, where
+    /// every worker's queries read them.
+    fn store(&self, body: &[u8], seq: u64) -> Result<usize, String> {
+        let now = now_ms();
+        let answer = watermark::parse_answer(body, now)?;
+        if let Ok(mut tracker) = self.shared.tracker.try_borrow_mut() {
+            if let Some(tracker) = tracker.as_mut() {
+                tracker.store(&answer);
+                tracker.acknowledge(seq);
+            }
+        }
+        for (namespace, known) in &answer {
+            let value = known.map(|w| w.encode()).unwrap_or_default();
+            let key = watermark::shared_key(namespace);
+            if let Err(status) = host::set_shared_data(&key, Some(&value), None) {
+                return Err(format!(
+                    "could not store the watermark of '{namespace}': {status:?}"
+                ));
+            }
+        }
+        Ok(answer.len())
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let in_flight = if let Some((_, what, _)) = self.registration.take_if(|r| r.0 == token) {
+            what
+        } else if let Some((_, what, _)) = self.eviction.take_if(|e| e.0 == token) {
+            what
+        } else {
+            log::warn!("ignoring a callout answer with unknown token {token}");
+            return;
+        };
+        let headers = host::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
+        let status = headers
+            .iter()
+            .find(|(k, _)| k == ":status")
+            .and_then(|(_, v)| v.parse::<u16>().ok());
+        // Only the sidecar's own JSON answer counts (Envoy answers timeouts and an unreachable
+        // sidecar itself, in plain text).
+        let json = headers.iter().any(|(k, v)| {
+            k.eq_ignore_ascii_case("content-type") && v.trim_start().starts_with("application/json")
+        });
+        let ok = json && status.is_some_and(|s| (200..300).contains(&s));
+        match in_flight {
+            InFlight::Registration { seq } => {
+                let body = host::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+                let outcome = if ok {
+                    self.store(&body, seq)
+                } else {
+                    Err(format!("the sidecar answered {status:?}"))
+                };
+                match outcome {
+                    Ok(n) => {
+                        log::debug!("watermarks of {n} namespaces refreshed");
+                        self.metrics().record(vec![Counter::WatermarkRefreshOk]);
+                    }
+                    Err(e) => {
+                        log::warn!("watermark refresh failed: {e}");
+                        self.metrics().record(vec![Counter::WatermarkRefreshFailed]);
+                    }
+                }
+            }
+            InFlight::Eviction { covers } => {
+                if ok {
+                    self.evictions_done(&covers);
+                } else {
+                    log::warn!("eviction request failed (status {status:?}); retrying later");
+                    self.evictions_failed(&covers, now_ms());
+                }
+            }
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let bytes = match host::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+            Ok(bytes) => bytes.unwrap_or_default(),
+            Err(status) => {
+                log::error!("hevlayer: cannot read plugin configuration: {status:?}");
+                return false;
+            }
+        };
+        match Config::parse(&bytes) {
+            Ok(config) => {
+                log::info!(
+                    "hevlayer: configured (auth {:?}, body limit {} bytes, sidecar cluster '{}')",
+                    config.auth_mode,
+                    config.max_body_bytes,
+                    config.sidecar_cluster
+                );
+                self.shared.tick_clock.set(now_ms());
+                if config.read_watermark != ReadWatermark::Off {
+                    *self.shared.tracker.borrow_mut() = Some(Tracker::new(
+                        config.watermark_namespaces,
+                        config.watermark_idle_ms,
+                    ));
+                }
+                *self.shared.fences.borrow_mut() = Fences::new(
+                    config.fence_namespaces,
+                    config.fence_max_ids,
+                    EVICT_BACKOFF_MS.0,
+                    EVICT_BACKOFF_MS.1,
+                );
+                // The timer drives the watermark refresh and the evictions.
+                self.set_tick_period(Duration::from_millis(config.watermark_refresh_ms));
+                self.shared.config = Rc::new(config);
+                self.shared.metrics = Rc::new(Metrics::define());
+                true
+            }
+            Err(e) => {
+                log::error!("hevlayer: {e}");
+                false
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = now_ms();
+        self.shared.tick_clock.set(now);
+        if self.config().read_watermark != ReadWatermark::Off {
+            self.register(now);
+        }
+        self.evict(now);
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(super::Filter {
+            shared: self.shared.clone(),
+            exchange: Exchange::new(),
+            request_seen: 0,
+            callout: None,
+            answered: None,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
