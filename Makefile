@@ -116,6 +116,7 @@ test-envoy-config: tools wasm
 
 .PHONY: test-e2e
 test-e2e: tools wasm sidecar
+	cargo build --release -p aerospike-double
 	$(PY) -m pytest -q tests/e2e
 
 TEST_EXTRA += test-envoy-config test-e2e
