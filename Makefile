@@ -19,6 +19,7 @@ help:
 	@echo "make run    - start Envoy + filter + sidecar + local Turbopuffer emulator"
 	@echo "make test   - fmt, clippy, native tests, wasm build, wasmtime-hosted and end-to-end tests"
 	@echo "make bench  - benchmarks (filter, sidecar, gateway)"
+	@echo "make fuzz   - coverage-guided fuzzing of every target (FUZZ_SECONDS each; nightly, cargo-fuzz)"
 	@echo "make wasm   - release build of the filter for $(WASM_TARGET)"
 	@echo "make tools  - install Envoy, the emulator and the Python test tools into .tools/"
 
@@ -127,6 +128,22 @@ bench-gateway: tools wasm sidecar
 	cargo run --release -p hevlayer-tests --bin gateway-bench -- --strict
 
 BENCH_EXTRA += bench-gateway
+
+# ---- Fuzzing (fuzz/): cargo-fuzz on a nightly toolchain, its own target, not part of `make test` ----
+
+FUZZ_SECONDS ?= 120
+FUZZ_TARGETS := write_body query scanner_vs_serde_json routes sidecar_parsers
+CARGO_FUZZ := $(TOOLS)/bin/cargo-fuzz
+CARGO_FUZZ_VERSION := 0.13.2
+
+$(CARGO_FUZZ):
+	rustup toolchain install nightly --profile minimal
+	cd /tmp && cargo install cargo-fuzz --version $(CARGO_FUZZ_VERSION) --locked --root $(TOOLS)
+
+# Every target for FUZZ_SECONDS (default 120) each; prints executions and crashes per target.
+.PHONY: fuzz
+fuzz: $(CARGO_FUZZ)
+	fuzz/run.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 # ---- Kubernetes manifests (envoy/kubernetes) and their offline validation -----------------
 
