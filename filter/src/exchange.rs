@@ -832,9 +832,7 @@ impl Exchange {
         // reply (503 "upstream connect error ...", 504 "upstream request timeout"), not as a
         // failure; only a reset comes without headers. The sidecar always answers JSON, so any
         // other answer means the sidecar did not answer.
-        let json = headers.iter().any(|(k, v)| {
-            k.eq_ignore_ascii_case("content-type") && v.trim_start().starts_with("application/json")
-        });
+        let json = sidecar_api::is_sidecar_answer(headers);
         // Envoy's own 504 is its callout timeout firing; so is a reset at or past the timeout.
         // (Its timer and the host clock are read at different moments, so elapsed time alone can
         // fall a millisecond short of a timeout that did fire.)

@@ -209,6 +209,20 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// A callout's answer: its status (`None` when it was reset), headers and body.
+fn call_answer(body_size: usize) -> (Option<u16>, Vec<(String, String)>, Vec<u8>) {
+    let headers = host::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
+    let status = headers
+        .iter()
+        .find(|(k, _)| k == ":status")
+        .and_then(|(_, v)| v.parse::<u16>().ok());
+    let body = host::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    (status, headers, body)
+}
+
 fn header(map: MapType, name: &str) -> Option<String> {
     host::get_map_value(map, name).ok().flatten()
 }
@@ -408,15 +422,7 @@ impl Context for Filter {
                 return;
             }
         }
-        let headers = host::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
-        let status = headers
-            .iter()
-            .find(|(k, _)| k == ":status")
-            .and_then(|(_, v)| v.parse::<u16>().ok());
-        let body = match host::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
-            Ok(b) => b.unwrap_or_default(),
-            Err(_) => Vec::new(),
-        };
+        let (status, headers, body) = call_answer(body_size);
         let step = self.exchange.on_callout_answer(status, &headers, body, now_ms());
         self.execute(step, Site::Callout, 0);
     }

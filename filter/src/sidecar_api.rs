@@ -20,6 +20,14 @@ pub const BYPASS_HEADER: &str = "x-hevlayer-cache-bypass";
 /// Header carrying the request id on every callout.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
+/// Whether a callout's answer is the sidecar's own: it always answers JSON, while Envoy answers a
+/// call it could not deliver or that timed out itself, in plain text (503, 504).
+pub fn is_sidecar_answer(headers: &[(String, String)]) -> bool {
+    headers.iter().any(|(k, v)| {
+        k.eq_ignore_ascii_case("content-type") && v.trim_start().starts_with("application/json")
+    })
+}
+
 /// Body of `POST MIRROR_PATH`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -114,19 +114,9 @@ impl Gateway {
         if let Some(id) = request_id {
             request = request.header("x-request-id", id.clone());
         }
-        let response = request.send().await.map_err(transport_error)?;
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = response.bytes().await.map_err(transport_error)?;
-        Ok(GatewayResponse {
-            status,
-            headers,
-            body,
-        })
+        collect(request.send().await).await
     }
-}
 
-impl Gateway {
     /// `GET {base}/v1/namespaces/{namespace}/metadata` within `timeout`.
     pub async fn get_metadata(
         &self,
@@ -139,23 +129,28 @@ impl Gateway {
             self.base,
             encode_segment(namespace)
         );
-        let response = self
+        let sent = self
             .client
             .get(url)
             .header(header::AUTHORIZATION, authorization)
             .timeout(timeout)
             .send()
-            .await
-            .map_err(transport_error)?;
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = response.bytes().await.map_err(transport_error)?;
-        Ok(GatewayResponse {
-            status,
-            headers,
-            body,
-        })
+            .await;
+        collect(sent).await
     }
+}
+
+/// Reads a whole answer (status, headers, body), or the error that stopped it.
+async fn collect(sent: Result<reqwest::Response, reqwest::Error>) -> Result<GatewayResponse, ApiError> {
+    let response = sent.map_err(transport_error)?;
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.bytes().await.map_err(transport_error)?;
+    Ok(GatewayResponse {
+        status,
+        headers,
+        body,
+    })
 }
 
 fn transport_error(err: reqwest::Error) -> ApiError {

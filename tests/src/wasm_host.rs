@@ -1024,35 +1024,29 @@ fn define_imports(linker: &mut Linker<HostState>) -> Result<()> {
             Ok(OK)
         },
     )?;
+    /// Applies `f` to a metric's value; NOT_FOUND for an unknown id.
+    fn metric(c: &mut Caller<'_, HostState>, id: u32, f: impl FnOnce(&mut i64)) -> u32 {
+        match c.data_mut().metric_values.get_mut(id as usize) {
+            Some(v) => {
+                f(v);
+                OK
+            }
+            None => NOT_FOUND,
+        }
+    }
     linker.func_wrap(
         "env",
         "proxy_record_metric",
-        |mut c: Caller<'_, HostState>, id: u32, value: u64| match c
-            .data_mut()
-            .metric_values
-            .get_mut(id as usize)
-        {
-            Some(v) => {
-                *v = i64::try_from(value).unwrap_or(i64::MAX);
-                Ok(OK)
-            }
-            None => Ok(NOT_FOUND),
+        |mut c: Caller<'_, HostState>, id: u32, value: u64| {
+            Ok(metric(&mut c, id, |v| {
+                *v = i64::try_from(value).unwrap_or(i64::MAX)
+            }))
         },
     )?;
     linker.func_wrap(
         "env",
         "proxy_increment_metric",
-        |mut c: Caller<'_, HostState>, id: u32, delta: i64| match c
-            .data_mut()
-            .metric_values
-            .get_mut(id as usize)
-        {
-            Some(v) => {
-                *v += delta;
-                Ok(OK)
-            }
-            None => Ok(NOT_FOUND),
-        },
+        |mut c: Caller<'_, HostState>, id: u32, delta: i64| Ok(metric(&mut c, id, |v| *v += delta)),
     )?;
     // WASI preview1, as much as the Rust standard library and getrandom use.
     let wasi = "wasi_snapshot_preview1";

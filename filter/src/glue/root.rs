@@ -11,7 +11,7 @@ use crate::sidecar_api;
 use crate::watermark::{self, Tracker};
 use proxy_wasm::hostcalls as host;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{BufferType, ContextType, MapType};
+use proxy_wasm::types::{BufferType, ContextType};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -190,23 +190,12 @@ impl Context for Root {
             log::warn!("ignoring a callout answer with unknown token {token}");
             return;
         };
-        let headers = host::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
-        let status = headers
-            .iter()
-            .find(|(k, _)| k == ":status")
-            .and_then(|(_, v)| v.parse::<u16>().ok());
+        let (status, headers, body) = super::call_answer(body_size);
         // Only the sidecar's own JSON answer counts (Envoy answers timeouts and an unreachable
         // sidecar itself, in plain text).
-        let json = headers.iter().any(|(k, v)| {
-            k.eq_ignore_ascii_case("content-type") && v.trim_start().starts_with("application/json")
-        });
-        let ok = json && status.is_some_and(|s| (200..300).contains(&s));
+        let ok = sidecar_api::is_sidecar_answer(&headers) && status.is_some_and(|s| (200..300).contains(&s));
         match in_flight {
             InFlight::Registration { seq } => {
-                let body = host::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-                    .ok()
-                    .flatten()
-                    .unwrap_or_default();
                 let outcome = if ok {
                     self.store(&body, seq)
                 } else {
