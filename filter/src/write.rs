@@ -644,17 +644,20 @@ impl Scan {
 
 /// The documents an accepted write may change, for the fence when its mirror did not happen: the
 /// ids it names (as the JSON tokens it spells them with), or the whole namespace for filter writes
-/// and for more than `max_ids` ids. Scans the body again: this runs only when a mirror failed.
+/// and for more than `max_ids` ids. Scans the body again (up to the id past the limit): this
+/// runs only when a mirror did not happen.
 pub fn fence_scope(body: &[u8], max_ids: usize) -> crate::fence::Scope {
     use crate::fence::Scope;
     let mut ids: Vec<String> = Vec::new();
     let mut whole = false;
     let mut cur = Cursor::new(body);
+    // Past `max_ids` the answer is the namespace: the scan stops there (an error ends it).
     let token = |cur: &mut Cursor<'_>, ids: &mut Vec<String>| -> crate::scan::Result<()> {
         let start = cur.pos();
         cur.skip_value()?;
-        if ids.len() <= max_ids {
-            ids.push(String::from_utf8_lossy(&body[start..cur.pos()]).into_owned());
+        ids.push(String::from_utf8_lossy(&body[start..cur.pos()]).into_owned());
+        if ids.len() > max_ids {
+            return cur.error("enough ids");
         }
         Ok(())
     };

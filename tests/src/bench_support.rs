@@ -50,9 +50,11 @@ impl FilterRun {
         })
     }
 
-    /// One write: headers and the body in 64 KiB chunks until the stamped body goes upstream;
-    /// with `respond`, also a 2xx response and the mirror callout it triggers. Returns the size
-    /// of the body the upstream received.
+    /// One write: headers and the body in 64 KiB chunks until the stamped body goes upstream,
+    /// then a response: with `respond` a 2xx and the mirror callout it triggers, else a 429 (a
+    /// refused write: nothing to mirror; a stream that ended with no answer at all would be a
+    /// hang-up, whose fence scans the body again). Returns the size of the body the upstream
+    /// received.
     pub fn write(&mut self, body: &[u8], respond: bool) -> Result<u32> {
         let len = body.len().to_string();
         let mut s = self.vm.stream()?;
@@ -75,6 +77,12 @@ impl FilterRun {
         }
         let sent = u32::try_from(s.upstream_body().len())?;
         if !respond {
+            s.respond(
+                429,
+                &[("content-type", "application/json")],
+                br#"{"status":"error"}"#,
+                "via_upstream",
+            )?;
             s.finish()?;
             return Ok(sent);
         }

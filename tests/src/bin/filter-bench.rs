@@ -195,8 +195,9 @@ fn main() -> Result<()> {
     }
     println!("columns: core/value = native; core-wasm/value-wasm = the same code inside wasmtime;");
     println!("         filter = the built filter .wasm through the proxy-wasm host: headers, the body in");
-    println!("         64 KiB chunks, the stamped body read back; filter+mirror adds the 2xx response and");
-    println!("         the mirror callout carrying the stamped write to the sidecar. Ratios use value-wasm.");
+    println!("         64 KiB chunks, the stamped body read back, a 429 answer; filter+mirror answers 2xx");
+    println!("         instead, with the mirror callout carrying the stamped write to the sidecar.");
+    println!("         Ratios use value-wasm.");
 
     // The fixed cost of one request: the gateway benchmark's 1-row write (4 KB, a 768-dim base64
     // vector) through the whole filter, per request rather than per byte.
