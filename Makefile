@@ -19,6 +19,7 @@ help:
 	@echo "make run    - start Envoy + filter + sidecar + local Turbopuffer emulator"
 	@echo "make test   - fmt, clippy, native tests, wasm build, wasmtime-hosted and end-to-end tests"
 	@echo "make bench  - benchmarks (filter, sidecar, gateway)"
+	@echo "make soak   - make run's processes under 1,000,000 mixed requests with faults"
 	@echo "make fuzz   - coverage-guided fuzzing of every target (FUZZ_SECONDS each; nightly, cargo-fuzz)"
 	@echo "make wasm   - release build of the filter for $(WASM_TARGET)"
 	@echo "make tools  - install Envoy, the emulator and the Python test tools into .tools/"
@@ -128,6 +129,12 @@ bench-gateway: tools wasm sidecar
 	cargo run --release -p hevlayer-tests --bin gateway-bench -- --strict
 
 BENCH_EXTRA += bench-gateway
+
+# `make run`'s processes under 1,000,000 mixed requests with faults (SOAK_REQUESTS overrides).
+SOAK_REQUESTS ?= 1000000
+.PHONY: soak
+soak: tools wasm sidecar
+	cargo run --release -p hevlayer-tests --bin soak -- --requests $(SOAK_REQUESTS)
 
 # ---- Fuzzing (fuzz/): cargo-fuzz on a nightly toolchain, its own target, not part of `make test` ----
 

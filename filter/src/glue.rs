@@ -9,7 +9,7 @@ use crate::exchange::{
     request_id_from, Callout, Exchange, FenceLookup, HeaderEdits, Purpose, RequestHead, Step, WatermarkLookup,
 };
 use crate::fence::{Added, FenceNote, Fences};
-use crate::metrics::{Counter, EVICTIONS_PENDING, NAMESPACES_TRACKED};
+use crate::metrics::{Counter, EVICTIONS_PENDING, NAMESPACES_TRACKED, VM_MEMORY_BYTES};
 use crate::watermark::{self, Tracker, Watermark};
 use proxy_wasm::hostcalls as host;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -25,12 +25,15 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
 }}
 
-/// Counter ids and the two gauges, defined once per VM at configure time.
+/// Counter ids and the gauges, defined once per VM at configure time.
 #[derive(Default)]
 struct Metrics {
     ids: HashMap<&'static str, u32>,
     tracked: Option<u32>,
     pending: Option<u32>,
+    memory: Option<u32>,
+    /// This VM's share of the memory gauge, as last added.
+    memory_reported: Cell<u64>,
 }
 
 impl Metrics {
@@ -53,6 +56,18 @@ impl Metrics {
             ids,
             tracked: gauge(NAMESPACES_TRACKED),
             pending: gauge(EVICTIONS_PENDING),
+            memory: gauge(VM_MEMORY_BYTES),
+            memory_reported: Cell::new(0),
+        }
+    }
+
+    /// Brings this VM's share of the memory gauge to its linear memory's size now.
+    fn report_memory(&self) {
+        let Some(id) = self.memory else { return };
+        let bytes = (core::arch::wasm32::memory_size(0) as u64).saturating_mul(65_536);
+        let delta = bytes as i64 - self.memory_reported.get() as i64;
+        if delta != 0 && host::increment_metric(id, delta).is_ok() {
+            self.memory_reported.set(bytes);
         }
     }
 

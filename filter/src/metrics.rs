@@ -226,6 +226,8 @@ impl Counter {
 pub const NAMESPACES_TRACKED: &str = "hevlayer.watermark_namespaces";
 /// The gauge of fenced namespaces (evictions pending), added to by every worker.
 pub const EVICTIONS_PENDING: &str = "hevlayer.evictions_pending";
+/// The gauge of the filter VMs' linear memory, in bytes (every worker adds its own).
+pub const VM_MEMORY_BYTES: &str = "hevlayer.vm_memory_bytes";
 
 #[cfg(test)]
 mod tests {
@@ -239,7 +241,9 @@ mod tests {
         sorted.dedup();
         assert_eq!(sorted.len(), names.len());
         assert!(names.iter().all(|n| n.starts_with("hevlayer.")));
-        assert!(!names.contains(&NAMESPACES_TRACKED) && !names.contains(&EVICTIONS_PENDING));
+        for gauge in [NAMESPACES_TRACKED, EVICTIONS_PENDING, VM_MEMORY_BYTES] {
+            assert!(!names.contains(&gauge));
+        }
         for reason in WriteReason::ALL {
             assert!(Counter::WritesRejected(reason).name().ends_with(reason.as_str()));
         }

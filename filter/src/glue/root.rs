@@ -270,6 +270,7 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         let now = now_ms();
         self.shared.tick_clock.set(now);
+        self.metrics().report_memory();
         if self.config().read_watermark != ReadWatermark::Off {
             self.register(now);
         }
