@@ -522,11 +522,12 @@ async fn main() -> Result<()> {
                 } else {
                     (minifugu_pid, Duration::from_millis(ROUTE_TIMEOUT_S * 1000 + 500))
                 };
+                // The window is known before it opens: answers that come during it are judged by it.
                 let start = started.elapsed();
+                faults.add(start, start + hold + Duration::from_millis(100));
                 signal(pid, "STOP");
                 tokio::time::sleep(hold).await;
                 signal(pid, "CONT");
-                faults.add(start, started.elapsed());
             }
             n
         })
