@@ -13,6 +13,7 @@ pub mod mirror;
 pub mod pipeline;
 pub mod state;
 pub mod watermark;
+mod watermark_poller;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -82,7 +83,7 @@ pub async fn serve(
     max_body_bytes: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let poller = tokio::spawn(watermark::run_poller(state.clone()));
+    let poller = tokio::spawn(watermark_poller::run_poller(state.clone()));
     let router = app::router(state, max_body_bytes);
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)

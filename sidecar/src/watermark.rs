@@ -1,10 +1,10 @@
 //! The read watermark per namespace (SPEC §2.6).
 //!
 //! Each Envoy worker registers the namespaces its requests used ([`Watermarks::register`], a
-//! callout on a timer) and gets their watermarks back. The poller ([`run_poller`]) reads each
-//! watched namespace's metadata from Turbopuffer through the gateway's listener: when a poll that
-//! started at T sees `index.status` `up-to-date`, the watermark becomes T minus the safety margin;
-//! while `updating` it holds. Namespaces updating, recently written or without a watermark yet are
+//! callout on a timer) and gets their watermarks back. The poller (module `watermark_poller`)
+//! reads each watched namespace's metadata from Turbopuffer through the gateway's listener: when
+//! a poll that started at T sees `index.status` `up-to-date`, the watermark becomes T minus the
+//! safety margin; while `updating` it holds. Namespaces updating, recently written or without a watermark yet are
 //! polled every `poll_ms`; stable ones every `stable_poll_ms`; a failed poll keeps the watermark and
 //! backs off. The set is bounded (least recently registered leave) and idle namespaces leave.
 //!
@@ -12,14 +12,10 @@
 //! clock; the poller is its I/O.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::sync::{Mutex, PoisonError};
 
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use hevlayer_filter::sidecar_api::{NamespaceWatermark, WatermarkAnswer, WatermarkRegistration};
-use tokio::sync::Semaphore;
-
-use crate::state::SharedState;
 
 /// Settings of the watermark poller (the sidecar's `WATERMARK_*` configuration).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -302,7 +298,7 @@ pub fn outcome_of(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> PollO
     failed(reason, retry_after_ms(headers))
 }
 
-fn failed(reason: &'static str, retry_after_ms: Option<u64>) -> PollOutcome {
+pub fn failed(reason: &'static str, retry_after_ms: Option<u64>) -> PollOutcome {
     PollOutcome::Failed {
         reason,
         retry_after_ms,
@@ -323,63 +319,10 @@ fn retry_after_ms(headers: &HeaderMap) -> Option<u64> {
         .or_else(|| number("retry-after").map(|s| (s * 1000.0) as u64))
 }
 
-/// Polls due namespaces until the process stops: wakes every `min(poll_ms, 100 ms)`, runs at most
-/// `concurrency` metadata requests at once.
-pub async fn run_poller(state: SharedState) {
-    let settings = state.watermarks.settings().clone();
-    let permits = Arc::new(Semaphore::new(settings.concurrency.max(1)));
-    let tick = Duration::from_millis(settings.poll_ms.clamp(1, 100));
-    loop {
-        tokio::time::sleep(tick).await;
-        let free = permits.available_permits();
-        if free == 0 {
-            continue;
-        }
-        for job in state.watermarks.due(crate::cache::now_ms(), free) {
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                break;
-            };
-            let state = state.clone();
-            tokio::spawn(async move {
-                poll(&state, job).await;
-                drop(permit);
-            });
-        }
-    }
-}
-
-/// One metadata poll, recorded in the state machine and the metrics.
-async fn poll(state: &SharedState, job: PollJob) {
-    let started = crate::cache::now_ms();
-    let timeout = Duration::from_millis(state.watermarks.settings().poll_timeout_ms);
-    let caller = job
-        .authorization
-        .as_deref()
-        .and_then(|a| HeaderValue::from_str(a).ok());
-    let outcome = match state.gateway.authorization(caller.as_ref()) {
-        Err(_) => failed("no_credential", None),
-        Ok(authorization) => match state
-            .gateway
-            .get_metadata(&job.namespace, authorization, timeout)
-            .await
-        {
-            Ok(response) => outcome_of(response.status, &response.headers, &response.body),
-            Err(e) if e.status == StatusCode::GATEWAY_TIMEOUT => failed("timeout", None),
-            Err(_) => failed("unreachable", None),
-        },
-    };
-    if let PollOutcome::Failed { reason, .. } = outcome {
-        tracing::debug!(namespace = %job.namespace, reason, "watermark poll failed");
-    }
-    state.metrics.record_watermark_poll(outcome.label());
-    state
-        .watermarks
-        .finish(&job.namespace, started, outcome, crate::cache::now_ms());
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::HeaderValue;
     use hevlayer_filter::sidecar_api::WatchedNamespace;
 
     fn settings() -> WatermarkSettings {

@@ -27,7 +27,7 @@ use std::collections::BTreeMap;
 use aerospike::operations::{maps, MapOrder, MapPolicy, MapReturnType, MapWriteFlags, Operation};
 use aerospike::{Bins, Value};
 
-use super::pipelines::{Pipe, StagedRecord};
+use super::records::{Pipe, StagedRecord};
 use super::{
     map_entries, ms_i64, AerospikeCache, Cond, Written, ELEMENT_EXISTS, GENERATION, MAX_RMW_ATTEMPTS,
 };

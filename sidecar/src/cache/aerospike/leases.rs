@@ -25,7 +25,7 @@ use std::time::Instant;
 use aerospike::operations::{maps, MapOrder, MapPolicy, MapReturnType, MapWriteFlags};
 use aerospike::{BatchOperation, BatchReadPolicy, Value};
 
-use super::pipelines::Pipe;
+use super::records::Pipe;
 use super::{all, map_entries, ms_i64, AerospikeCache, Cond};
 use crate::cache::{CacheError, CacheResult};
 

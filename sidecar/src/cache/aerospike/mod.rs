@@ -29,6 +29,7 @@ mod journal;
 mod leases;
 mod pipelines;
 mod queue;
+mod records;
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use aerospike::operations::{maps, MapOrder, MapPolicy, MapWriteFlags};
 use aerospike::{Bin, Bins, Value};
 
-use super::pipelines::Pipe;
+use super::records::Pipe;
 use super::{bin_int, map_entries, AerospikeCache, Cond, ELEMENT_EXISTS, MAX_RMW_ATTEMPTS};
 use crate::cache::{CacheError, CacheResult};
 
