@@ -17,7 +17,9 @@ pub mod reads;
 pub mod response;
 pub mod route;
 pub mod scan;
-pub mod sidecar_api;
+/// The callout wire types live in their own small crate, which the sidecar depends on instead of
+/// on this one.
+pub use hevlayer_sidecar_api as sidecar_api;
 pub mod watermark;
 pub mod write;
 

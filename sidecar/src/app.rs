@@ -8,7 +8,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
-use hevlayer_filter::sidecar_api::{EVICT_PATH, MIRROR_PATH, PURGE_PATH, WATERMARKS_PATH};
+use hevlayer_sidecar_api::{EVICT_PATH, MIRROR_PATH, PURGE_PATH, WATERMARKS_PATH};
 
 use crate::error::{json_response, ApiError};
 use crate::state::SharedState;

@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use bytes::Bytes;
-use hevlayer_filter::sidecar_api::{EvictRequest, MirrorResponse, PurgeRequest, WatermarkRegistration};
+use hevlayer_sidecar_api::{EvictRequest, MirrorResponse, PurgeRequest, WatermarkRegistration};
 
 use crate::cache::mirror::error_label;
 use crate::cache::DocId;

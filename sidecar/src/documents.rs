@@ -8,7 +8,7 @@
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use hevlayer_filter::sidecar_api::BYPASS_HEADER;
+use hevlayer_sidecar_api::BYPASS_HEADER;
 use serde_json::{json, Value};
 
 use crate::cache::{Attributes, CachedDoc, DocId};

@@ -22,7 +22,7 @@ use crate::cache::{Attributes, DocId};
 /// The attribute holding a document's vector; cached only with `mirror_vectors`.
 const VECTOR_ATTRIBUTE: &str = "vector";
 
-/// A mirror callout: `hevlayer_filter::sidecar_api::MirrorRequest`, the one definition of the
+/// A mirror callout: `hevlayer_sidecar_api::MirrorRequest`, the one definition of the
 /// message, parsed with the write as a `WriteBody` (a test keeps the two in step).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -565,7 +565,7 @@ mod tests {
     /// added there fail to compile here until `MirrorCallout` has it too.
     #[test]
     fn the_callout_parses_what_the_filter_sends() {
-        use hevlayer_filter::sidecar_api::{mirror_body, MirrorRequest};
+        use hevlayer_sidecar_api::{mirror_body, MirrorRequest};
         let body = mirror_body(
             "ns",
             7,

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
 use axum::http::{HeaderMap, StatusCode};
-use hevlayer_filter::sidecar_api::{NamespaceWatermark, WatermarkAnswer, WatermarkRegistration};
+use hevlayer_sidecar_api::{NamespaceWatermark, WatermarkAnswer, WatermarkRegistration};
 
 /// Settings of the watermark poller (the sidecar's `WATERMARK_*` configuration).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -323,7 +323,7 @@ fn retry_after_ms(headers: &HeaderMap) -> Option<u64> {
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
-    use hevlayer_filter::sidecar_api::WatchedNamespace;
+    use hevlayer_sidecar_api::WatchedNamespace;
 
     fn settings() -> WatermarkSettings {
         WatermarkSettings {

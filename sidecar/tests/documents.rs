@@ -8,9 +8,7 @@ mod common;
 use std::sync::Arc;
 
 use common::{dead_url, sidecar_on, Backend, Client, FakeGateway};
-use hevlayer_filter::sidecar_api::{
-    mirror_body, purge_body, BYPASS_HEADER, EVICT_PATH, MIRROR_PATH, PURGE_PATH,
-};
+use hevlayer_sidecar_api::{mirror_body, purge_body, BYPASS_HEADER, EVICT_PATH, MIRROR_PATH, PURGE_PATH};
 use serde_json::{json, Value};
 
 async fn mirror(c: &Client, ns: &str, stamp: u64, write: &str, response: Option<&str>) -> Value {

@@ -33,11 +33,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
-use hevlayer_filter::sidecar_api::{mirror_body, MIRROR_PATH};
 use hevlayer_sidecar::cache::embedded::EmbeddedCache;
 use hevlayer_sidecar::cache::{DocumentCache, PipelineMeta};
 use hevlayer_sidecar::config::Config;
 use hevlayer_sidecar::RunningSidecar;
+use hevlayer_sidecar_api::{mirror_body, MIRROR_PATH};
 
 #[derive(Parser)]
 struct Args {

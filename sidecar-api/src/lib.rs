@@ -1,4 +1,5 @@
-//! The filter <-> sidecar callout messages, defined once for both sides.
+//! The filter <-> sidecar callout messages, defined once for both sides (the filter re-exports
+//! this crate as `hevlayer_filter::sidecar_api`; the sidecar depends on it alone).
 //!
 //! The filter builds request bodies by splicing byte slices it already holds (the stamped write and
 //! the upstream response) so that it never parses or re-serialises a large write to talk to the
