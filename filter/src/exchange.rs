@@ -2,7 +2,7 @@
 //! [`Step`] it returns; every decision (and the counters it implies) is made here.
 
 use crate::auth::{authenticate, Credential};
-use crate::body::{is_gzip, BodyBuffer, BodyError};
+use crate::body::{is_gzip, BodyError, GzipBody};
 use crate::config::{AuthMode, Config, ReadWatermark};
 use crate::error::LocalReply;
 use crate::fence::{FenceNote, Scope as FenceScope};
@@ -14,6 +14,7 @@ use crate::route::{self, Route, Scope};
 use crate::sidecar_api;
 use crate::watermark::{Touch, Watermark};
 use crate::write::{fence_scope, plan, render, render_mirror, WritePlan};
+use std::rc::Rc;
 
 /// The response header reporting a namespace's read watermark (epoch ms).
 pub const STABLE_AS_OF_HEADER: &str = "x-layer-stable-as-of";
@@ -67,18 +68,15 @@ pub struct HeaderEdits {
     pub remove: Vec<&'static str>,
 }
 
-/// Headers of a sidecar answer relayed to the client: the cache marker, redirects, and the ones a
-/// client acts on, which the sidecar relays from Turbopuffer on failed pipeline writes and
-/// document fetches (SPEC §1). Hop-by-hop and server headers stay behind.
-const RELAYED_SIDECAR_HEADERS: [&str; 7] = [
-    "content-type",
-    "x-layer-cache",
-    "location",
-    "retry-after",
-    "retry-after-ms",
-    "x-request-id",
-    "x-should-retry",
-];
+/// Headers of a sidecar answer relayed to the client besides the ones it relays from Turbopuffer
+/// ([`sidecar_api::RELAYED_UPSTREAM_HEADERS`]): its content type, the cache marker, redirects.
+const SIDECAR_HEADERS: [&str; 3] = ["content-type", "x-layer-cache", "location"];
+
+/// Whether a header of a sidecar answer goes on to the client.
+fn relayed(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    SIDECAR_HEADERS.contains(&name.as_str()) || sidecar_api::RELAYED_UPSTREAM_HEADERS.contains(&name.as_str())
+}
 
 /// What a callout is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,10 +96,17 @@ pub struct Callout {
     pub timeout_ms: u64,
 }
 
+/// A half of the stream: the one a callout holds is resumed when it is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Half {
+    Request,
+    Response,
+}
+
 /// What the glue does next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
-    /// Let the stream go on.
+    /// Let the stream go on (the answer to the Envoy callback being handled).
     Continue,
     /// Hold the stream (Envoy keeps buffering).
     Pause,
@@ -113,37 +118,86 @@ pub enum Step {
     Forward(Option<Vec<u8>>),
     /// Dispatch this callout and hold the stream until [`Exchange::on_callout_answer`].
     Dispatch(Callout),
+    /// A callout was answered: resume this half of the stream, held since the callout went out.
+    Resume(Half),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Reads `len` bytes at `start` of the request body Envoy has buffered; `None` when Envoy
+/// refused.
+pub type ReadBody<'a> = &'a mut dyn FnMut(usize, usize) -> Option<Vec<u8>>;
+
+/// What the request headers said, which the later steps read.
+struct Request {
+    route: Route,
+    method: String,
+    request_id: String,
+    /// Whether the request changes data (any non-read route): a timeout may hide an applied write.
+    mutates: bool,
+    /// The caller's credential, forwarded on callouts (passthrough auth only).
+    forward_authorization: Option<String>,
+    /// A query's namespace watermark, when known and fresh at the request headers.
+    watermark: Option<Watermark>,
+}
+
+/// Where the exchange is, with what that step needs.
 enum Phase {
     Start,
     /// Collecting the request body.
-    Buffering,
-    /// The request went upstream.
-    Upstream,
+    Buffering(Buffering),
+    /// The request went upstream; a write that mirrors is kept for its mirror.
+    Upstream {
+        sent: Option<Sent>,
+    },
     /// Waiting for the sidecar to answer a route callout.
-    AwaitingRoute,
-    /// Collecting the response body (to read affected ids or replace the body).
-    ResponseBuffering,
-    /// Waiting for a mirror or purge callout before the response goes on.
-    AwaitingMirror,
+    AwaitingRoute {
+        started_ms: u64,
+    },
+    /// Collecting the response body.
+    ResponseBuffering(ResponseWork),
+    /// Waiting for a mirror or purge callout before the response goes on. The write is kept
+    /// until its mirror's outcome is known: a failed one fences its ids.
+    AwaitingMirror {
+        purpose: Purpose,
+        started_ms: u64,
+        sent: Option<Sent>,
+    },
     /// A local reply was sent; nothing else happens.
     Replied,
     Done,
 }
 
-/// How a request body is collected.
-enum Collect {
-    /// gzip bodies are decoded chunk by chunk as they arrive, so the limit holds on the decoded
-    /// size and a bomb is refused early.
-    Stream { buffer: BodyBuffer, seen: usize },
-    /// Plain bodies stay in Envoy's buffer and are read once, whole, at the end.
-    Whole,
+/// A request body being collected. Plain bodies stay in Envoy's buffer and are read once, whole,
+/// at the end; gzip bodies are decoded chunk by chunk as they arrive, so the limit holds on the
+/// decoded size and a bomb is refused early.
+struct Buffering {
+    gzip: Option<Gzip>,
+    /// For a route the sidecar answers: what its callout carries.
+    sidecar: Option<SidecarRequest>,
 }
 
-/// Reads `len` bytes at `start` of the request body Envoy has buffered.
-pub type ReadBody<'a> = &'a mut dyn FnMut(usize, usize) -> Vec<u8>;
+struct Gzip {
+    body: GzipBody,
+    /// Wire bytes already decoded (Envoy reports the buffered size cumulatively).
+    seen: usize,
+}
+
+/// What a route callout carries besides the body.
+struct SidecarRequest {
+    /// The canonical path.
+    path: String,
+    content_type: Option<String>,
+    /// A document fetch of a fenced namespace: the sidecar is asked to leave the cache alone.
+    bypass: bool,
+}
+
+/// Why the response body is collected.
+enum ResponseWork {
+    /// Envoy's own reply (no upstream response): its body becomes this JSON.
+    Rewrite(LocalReply),
+    /// A response-driven write: the affected ids are read for the mirror (and stripped when the
+    /// client did not ask for them).
+    Mirror(Sent),
+}
 
 /// The accepted write, kept for the mirror (rendered for it only after a 2xx).
 struct Sent {
@@ -154,84 +208,45 @@ struct Sent {
     plan: WritePlan,
 }
 
+/// Where an exchange is with its one mirror outcome counter (ok, failed, timeout, skipped,
+/// unanswered): only an accepted write has one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MirrorOutcome {
+    NotAWrite,
+    Pending,
+    Recorded,
+}
+
 /// One request's state.
 pub struct Exchange {
+    /// The plugin configuration, shared by every stream of the VM.
+    config: Rc<Config>,
+    request: Request,
     phase: Phase,
-    route: Route,
-    collect: Option<Collect>,
-    /// The request body arrives gzip-encoded and goes upstream decoded.
-    decoded: bool,
-    sent: Option<Sent>,
-    /// Replacement for a router-made response body.
-    rewrite: Option<LocalReply>,
-    method: String,
-    /// Whether the request changes data (any non-read route): a timeout may hide an applied write.
-    mutates: bool,
-    /// The canonical path, for a route the sidecar answers.
-    path: String,
-    content_type: Option<String>,
-    forward_authorization: Option<String>,
-    request_id: String,
-    callout_purpose: Option<Purpose>,
-    callout_started_ms: u64,
-    max_body_bytes: u64,
-    mirror_timeout_ms: u64,
-    sidecar_timeout_ms: u64,
-    sidecar_cluster: String,
-    mirror_vectors: bool,
-    read_watermark: ReadWatermark,
-    /// A document fetch of a fenced namespace: the sidecar is asked to leave the cache alone.
-    bypass: bool,
-    /// A query's namespace watermark, when known and fresh at the request headers.
-    watermark: Option<Watermark>,
+    mirror_outcome: MirrorOutcome,
     counters: Vec<Counter>,
     touches: Vec<Touch>,
     fences: Vec<FenceNote>,
-    fence_max_ids: usize,
-    /// The write was accepted and forwarded; `outcome` says whether its one mirror outcome
-    /// counter (ok, failed, timeout, skipped, unanswered) was recorded yet.
-    accepted: bool,
-    outcome: bool,
-}
-
-impl Default for Exchange {
-    fn default() -> Self {
-        Self::new()
-    }
 }
 
 impl Exchange {
-    pub fn new() -> Self {
+    pub fn new(config: Rc<Config>) -> Self {
         Exchange {
+            config,
+            request: Request {
+                route: Route::Passthrough,
+                method: String::new(),
+                request_id: String::new(),
+                // Until the request headers say otherwise, assume the worst.
+                mutates: true,
+                forward_authorization: None,
+                watermark: None,
+            },
             phase: Phase::Start,
-            route: Route::Passthrough,
-            collect: None,
-            decoded: false,
-            sent: None,
-            rewrite: None,
-            method: String::new(),
-            // Until the request headers say otherwise, assume the worst.
-            mutates: true,
-            path: String::new(),
-            content_type: None,
-            forward_authorization: None,
-            request_id: String::new(),
-            callout_purpose: None,
-            callout_started_ms: 0,
-            max_body_bytes: 0,
-            mirror_timeout_ms: 0,
-            sidecar_timeout_ms: 0,
-            sidecar_cluster: String::new(),
-            mirror_vectors: false,
-            read_watermark: ReadWatermark::Off,
-            bypass: false,
-            watermark: None,
+            mirror_outcome: MirrorOutcome::NotAWrite,
             counters: Vec::new(),
             touches: Vec::new(),
             fences: Vec::new(),
-            fence_max_ids: 0,
-            accepted: false,
-            outcome: false,
         }
     }
 
@@ -243,7 +258,7 @@ impl Exchange {
     /// Whether the next request or response step needs the clock: to stamp a write, or to time a
     /// callout. Queries and passthrough requests do not, and the glue then skips the hostcall.
     pub fn needs_clock(&self) -> bool {
-        !matches!(self.route, Route::Query { .. } | Route::Passthrough)
+        !matches!(self.request.route, Route::Query { .. } | Route::Passthrough)
     }
 
     /// What writes could not mirror since the last call, for the worker's fences.
@@ -251,23 +266,38 @@ impl Exchange {
         std::mem::take(&mut self.fences)
     }
 
+    /// Namespaces used since the last call, for the watermark tracker.
+    pub fn take_touches(&mut self) -> Vec<Touch> {
+        std::mem::take(&mut self.touches)
+    }
+
     /// Records an accepted write's one mirror outcome (`MirrorOk`, `MirrorFailed`,
     /// `MirrorTimeout`, `MirrorSkipped` or `WritesUnanswered`).
     fn outcome(&mut self, counter: Counter) {
-        if self.accepted && !self.outcome {
-            self.outcome = true;
+        if self.mirror_outcome == MirrorOutcome::Pending {
+            self.mirror_outcome = MirrorOutcome::Recorded;
             self.counters.push(counter);
         }
     }
 
-    /// The write kept for its mirror did not reach the cache: fence the documents it may change.
-    fn fence_sent(&mut self) {
-        if let Some(sent) = self.sent.take() {
-            let scope = fence_scope(&sent.body, self.fence_max_ids);
+    /// A write kept for its mirror did not reach the cache: fence the documents it may change.
+    fn fence(&mut self, sent: Sent) {
+        let scope = fence_scope(&sent.body, self.config.fence_max_ids);
+        self.fences.push(FenceNote {
+            namespace: sent.namespace,
+            scope,
+            stamp: sent.stamp,
+        });
+    }
+
+    /// A namespace delete whose purge did not happen: fence the whole namespace.
+    fn fence_purge(&mut self) {
+        if let Route::DeleteNamespace { namespace } = &self.request.route {
+            let namespace = namespace.clone();
             self.fences.push(FenceNote {
-                namespace: sent.namespace,
-                scope,
-                stamp: sent.stamp,
+                namespace,
+                scope: FenceScope::Namespace,
+                stamp: 0,
             });
         }
     }
@@ -276,51 +306,43 @@ impl Exchange {
     /// outcome never came (the client hung up, Envoy reset the stream) may have been applied by
     /// Turbopuffer: fence it. So is a namespace delete whose purge did not happen.
     pub fn on_stream_end(&mut self) {
-        let open = matches!(
-            self.phase,
-            Phase::Upstream | Phase::ResponseBuffering | Phase::AwaitingMirror
-        );
-        if !open {
-            return;
-        }
-        self.phase = Phase::Done;
-        match &self.route {
+        let sent = match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Upstream { sent } | Phase::AwaitingMirror { sent, .. } => sent,
+            Phase::ResponseBuffering(ResponseWork::Mirror(sent)) => Some(sent),
+            // Envoy's own reply: counted and fenced when it came.
+            Phase::ResponseBuffering(ResponseWork::Rewrite(_)) => return,
+            other => {
+                self.phase = other;
+                return;
+            }
+        };
+        match &self.request.route {
             Route::Write { .. } => {
                 self.outcome(Counter::WritesUnanswered);
-                self.fence_sent();
+                if let Some(sent) = sent {
+                    self.fence(sent);
+                }
             }
-            Route::DeleteNamespace { namespace } => {
-                let namespace = namespace.clone();
-                self.fences.push(FenceNote {
-                    namespace,
-                    scope: FenceScope::Namespace,
-                    stamp: 0,
-                });
-            }
+            Route::DeleteNamespace { .. } => self.fence_purge(),
             _ => {}
         }
     }
 
-    /// Namespaces used since the last call, for the watermark tracker.
-    pub fn take_touches(&mut self) -> Vec<Touch> {
-        std::mem::take(&mut self.touches)
-    }
-
     /// Records that this request used `namespace` (when the watermark is on).
     fn touch(&mut self, namespace: &str, written: bool) {
-        if self.read_watermark == ReadWatermark::Off {
+        if self.config.read_watermark == ReadWatermark::Off {
             return;
         }
         self.touches.push(Touch {
             namespace: namespace.to_owned(),
             written,
-            authorization: self.forward_authorization.clone(),
+            authorization: self.request.forward_authorization.clone(),
         });
     }
 
     /// The counter for a body refused for its encoding, by route.
     fn bad_encoding(&self) -> Counter {
-        if matches!(self.route, Route::Query { .. }) {
+        if matches!(self.request.route, Route::Query { .. }) {
             Counter::ReadsRejected(ReadReason::BadEncoding)
         } else {
             Counter::WritesRejected(WriteReason::BadEncoding)
@@ -329,25 +351,41 @@ impl Exchange {
 
     fn reply(&mut self, reply: LocalReply) -> Step {
         self.phase = Phase::Replied;
-        self.collect = None;
         Step::Reply(reply)
     }
 
     /// Request headers: classify, authenticate (every path: Envoy sends them all to Turbopuffer,
     /// and a caller's key must never reach it in keys mode), decide whether to buffer.
-    pub fn on_request_headers(&mut self, config: &Config, head: &RequestHead<'_>) -> (HeaderEdits, Step) {
+    pub fn on_request_headers(&mut self, head: &RequestHead<'_>) -> (HeaderEdits, Step) {
         let mut edits = HeaderEdits::default();
-        if self.phase != Phase::Start {
+        if !matches!(self.phase, Phase::Start) {
             return (edits, Step::Continue);
         }
-        self.route = route::classify(head.method, head.path);
+        self.request.route = route::classify(head.method, head.path);
+        self.request.method = head.method.to_owned();
+        if let Err(reply) = self.authenticate(head, &mut edits) {
+            return (edits, self.reply(reply));
+        }
+        self.request.request_id = head.request_id.to_owned();
+        let bypass = self.look_up(head);
+        if !self.request.route.needs_body() {
+            self.phase = Phase::Upstream { sent: None };
+            return (edits, Step::Continue);
+        }
+        let step = self.start_body(head, bypass, &mut edits);
+        (edits, step)
+    }
+
+    /// Checks the caller's credential for the route's scope; in keys mode the caller's key is
+    /// replaced by the upstream key and never kept.
+    fn authenticate(&mut self, head: &RequestHead<'_>, edits: &mut HeaderEdits) -> Result<(), LocalReply> {
         let scope = route::required_scope(head.method, head.path);
-        self.method = head.method.to_owned();
-        self.mutates = scope != Scope::Read;
-        match authenticate(config, head.authorization, scope) {
-            Ok(Credential::Keep) => {
-                self.forward_authorization = head.authorization.map(str::to_owned);
+        self.request.mutates = scope != Scope::Read;
+        match authenticate(&self.config, head.authorization, scope) {
+            Ok(Credential::Keep) if self.config.auth_mode != AuthMode::Keys => {
+                self.request.forward_authorization = head.authorization.map(str::to_owned);
             }
+            Ok(Credential::Keep) => {}
             Ok(Credential::Replace(value)) => edits.set.push(("authorization", value)),
             Err(reply) => {
                 self.counters.push(if reply.status == 401 {
@@ -356,47 +394,44 @@ impl Exchange {
                     Counter::Forbidden
                 });
                 log::info!("request {}: rejected by auth ({})", head.request_id, reply.status);
-                return (edits, self.reply(reply));
+                return Err(reply);
             }
         }
-        if config.auth_mode == AuthMode::Keys {
-            self.forward_authorization = None;
-        }
-        self.request_id = head.request_id.to_owned();
-        self.max_body_bytes = config.max_body_bytes;
-        self.mirror_timeout_ms = config.mirror_timeout_ms;
-        self.sidecar_timeout_ms = config.sidecar_timeout_ms;
-        self.sidecar_cluster = config.sidecar_cluster.clone();
-        self.mirror_vectors = config.mirror_vectors;
-        self.read_watermark = config.read_watermark;
-        self.fence_max_ids = config.fence_max_ids;
-        if let Route::DocumentFetch { namespace } = &self.route {
-            if head.fences.is_some_and(|fenced| (fenced.0)(namespace)) {
-                self.bypass = true;
-                self.counters.push(Counter::FetchesBypassed);
+        Ok(())
+    }
+
+    /// What the request's namespace has in the worker's lookups: a query's watermark (kept in
+    /// the request), and whether a document fetch must bypass the cache (returned).
+    fn look_up(&mut self, head: &RequestHead<'_>) -> bool {
+        match &self.request.route {
+            Route::DocumentFetch { namespace } => {
+                let fenced = head.fences.is_some_and(|fenced| (fenced.0)(namespace));
+                if fenced {
+                    self.counters.push(Counter::FetchesBypassed);
+                }
+                fenced
             }
-        }
-        if let Route::Query { namespace } = &self.route {
-            if self.read_watermark != ReadWatermark::Off {
+            Route::Query { namespace } if self.config.read_watermark != ReadWatermark::Off => {
                 let namespace = namespace.clone();
-                self.watermark = head
+                self.request.watermark = head
                     .watermarks
                     .and_then(|lookup| (lookup.0)(&namespace))
-                    .filter(|w| w.is_fresh(head.now_ms, config.watermark_stale_ms));
+                    .filter(|w| w.is_fresh(head.now_ms, self.config.watermark_stale_ms));
                 self.touch(&namespace, false);
+                false
             }
+            _ => false,
         }
-        if !self.route.needs_body() {
-            self.phase = Phase::Upstream;
-            return (edits, Step::Continue);
-        }
+    }
+
+    /// A route whose body the filter reads: refuse what is too large or encoded otherwise than
+    /// gzip or identity, then buffer.
+    fn start_body(&mut self, head: &RequestHead<'_>, bypass: bool, edits: &mut HeaderEdits) -> Step {
+        let limit = self.config.max_body_bytes;
         if let Some(len) = head.content_length.and_then(|v| v.trim().parse::<u64>().ok()) {
-            if len > config.max_body_bytes {
+            if len > limit {
                 self.counters.push(Counter::PayloadTooLarge);
-                return (
-                    edits,
-                    self.reply(LocalReply::payload_too_large(config.max_body_bytes)),
-                );
+                return self.reply(LocalReply::payload_too_large(limit));
             }
         }
         let gzip = is_gzip(head.content_encoding);
@@ -409,7 +444,7 @@ impl Exchange {
                 "unsupported content-encoding '{}'; send identity or gzip",
                 enc.trim()
             );
-            return (edits, self.reply(LocalReply::validation(&message)));
+            return self.reply(LocalReply::validation(&message));
         }
         if gzip {
             self.counters.push(Counter::GzipDecoded);
@@ -418,26 +453,30 @@ impl Exchange {
         // `content-length` stays: the glue sets it to the new length if the body is replaced
         // (Envoy holds the headers until the body is complete), so an unchanged body goes up as
         // it came.
-        if matches!(self.route, Route::Write { .. }) {
-            // The filter reads write responses (affected ids); keep them uncompressed.
-            edits.remove.push("accept-encoding");
-        }
-        self.path = route::canonical(head.path);
-        self.content_type = head.content_type.map(str::to_owned);
-        self.decoded = gzip;
-        self.collect = Some(if gzip {
-            Collect::Stream {
-                buffer: BodyBuffer::new(config.max_body_bytes, true, None),
-                seen: 0,
+        let sidecar = match self.request.route {
+            Route::Pipeline | Route::DocumentFetch { .. } => Some(SidecarRequest {
+                path: route::canonical(head.path),
+                content_type: head.content_type.map(str::to_owned),
+                bypass,
+            }),
+            Route::Write { .. } => {
+                // The filter reads write responses (affected ids); keep them uncompressed.
+                edits.remove.push("accept-encoding");
+                None
             }
-        } else {
-            Collect::Whole
+            _ => None,
+        };
+        self.phase = Phase::Buffering(Buffering {
+            gzip: gzip.then(|| Gzip {
+                body: GzipBody::new(limit),
+                seen: 0,
+            }),
+            sidecar,
         });
-        self.phase = Phase::Buffering;
         if head.end_of_stream {
-            return (edits, self.finish_request(0, 0, &mut |_, _| Vec::new()));
+            return self.finish_request(0, 0, &mut |_, _| Some(Vec::new()));
         }
-        (edits, Step::Pause)
+        Step::Pause
     }
 
     /// Envoy buffered `size` bytes of request body so far (cumulative while the filter pauses).
@@ -449,17 +488,20 @@ impl Exchange {
         now_ms: u64,
         read: ReadBody<'_>,
     ) -> Step {
-        if self.phase != Phase::Buffering {
+        let limit = self.config.max_body_bytes;
+        let Phase::Buffering(buffering) = &mut self.phase else {
             return self.after_request();
-        }
-        if size as u64 > self.max_body_bytes {
+        };
+        if size as u64 > limit {
             return self.body_error(BodyError::TooLarge);
         }
-        if let Some(Collect::Stream { buffer, seen }) = &mut self.collect {
-            let start = (*seen).min(size);
-            let chunk = read(start, size - start);
-            *seen = size;
-            if let Err(e) = buffer.push(&chunk) {
+        if let Some(gzip) = &mut buffering.gzip {
+            let start = gzip.seen.min(size);
+            let Some(chunk) = read(start, size - start) else {
+                return self.body_unreadable();
+            };
+            gzip.seen = size;
+            if let Err(e) = gzip.body.push(&chunk) {
                 return self.body_error(e);
             }
         }
@@ -472,7 +514,7 @@ impl Exchange {
 
     /// Request trailers end the body (HTTP/2 requests may never flag end of stream on the body).
     pub fn on_request_trailers(&mut self, size: usize, now_ms: u64, read: ReadBody<'_>) -> Step {
-        if self.phase != Phase::Buffering {
+        if !matches!(self.phase, Phase::Buffering(_)) {
             return self.after_request();
         }
         self.finish_request(now_ms, size, read)
@@ -481,7 +523,7 @@ impl Exchange {
     /// A request callback outside buffering: keep a replied or sidecar-answered stream held.
     fn after_request(&self) -> Step {
         match self.phase {
-            Phase::Replied | Phase::AwaitingRoute => Step::Pause,
+            Phase::Replied | Phase::AwaitingRoute { .. } => Step::Pause,
             _ => Step::Continue,
         }
     }
@@ -490,7 +532,7 @@ impl Exchange {
         match e {
             BodyError::TooLarge => {
                 self.counters.push(Counter::PayloadTooLarge);
-                self.reply(LocalReply::payload_too_large(self.max_body_bytes))
+                self.reply(LocalReply::payload_too_large(self.config.max_body_bytes))
             }
             BodyError::BadGzip(reason) => {
                 self.counters.push(self.bad_encoding());
@@ -501,62 +543,94 @@ impl Exchange {
         }
     }
 
+    /// Envoy would not hand over the buffered request body: nothing goes upstream (an unread
+    /// write cannot be validated or stamped).
+    fn body_unreadable(&mut self) -> Step {
+        self.counters.push(Counter::BodyReadFailed);
+        log::error!(
+            "request {}: could not read the request body",
+            self.request.request_id
+        );
+        self.reply(LocalReply::error(
+            500,
+            "internal_error",
+            "the gateway could not read the request body",
+        ))
+    }
+
     fn finish_request(&mut self, now_ms: u64, size: usize, read: ReadBody<'_>) -> Step {
-        let decoded = match self.collect.take() {
-            Some(Collect::Stream { buffer, .. }) => match buffer.finish() {
-                Ok(b) => b,
+        let buffering = match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Buffering(buffering) => buffering,
+            other => {
+                self.phase = other;
+                return Step::Continue;
+            }
+        };
+        let decoded = buffering.gzip.is_some();
+        let body = match buffering.gzip {
+            Some(gzip) => match gzip.body.finish() {
+                Ok(body) => body,
                 Err(e) => return self.body_error(e),
             },
-            Some(Collect::Whole) => read(0, size),
-            None => return Step::Continue,
+            None => match read(0, size) {
+                Some(body) => body,
+                None => return self.body_unreadable(),
+            },
         };
-        match self.route.clone() {
-            Route::Write { namespace } => self.finish_write(namespace, decoded, now_ms),
-            Route::Query { namespace } => self.finish_query(&namespace, decoded),
-            Route::Pipeline | Route::DocumentFetch { .. } => {
-                self.phase = Phase::AwaitingRoute;
-                self.callout_purpose = Some(Purpose::Route);
-                self.callout_started_ms = now_ms;
-                self.counters.push(Counter::SidecarRouted);
-                let mut headers = self.callout_headers(&self.method.clone(), &self.path.clone());
-                if let Some(ct) = &self.content_type {
-                    headers.push(("content-type".to_owned(), ct.clone()));
-                }
-                if let Some(auth) = &self.forward_authorization {
-                    headers.push(("authorization".to_owned(), auth.clone()));
-                }
-                if self.bypass {
-                    headers.push((sidecar_api::BYPASS_HEADER.to_owned(), "1".to_owned()));
-                }
-                Step::Dispatch(Callout {
-                    purpose: Purpose::Route,
-                    headers,
-                    body: decoded,
-                    timeout_ms: self.sidecar_timeout_ms,
-                })
+        match (&self.request.route, buffering.sidecar) {
+            (Route::Write { namespace }, _) => {
+                let namespace = namespace.clone();
+                self.finish_write(namespace, body, decoded, now_ms)
             }
+            (Route::Query { namespace }, _) => {
+                let namespace = namespace.clone();
+                self.finish_query(&namespace, body, decoded)
+            }
+            (_, Some(sidecar)) => self.route_callout(sidecar, body, now_ms),
             _ => {
-                self.phase = Phase::Upstream;
+                self.phase = Phase::Upstream { sent: None };
                 Step::Continue
             }
         }
     }
 
-    fn finish_write(&mut self, namespace: String, mut body: Vec<u8>, stamp: u64) -> Step {
+    /// A pipeline or document-fetch request goes to the sidecar, which answers it.
+    fn route_callout(&mut self, sidecar: SidecarRequest, body: Vec<u8>, now_ms: u64) -> Step {
+        self.counters.push(Counter::SidecarRouted);
+        let mut headers = self.callout_headers(&self.request.method, &sidecar.path);
+        if let Some(ct) = sidecar.content_type {
+            headers.push(("content-type".to_owned(), ct));
+        }
+        if let Some(auth) = &self.request.forward_authorization {
+            headers.push(("authorization".to_owned(), auth.clone()));
+        }
+        if sidecar.bypass {
+            headers.push((sidecar_api::BYPASS_HEADER.to_owned(), "1".to_owned()));
+        }
+        self.phase = Phase::AwaitingRoute { started_ms: now_ms };
+        Step::Dispatch(Callout {
+            purpose: Purpose::Route,
+            headers,
+            body,
+            timeout_ms: self.config.sidecar_timeout_ms,
+        })
+    }
+
+    fn finish_write(&mut self, namespace: String, mut body: Vec<u8>, decoded: bool, stamp: u64) -> Step {
         let plan = match plan(&body) {
             Ok(p) => p,
             Err(rejection) => {
                 self.counters.push(Counter::WritesRejected(rejection.reason()));
                 log::info!(
                     "request {}: write to '{namespace}' rejected: {}",
-                    self.request_id,
+                    self.request.request_id,
                     rejection.reason().as_str()
                 );
                 return self.reply(LocalReply::validation(&rejection.message()));
             }
         };
         self.counters.push(Counter::WritesAccepted);
-        self.accepted = true;
+        self.mirror_outcome = MirrorOutcome::Pending;
         if plan.stamped_rows > 0 {
             self.counters.push(Counter::RowsStamped(plan.stamped_rows));
         }
@@ -565,14 +639,13 @@ impl Exchange {
         }
         log::debug!(
             "request {}: write to '{namespace}' accepted, {} rows stamped at {stamp}",
-            self.request_id,
+            self.request.request_id,
             plan.stamped_rows
         );
-        self.phase = Phase::Upstream;
         // The body is replaced whenever it changed or was decoded from gzip.
         let forward = if !plan.is_identity() {
             Some(render(&body, &plan, stamp))
-        } else if self.decoded {
+        } else if decoded {
             Some(if plan.mirrors {
                 body.clone()
             } else {
@@ -581,25 +654,26 @@ impl Exchange {
         } else {
             None
         };
-        if plan.mirrors {
-            self.sent = Some(Sent {
-                namespace,
-                stamp,
-                body,
-                plan,
-            });
-        }
+        let sent = plan.mirrors.then_some(Sent {
+            namespace,
+            stamp,
+            body,
+            plan,
+        });
+        self.phase = Phase::Upstream { sent };
         Step::Forward(forward)
     }
 
     /// A complete query body: validate, apply the temporal fields and the watermark, forward.
-    fn finish_query(&mut self, namespace: &str, mut body: Vec<u8>) -> Step {
+    fn finish_query(&mut self, namespace: &str, mut body: Vec<u8>, decoded: bool) -> Step {
+        let on = self.config.read_watermark != ReadWatermark::Off;
         let rule = WatermarkRule {
             at_ms: self
+                .request
                 .watermark
-                .filter(|w| w.updating && self.read_watermark != ReadWatermark::Off)
+                .filter(|w| w.updating && on)
                 .map(|w| w.at_ms),
-            always: self.read_watermark == ReadWatermark::Always,
+            always: self.config.read_watermark == ReadWatermark::Always,
         };
         let plan = match reads::plan(&body, rule) {
             Ok(p) => p,
@@ -607,7 +681,7 @@ impl Exchange {
                 self.counters.push(Counter::ReadsRejected(rejection.reason()));
                 log::info!(
                     "request {}: query of '{namespace}' rejected: {}",
-                    self.request_id,
+                    self.request.request_id,
                     rejection.reason().as_str()
                 );
                 return self.reply(LocalReply::validation(&rejection.message()));
@@ -619,13 +693,13 @@ impl Exchange {
         if plan.watermarked > 0 {
             self.counters.push(Counter::QueriesWatermarked);
         }
-        if self.watermark.is_none() && self.read_watermark != ReadWatermark::Off {
+        if self.request.watermark.is_none() && on {
             self.counters.push(Counter::QueriesWithoutWatermark);
         }
-        self.phase = Phase::Upstream;
+        self.phase = Phase::Upstream { sent: None };
         let forward = if !plan.is_identity() {
             Some(reads::render(&body, &plan))
-        } else if self.decoded {
+        } else if decoded {
             Some(std::mem::take(&mut body))
         } else {
             None
@@ -637,22 +711,35 @@ impl Exchange {
         vec![
             (":method".to_owned(), method.to_owned()),
             (":path".to_owned(), path.to_owned()),
-            (":authority".to_owned(), self.sidecar_cluster.clone()),
-            (sidecar_api::REQUEST_ID_HEADER.to_owned(), self.request_id.clone()),
+            (":authority".to_owned(), self.config.sidecar_cluster.clone()),
+            (
+                sidecar_api::REQUEST_ID_HEADER.to_owned(),
+                self.request.request_id.clone(),
+            ),
         ]
     }
 
-    fn json_callout(&mut self, purpose: Purpose, path: &str, body: Vec<u8>, now_ms: u64) -> Step {
+    /// A mirror or purge callout; the response waits for it.
+    fn json_callout(
+        &mut self,
+        purpose: Purpose,
+        path: &str,
+        body: Vec<u8>,
+        now_ms: u64,
+        sent: Option<Sent>,
+    ) -> Step {
         let mut headers = self.callout_headers("POST", path);
         headers.push(("content-type".to_owned(), "application/json".to_owned()));
-        self.phase = Phase::AwaitingMirror;
-        self.callout_purpose = Some(purpose);
-        self.callout_started_ms = now_ms;
+        self.phase = Phase::AwaitingMirror {
+            purpose,
+            started_ms: now_ms,
+            sent,
+        };
         Step::Dispatch(Callout {
             purpose,
             headers,
             body,
-            timeout_ms: self.mirror_timeout_ms,
+            timeout_ms: self.config.mirror_timeout_ms,
         })
     }
 
@@ -667,152 +754,183 @@ impl Exchange {
         let mut edits = HeaderEdits::default();
         // Envoy may answer while the body is still arriving (its own buffer limit, a reset):
         // such replies are rewritten too. Our own replies and finished exchanges are left alone.
-        if !matches!(self.phase, Phase::Start | Phase::Buffering | Phase::Upstream) {
+        let forwarded = matches!(self.phase, Phase::Upstream { .. });
+        if !forwarded && !matches!(self.phase, Phase::Start | Phase::Buffering(_)) {
             return (edits, Step::Continue);
         }
-        let class = classify(status, code_details, self.mutates);
-        if self.phase != Phase::Upstream && class == ResponseClass::Relay {
+        let class = classify(status, code_details, self.request.mutates);
+        if !forwarded && class == ResponseClass::Relay {
             return (edits, Step::Continue);
         }
-        self.collect = None;
+        let sent = match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Upstream { sent } => sent,
+            _ => None,
+        };
         if let ResponseClass::Rewrite(reply) = class {
-            self.counters.push(match reply.status {
-                504 => Counter::GatewayTimeout,
-                413 => Counter::PayloadTooLarge,
-                404 => Counter::RouteNotFound,
-                _ => Counter::UpstreamError,
-            });
-            log::warn!(
-                "request {}: no upstream response ({code_details:?}), answering {}",
-                self.request_id,
-                reply.status
-            );
-            // No answer from Turbopuffer: a forwarded write may or may not have applied.
-            if self.phase == Phase::Upstream {
-                self.outcome(Counter::WritesUnanswered);
-                self.fence_sent();
-                if let Route::DeleteNamespace { namespace } = &self.route {
-                    let namespace = namespace.clone();
-                    self.fences.push(FenceNote {
-                        namespace,
-                        scope: FenceScope::Namespace,
-                        stamp: 0,
-                    });
-                }
-            }
-            self.sent = None;
-            // Envoy sends its reply as headers only for a HEAD request (no body allowed: the new
-            // status and content type are all the client gets) and when the reply has no body
-            // text (`cluster_not_found`, `route_not_found`). With no body to replace, the JSON
-            // goes out as our own local reply instead, which Envoy sends straight to the client
-            // since the response headers have not left yet.
-            if end_of_stream && self.method != "HEAD" {
-                return (edits, self.reply(reply));
-            }
-            edits.set.push((":status", reply.status.to_string()));
-            edits.set.push(("content-type", "application/json".to_owned()));
-            edits.remove.push("content-length");
-            if end_of_stream {
-                self.phase = Phase::Done;
-                return (edits, Step::Continue);
-            }
-            self.rewrite = Some(reply);
-            self.phase = Phase::ResponseBuffering;
-            return (edits, Step::Continue);
+            let step = self.rewrite(reply, code_details, forwarded, sent, end_of_stream, &mut edits);
+            return (edits, step);
         }
-        if let (Route::Query { .. }, Some(w)) = (&self.route, self.watermark) {
+        if let (Route::Query { .. }, Some(w)) = (&self.request.route, self.request.watermark) {
             edits.set.push((STABLE_AS_OF_HEADER, w.at_ms.to_string()));
         }
-        let success = (200..300).contains(&status);
-        if !success {
+        if !(200..300).contains(&status) {
             // Turbopuffer refused the write: nothing changed, nothing to mirror.
             self.outcome(Counter::MirrorSkipped);
-            self.phase = Phase::Done;
-            self.sent = None;
             return (edits, Step::Continue);
         }
-        if let Route::Write { namespace } = &self.route {
-            let namespace = namespace.clone();
-            self.touch(&namespace, true);
+        let step = self.succeeded(sent, end_of_stream, now_ms, &mut edits);
+        (edits, step)
+    }
+
+    /// Envoy answered instead of Turbopuffer (no upstream response): the client gets our JSON
+    /// error, and a forwarded write or delete may or may not have applied, so it is fenced.
+    fn rewrite(
+        &mut self,
+        reply: LocalReply,
+        code_details: Option<&str>,
+        forwarded: bool,
+        sent: Option<Sent>,
+        end_of_stream: bool,
+        edits: &mut HeaderEdits,
+    ) -> Step {
+        self.counters.push(match reply.status {
+            504 => Counter::GatewayTimeout,
+            413 => Counter::PayloadTooLarge,
+            404 => Counter::RouteNotFound,
+            _ => Counter::UpstreamError,
+        });
+        log::warn!(
+            "request {}: no upstream response ({code_details:?}), answering {}",
+            self.request.request_id,
+            reply.status
+        );
+        if forwarded {
+            self.outcome(Counter::WritesUnanswered);
+            if let Some(sent) = sent {
+                self.fence(sent);
+            }
+            self.fence_purge();
         }
-        match &self.route {
+        // Envoy sends its reply as headers only for a HEAD request (no body allowed: the new
+        // status and content type are all the client gets) and when the reply has no body
+        // text (`cluster_not_found`, `route_not_found`). With no body to replace, the JSON
+        // goes out as our own local reply instead, which Envoy sends straight to the client
+        // since the response headers have not left yet.
+        if end_of_stream && self.request.method != "HEAD" {
+            return self.reply(reply);
+        }
+        edits.set.push((":status", reply.status.to_string()));
+        edits.set.push(("content-type", "application/json".to_owned()));
+        edits.remove.push("content-length");
+        if !end_of_stream {
+            self.phase = Phase::ResponseBuffering(ResponseWork::Rewrite(reply));
+        }
+        Step::Continue
+    }
+
+    /// Turbopuffer answered 2xx: mirror a write (now, or once its affected ids are read), purge
+    /// a deleted namespace.
+    fn succeeded(
+        &mut self,
+        sent: Option<Sent>,
+        end_of_stream: bool,
+        now_ms: u64,
+        edits: &mut HeaderEdits,
+    ) -> Step {
+        match &self.request.route {
             Route::DeleteNamespace { namespace } => {
                 let body = sidecar_api::purge_body(namespace);
-                (
-                    edits,
-                    self.json_callout(Purpose::Purge, sidecar_api::PURGE_PATH, body, now_ms),
-                )
+                self.json_callout(Purpose::Purge, sidecar_api::PURGE_PATH, body, now_ms, None)
             }
-            Route::Write { .. } => match &self.sent {
-                Some(sent) if sent.plan.response_driven && !end_of_stream => {
-                    if !sent.plan.client_wants_ids {
-                        edits.remove.push("content-length");
+            Route::Write { namespace } => {
+                let namespace = namespace.clone();
+                self.touch(&namespace, true);
+                match sent {
+                    Some(sent) if sent.plan.response_driven && !end_of_stream => {
+                        if !sent.plan.client_wants_ids {
+                            edits.remove.push("content-length");
+                        }
+                        self.phase = Phase::ResponseBuffering(ResponseWork::Mirror(sent));
+                        Step::Continue
                     }
-                    self.phase = Phase::ResponseBuffering;
-                    (edits, Step::Continue)
+                    Some(sent) => self.mirror(sent, None, now_ms),
+                    None => {
+                        // Nothing the cache holds changes (schema, copy, branch).
+                        self.outcome(Counter::MirrorSkipped);
+                        Step::Continue
+                    }
                 }
-                Some(_) => {
-                    let step = self.mirror(None, now_ms);
-                    (edits, step)
-                }
-                None => {
-                    // Nothing the cache holds changes (schema, copy, branch).
-                    self.outcome(Counter::MirrorSkipped);
-                    self.phase = Phase::Done;
-                    (edits, Step::Continue)
-                }
-            },
-            _ => {
-                self.phase = Phase::Done;
-                (edits, Step::Continue)
             }
+            _ => Step::Continue,
         }
     }
 
     /// Whether the glue should collect response body chunks until the end of the stream.
     pub fn wants_response_body(&self) -> bool {
-        self.phase == Phase::ResponseBuffering
+        matches!(self.phase, Phase::ResponseBuffering(_))
     }
 
     /// Whether the response must be held: a body chunk arriving while a mirror or purge callout
     /// is outstanding must not let the paused headers go on.
     pub fn holds_response(&self) -> bool {
-        matches!(self.phase, Phase::ResponseBuffering | Phase::AwaitingMirror)
+        matches!(
+            self.phase,
+            Phase::ResponseBuffering(_) | Phase::AwaitingMirror { .. }
+        )
     }
 
-    /// The whole response body, once the stream ended. Returns a replacement body (if any) and
-    /// the next step.
-    pub fn on_response_complete(&mut self, body: &[u8], now_ms: u64) -> (Option<Vec<u8>>, Step) {
-        if self.phase != Phase::ResponseBuffering {
+    /// The whole response body once the stream ended (`None`: Envoy would not hand it over).
+    /// Returns a replacement body (if any) and the next step.
+    pub fn on_response_complete(&mut self, body: Option<&[u8]>, now_ms: u64) -> (Option<Vec<u8>>, Step) {
+        let work = match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::ResponseBuffering(work) => work,
+            other => {
+                self.phase = other;
+                return (None, Step::Continue);
+            }
+        };
+        let sent = match work {
+            ResponseWork::Rewrite(reply) => return (Some(reply.body), Step::Continue),
+            ResponseWork::Mirror(sent) => sent,
+        };
+        let Some(body) = body else {
+            // Without the affected ids the mirror cannot know which documents changed.
+            self.counters.push(Counter::BodyReadFailed);
+            log::error!(
+                "request {}: could not read the write's response; fencing",
+                self.request.request_id
+            );
+            self.outcome(Counter::MirrorFailed);
+            self.fence(sent);
             return (None, Step::Continue);
-        }
-        if let Some(reply) = self.rewrite.take() {
-            self.phase = Phase::Done;
-            return (Some(reply.body), Step::Continue);
-        }
-        let strip = self.sent.as_ref().is_some_and(|s| !s.plan.client_wants_ids);
-        let replacement = if strip { strip_affected_ids(body) } else { None };
+        };
+        let replacement = if sent.plan.client_wants_ids {
+            None
+        } else {
+            strip_affected_ids(body)
+        };
         if replacement.is_some() {
             self.counters.push(Counter::AffectedIdsStripped);
         }
-        let step = self.mirror(Some(body), now_ms);
+        let step = self.mirror(sent, Some(body), now_ms);
         (replacement, step)
     }
 
-    fn mirror(&mut self, response: Option<&[u8]>, now_ms: u64) -> Step {
-        // The write is kept until the mirror's outcome is known: a failed one fences its ids.
-        let Some(sent) = self.sent.as_ref() else {
-            self.phase = Phase::Done;
-            return Step::Continue;
-        };
+    fn mirror(&mut self, sent: Sent, response: Option<&[u8]>, now_ms: u64) -> Step {
         // The cache gets the stamped write without vectors unless it keeps them.
-        let write = if self.mirror_vectors {
+        let write = if self.config.mirror_vectors {
             render(&sent.body, &sent.plan, sent.stamp)
         } else {
             render_mirror(&sent.body, &sent.plan, sent.stamp)
         };
         let body = sidecar_api::mirror_body(&sent.namespace, sent.stamp, &write, response);
-        self.json_callout(Purpose::Mirror, sidecar_api::MIRROR_PATH, body, now_ms)
+        self.json_callout(
+            Purpose::Mirror,
+            sidecar_api::MIRROR_PATH,
+            body,
+            now_ms,
+            Some(sent),
+        )
     }
 
     /// A callout came back. `status` is `None` when it was reset (no headers, no `:status`); an
@@ -824,10 +942,20 @@ impl Exchange {
         body: Vec<u8>,
         now_ms: u64,
     ) -> Step {
-        let Some(purpose) = self.callout_purpose.take() else {
-            return Step::Continue;
+        let (purpose, started_ms, sent) = match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::AwaitingRoute { started_ms } => (Purpose::Route, started_ms, None),
+            Phase::AwaitingMirror {
+                purpose,
+                started_ms,
+                sent,
+            } => (purpose, started_ms, sent),
+            // No callout outstanding (the stream is over): nothing to resume.
+            other => {
+                self.phase = other;
+                return Step::Continue;
+            }
         };
-        let elapsed = now_ms.saturating_sub(self.callout_started_ms);
+        let elapsed = now_ms.saturating_sub(started_ms);
         // Envoy answers a call it could not deliver or that timed out with its own plain-text
         // reply (503 "upstream connect error ...", 504 "upstream request timeout"), not as a
         // failure; only a reset comes without headers. The sidecar always answers JSON, so any
@@ -839,105 +967,77 @@ impl Exchange {
         let envoy_timeout = !json && status == Some(504);
         let status = status.filter(|_| json);
         let timed_out = |limit_ms: u64| status.is_none() && (envoy_timeout || elapsed >= limit_ms);
-        match purpose {
-            Purpose::Route => {
-                if self.phase != Phase::AwaitingRoute {
-                    return Step::Continue;
-                }
-                match status {
-                    Some(status) => {
-                        let headers = headers
-                            .iter()
-                            .filter(|(k, _)| {
-                                RELAYED_SIDECAR_HEADERS.contains(&k.to_ascii_lowercase().as_str())
-                            })
-                            .cloned()
-                            .collect();
-                        self.reply(LocalReply {
-                            status,
-                            body,
-                            headers,
-                        })
-                    }
-                    None => {
-                        self.counters.push(Counter::SidecarUnavailable);
-                        let why = if timed_out(self.sidecar_timeout_ms) {
-                            "timed out"
-                        } else {
-                            "no response"
-                        };
-                        self.reply(LocalReply::cache_unavailable(why))
-                    }
-                }
-            }
-            Purpose::Mirror | Purpose::Purge => {
-                if self.phase != Phase::AwaitingMirror {
-                    return Step::Continue;
-                }
-                self.phase = Phase::Done;
-                let ok = status.is_some_and(|s| (200..300).contains(&s));
-                let counter = match (purpose, ok) {
-                    (Purpose::Purge, true) => Counter::PurgeOk,
-                    (Purpose::Purge, false) => Counter::PurgeFailed,
-                    (_, true) => Counter::MirrorOk,
-                    (_, false) if timed_out(self.mirror_timeout_ms) => Counter::MirrorTimeout,
-                    (_, false) => Counter::MirrorFailed,
+        if purpose == Purpose::Route {
+            let Some(status) = status else {
+                self.counters.push(Counter::SidecarUnavailable);
+                let why = if timed_out(self.config.sidecar_timeout_ms) {
+                    "timed out"
+                } else {
+                    "no response"
                 };
-                if !ok {
-                    log::warn!(
-                        "request {}: {purpose:?} callout failed (status {status:?}); fencing",
-                        self.request_id
-                    );
-                }
-                self.settle(purpose, ok, counter);
-                Step::Continue
-            }
+                return self.reply(LocalReply::cache_unavailable(why));
+            };
+            let headers = headers.iter().filter(|(k, _)| relayed(k)).cloned().collect();
+            return self.reply(LocalReply {
+                status,
+                body,
+                headers,
+            });
         }
+        let ok = status.is_some_and(|s| (200..300).contains(&s));
+        let counter = match (purpose, ok) {
+            (Purpose::Purge, true) => Counter::PurgeOk,
+            (Purpose::Purge, false) => Counter::PurgeFailed,
+            (_, true) => Counter::MirrorOk,
+            (_, false) if timed_out(self.config.mirror_timeout_ms) => Counter::MirrorTimeout,
+            (_, false) => Counter::MirrorFailed,
+        };
+        if !ok {
+            log::warn!(
+                "request {}: {purpose:?} callout failed (status {status:?}); fencing",
+                self.request.request_id
+            );
+        }
+        self.settle(purpose, ok, counter, sent);
+        Step::Resume(Half::Response)
     }
 
-    /// The glue could not dispatch the callout (unknown cluster, bad headers).
+    /// The glue could not dispatch the callout (unknown cluster, bad headers); the answer is
+    /// for the callback that asked for it.
     pub fn on_callout_dispatch_failed(&mut self) -> Step {
         self.counters.push(Counter::CalloutDispatchFailed);
-        match self.callout_purpose.take() {
-            Some(Purpose::Route) => {
+        match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::AwaitingRoute { .. } => {
                 self.counters.push(Counter::SidecarUnavailable);
                 self.reply(LocalReply::cache_unavailable("callout could not be dispatched"))
             }
-            Some(purpose) => {
+            Phase::AwaitingMirror { purpose, sent, .. } => {
                 let counter = if purpose == Purpose::Purge {
                     Counter::PurgeFailed
                 } else {
                     Counter::MirrorFailed
                 };
-                self.settle(purpose, false, counter);
-                self.phase = Phase::Done;
+                self.settle(purpose, false, counter, sent);
                 Step::Continue
             }
-            None => Step::Continue,
+            other => {
+                self.phase = other;
+                Step::Continue
+            }
         }
     }
 
     /// A mirror or purge callout's outcome: counted, and fenced when it did not happen.
-    fn settle(&mut self, purpose: Purpose, ok: bool, counter: Counter) {
-        match purpose {
-            Purpose::Mirror => {
-                self.outcome(counter);
-                if ok {
-                    self.sent = None;
-                } else {
-                    self.fence_sent();
-                }
-            }
-            _ => {
-                self.counters.push(counter);
-                if let (false, Route::DeleteNamespace { namespace }) = (ok, &self.route) {
-                    let namespace = namespace.clone();
-                    self.fences.push(FenceNote {
-                        namespace,
-                        scope: FenceScope::Namespace,
-                        stamp: 0,
-                    });
-                }
+    fn settle(&mut self, purpose: Purpose, ok: bool, counter: Counter, sent: Option<Sent>) {
+        if purpose == Purpose::Mirror {
+            self.outcome(counter);
+        } else {
+            self.counters.push(counter);
+        }
+        if !ok {
+            match sent {
+                Some(sent) => self.fence(sent),
+                None => self.fence_purge(),
             }
         }
     }

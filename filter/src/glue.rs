@@ -1,12 +1,13 @@
 //! The proxy-wasm glue: moves headers and bytes between Envoy and [`Exchange`] and carries out the
 //! steps it returns. Every hostcall result is handled; nothing here panics.
 
+mod buffers;
 mod root;
 
 use crate::config::Config;
 use crate::error::LocalReply;
 use crate::exchange::{
-    request_id_from, Callout, Exchange, FenceLookup, HeaderEdits, Purpose, RequestHead, Step, WatermarkLookup,
+    request_id_from, Callout, Exchange, FenceLookup, Half, HeaderEdits, RequestHead, Step, WatermarkLookup,
 };
 use crate::fence::{Added, FenceNote, Fences};
 use crate::metrics::{Counter, EVICTIONS_PENDING, NAMESPACES_TRACKED, VM_MEMORY_BYTES};
@@ -212,10 +213,8 @@ struct Filter {
     exchange: Exchange,
     /// Request body bytes Envoy has buffered (reported cumulatively while the filter pauses).
     request_seen: usize,
-    /// The outstanding callout: its token and what it is for.
-    callout: Option<(u32, Purpose)>,
-    /// What the last answered callout was for (decides which half of the stream to resume).
-    answered: Option<Purpose>,
+    /// The outstanding callout's token.
+    callout: Option<u32>,
 }
 
 fn now_ms() -> u64 {
@@ -224,18 +223,18 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// A callout's answer: its status (`None` when it was reset), headers and body.
+/// A callout's answer: its status (`None` when it was reset, or when its body cannot be read:
+/// an answer the filter cannot see is no answer), headers and body.
 fn call_answer(body_size: usize) -> (Option<u16>, Vec<(String, String)>, Vec<u8>) {
     let headers = host::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
     let status = headers
         .iter()
         .find(|(k, _)| k == ":status")
         .and_then(|(_, v)| v.parse::<u16>().ok());
-    let body = host::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-        .ok()
-        .flatten()
-        .unwrap_or_default();
-    (status, headers, body)
+    match read_body(BufferType::HttpCallResponseBody, 0, body_size) {
+        Some(body) => (status, headers, body),
+        None => (None, headers, Vec::new()),
+    }
 }
 
 fn header(map: MapType, name: &str) -> Option<String> {
@@ -255,14 +254,19 @@ fn apply(map: MapType, edits: &HeaderEdits) {
     }
 }
 
-fn read_request_body(start: usize, len: usize) -> Vec<u8> {
-    match host::get_buffer(BufferType::HttpRequestBody, start, len) {
-        Ok(bytes) => bytes.unwrap_or_default(),
+/// `None` when Envoy refuses (the exchange answers or fences, and counts it).
+fn read_body(buffer: BufferType, start: usize, len: usize) -> Option<Vec<u8>> {
+    match buffers::read(buffer, start, len) {
+        Ok(bytes) => Some(bytes),
         Err(status) => {
-            log::warn!("could not read the request body: {status:?}");
-            Vec::new()
+            log::error!("could not read {buffer:?}: host status {status}");
+            None
         }
     }
+}
+
+fn read_request_body(start: usize, len: usize) -> Option<Vec<u8>> {
+    read_body(BufferType::HttpRequestBody, start, len)
 }
 
 fn new_request_id() -> String {
@@ -278,12 +282,12 @@ fn new_request_id() -> String {
 /// still held): set to the new length, or removed when the request ended with trailers (the
 /// upstream request is then chunked, as the client's was).
 fn replace_request_body(body: &[u8], buffered: usize, site: Site) -> Result<(), LocalReply> {
-    let failed = |what: &str, status: proxy_wasm::types::Status| {
-        log::error!("could not {what}: {status:?}");
+    let failed = |what: &str, status: &dyn std::fmt::Debug| {
+        log::error!("could not {what}: host status {status:?}");
         LocalReply::error(500, "internal_error", &format!("the gateway could not {what}"))
     };
-    host::set_buffer(BufferType::HttpRequestBody, 0, buffered, body)
-        .map_err(|s| failed("replace the request body", s))?;
+    buffers::replace(BufferType::HttpRequestBody, 0, buffered, body)
+        .map_err(|s| failed("replace the request body", &s))?;
     let map = MapType::HttpRequestHeaders;
     let length = if site == Site::RequestTrailers {
         None
@@ -291,7 +295,7 @@ fn replace_request_body(body: &[u8], buffered: usize, site: Site) -> Result<(), 
         Some(body.len().to_string())
     };
     host::set_map_value(map, "content-length", length.as_deref())
-        .map_err(|s| failed("set the request's content-length", s))?;
+        .map_err(|s| failed("set the request's content-length", &s))?;
     Ok(())
 }
 
@@ -356,7 +360,7 @@ impl Filter {
             Duration::from_millis(call.timeout_ms),
         ) {
             Ok(token) => {
-                self.callout = Some((token, call.purpose));
+                self.callout = Some(token);
                 Ok(())
             }
             Err(status) => {
@@ -373,7 +377,17 @@ impl Filter {
     /// Carries out a step; `body_len` is the size of the buffered body a `Forward` replaces.
     fn execute(&mut self, step: Step, site: Site, body_len: usize) -> Action {
         let action = match step {
-            Step::Continue => self.proceed(site),
+            Step::Continue => Action::Continue,
+            Step::Resume(half) => {
+                let resumed = match half {
+                    Half::Request => host::resume_http_request(),
+                    Half::Response => host::resume_http_response(),
+                };
+                if let Err(status) = resumed {
+                    log::warn!("could not resume the stream: {status:?}");
+                }
+                Action::Continue
+            }
             Step::Pause => Action::Pause,
             Step::Reply(reply) => {
                 send_reply(&reply);
@@ -389,7 +403,7 @@ impl Filter {
                         return Action::Pause;
                     }
                 }
-                self.proceed(site)
+                Action::Continue
             }
             Step::Dispatch(call) => match self.dispatch(&call) {
                 Ok(()) => Action::Pause,
@@ -403,20 +417,6 @@ impl Filter {
         self.record();
         action
     }
-
-    /// "Go on" at a site: a callback returns Continue; a callout answer resumes the stream.
-    fn proceed(&self, site: Site) -> Action {
-        if site == Site::Callout {
-            let resumed = match self.answered {
-                Some(Purpose::Route) => host::resume_http_request(),
-                _ => host::resume_http_response(),
-            };
-            if let Err(status) = resumed {
-                log::warn!("could not resume the stream: {status:?}");
-            }
-        }
-        Action::Continue
-    }
 }
 
 impl Context for Filter {
@@ -428,10 +428,7 @@ impl Context for Filter {
         _num_trailers: usize,
     ) {
         match self.callout {
-            Some((expected, purpose)) if expected == token => {
-                self.answered = Some(purpose);
-                self.callout = None;
-            }
+            Some(expected) if expected == token => self.callout = None,
             _ => {
                 log::warn!("ignoring a callout answer with unknown token {token}");
                 return;
@@ -494,8 +491,7 @@ impl HttpContext for Filter {
             watermarks: Some(WatermarkLookup(&lookup)),
             fences: Some(FenceLookup(&fenced)),
         };
-        let config = Rc::clone(&self.shared.config);
-        let (edits, step) = self.exchange.on_request_headers(&config, &head);
+        let (edits, step) = self.exchange.on_request_headers(&head);
         apply(map, &edits);
         self.execute(step, Site::RequestHeaders, 0)
     }
@@ -550,17 +546,12 @@ impl HttpContext for Filter {
         if !end_of_stream {
             return Action::Pause;
         }
-        let body = match host::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
-            Ok(b) => b.unwrap_or_default(),
-            Err(status) => {
-                log::warn!("could not read the response body: {status:?}");
-                Vec::new()
-            }
-        };
-        let (replacement, step) = self.exchange.on_response_complete(&body, self.clock());
+        let body = read_body(BufferType::HttpResponseBody, 0, body_size);
+        let (replacement, step) = self.exchange.on_response_complete(body.as_deref(), self.clock());
         if let Some(new_body) = replacement {
-            if let Err(status) = host::set_buffer(BufferType::HttpResponseBody, 0, body_size, &new_body) {
-                log::error!("could not replace the response body: {status:?}");
+            if let Err(status) = buffers::replace(BufferType::HttpResponseBody, 0, body_size, &new_body) {
+                self.shared.metrics.record(vec![Counter::BodyReplaceFailed]);
+                log::error!("could not replace the response body: host status {status}");
             }
         }
         self.execute(step, Site::ResponseBody, body_size)

@@ -77,6 +77,9 @@ pub enum Counter {
     RouteNotFound,
     /// Envoy refused to replace a request body: answered 500, nothing forwarded.
     BodyReplaceFailed,
+    /// Envoy refused to hand over a buffered body: a request body is answered 500 and nothing
+    /// is forwarded; a write's response body leaves its mirror undone (fenced).
+    BodyReadFailed,
     GzipDecoded,
     AffectedIdsRequested,
     AffectedIdsStripped,
@@ -136,6 +139,7 @@ impl Counter {
             Counter::GatewayTimeout => "hevlayer.gateway_timeout",
             Counter::RouteNotFound => "hevlayer.route_not_found",
             Counter::BodyReplaceFailed => "hevlayer.body_replace_failed",
+            Counter::BodyReadFailed => "hevlayer.body_read_failed",
             Counter::GzipDecoded => "hevlayer.gzip_decoded",
             Counter::AffectedIdsRequested => "hevlayer.affected_ids_requested",
             Counter::AffectedIdsStripped => "hevlayer.affected_ids_stripped",
@@ -192,6 +196,7 @@ impl Counter {
                 Counter::GatewayTimeout,
                 Counter::RouteNotFound,
                 Counter::BodyReplaceFailed,
+                Counter::BodyReadFailed,
                 Counter::GzipDecoded,
                 Counter::AffectedIdsRequested,
                 Counter::AffectedIdsStripped,

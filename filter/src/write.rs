@@ -9,7 +9,7 @@ use crate::metrics::WriteReason;
 use crate::scan::{Cursor, Kind, Member, MemberCuts, Names, StrToken, SyntaxError};
 
 /// The stamp attribute.
-pub const STAMP: &str = "_hevlayer_upserted_at";
+pub const STAMP: &str = crate::sidecar_api::STAMP_ATTRIBUTE;
 /// Reserved; accepted from clients but dropped (the gateway does not shard).
 pub const SHARD: &str = "_hevlayer_shard";
 const RESERVED_PREFIX: &str = "_hevlayer_";

@@ -5,6 +5,7 @@ use hevlayer_filter::config::Config;
 use hevlayer_filter::exchange::{Exchange, RequestHead, Step};
 use serde_json::Value;
 use std::io::Write;
+use std::rc::Rc;
 
 /// What the exchange made of a request body.
 #[derive(Debug, PartialEq, Eq)]
@@ -18,7 +19,6 @@ pub enum Outcome {
 /// Sends `body` through a fresh exchange as `POST path`, in pieces of `chunk` bytes, gzipped
 /// when `gzip`, the stamp clock at `now`.
 pub fn drive(path: &str, body: &[u8], chunk: usize, gzip: bool, now: u64) -> Outcome {
-    let config = Config::default();
     let wire = if gzip {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         let _ = enc.write_all(body);
@@ -26,7 +26,7 @@ pub fn drive(path: &str, body: &[u8], chunk: usize, gzip: bool, now: u64) -> Out
     } else {
         body.to_vec()
     };
-    let mut ex = Exchange::new();
+    let mut ex = Exchange::new(Rc::new(Config::default()));
     let head = RequestHead {
         method: "POST",
         path,
@@ -35,7 +35,7 @@ pub fn drive(path: &str, body: &[u8], chunk: usize, gzip: bool, now: u64) -> Out
         request_id: "fuzz",
         ..RequestHead::default()
     };
-    match ex.on_request_headers(&config, &head).1 {
+    match ex.on_request_headers(&head).1 {
         Step::Pause => {}
         Step::Reply(r) => return Outcome::Replied(r.status),
         other => return Outcome::Forwarded(format!("{other:?}").into_bytes()),
@@ -51,7 +51,7 @@ pub fn drive(path: &str, body: &[u8], chunk: usize, gzip: bool, now: u64) -> Out
         buffered.extend_from_slice(piece);
         let end = i + 1 == n;
         let snapshot = buffered.clone();
-        let mut read = |start: usize, len: usize| snapshot[start..start + len].to_vec();
+        let mut read = |start: usize, len: usize| Some(snapshot[start..start + len].to_vec());
         match ex.on_request_body(buffered.len(), end, now, &mut read) {
             Step::Pause if !end => {}
             Step::Reply(r) => return Outcome::Replied(r.status),

@@ -21,6 +21,16 @@ pub const BYPASS_HEADER: &str = "x-hevlayer-cache-bypass";
 /// Header carrying the request id on every callout.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
+/// The attribute the filter stamps on every row a write produces (epoch ms, SPEC §2.3); the
+/// sidecar reads it from the rows it caches.
+pub const STAMP_ATTRIBUTE: &str = "_hevlayer_upserted_at";
+
+/// Headers of a Turbopuffer answer a client acts on: the sidecar relays them from Turbopuffer on
+/// failed pipeline writes and document fetches, and the filter passes them on from the sidecar's
+/// answer (SPEC §1). Hop-by-hop and server headers stay behind.
+pub const RELAYED_UPSTREAM_HEADERS: [&str; 4] =
+    ["retry-after", "retry-after-ms", "x-request-id", "x-should-retry"];
+
 /// Whether a callout's answer is the sidecar's own: it always answers JSON, while Envoy answers a
 /// call it could not deliver or that timed out itself, in plain text (503, 504).
 pub fn is_sidecar_answer(headers: &[(String, String)]) -> bool {

@@ -20,6 +20,8 @@ const OK: u32 = 0;
 const NOT_FOUND: u32 = 1;
 const BAD_ARGUMENT: u32 = 2;
 const CAS_MISMATCH: u32 = 8;
+/// What Envoy answers a buffer access it cannot serve (`WasmResult::InternalFailure`).
+const INTERNAL_FAILURE: u32 = 10;
 
 // proxy-wasm map and buffer types.
 const REQUEST_HEADERS: u32 = 0;
@@ -133,6 +135,26 @@ pub struct HostState {
     metric_values: Vec<i64>,
     logs: Vec<String>,
     random: u64,
+    /// Buffers whose reads (`proxy_get_buffer_bytes`) the host refuses, to test the filter's faults.
+    refused_reads: Vec<u32>,
+    /// Buffers whose writes (`proxy_set_buffer_bytes`) the host refuses.
+    refused_writes: Vec<u32>,
+}
+
+/// A stream body buffer, for [`Vm::refuse_reads`] and [`Vm::refuse_writes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    Request,
+    Response,
+}
+
+impl Body {
+    fn buffer_type(self) -> u32 {
+        match self {
+            Body::Request => BUF_REQUEST_BODY,
+            Body::Response => BUF_RESPONSE_BODY,
+        }
+    }
 }
 
 impl HostState {
@@ -275,6 +297,16 @@ impl Vm {
     /// Makes a cluster unknown to `proxy_http_call` (as if Envoy had no such cluster).
     pub fn remove_cluster(&mut self, name: &str) {
         self.store.data_mut().clusters.retain(|c| c != name);
+    }
+
+    /// From now on the host refuses to hand over `body` (as Envoy may: an internal failure).
+    pub fn refuse_reads(&mut self, body: Body) {
+        self.store.data_mut().refused_reads.push(body.buffer_type());
+    }
+
+    /// From now on the host refuses to replace `body`.
+    pub fn refuse_writes(&mut self, body: Body) {
+        self.store.data_mut().refused_writes.push(body.buffer_type());
     }
 
     /// A counter's value (0 if undefined).
@@ -815,6 +847,9 @@ fn define_imports(linker: &mut Linker<HostState>) -> Result<()> {
         "env",
         "proxy_get_buffer_bytes",
         |mut c: Caller<'_, HostState>, kind: u32, start: u32, max: u32, ptr_out: u32, size_out: u32| {
+            if c.data().refused_reads.contains(&kind) {
+                return Ok(INTERNAL_FAILURE);
+            }
             let Some(buf) = c.data_mut().buffer(kind) else {
                 return Ok(NOT_FOUND);
             };
@@ -830,6 +865,9 @@ fn define_imports(linker: &mut Linker<HostState>) -> Result<()> {
         "proxy_set_buffer_bytes",
         |mut c: Caller<'_, HostState>, kind: u32, start: u32, size: u32, ptr: u32, len: u32| {
             let data = read(&mut c, ptr, len)?;
+            if c.data().refused_writes.contains(&kind) {
+                return Ok(INTERNAL_FAILURE);
+            }
             let Some(buf) = c.data_mut().buffer(kind) else {
                 return Ok(NOT_FOUND);
             };

@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use hevlayer_tests::wasm_host::{filter, Action, Answer, Stream, Vm};
+use hevlayer_tests::wasm_host::{filter, Action, Answer, Body, Stream, Vm};
 use serde_json::{json, Value};
 use std::io::Write;
 
@@ -1291,4 +1291,54 @@ fn every_accepted_write_ends_in_one_mirror_outcome() {
     vm.tick().unwrap();
     let body: Value = serde_json::from_slice(&vm.root_callouts().last().unwrap().body).unwrap();
     assert_eq!(body["fences"][0]["ids"], json!([3, 9]));
+}
+
+#[test]
+fn a_request_body_the_host_will_not_hand_over_is_a_500_and_nothing_goes_upstream() {
+    let body = br#"{"upsert_rows":[{"id":1,"a":1}]}"#;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(body).unwrap();
+    let gzipped = gz.finish().unwrap();
+    for (encoding, wire) in [(None, body.to_vec()), (Some("gzip"), gzipped)] {
+        let mut vm = vm("{}");
+        vm.refuse_reads(Body::Request);
+        let mut s = vm.stream().unwrap();
+        let extra: Vec<(&str, &str)> = encoding.map(|e| ("content-encoding", e)).into_iter().collect();
+        s.request_headers(&write_headers(&extra), false).unwrap();
+        s.request_body_chunked(&wire, 8).unwrap();
+        let (status, json) = reply_json(&s);
+        assert_eq!(status, 500, "{encoding:?}");
+        assert_eq!(json["error"], "internal_error");
+        assert!(!s.reached_upstream(), "{encoding:?}");
+        assert_eq!(s.counter("hevlayer.body_read_failed"), 1);
+        assert_eq!(s.counter("hevlayer.writes_accepted"), 0);
+    }
+}
+
+#[test]
+fn a_body_the_host_will_not_replace_is_a_500_and_never_goes_upstream_unstamped() {
+    let mut vm = vm("{}");
+    vm.refuse_writes(Body::Request);
+    let s = send_write(&mut vm, br#"{"upsert_rows":[{"id":1,"a":1}]}"#, 100);
+    let (status, json) = reply_json(&s);
+    assert_eq!(status, 500);
+    assert_eq!(json["error"], "internal_error");
+    assert!(!s.reached_upstream());
+    assert_eq!(s.counter("hevlayer.body_replace_failed"), 1);
+}
+
+#[test]
+fn a_write_response_the_host_will_not_hand_over_leaves_the_mirror_undone_and_fenced() {
+    let mut vm = vm("{}");
+    vm.refuse_reads(Body::Response);
+    let mut s = send_write(&mut vm, br#"{"delete_by_filter":["a","Eq",1]}"#, 100);
+    let upstream = br#"{"status":"OK","rows_affected":1,"deleted_ids":[4]}"#;
+    s.respond(200, &[JSON], upstream, "via_upstream").unwrap();
+    assert!(s.callouts().is_empty(), "no mirror without the affected ids");
+    assert_eq!(s.client_status(), Some(200), "the write succeeded all the same");
+    s.finish().unwrap();
+    assert_eq!(vm.counter("hevlayer.body_read_failed"), 1);
+    assert_eq!(vm.counter("hevlayer.mirror_failed"), 1);
+    assert_eq!(vm.counter("hevlayer.evictions_pending"), 1);
+    assert_eq!(vm.shared_data("hevlayer.fence:ns"), Some(&b"1"[..]));
 }

@@ -4,6 +4,19 @@ use crate::metrics::Counter;
 
 const NOW: u64 = 1_732_400_000_000;
 
+/// Starts an exchange under `config`: what the glue does when Envoy creates a stream (with the
+/// VM's configuration) and reports its request headers.
+trait Begin {
+    fn headers(&mut self, config: &Config, head: &RequestHead<'_>) -> (HeaderEdits, Step);
+}
+
+impl Begin for Exchange {
+    fn headers(&mut self, config: &Config, head: &RequestHead<'_>) -> (HeaderEdits, Step) {
+        *self = Exchange::new(Rc::new(config.clone()));
+        self.on_request_headers(head)
+    }
+}
+
 /// An exchange driven the way Envoy drives it: body chunks accumulate in Envoy's buffer while
 /// the filter pauses, and the exchange reads from that buffer.
 struct Driver {
@@ -14,7 +27,7 @@ struct Driver {
 impl Driver {
     fn new() -> Self {
         Driver {
-            ex: Exchange::new(),
+            ex: Exchange::new(Rc::default()),
             wire: Vec::new(),
         }
     }
@@ -22,13 +35,13 @@ impl Driver {
     fn feed(&mut self, chunk: &[u8], end: bool, now: u64) -> Step {
         self.wire.extend_from_slice(chunk);
         let wire = &self.wire;
-        let mut read = |start: usize, len: usize| wire[start..start + len].to_vec();
+        let mut read = |start: usize, len: usize| Some(wire[start..start + len].to_vec());
         self.ex.on_request_body(wire.len(), end, now, &mut read)
     }
 
     fn trailers(&mut self, now: u64) -> Step {
         let wire = &self.wire;
-        let mut read = |start: usize, len: usize| wire[start..start + len].to_vec();
+        let mut read = |start: usize, len: usize| Some(wire[start..start + len].to_vec());
         self.ex.on_request_trailers(wire.len(), now, &mut read)
     }
 }
@@ -62,7 +75,7 @@ fn json(reply: &LocalReply) -> serde_json::Value {
 
 fn start_write(config: &Config) -> Driver {
     let mut ex = Driver::new();
-    let (edits, step) = ex.on_request_headers(config, &head("POST", "/v2/namespaces/ns"));
+    let (edits, step) = ex.headers(config, &head("POST", "/v2/namespaces/ns"));
     assert_eq!(step, Step::Pause);
     assert!(
         !edits.remove.contains(&"content-length"),
@@ -136,7 +149,7 @@ fn a_write_without_a_body_is_rejected() {
     let mut ex = Driver::new();
     let mut h = head("POST", "/v2/namespaces/ns");
     h.end_of_stream = true;
-    match ex.on_request_headers(&Config::default(), &h).1 {
+    match ex.headers(&Config::default(), &h).1 {
         Step::Reply(r) => assert_eq!(r.status, 422),
         other => panic!("{other:?}"),
     }
@@ -151,7 +164,7 @@ fn oversize_bodies_get_413_by_header_and_by_size() {
     let mut ex = Driver::new();
     let mut h = head("POST", "/v2/namespaces/ns");
     h.content_length = Some("11");
-    match ex.on_request_headers(&config, &h).1 {
+    match ex.headers(&config, &h).1 {
         Step::Reply(r) => assert_eq!(
             (r.status, json(&r)["error"].as_str()),
             (413, Some("payload_too_large"))
@@ -176,13 +189,13 @@ fn gzip_bodies_are_decoded_and_unknown_encodings_refused() {
     let mut ex = Driver::new();
     let mut h = head("POST", "/v2/namespaces/ns");
     h.content_encoding = Some("gzip");
-    let (edits, _) = ex.on_request_headers(&Config::default(), &h);
+    let (edits, _) = ex.headers(&Config::default(), &h);
     assert!(edits.remove.contains(&"content-encoding"));
     assert_eq!(forwarded(ex.feed(&gz, true, NOW)), br#"{"deletes":["a"]}"#);
 
     let mut ex = Driver::new();
     h.content_encoding = Some("br");
-    match ex.on_request_headers(&Config::default(), &h).1 {
+    match ex.headers(&Config::default(), &h).1 {
         Step::Reply(r) => assert_eq!(r.status, 422),
         other => panic!("{other:?}"),
     }
@@ -199,7 +212,7 @@ fn passthrough_routes_are_untouched() {
         ("POST", "/v3/namespaces/x"),
     ] {
         let mut ex = Driver::new();
-        let (edits, step) = ex.on_request_headers(&Config::default(), &head(m, p));
+        let (edits, step) = ex.headers(&Config::default(), &head(m, p));
         assert_eq!((edits, step), (HeaderEdits::default(), Step::Continue), "{m} {p}");
     }
 }
@@ -231,7 +244,7 @@ fn every_path_is_authenticated_and_gets_the_upstream_key_in_keys_mode() {
         ("OPTIONS", "*"),
     ] {
         let mut ex = Driver::new();
-        let (edits, step) = ex.on_request_headers(&config, &head(m, p));
+        let (edits, step) = ex.headers(&config, &head(m, p));
         assert_eq!(step, Step::Continue, "{m} {p}");
         assert_eq!(
             edits.set,
@@ -243,7 +256,7 @@ fn every_path_is_authenticated_and_gets_the_upstream_key_in_keys_mode() {
             let mut ex = Driver::new();
             let mut h = head(m, p);
             h.authorization = None;
-            match ex.on_request_headers(&config, &h).1 {
+            match ex.headers(&config, &h).1 {
                 Step::Reply(r) => assert_eq!(json(&r)["error"], "unauthorized", "{m} {p}"),
                 other => panic!("{m} {p}: {other:?}"),
             }
@@ -252,12 +265,10 @@ fn every_path_is_authenticated_and_gets_the_upstream_key_in_keys_mode() {
     // Scopes hold there too: a read key may GET anything but POST nothing.
     let read = keys_config(crate::route::Scope::Read);
     assert_eq!(
-        Driver::new()
-            .on_request_headers(&read, &head("GET", "/healthz"))
-            .1,
+        Driver::new().headers(&read, &head("GET", "/healthz")).1,
         Step::Continue
     );
-    match Driver::new().on_request_headers(&read, &head("POST", "/v3/x")).1 {
+    match Driver::new().headers(&read, &head("POST", "/v3/x")).1 {
         Step::Reply(r) => assert_eq!(json(&r)["required_scope"], "write"),
         other => panic!("{other:?}"),
     }
@@ -274,7 +285,7 @@ fn path_variants_of_a_write_are_validated_and_stamped() {
     ] {
         let mut ex = Driver::new();
         assert_eq!(
-            ex.on_request_headers(&Config::default(), &head("POST", path)).1,
+            ex.headers(&Config::default(), &head("POST", path)).1,
             Step::Pause,
             "{path}"
         );
@@ -284,7 +295,7 @@ fn path_variants_of_a_write_are_validated_and_stamped() {
         }
 
         let mut ex = Driver::new();
-        ex.on_request_headers(&Config::default(), &head("POST", path));
+        ex.headers(&Config::default(), &head("POST", path));
         let out = forwarded(ex.feed(br#"{"upsert_rows":[{"id":1}]}"#, true, NOW));
         assert_eq!(
             out, br#"{"upsert_rows":[{"id":1,"_hevlayer_upserted_at":1732400000000}]}"#,
@@ -303,7 +314,7 @@ fn the_sidecar_is_asked_for_the_canonical_path() {
     let mut ex = Driver::new();
     let mut h = head("GET", "//v2/pipelines/p//status/?verbose=1");
     h.end_of_stream = true;
-    let (_, Step::Dispatch(call)) = ex.on_request_headers(&Config::default(), &h) else {
+    let (_, Step::Dispatch(call)) = ex.headers(&Config::default(), &h) else {
         panic!()
     };
     assert!(call
@@ -316,7 +327,7 @@ fn missing_bearer_is_401() {
     let mut ex = Driver::new();
     let mut h = head("POST", "/v2/namespaces/ns/query");
     h.authorization = None;
-    match ex.on_request_headers(&Config::default(), &h).1 {
+    match ex.headers(&Config::default(), &h).1 {
         Step::Reply(r) => assert_eq!(json(&r)["error"], "unauthorized"),
         other => panic!("{other:?}"),
     }
@@ -343,7 +354,7 @@ fn router_replies_become_502_and_504() {
         assert_eq!(step, Step::Continue);
         assert!(edits.set.contains(&(":status", status.to_string())));
         assert!(ex.wants_response_body());
-        let (body, step) = ex.on_response_complete(b"upstream connect error", NOW);
+        let (body, step) = ex.on_response_complete(Some(b"upstream connect error"), NOW);
         assert_eq!(step, Step::Continue);
         let v: serde_json::Value = serde_json::from_slice(&body.unwrap()).unwrap();
         assert_eq!(v, serde_json::json!({"error": kind, "message": message}));
@@ -353,7 +364,7 @@ fn router_replies_become_502_and_504() {
 /// The 504 body a route gets when the router's timeout fires on it.
 fn timeout_message(method: &str, path: &str) -> String {
     let mut ex = Driver::new();
-    let (_, step) = ex.on_request_headers(&Config::default(), &head(method, path));
+    let (_, step) = ex.headers(&Config::default(), &head(method, path));
     if step == Step::Pause {
         assert!(matches!(
             ex.feed(br#"{"deletes":[1]}"#, true, NOW),
@@ -365,7 +376,7 @@ fn timeout_message(method: &str, path: &str) -> String {
         edits.set.contains(&(":status", "504".to_owned())),
         "{method} {path}"
     );
-    let (body, _) = ex.on_response_complete(b"upstream request timeout", NOW);
+    let (body, _) = ex.on_response_complete(Some(b"upstream request timeout"), NOW);
     let v: serde_json::Value = serde_json::from_slice(&body.unwrap()).unwrap();
     assert_eq!(v["error"], "gateway_timeout");
     v["message"].as_str().unwrap().to_owned()
@@ -392,7 +403,7 @@ fn a_timeout_warns_about_an_applied_write_only_on_mutations() {
 fn a_bodiless_router_reply_becomes_a_local_json_reply_except_for_head() {
     for (method, path) in [("GET", "/v1/namespaces"), ("POST", "/v2/namespaces/ns/query")] {
         let mut ex = Driver::new();
-        ex.on_request_headers(&Config::default(), &head(method, path));
+        ex.headers(&Config::default(), &head(method, path));
         match ex.on_response_headers(503, Some("cluster_not_found"), true, NOW) {
             (edits, Step::Reply(r)) => {
                 assert_eq!(edits, HeaderEdits::default());
@@ -410,7 +421,7 @@ fn a_bodiless_router_reply_becomes_a_local_json_reply_except_for_head() {
     }
     // No body may answer a HEAD request: the status and content type are rewritten alone.
     let mut ex = Driver::new();
-    ex.on_request_headers(&Config::default(), &head("HEAD", "/v1/namespaces"));
+    ex.headers(&Config::default(), &head("HEAD", "/v1/namespaces"));
     let (edits, step) = ex.on_response_headers(504, Some("response_timeout"), true, NOW);
     assert_eq!(step, Step::Continue);
     assert!(edits.set.contains(&(":status", "504".to_owned())));
@@ -450,9 +461,10 @@ fn successful_writes_are_mirrored_before_the_response_goes_on() {
     assert_eq!(msg.upserted_at, NOW);
     assert_eq!(msg.write["upsert_rows"][0]["_hevlayer_upserted_at"], NOW);
     assert!(msg.response.is_none());
+    // The answer resumes the response, held since the mirror went out.
     assert_eq!(
         ex.on_callout_answer(Some(200), &json_type(), b"{}".to_vec(), NOW + 5),
-        Step::Continue
+        Step::Resume(Half::Response)
     );
     assert!(ex.take_counters().contains(&Counter::MirrorOk));
     assert!(!ex.holds_response());
@@ -496,7 +508,7 @@ fn mirror_failures_and_timeouts_never_change_the_response() {
         assert!(matches!(step, Step::Dispatch(_)));
         assert_eq!(
             ex.on_callout_answer(status, &headers, Vec::new(), NOW + elapsed),
-            Step::Continue
+            Step::Resume(Half::Response)
         );
         assert!(ex.take_counters().contains(&counter), "{status:?} {elapsed}");
     }
@@ -519,7 +531,7 @@ fn response_driven_writes_strip_ids_the_client_did_not_ask_for() {
     assert!(edits.remove.contains(&"content-length"));
     assert!(ex.wants_response_body());
     let upstream = br#"{"status":"OK","rows_affected":1,"deleted_ids":[4],"billing":{}}"#;
-    let (body, step) = ex.on_response_complete(upstream, NOW);
+    let (body, step) = ex.on_response_complete(Some(upstream), NOW);
     assert_eq!(
         body.unwrap(),
         br#"{"status":"OK","rows_affected":1,"billing":{}}"#
@@ -536,7 +548,7 @@ fn response_driven_writes_keep_ids_the_client_asked_for() {
     assert_eq!(ex.feed(body, true, NOW), Step::Forward(None));
     let (edits, _) = ex.on_response_headers(200, Some("via_upstream"), false, NOW);
     assert!(edits.remove.is_empty());
-    let (body, step) = ex.on_response_complete(br#"{"deleted_ids":[4]}"#, NOW);
+    let (body, step) = ex.on_response_complete(Some(br#"{"deleted_ids":[4]}"#), NOW);
     assert!(body.is_none());
     assert!(matches!(step, Step::Dispatch(_)));
 }
@@ -545,7 +557,7 @@ fn response_driven_writes_keep_ids_the_client_asked_for() {
 fn namespace_delete_purges_after_success() {
     let mut ex = Driver::new();
     assert_eq!(
-        ex.on_request_headers(&Config::default(), &head("DELETE", "/v2/namespaces/n%201"))
+        ex.headers(&Config::default(), &head("DELETE", "/v2/namespaces/n%201"))
             .1,
         Step::Continue
     );
@@ -563,7 +575,7 @@ fn pipeline_routes_go_to_the_sidecar() {
     let mut ex = Driver::new();
     let mut h = head("PUT", "/v2/pipelines/p/documents/d");
     h.content_type = Some("application/json");
-    assert_eq!(ex.on_request_headers(&Config::default(), &h).1, Step::Pause);
+    assert_eq!(ex.headers(&Config::default(), &h).1, Step::Pause);
     let Step::Dispatch(call) = ex.feed(br#"{"chunks":[]}"#, true, NOW) else {
         panic!()
     };
@@ -591,7 +603,7 @@ fn pipeline_routes_go_to_the_sidecar() {
     let mut ex = Driver::new();
     let mut h = head("GET", "/v2/pipelines");
     h.end_of_stream = true;
-    let (_, step) = ex.on_request_headers(&Config::default(), &h);
+    let (_, step) = ex.headers(&Config::default(), &h);
     assert!(matches!(step, Step::Dispatch(_)));
     match ex.on_callout_answer(None, &[], Vec::new(), NOW) {
         Step::Reply(r) => assert_eq!(json(&r)["error"], "cache_unavailable"),
@@ -599,10 +611,7 @@ fn pipeline_routes_go_to_the_sidecar() {
     }
     // Envoy's own plain-text 503 for an unreachable cluster is not the sidecar's answer.
     let mut ex = Driver::new();
-    assert!(matches!(
-        ex.on_request_headers(&Config::default(), &h).1,
-        Step::Dispatch(_)
-    ));
+    assert!(matches!(ex.headers(&Config::default(), &h).1, Step::Dispatch(_)));
     let envoy_reply = vec![("content-type".to_owned(), "text/plain".to_owned())];
     match ex.on_callout_answer(Some(503), &envoy_reply, b"upstream connect error".to_vec(), NOW) {
         Step::Reply(r) => assert_eq!(
@@ -618,7 +627,7 @@ fn sidecar_answers_keep_the_headers_a_client_acts_on() {
     let mut ex = Driver::new();
     let mut h = head("PUT", "/v2/pipelines/p/documents/d/vectors");
     h.content_type = Some("application/json");
-    ex.on_request_headers(&Config::default(), &h);
+    ex.headers(&Config::default(), &h);
     let Step::Dispatch(_) = ex.feed(br#"{"vectors":[]}"#, true, NOW) else {
         panic!()
     };
@@ -652,20 +661,17 @@ fn sidecar_answers_keep_the_headers_a_client_acts_on() {
 fn keys_mode_replaces_the_callers_key_and_never_forwards_it() {
     let config = keys_config(crate::route::Scope::Write);
     let mut ex = Driver::new();
-    let (edits, _) = ex.on_request_headers(&config, &head("POST", "/v2/namespaces/ns"));
+    let (edits, _) = ex.headers(&config, &head("POST", "/v2/namespaces/ns"));
     assert!(edits.set.contains(&("authorization", "Bearer up".to_owned())));
     let mut ex = Driver::new();
     let mut h = head("PUT", "/v2/pipelines/p/documents/d");
     h.end_of_stream = true;
-    let (_, Step::Dispatch(call)) = ex.on_request_headers(&config, &h) else {
+    let (_, Step::Dispatch(call)) = ex.headers(&config, &h) else {
         panic!()
     };
     assert!(!call.headers.iter().any(|(k, _)| k == "authorization"));
     let mut ex = Driver::new();
-    match ex
-        .on_request_headers(&config, &head("POST", "/v2/namespaces/ns/query"))
-        .1
-    {
+    match ex.headers(&config, &head("POST", "/v2/namespaces/ns/query")).1 {
         Step::Reply(r) => assert_eq!(json(&r)["required_scope"], "read"),
         other => panic!("{other:?}"),
     }
@@ -683,7 +689,7 @@ fn run_write(body: &[u8], chunks: &[usize], gzip: bool) -> Step {
     if gzip {
         h.content_encoding = Some("gzip");
     }
-    let (_, step) = ex.on_request_headers(&Config::default(), &h);
+    let (_, step) = ex.headers(&Config::default(), &h);
     assert_eq!(step, Step::Pause);
     let mut at = 0;
     let mut sizes = chunks.iter().cycle();
@@ -745,7 +751,7 @@ fn envoys_own_413_during_buffering_becomes_json() {
     let (edits, step) = ex.on_response_headers(413, Some("request_payload_too_large"), false, NOW);
     assert_eq!(step, Step::Continue);
     assert!(edits.set.contains(&(":status", "413".to_owned())));
-    let (body, _) = ex.on_response_complete(b"Payload Too Large", NOW);
+    let (body, _) = ex.on_response_complete(Some(b"Payload Too Large"), NOW);
     let v: serde_json::Value = serde_json::from_slice(&body.unwrap()).unwrap();
     assert_eq!(v["error"], "payload_too_large");
     // A body callback after that changes nothing.
@@ -798,7 +804,7 @@ fn start_query(config: &Config, lookup: Option<fn(&str) -> Option<Watermark>>, n
     let lookup = lookup.map(|f| move |ns: &str| f(ns));
     h.watermarks = lookup.as_ref().map(|f| WatermarkLookup(f));
     h.now_ms = now;
-    let (edits, step) = ex.on_request_headers(config, &h);
+    let (edits, step) = ex.headers(config, &h);
     assert_eq!(step, Step::Pause);
     assert!(
         !edits.remove.contains(&"content-length"),
@@ -845,7 +851,7 @@ fn a_plain_query_goes_on_unchanged_and_gzip_is_decoded() {
     let mut ex = Driver::new();
     let mut h = head("POST", "/v2/namespaces/ns/query");
     h.content_encoding = Some("gzip");
-    let (edits, _) = ex.on_request_headers(&Config::default(), &h);
+    let (edits, _) = ex.headers(&Config::default(), &h);
     assert!(edits.remove.contains(&"content-encoding"));
     for chunk in gz.chunks(4) {
         let _ = ex.feed(chunk, false, NOW);
@@ -855,7 +861,7 @@ fn a_plain_query_goes_on_unchanged_and_gzip_is_decoded() {
         br#"{"filters":["_hevlayer_upserted_at","Lte",3]}"#
     );
     let mut ex = Driver::new();
-    let _ = ex.on_request_headers(&Config::default(), &h);
+    let _ = ex.headers(&Config::default(), &h);
     match ex.feed(b"not gzip", true, NOW) {
         Step::Reply(r) => assert_eq!(r.status, 422),
         other => panic!("{other:?}"),
@@ -976,7 +982,7 @@ fn only_successful_writes_mark_their_namespace_written() {
 fn keys_mode_never_hands_the_callers_key_to_the_tracker() {
     let config = keys_config(crate::route::Scope::Admin);
     let mut ex = Driver::new();
-    let (edits, _) = ex.on_request_headers(&config, &head("POST", "/v2/namespaces/ns/query"));
+    let (edits, _) = ex.headers(&config, &head("POST", "/v2/namespaces/ns/query"));
     assert_eq!(edits.set[0], ("authorization", "Bearer up".to_owned()));
     let touches = ex.take_touches();
     assert_eq!(touches.len(), 1);
@@ -1110,7 +1116,7 @@ fn writes_with_nothing_to_mirror_are_skipped_not_fenced() {
 #[test]
 fn a_failed_purge_fences_the_namespace() {
     let mut ex = Driver::new();
-    ex.on_request_headers(&Config::default(), &head("DELETE", "/v2/namespaces/gone"));
+    ex.headers(&Config::default(), &head("DELETE", "/v2/namespaces/gone"));
     let (_, step) = ex.on_response_headers(200, Some("via_upstream"), true, NOW);
     assert!(matches!(step, Step::Dispatch(_)));
     ex.on_callout_answer(Some(503), &[], Vec::new(), NOW + 1);
@@ -1133,7 +1139,7 @@ fn a_fetch_of_a_fenced_namespace_bypasses_the_cache() {
         let mut h = head("GET", &path);
         h.end_of_stream = true;
         h.fences = Some(FenceLookup(&fenced));
-        let (_, step) = ex.on_request_headers(&Config::default(), &h);
+        let (_, step) = ex.headers(&Config::default(), &h);
         let Step::Dispatch(call) = step else {
             panic!("{step:?}")
         };
@@ -1141,4 +1147,75 @@ fn a_fetch_of_a_fenced_namespace_bypasses_the_cache() {
         assert_eq!(has, bypass, "{ns}");
         assert_eq!(ex.take_counters().contains(&Counter::FetchesBypassed), bypass);
     }
+}
+
+#[test]
+fn a_request_body_envoy_will_not_hand_over_is_a_500_and_nothing_goes_upstream() {
+    for gzip in [false, true] {
+        let mut ex = Exchange::new(Rc::default());
+        let mut h = head("POST", "/v2/namespaces/ns");
+        h.content_encoding = gzip.then_some("gzip");
+        assert_eq!(ex.on_request_headers(&h).1, Step::Pause);
+        let mut refuse = |_: usize, _: usize| None;
+        let Step::Reply(reply) = ex.on_request_body(10, true, NOW, &mut refuse) else {
+            panic!("expected a local reply")
+        };
+        assert_eq!(reply.status, 500, "gzip {gzip}");
+        assert_eq!(json(&reply)["error"], "internal_error");
+        let counters = ex.take_counters();
+        assert!(counters.contains(&Counter::BodyReadFailed), "{counters:?}");
+        assert!(!counters.contains(&Counter::WritesAccepted));
+        // The stream stays held: nothing of it goes upstream.
+        assert_eq!(ex.on_request_trailers(10, NOW, &mut refuse), Step::Pause);
+    }
+}
+
+#[test]
+fn a_write_response_envoy_will_not_hand_over_leaves_the_mirror_undone_and_fenced() {
+    let mut ex = start_write(&Config::default());
+    forwarded(ex.feed(br#"{"delete_by_filter":["a","Eq",1]}"#, true, NOW));
+    let (_, step) = ex.on_response_headers(200, Some("via_upstream"), false, NOW);
+    assert_eq!(step, Step::Continue);
+    assert!(ex.wants_response_body());
+    let (replacement, step) = ex.on_response_complete(None, NOW);
+    assert_eq!((replacement, step), (None, Step::Continue));
+    let counters = ex.take_counters();
+    assert!(counters.contains(&Counter::BodyReadFailed), "{counters:?}");
+    assert!(counters.contains(&Counter::MirrorFailed), "{counters:?}");
+    let fences = ex.take_fences();
+    assert_eq!(fences.len(), 1);
+    assert_eq!(fences[0].namespace, "ns");
+    assert_eq!(fences[0].stamp, NOW);
+    // Its one outcome is recorded: the stream's end adds nothing.
+    ex.on_stream_end();
+    assert!(ex.take_counters().is_empty());
+    assert!(ex.take_fences().is_empty());
+}
+
+#[test]
+fn each_callout_answer_resumes_the_half_it_held() {
+    // A purge holds the response.
+    let mut ex = Driver::new();
+    ex.headers(&Config::default(), &head("DELETE", "/v2/namespaces/ns"));
+    let (_, step) = ex.on_response_headers(200, Some("via_upstream"), false, NOW);
+    assert!(matches!(step, Step::Dispatch(_)));
+    assert_eq!(
+        ex.on_callout_answer(Some(200), &json_type(), b"{}".to_vec(), NOW),
+        Step::Resume(Half::Response)
+    );
+    // A route callout (the request half) is answered with a reply, never resumed upstream.
+    let mut ex = Driver::new();
+    ex.headers(&Config::default(), &head("GET", "/v2/pipelines/p/status"));
+    let Step::Dispatch(_) = ex.feed(b"", true, NOW) else {
+        panic!("expected a route callout")
+    };
+    assert!(matches!(
+        ex.on_callout_answer(Some(200), &json_type(), b"{}".to_vec(), NOW),
+        Step::Reply(_)
+    ));
+    // An answer with no callout outstanding resumes nothing.
+    assert_eq!(
+        ex.on_callout_answer(Some(200), &json_type(), b"{}".to_vec(), NOW),
+        Step::Continue
+    );
 }

@@ -226,10 +226,10 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let bytes = match host::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
-            Ok(bytes) => bytes.unwrap_or_default(),
+        let bytes = match super::buffers::read(BufferType::PluginConfiguration, 0, usize::MAX) {
+            Ok(bytes) => bytes,
             Err(status) => {
-                log::error!("hevlayer: cannot read plugin configuration: {status:?}");
+                log::error!("hevlayer: cannot read plugin configuration: host status {status}");
                 return false;
             }
         };
@@ -280,10 +280,9 @@ impl RootContext for Root {
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(super::Filter {
             shared: self.shared.clone(),
-            exchange: Exchange::new(),
+            exchange: Exchange::new(Rc::clone(&self.shared.config)),
             request_seen: 0,
             callout: None,
-            answered: None,
         }))
     }
 
