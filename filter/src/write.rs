@@ -281,6 +281,65 @@ fn classify(name: &str) -> Name {
     }
 }
 
+/// The members of a stamped object (a row, a patch, a columns object) as they go by: which are
+/// cut from what goes upstream (the reserved shard) and from the mirror copy (the shard and
+/// vectors), how many stay, and where the client's own stamp value is.
+#[derive(Default)]
+struct StampedMembers {
+    upstream: MemberCuts,
+    mirror: MemberCuts,
+    kept: usize,
+    stamp: Option<(usize, usize)>,
+}
+
+impl StampedMembers {
+    fn begin(&mut self, member: &Member) {
+        self.upstream.begin(member);
+        self.mirror.begin(member);
+    }
+
+    /// After the member's value, which spans `value_start..value_end`.
+    fn end(&mut self, member: &Member, class: Name, value_start: usize, value_end: usize) {
+        match class {
+            Name::Stamp => {
+                self.kept += 1;
+                self.stamp = Some((value_start, value_end));
+            }
+            Name::Shard => {}
+            _ => self.kept += 1,
+        }
+        self.upstream.end(member, value_end, class == Name::Shard);
+        self.mirror
+            .end(member, value_end, matches!(class, Name::Shard | Name::Vector));
+    }
+}
+
+/// A column's values: their count when it is an array (`None` otherwise, skipped); id values
+/// must be strings or numbers.
+fn column_values(
+    cur: &mut Cursor<'_>,
+    class: Name,
+    name: &str,
+    errors: &mut Vec<String>,
+) -> Result<Option<usize>, SyntaxError> {
+    if cur.peek_kind()? != Kind::Array {
+        cur.skip_value()?;
+        return Ok(None);
+    }
+    if class != Name::Id {
+        return cur.array(|cur| cur.skip_value().map(|_| ())).map(Some);
+    }
+    let mut bad_id = false;
+    let n = cur.array(|cur| {
+        bad_id |= !skip_id(cur)?;
+        Ok(())
+    })?;
+    if bad_id {
+        errors.push(format!("{name} id values must be strings or numbers"));
+    }
+    Ok(Some(n))
+}
+
 fn drop_edit((start, end): (usize, usize)) -> Edit {
     Edit {
         start,
@@ -431,11 +490,7 @@ impl Scan {
     /// members, and insert the stamp before the closing brace if the client had none.
     fn stamped_object(&mut self, cur: &mut Cursor<'_>, op: &str, needs_id: bool) -> Step {
         let mut has_id = false;
-        let mut has_stamp = false;
-        let mut kept = 0usize;
-        let mut cuts = MemberCuts::default();
-        let mut mirror_cuts = MemberCuts::default();
-        let mut edits: Vec<Edit> = Vec::new();
+        let mut members = StampedMembers::default();
         let mut names = std::mem::take(&mut self.row_names);
         names.clear();
         let place = match op {
@@ -444,8 +499,7 @@ impl Scan {
             _ => "a patch_rows entry",
         };
         let close = cur.object(|cur, m| {
-            cuts.begin(&m);
-            mirror_cuts.begin(&m);
+            members.begin(&m);
             self.unique(&mut names, cur, &m, place);
             let class = self.attribute(cur, m.key, op);
             let value_start = cur.pos();
@@ -458,42 +512,37 @@ impl Scan {
                     cur.skip_value()?;
                 }
             }
-            let value_end = cur.pos();
-            match class {
-                Name::Stamp => {
-                    has_stamp = true;
-                    kept += 1;
-                    edits.push(Edit {
-                        start: value_start,
-                        end: value_end,
-                        splice: Splice::Value,
-                    });
-                }
-                Name::Shard => {}
-                _ => kept += 1,
-            }
-            cuts.end(&m, value_end, class == Name::Shard);
-            mirror_cuts.end(&m, value_end, matches!(class, Name::Shard | Name::Vector));
+            members.end(&m, class, value_start, cur.pos());
             Ok(())
         })?;
         self.row_names = names;
-        edits.extend(cuts.close(close).into_iter().map(drop_edit));
-        self.plan.mirror_drops.extend(mirror_cuts.close(close));
         if needs_id && !has_id {
             self.shape(format!("{op} entries must include id"));
         }
-        if !has_stamp {
-            edits.push(Edit {
-                start: close,
-                end: close,
-                splice: Splice::Member { comma: kept > 0 },
-            });
-        }
-        self.plan.edits.extend(edits);
+        let splice = match members.stamp {
+            Some(_) => Splice::Value,
+            None => Splice::Member {
+                comma: members.kept > 0,
+            },
+        };
+        self.stamp_at(members, close, splice);
         self.plan.stamped_rows += 1;
         Ok(())
     }
 
+    /// Adds an object's cuts and its stamp splice: over the client's stamp value if it had one,
+    /// else before the closing brace.
+    fn stamp_at(&mut self, members: StampedMembers, close: usize, splice: Splice) {
+        let (start, end) = members.stamp.unwrap_or((close, close));
+        self.plan
+            .edits
+            .extend(members.upstream.close(close).into_iter().map(drop_edit));
+        self.plan.mirror_drops.extend(members.mirror.close(close));
+        self.plan.edits.push(Edit { start, end, splice });
+    }
+
+    /// `upsert_columns` / `patch_columns`: every column an array as long as the id column; the
+    /// stamp goes in as one more column (or over the client's).
     fn columns(&mut self, cur: &mut Cursor<'_>, name: &'static str) -> Step {
         self.plan.mirrors = true;
         if cur.peek_kind()? != Kind::Object {
@@ -502,103 +551,76 @@ impl Scan {
         }
         let mut ids: Option<Option<usize>> = None; // Some(None): an id member that is not an array
         let mut lengths: Vec<(String, usize)> = Vec::new();
-        let mut stamp_value: Option<(usize, usize)> = None;
-        let mut kept = 0usize;
-        let mut cuts = MemberCuts::default();
-        let mut mirror_cuts = MemberCuts::default();
+        let mut members = StampedMembers::default();
         let mut errors: Vec<String> = Vec::new();
         let mut names = Names::default();
         let close = cur.object(|cur, m| {
-            cuts.begin(&m);
-            mirror_cuts.begin(&m);
+            members.begin(&m);
             self.unique(&mut names, cur, &m, name);
             let class = self.attribute(cur, m.key, name);
             let value_start = cur.pos();
-            let is_array = cur.peek_kind()? == Kind::Array;
-            let count = if is_array {
-                if class == Name::Id {
-                    let mut bad_id = false;
-                    let n = cur.array(|cur| {
-                        bad_id |= !skip_id(cur)?;
-                        Ok(())
-                    })?;
-                    if bad_id {
-                        errors.push(format!("{name} id values must be strings or numbers"));
-                    }
-                    n
-                } else {
-                    cur.array(|cur| cur.skip_value().map(|_| ()))?
-                }
-            } else {
-                cur.skip_value()?;
-                0
-            };
-            let value_end = cur.pos();
-            match class {
-                Name::Id => ids = Some(is_array.then_some(count)),
-                Name::Shard => {}
-                _ => {
-                    let column = cur.text(m.key).into_owned();
-                    if !is_array {
-                        errors.push(format!("{name} column '{column}' must be an array"));
-                    } else if class != Name::Stamp {
-                        lengths.push((column, count));
-                    }
-                }
+            let count = column_values(cur, class, name, &mut errors)?;
+            match (class, count) {
+                (Name::Id, _) => ids = Some(count),
+                (Name::Shard, _) => {}
+                (_, None) => errors.push(format!(
+                    "{name} column '{}' must be an array",
+                    cur.text(m.key)
+                )),
+                (Name::Stamp, Some(_)) => {}
+                (_, Some(count)) => lengths.push((cur.text(m.key).into_owned(), count)),
             }
-            match class {
-                Name::Stamp => {
-                    kept += 1;
-                    stamp_value = Some((value_start, value_end));
-                }
-                Name::Shard => {}
-                _ => kept += 1,
-            }
-            cuts.end(&m, value_end, class == Name::Shard);
-            mirror_cuts.end(&m, value_end, matches!(class, Name::Shard | Name::Vector));
+            members.end(&m, class, value_start, cur.pos());
             Ok(())
         })?;
-        let drops = cuts.close(close);
-        let mirror_drops = mirror_cuts.close(close);
+        let Some(n) = self.column_count(name, ids, errors, &lengths) else {
+            return Ok(());
+        };
+        let splice = match members.stamp {
+            Some(_) => Splice::ColumnValue { n },
+            None => Splice::Column {
+                comma: members.kept > 0,
+                n,
+            },
+        };
+        self.stamp_at(members, close, splice);
+        self.plan.stamped_rows += n as u64;
+        Ok(())
+    }
+
+    /// The number of rows of a columns write, or `None` after a shape error: the id column is
+    /// a non-empty array and every other column as long.
+    fn column_count(
+        &mut self,
+        name: &str,
+        ids: Option<Option<usize>>,
+        errors: Vec<String>,
+        lengths: &[(String, usize)],
+    ) -> Option<usize> {
         let n = match ids {
             None => {
                 self.shape(format!("{name} must include an id column"));
-                return Ok(());
+                return None;
             }
             Some(None) => {
                 self.shape(format!("{name} id column must be an array"));
-                return Ok(());
+                return None;
             }
             Some(Some(0)) => {
                 self.shape(format!("{name} id column must not be empty"));
-                return Ok(());
+                return None;
             }
             Some(Some(n)) => n,
         };
         if let Some(e) = errors.into_iter().next() {
             self.shape(e);
-            return Ok(());
+            return None;
         }
         if let Some((column, count)) = lengths.iter().find(|(_, c)| *c != n) {
             self.shape(format!("{name} column '{column}' has {count} values for {n} ids"));
-            return Ok(());
+            return None;
         }
-        self.plan.edits.extend(drops.into_iter().map(drop_edit));
-        self.plan.mirror_drops.extend(mirror_drops);
-        match stamp_value {
-            Some((start, end)) => self.plan.edits.push(Edit {
-                start,
-                end,
-                splice: Splice::ColumnValue { n },
-            }),
-            None => self.plan.edits.push(Edit {
-                start: close,
-                end: close,
-                splice: Splice::Column { comma: kept > 0, n },
-            }),
-        }
-        self.plan.stamped_rows += n as u64;
-        Ok(())
+        Some(n)
     }
 
     fn deletes(&mut self, cur: &mut Cursor<'_>) -> Step {
