@@ -13,6 +13,8 @@ pub const DEFAULT_WATERMARK_NAMESPACES: usize = 1_000;
 pub const DEFAULT_WATERMARK_IDLE_MS: u64 = 600_000;
 pub const DEFAULT_FENCE_NAMESPACES: usize = 1_000;
 pub const DEFAULT_FENCE_MAX_IDS: usize = 1_000;
+pub const DEFAULT_EVICT_AHEAD_MAX_IDS: usize = 10_000;
+pub const DEFAULT_MIRROR_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 
 /// How callers authenticate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -70,6 +72,8 @@ struct RawConfig {
     watermark_idle_ms: Option<u64>,
     fence_namespaces: Option<usize>,
     fence_max_ids: Option<usize>,
+    evict_ahead_max_ids: Option<usize>,
+    mirror_queue_bytes: Option<usize>,
 }
 
 /// A gateway key: its SHA-256 digest and scope.
@@ -106,6 +110,13 @@ pub struct Config {
     pub fence_namespaces: usize,
     /// Most ids one namespace's fence lists; beyond, its whole cache is purged instead.
     pub fence_max_ids: usize,
+    /// A write naming at most this many ids (and no filter or condition) has its cached
+    /// documents evicted while Turbopuffer applies it, and its mirror goes after the response;
+    /// 0: every write's response waits for its mirror.
+    pub evict_ahead_max_ids: usize,
+    /// Most bytes of mirrors one worker holds while they wait to be sent after their responses;
+    /// a mirror that does not fit is dropped (and counted): its documents were evicted already.
+    pub mirror_queue_bytes: usize,
 }
 
 impl Default for Config {
@@ -126,6 +137,8 @@ impl Default for Config {
             watermark_idle_ms: DEFAULT_WATERMARK_IDLE_MS,
             fence_namespaces: DEFAULT_FENCE_NAMESPACES,
             fence_max_ids: DEFAULT_FENCE_MAX_IDS,
+            evict_ahead_max_ids: DEFAULT_EVICT_AHEAD_MAX_IDS,
+            mirror_queue_bytes: DEFAULT_MIRROR_QUEUE_BYTES,
         }
     }
 }
@@ -189,6 +202,10 @@ impl Config {
         if fence_namespaces == 0 || fence_max_ids == 0 {
             return Err("fence_namespaces and fence_max_ids must be positive".to_owned());
         }
+        let mirror_queue_bytes = raw.mirror_queue_bytes.unwrap_or(DEFAULT_MIRROR_QUEUE_BYTES);
+        if mirror_queue_bytes == 0 {
+            return Err("mirror_queue_bytes must be positive".to_owned());
+        }
         if watermark_stale_ms <= watermark_refresh_ms {
             return Err(format!(
                 "watermark_stale_ms ({watermark_stale_ms}) must be greater than watermark_refresh_ms ({watermark_refresh_ms}), or every copy would be stale before the next refresh"
@@ -210,6 +227,8 @@ impl Config {
             watermark_idle_ms,
             fence_namespaces,
             fence_max_ids,
+            evict_ahead_max_ids: raw.evict_ahead_max_ids.unwrap_or(DEFAULT_EVICT_AHEAD_MAX_IDS),
+            mirror_queue_bytes,
         })
     }
 }
@@ -298,6 +317,7 @@ mod tests {
             r#"{"watermark_refresh_ms":0}"#,
             r#"{"watermark_namespaces":0}"#,
             r#"{"fence_max_ids":0}"#,
+            r#"{"mirror_queue_bytes":0}"#,
             r#"{"watermark_refresh_ms":1000,"watermark_stale_ms":1000}"#,
             "not json",
         ] {

@@ -83,6 +83,9 @@ fn relayed(name: &str) -> bool {
 pub enum Purpose {
     Mirror,
     Purge,
+    /// A write's eviction of the documents it names, sent with the write: the response waits
+    /// for it, the mirror then goes after the response.
+    EvictAhead,
     /// A pipeline or document-fetch request answered by the sidecar.
     Route,
 }
@@ -118,6 +121,10 @@ pub enum Step {
     Forward(Option<Vec<u8>>),
     /// Dispatch this callout and hold the stream until [`Exchange::on_callout_answer`].
     Dispatch(Callout),
+    /// Replace the buffered body when given (as `Forward`), dispatch this callout, and let the
+    /// request go on: the callout runs while the upstream works. A dispatch that fails is
+    /// reported to [`Exchange::on_callout_dispatch_failed`], whose step is then ignored.
+    ForwardWith(Option<Vec<u8>>, Callout),
     /// A callout was answered: resume this half of the stream, held since the callout went out.
     Resume(Half),
 }
@@ -154,6 +161,11 @@ enum Phase {
     },
     /// Collecting the response body.
     ResponseBuffering(ResponseWork),
+    /// Turbopuffer answered 2xx while the write's eviction ahead was still out: the response
+    /// waits for it (read-your-writes), then the mirror goes after the response.
+    AwaitingEviction {
+        sent: Sent,
+    },
     /// Waiting for a mirror or purge callout before the response goes on. The write is kept
     /// until its mirror's outcome is known: a failed one fences its ids.
     AwaitingMirror {
@@ -206,6 +218,29 @@ struct Sent {
     /// The client's (decoded) body; the mirror copy is rendered from it with the same stamp.
     body: Vec<u8>,
     plan: WritePlan,
+    ahead: Ahead,
+}
+
+/// Whether a write's cached documents are evicted ahead of Turbopuffer's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ahead {
+    /// No: the response waits for the mirror (filter and conditional writes, which change
+    /// documents the body does not name, and writes naming too many ids).
+    Off,
+    /// The eviction is out, since this time.
+    Outstanding { started_ms: u64 },
+    /// The eviction was answered (a failed one fenced the write): no copy older than the write
+    /// is served any more, so the mirror may go after the response.
+    Settled,
+}
+
+/// A write's mirror that goes after its response: the root context sends it (a callout no stream
+/// waits for) and records its outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorJob {
+    pub request_id: String,
+    /// The `MirrorRequest` body.
+    pub body: Vec<u8>,
 }
 
 /// Where an exchange is with its one mirror outcome counter (ok, failed, timeout, skipped,
@@ -227,6 +262,7 @@ pub struct Exchange {
     counters: Vec<Counter>,
     touches: Vec<Touch>,
     fences: Vec<FenceNote>,
+    mirrors: Vec<MirrorJob>,
 }
 
 impl Exchange {
@@ -247,6 +283,7 @@ impl Exchange {
             counters: Vec::new(),
             touches: Vec::new(),
             fences: Vec::new(),
+            mirrors: Vec::new(),
         }
     }
 
@@ -266,6 +303,12 @@ impl Exchange {
         std::mem::take(&mut self.fences)
     }
 
+    /// Mirrors to send after their responses, for the worker's mirror queue. Each carries its
+    /// write's one mirror outcome, which the queue records.
+    pub fn take_mirrors(&mut self) -> Vec<MirrorJob> {
+        std::mem::take(&mut self.mirrors)
+    }
+
     /// Namespaces used since the last call, for the watermark tracker.
     pub fn take_touches(&mut self) -> Vec<Touch> {
         std::mem::take(&mut self.touches)
@@ -281,13 +324,9 @@ impl Exchange {
     }
 
     /// A write kept for its mirror did not reach the cache: fence the documents it may change.
-    fn fence(&mut self, sent: Sent) {
-        let scope = fence_scope(&sent.body, self.config.fence_max_ids);
-        self.fences.push(FenceNote {
-            namespace: sent.namespace,
-            scope,
-            stamp: sent.stamp,
-        });
+    fn fence(&mut self, sent: &Sent) {
+        let note = fence_note(sent, self.config.fence_max_ids);
+        self.fences.push(note);
     }
 
     /// A namespace delete whose purge did not happen: fence the whole namespace.
@@ -308,6 +347,7 @@ impl Exchange {
     pub fn on_stream_end(&mut self) {
         let sent = match std::mem::replace(&mut self.phase, Phase::Done) {
             Phase::Upstream { sent } | Phase::AwaitingMirror { sent, .. } => sent,
+            Phase::AwaitingEviction { sent } => Some(sent),
             Phase::ResponseBuffering(ResponseWork::Mirror(sent)) => Some(sent),
             // Envoy's own reply: counted and fenced when it came.
             Phase::ResponseBuffering(ResponseWork::Rewrite(_)) => return,
@@ -320,7 +360,7 @@ impl Exchange {
             Route::Write { .. } => {
                 self.outcome(Counter::WritesUnanswered);
                 if let Some(sent) = sent {
-                    self.fence(sent);
+                    self.fence(&sent);
                 }
             }
             Route::DeleteNamespace { .. } => self.fence_purge(),
@@ -654,14 +694,37 @@ impl Exchange {
         } else {
             None
         };
-        let sent = plan.mirrors.then_some(Sent {
+        if !plan.mirrors {
+            self.phase = Phase::Upstream { sent: None };
+            return Step::Forward(forward);
+        }
+        let limit = self.config.evict_ahead_max_ids;
+        let ahead = !plan.response_driven && limit > 0 && plan.ids(&body).len() <= limit;
+        let mut sent = Sent {
             namespace,
             stamp,
             body,
             plan,
-        });
-        self.phase = Phase::Upstream { sent };
-        Step::Forward(forward)
+            ahead: Ahead::Off,
+        };
+        if !ahead {
+            self.phase = Phase::Upstream { sent: Some(sent) };
+            return Step::Forward(forward);
+        }
+        let evict = sidecar_api::evict_body(&sent.namespace, sent.plan.ids(&sent.body), stamp);
+        sent.ahead = Ahead::Outstanding { started_ms: stamp };
+        self.phase = Phase::Upstream { sent: Some(sent) };
+        let mut headers = self.callout_headers("POST", sidecar_api::EVICT_PATH);
+        headers.push(("content-type".to_owned(), "application/json".to_owned()));
+        Step::ForwardWith(
+            forward,
+            Callout {
+                purpose: Purpose::EvictAhead,
+                headers,
+                body: evict,
+                timeout_ms: self.config.mirror_timeout_ms,
+            },
+        )
     }
 
     /// A complete query body: validate, apply the temporal fields and the watermark, forward.
@@ -807,7 +870,7 @@ impl Exchange {
         if forwarded {
             self.outcome(Counter::WritesUnanswered);
             if let Some(sent) = sent {
-                self.fence(sent);
+                self.fence(&sent);
             }
             self.fence_purge();
         }
@@ -875,7 +938,7 @@ impl Exchange {
     pub fn holds_response(&self) -> bool {
         matches!(
             self.phase,
-            Phase::ResponseBuffering(_) | Phase::AwaitingMirror { .. }
+            Phase::ResponseBuffering(_) | Phase::AwaitingMirror { .. } | Phase::AwaitingEviction { .. }
         )
     }
 
@@ -901,7 +964,7 @@ impl Exchange {
                 self.request.request_id
             );
             self.outcome(Counter::MirrorFailed);
-            self.fence(sent);
+            self.fence(&sent);
             return (None, Step::Continue);
         };
         let replacement = if sent.plan.client_wants_ids {
@@ -916,14 +979,32 @@ impl Exchange {
         (replacement, step)
     }
 
-    fn mirror(&mut self, sent: Sent, response: Option<&[u8]>, now_ms: u64) -> Step {
-        // The cache gets the stamped write without vectors unless it keeps them.
+    /// The `MirrorRequest` body of a write: the stamped write without vectors unless the cache
+    /// keeps them, and the upstream's answer when the mirror needs its affected ids.
+    fn mirror_body(&self, sent: &Sent, response: Option<&[u8]>) -> Vec<u8> {
         let write = if self.config.mirror_vectors {
             render(&sent.body, &sent.plan, sent.stamp)
         } else {
             render_mirror(&sent.body, &sent.plan, sent.stamp)
         };
-        let body = sidecar_api::mirror_body(&sent.namespace, sent.stamp, &write, response);
+        sidecar_api::mirror_body(&sent.namespace, sent.stamp, &write, response)
+    }
+
+    /// After a 2xx: the mirror, which the response waits for unless the write's documents were
+    /// evicted ahead (then it waits for that eviction at most, and the mirror goes after it).
+    fn mirror(&mut self, sent: Sent, response: Option<&[u8]>, now_ms: u64) -> Step {
+        match sent.ahead {
+            Ahead::Off => {}
+            Ahead::Outstanding { .. } => {
+                self.phase = Phase::AwaitingEviction { sent };
+                return Step::Pause;
+            }
+            Ahead::Settled => {
+                self.hand_off(&sent, response);
+                return Step::Continue;
+            }
+        }
+        let body = self.mirror_body(&sent, response);
         self.json_callout(
             Purpose::Mirror,
             sidecar_api::MIRROR_PATH,
@@ -931,6 +1012,53 @@ impl Exchange {
             now_ms,
             Some(sent),
         )
+    }
+
+    /// Gives the write's mirror to the worker's queue, which sends it after the response and
+    /// records its outcome.
+    fn hand_off(&mut self, sent: &Sent, response: Option<&[u8]>) {
+        let body = self.mirror_body(sent, response);
+        if self.mirror_outcome == MirrorOutcome::Pending {
+            self.mirror_outcome = MirrorOutcome::Recorded;
+        }
+        self.mirrors.push(MirrorJob {
+            request_id: self.request.request_id.clone(),
+            body,
+        });
+    }
+
+    /// The eviction ahead of a write was answered (`ok`) or not: a failed one fences the write's
+    /// documents. Returns the step, when an eviction was outstanding.
+    fn eviction_answered(&mut self, ok: bool, timed_out: bool) -> Option<Step> {
+        let (sent, held) = match &mut self.phase {
+            Phase::Upstream { sent: Some(sent) } => (sent, false),
+            Phase::AwaitingEviction { sent } => (sent, true),
+            _ => return None,
+        };
+        if !matches!(sent.ahead, Ahead::Outstanding { .. }) {
+            return None;
+        }
+        sent.ahead = Ahead::Settled;
+        if ok {
+            self.counters.push(Counter::EvictAheadOk);
+        } else {
+            let note = fence_note(sent, self.config.fence_max_ids);
+            log::warn!(
+                "request {}: the eviction ahead of the write {}; fencing",
+                self.request.request_id,
+                if timed_out { "timed out" } else { "failed" }
+            );
+            self.counters.push(Counter::EvictAheadFailed);
+            self.fences.push(note);
+        }
+        if !held {
+            return Some(Step::Continue);
+        }
+        let Phase::AwaitingEviction { sent } = std::mem::replace(&mut self.phase, Phase::Done) else {
+            return None;
+        };
+        self.hand_off(&sent, None);
+        Some(Step::Resume(Half::Response))
     }
 
     /// A callout came back. `status` is `None` when it was reset (no headers, no `:status`); an
@@ -942,6 +1070,14 @@ impl Exchange {
         body: Vec<u8>,
         now_ms: u64,
     ) -> Step {
+        if let Some(started_ms) = self.eviction_started() {
+            let json = sidecar_api::is_sidecar_answer(headers);
+            let ok = json && status.is_some_and(|s| (200..300).contains(&s));
+            let timed_out = !json
+                && (status == Some(504)
+                    || now_ms.saturating_sub(started_ms) >= self.config.mirror_timeout_ms);
+            return self.eviction_answered(ok, timed_out).unwrap_or(Step::Continue);
+        }
         let (purpose, started_ms, sent) = match std::mem::replace(&mut self.phase, Phase::Done) {
             Phase::AwaitingRoute { started_ms } => (Purpose::Route, started_ms, None),
             Phase::AwaitingMirror {
@@ -1006,6 +1142,9 @@ impl Exchange {
     /// for the callback that asked for it.
     pub fn on_callout_dispatch_failed(&mut self) -> Step {
         self.counters.push(Counter::CalloutDispatchFailed);
+        if self.eviction_started().is_some() {
+            return self.eviction_answered(false, false).unwrap_or(Step::Continue);
+        }
         match std::mem::replace(&mut self.phase, Phase::Done) {
             Phase::AwaitingRoute { .. } => {
                 self.counters.push(Counter::SidecarUnavailable);
@@ -1027,6 +1166,17 @@ impl Exchange {
         }
     }
 
+    /// When the write's eviction ahead went out, while it is outstanding.
+    fn eviction_started(&self) -> Option<u64> {
+        match &self.phase {
+            Phase::Upstream { sent: Some(sent) } | Phase::AwaitingEviction { sent } => match sent.ahead {
+                Ahead::Outstanding { started_ms } => Some(started_ms),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     /// A mirror or purge callout's outcome: counted, and fenced when it did not happen.
     fn settle(&mut self, purpose: Purpose, ok: bool, counter: Counter, sent: Option<Sent>) {
         if purpose == Purpose::Mirror {
@@ -1036,10 +1186,19 @@ impl Exchange {
         }
         if !ok {
             match sent {
-                Some(sent) => self.fence(sent),
+                Some(sent) => self.fence(&sent),
                 None => self.fence_purge(),
             }
         }
+    }
+}
+
+/// The fence of a write that may have changed documents the cache did not follow.
+fn fence_note(sent: &Sent, max_ids: usize) -> FenceNote {
+    FenceNote {
+        namespace: sent.namespace.clone(),
+        scope: fence_scope(&sent.body, max_ids),
+        stamp: sent.stamp,
     }
 }
 

@@ -171,27 +171,8 @@ impl Fences {
             if i > 0 {
                 body.push(b',');
             }
-            body.extend_from_slice(b"{\"namespace\":");
-            body.extend_from_slice(
-                serde_json::to_string(namespace.as_str())
-                    .unwrap_or_default()
-                    .as_bytes(),
-            );
-            body.extend_from_slice(b",\"ids\":");
-            match &entry.ids {
-                None => body.extend_from_slice(b"null"),
-                Some(ids) => {
-                    body.push(b'[');
-                    for (j, id) in ids.iter().enumerate() {
-                        if j > 0 {
-                            body.push(b',');
-                        }
-                        body.extend_from_slice(id.as_bytes());
-                    }
-                    body.push(b']');
-                }
-            }
-            body.extend_from_slice(format!(",\"stamp\":{}}}", entry.stamp).as_bytes());
+            let ids = entry.ids.as_ref().map(|ids| ids.iter().map(String::as_bytes));
+            crate::sidecar_api::push_fence(&mut body, namespace, ids, entry.stamp);
             covers.push((namespace.clone(), entry.version));
         }
         body.extend_from_slice(b"]}");

@@ -2,15 +2,18 @@
 //! steps it returns. Every hostcall result is handled; nothing here panics.
 
 mod buffers;
+mod queue;
 mod root;
 
 use crate::config::Config;
 use crate::error::LocalReply;
 use crate::exchange::{
-    request_id_from, Callout, Exchange, FenceLookup, Half, HeaderEdits, RequestHead, Step, WatermarkLookup,
+    request_id_from, Callout, Exchange, FenceLookup, Half, HeaderEdits, MirrorJob, RequestHead, Step,
+    WatermarkLookup,
 };
 use crate::fence::{Added, FenceNote, Fences};
-use crate::metrics::{Counter, EVICTIONS_PENDING, NAMESPACES_TRACKED, VM_MEMORY_BYTES};
+use crate::metrics::{Counter, EVICTIONS_PENDING, MIRRORS_QUEUED, NAMESPACES_TRACKED, VM_MEMORY_BYTES};
+use crate::mirrors::{Accepted, MirrorQueue};
 use crate::watermark::{self, Tracker, Watermark};
 use proxy_wasm::hostcalls as host;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -32,6 +35,7 @@ struct Metrics {
     ids: HashMap<&'static str, u32>,
     tracked: Option<u32>,
     pending: Option<u32>,
+    queued: Option<u32>,
     memory: Option<u32>,
     /// This VM's share of the memory gauge, as last added.
     memory_reported: Cell<u64>,
@@ -57,6 +61,7 @@ impl Metrics {
             ids,
             tracked: gauge(NAMESPACES_TRACKED),
             pending: gauge(EVICTIONS_PENDING),
+            queued: gauge(MIRRORS_QUEUED),
             memory: gauge(VM_MEMORY_BYTES),
             memory_reported: Cell::new(0),
         }
@@ -77,6 +82,15 @@ impl Metrics {
         if let Some(id) = self.pending {
             if let Err(status) = host::increment_metric(id, delta) {
                 log::debug!("could not change {EVICTIONS_PENDING}: {status:?}");
+            }
+        }
+    }
+
+    /// Adds to the mirrors-queued gauge (every worker adds its own).
+    fn add_queued(&self, delta: i64) {
+        if let Some(id) = self.queued {
+            if let Err(status) = host::increment_metric(id, delta) {
+                log::debug!("could not change {MIRRORS_QUEUED}: {status:?}");
             }
         }
     }
@@ -121,6 +135,10 @@ struct Shared {
     tracker: Rc<RefCell<Option<Tracker>>>,
     /// What this VM's writes could not mirror, until the sidecar evicts it.
     fences: Rc<RefCell<Fences>>,
+    /// Mirrors that go after their responses, sent by the root context.
+    mirrors: Rc<RefCell<MirrorQueue>>,
+    /// The shared queue that wakes the root context to send them (`None`: the timer does).
+    wake_queue: Rc<Cell<Option<u32>>>,
     /// The clock at the last tick: coarse (one refresh interval), but free for streams to read.
     tick_clock: Rc<Cell<u64>>,
 }
@@ -148,6 +166,36 @@ impl Shared {
                     self.metrics.record(vec![Counter::FenceOverflow]);
                 }
             }
+        }
+    }
+
+    /// Takes a stream's mirrors into the worker's queue and wakes the root context to send them.
+    /// A mirror that does not fit is dropped: its documents were evicted before its response.
+    fn queue_mirrors(&self, jobs: Vec<MirrorJob>) {
+        let Ok(mut queue) = self.mirrors.try_borrow_mut() else {
+            // Unreachable in one thread: the root never holds the queue across a stream callback.
+            self.metrics.record(vec![Counter::MirrorFailed; jobs.len()]);
+            return;
+        };
+        for job in jobs {
+            let request_id = job.request_id.clone();
+            match queue.push(job) {
+                Accepted::Full => {
+                    log::warn!("request {request_id}: mirror queue full; the mirror is dropped");
+                    self.metrics
+                        .record(vec![Counter::MirrorQueueFull, Counter::MirrorFailed]);
+                    continue;
+                }
+                Accepted::Wake => {
+                    let woke = self.wake_queue.get().map(queue::wake);
+                    if !matches!(woke, Some(Ok(()))) {
+                        log::debug!("could not wake the root context ({woke:?}); the timer sends the mirror");
+                        queue.woken();
+                    }
+                }
+                Accepted::Queued => {}
+            }
+            self.metrics.add_queued(1);
         }
     }
 
@@ -323,6 +371,10 @@ impl Filter {
         if !fences.is_empty() {
             self.shared.fence(fences);
         }
+        let mirrors = self.exchange.take_mirrors();
+        if !mirrors.is_empty() {
+            self.shared.queue_mirrors(mirrors);
+        }
         let touches = self.exchange.take_touches();
         if touches.is_empty() {
             return;
@@ -374,6 +426,24 @@ impl Filter {
         }
     }
 
+    /// Replaces the buffered request body when a new one is given. False when Envoy refused:
+    /// then the client got a 500 and nothing goes upstream (never a body that should have
+    /// changed, such as an unstamped write).
+    fn replace_body(&mut self, body: Option<Vec<u8>>, site: Site, body_len: usize) -> bool {
+        let Some(body) = body.filter(|_| site != Site::RequestHeaders) else {
+            return true;
+        };
+        match replace_request_body(&body, body_len, site) {
+            Ok(()) => true,
+            Err(reply) => {
+                self.shared.metrics.record(vec![Counter::BodyReplaceFailed]);
+                send_reply(&reply);
+                self.record();
+                false
+            }
+        }
+    }
+
     /// Carries out a step; `body_len` is the size of the buffered body a `Forward` replaces.
     fn execute(&mut self, step: Step, site: Site, body_len: usize) -> Action {
         let action = match step {
@@ -394,14 +464,18 @@ impl Filter {
                 Action::Pause
             }
             Step::Forward(body) => {
-                if let Some(body) = body.filter(|_| site != Site::RequestHeaders) {
-                    if let Err(reply) = replace_request_body(&body, body_len, site) {
-                        // Never forward a body that should have changed (an unstamped write).
-                        self.shared.metrics.record(vec![Counter::BodyReplaceFailed]);
-                        send_reply(&reply);
-                        self.record();
-                        return Action::Pause;
-                    }
+                if !self.replace_body(body, site, body_len) {
+                    return Action::Pause;
+                }
+                Action::Continue
+            }
+            Step::ForwardWith(body, call) => {
+                if !self.replace_body(body, site, body_len) {
+                    return Action::Pause;
+                }
+                if self.dispatch(&call).is_err() {
+                    // The exchange fences the write instead; the request goes on either way.
+                    let _ = self.exchange.on_callout_dispatch_failed();
                 }
                 Action::Continue
             }

@@ -12,6 +12,7 @@ pub mod error;
 pub mod exchange;
 pub mod fence;
 pub mod metrics;
+pub mod mirrors;
 pub mod outcome;
 pub mod reads;
 pub mod response;

@@ -92,6 +92,13 @@ pub enum Counter {
     /// An accepted write whose outcome the filter never saw (the client hung up, Envoy timed out
     /// or reset): fenced.
     WritesUnanswered,
+    /// A write's eviction of the documents it names, sent while Turbopuffer applies it (its
+    /// mirror then goes after the response): answered, or failed (the documents are fenced).
+    EvictAheadOk,
+    EvictAheadFailed,
+    /// A mirror that would go after its response found the worker's mirror queue full: dropped
+    /// (and counted as `MirrorFailed` too); its documents were evicted already.
+    MirrorQueueFull,
     /// A document fetch of a fenced namespace, sent past the cache.
     FetchesBypassed,
     /// The root context's eviction requests: failed (retried later) and namespaces acknowledged.
@@ -148,6 +155,9 @@ impl Counter {
             Counter::MirrorTimeout => "hevlayer.mirror_timeout",
             Counter::MirrorSkipped => "hevlayer.mirror_skipped",
             Counter::WritesUnanswered => "hevlayer.writes_unanswered",
+            Counter::EvictAheadOk => "hevlayer.evict_ahead_ok",
+            Counter::EvictAheadFailed => "hevlayer.evict_ahead_failed",
+            Counter::MirrorQueueFull => "hevlayer.mirror_queue_full",
             Counter::FetchesBypassed => "hevlayer.fetches_bypassed",
             Counter::EvictionsRetried => "hevlayer.evictions_retried",
             Counter::EvictionsAcknowledged => "hevlayer.evictions_acknowledged",
@@ -205,6 +215,9 @@ impl Counter {
                 Counter::MirrorTimeout,
                 Counter::MirrorSkipped,
                 Counter::WritesUnanswered,
+                Counter::EvictAheadOk,
+                Counter::EvictAheadFailed,
+                Counter::MirrorQueueFull,
                 Counter::FetchesBypassed,
                 Counter::EvictionsRetried,
                 Counter::EvictionsAcknowledged,
@@ -231,6 +244,8 @@ impl Counter {
 pub const NAMESPACES_TRACKED: &str = "hevlayer.watermark_namespaces";
 /// The gauge of fenced namespaces (evictions pending), added to by every worker.
 pub const EVICTIONS_PENDING: &str = "hevlayer.evictions_pending";
+/// The gauge of mirrors waiting in the workers' queues to be sent after their responses.
+pub const MIRRORS_QUEUED: &str = "hevlayer.mirrors_queued";
 /// The gauge of the filter VMs' linear memory, in bytes (every worker adds its own).
 pub const VM_MEMORY_BYTES: &str = "hevlayer.vm_memory_bytes";
 
@@ -246,7 +261,12 @@ mod tests {
         sorted.dedup();
         assert_eq!(sorted.len(), names.len());
         assert!(names.iter().all(|n| n.starts_with("hevlayer.")));
-        for gauge in [NAMESPACES_TRACKED, EVICTIONS_PENDING, VM_MEMORY_BYTES] {
+        for gauge in [
+            NAMESPACES_TRACKED,
+            EVICTIONS_PENDING,
+            MIRRORS_QUEUED,
+            VM_MEMORY_BYTES,
+        ] {
             assert!(!names.contains(&gauge));
         }
         for reason in WriteReason::ALL {

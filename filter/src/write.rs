@@ -119,12 +119,22 @@ pub struct WritePlan {
     /// Byte ranges [`render_mirror`] leaves out: `vector`/`vectors` members and columns (the cache
     /// keeps no vectors unless configured to) along with the dropped shard members.
     mirror_drops: Vec<(usize, usize)>,
+    /// Where the ids the write names are (rows, id columns, `deletes`), in body order: what
+    /// [`WritePlan::ids`] reads. Filter writes change documents no id here names.
+    id_spans: Vec<(usize, usize)>,
 }
 
 impl WritePlan {
     /// True when [`render`] would return the body unchanged.
     pub fn is_identity(&self) -> bool {
         self.edits.is_empty()
+    }
+
+    /// The ids the write names, as the JSON tokens the client spelled them with (`body` is the
+    /// one planned). Every document the write changes is among them unless it is response
+    /// driven (a filter or conditional write).
+    pub fn ids<'a>(&'a self, body: &'a [u8]) -> impl ExactSizeIterator<Item = &'a [u8]> + 'a {
+        self.id_spans.iter().map(move |&(start, end)| &body[start..end])
     }
 }
 
@@ -321,6 +331,7 @@ fn column_values(
     class: Name,
     name: &str,
     errors: &mut Vec<String>,
+    id_spans: &mut Vec<(usize, usize)>,
 ) -> Result<Option<usize>, SyntaxError> {
     if cur.peek_kind()? != Kind::Array {
         cur.skip_value()?;
@@ -331,7 +342,9 @@ fn column_values(
     }
     let mut bad_id = false;
     let n = cur.array(|cur| {
+        let start = cur.pos();
         bad_id |= !skip_id(cur)?;
+        id_spans.push((start, cur.pos()));
         Ok(())
     })?;
     if bad_id {
@@ -507,6 +520,7 @@ impl Scan {
                 Name::Id if needs_id => {
                     has_id = true;
                     self.id_value(cur, op)?;
+                    self.plan.id_spans.push((value_start, cur.pos()));
                 }
                 _ => {
                     cur.skip_value()?;
@@ -559,14 +573,11 @@ impl Scan {
             self.unique(&mut names, cur, &m, name);
             let class = self.attribute(cur, m.key, name);
             let value_start = cur.pos();
-            let count = column_values(cur, class, name, &mut errors)?;
+            let count = column_values(cur, class, name, &mut errors, &mut self.plan.id_spans)?;
             match (class, count) {
                 (Name::Id, _) => ids = Some(count),
                 (Name::Shard, _) => {}
-                (_, None) => errors.push(format!(
-                    "{name} column '{}' must be an array",
-                    cur.text(m.key)
-                )),
+                (_, None) => errors.push(format!("{name} column '{}' must be an array", cur.text(m.key))),
                 (Name::Stamp, Some(_)) => {}
                 (_, Some(count)) => lengths.push((cur.text(m.key).into_owned(), count)),
             }
@@ -629,9 +640,12 @@ impl Scan {
             Kind::Array => {
                 self.plan.mirrors = true;
                 let mut bad = false;
+                let ids = &mut self.plan.id_spans;
                 cur.array(|cur| {
+                    let start = cur.pos();
                     let k = cur.skip_value()?;
                     bad |= !matches!(k, Kind::String | Kind::Number);
+                    ids.push((start, cur.pos()));
                     Ok(())
                 })?;
                 if bad {

@@ -145,6 +145,45 @@ pub fn mirror_body(namespace: &str, upserted_at: u64, write: &[u8], response: Op
     out
 }
 
+/// Appends one [`Fence`] object of an [`EvictRequest`] body, without parsing anything: `ids` are
+/// JSON tokens (strings or unsigned integers, as the client spelled them, which the filter
+/// validated); `None` evicts the whole namespace.
+pub fn push_fence<'a>(
+    body: &mut Vec<u8>,
+    namespace: &str,
+    ids: Option<impl IntoIterator<Item = &'a [u8]>>,
+    stamp: u64,
+) {
+    body.extend_from_slice(b"{\"namespace\":");
+    // Serialising a &str cannot fail.
+    body.extend_from_slice(serde_json::to_string(namespace).unwrap_or_default().as_bytes());
+    body.extend_from_slice(b",\"ids\":");
+    match ids {
+        None => body.extend_from_slice(b"null"),
+        Some(ids) => {
+            body.push(b'[');
+            for (i, id) in ids.into_iter().enumerate() {
+                if i > 0 {
+                    body.push(b',');
+                }
+                body.extend_from_slice(id);
+            }
+            body.push(b']');
+        }
+    }
+    body.extend_from_slice(b",\"stamp\":");
+    body.extend_from_slice(stamp.to_string().as_bytes());
+    body.push(b'}');
+}
+
+/// An [`EvictRequest`] body with the one fence of a write stamped `stamp` that names `ids`.
+pub fn evict_body<'a>(namespace: &str, ids: impl IntoIterator<Item = &'a [u8]>, stamp: u64) -> Vec<u8> {
+    let mut body = b"{\"fences\":[".to_vec();
+    push_fence(&mut body, namespace, Some(ids), stamp);
+    body.extend_from_slice(b"]}");
+    body
+}
+
 /// Body of `POST PURGE_PATH`.
 pub fn purge_body(namespace: &str) -> Vec<u8> {
     serde_json::to_vec(&PurgeRequest {
@@ -156,6 +195,29 @@ pub fn purge_body(namespace: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn evict_bodies_parse_as_evict_requests() {
+        let ids: [&[u8]; 3] = [b"7", br#""a\"b""#, br#""\u0062""#];
+        let body = evict_body("ns \"q\"", ids, 42);
+        let parsed: EvictRequest = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            parsed.fences,
+            vec![Fence {
+                namespace: "ns \"q\"".to_owned(),
+                ids: Some(vec![
+                    serde_json::json!(7),
+                    serde_json::json!("a\"b"),
+                    serde_json::json!("b")
+                ]),
+                stamp: 42,
+            }]
+        );
+        let mut whole = Vec::new();
+        push_fence(&mut whole, "n", None::<[&[u8]; 0]>, 0);
+        let fence: Fence = serde_json::from_slice(&whole).unwrap();
+        assert_eq!(fence.ids, None);
+    }
 
     #[test]
     fn mirror_body_parses_into_the_sidecar_type() {

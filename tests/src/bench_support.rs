@@ -45,16 +45,22 @@ pub struct FilterRun {
 
 impl FilterRun {
     pub fn new() -> Result<Self> {
+        Self::with_config("{}")
+    }
+
+    /// A run under a plugin configuration (JSON).
+    pub fn with_config(config: &str) -> Result<Self> {
         Ok(FilterRun {
-            vm: crate::wasm_host::filter()?.start("{}")?,
+            vm: crate::wasm_host::filter()?.start(config)?,
         })
     }
 
     /// One write: headers and the body in 64 KiB chunks until the stamped body goes upstream,
-    /// then a response: with `respond` a 2xx and the mirror callout it triggers, else a 429 (a
-    /// refused write: nothing to mirror; a stream that ended with no answer at all would be a
-    /// hang-up, whose fence scans the body again). Returns the size of the body the upstream
-    /// received.
+    /// then a response: with `respond` a 2xx, with the callouts it brings answered at once (the
+    /// eviction ahead and the mirror the root context sends after the response, or the mirror
+    /// the response waits for), else a 429 (a refused write: nothing to mirror; a stream that
+    /// ended with no answer at all would be a hang-up, whose fence scans the body again).
+    /// Returns the size of the body the upstream received.
     pub fn write(&mut self, body: &[u8], respond: bool) -> Result<u32> {
         let len = body.len().to_string();
         let mut s = self.vm.stream()?;
@@ -76,6 +82,8 @@ impl FilterRun {
             );
         }
         let sent = u32::try_from(s.upstream_body().len())?;
+        let answer: crate::wasm_host::Answer<'_> =
+            (200, &[("content-type", "application/json")], b"{\"applied\":1}");
         if !respond {
             s.respond(
                 429,
@@ -86,19 +94,28 @@ impl FilterRun {
             s.finish()?;
             return Ok(sent);
         }
+        // The eviction ahead (if any) is answered while the upstream works.
+        if let Some(token) = s.callouts().first().map(|c| c.token) {
+            s.answer_callout(token, Some(answer))?;
+        }
+        let answered = s.callouts().len();
         s.respond(
             200,
             &[("content-type", "application/json")],
             br#"{"status":"OK"}"#,
             "via_upstream",
         )?;
-        if let Some(token) = s.callouts().first().map(|c| c.token) {
-            s.answer_callout(
-                token,
-                Some((200, &[("content-type", "application/json")], b"{\"applied\":1}")),
-            )?;
+        // A mirror the response waits for.
+        if let Some(token) = s.callouts().get(answered).map(|c| c.token) {
+            s.answer_callout(token, Some(answer))?;
         }
         s.finish()?;
+        // A mirror the root context sent after the response.
+        let tokens: Vec<u32> = self.vm.root_callouts().iter().map(|c| c.token).collect();
+        for token in tokens {
+            self.vm.answer_callout(token, Some(answer))?;
+        }
+        self.vm.forget_root_callouts();
         Ok(sent)
     }
 

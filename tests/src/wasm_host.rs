@@ -19,6 +19,7 @@ const ROOT_ID: u32 = 1;
 const OK: u32 = 0;
 const NOT_FOUND: u32 = 1;
 const BAD_ARGUMENT: u32 = 2;
+const EMPTY: u32 = 7;
 const CAS_MISMATCH: u32 = 8;
 /// What Envoy answers a buffer access it cannot serve (`WasmResult::InternalFailure`).
 const INTERNAL_FAILURE: u32 = 10;
@@ -139,6 +140,13 @@ pub struct HostState {
     refused_reads: Vec<u32>,
     /// Buffers whose writes (`proxy_set_buffer_bytes`) the host refuses.
     refused_writes: Vec<u32>,
+    /// Shared queues by token - 1: name and items.
+    queues: Vec<(String, std::collections::VecDeque<Vec<u8>>)>,
+    /// Queues an item was enqueued on since the root last heard (Envoy posts `on_queue_ready` to
+    /// the registering worker, to run after the callback that enqueued).
+    queue_ready: std::collections::VecDeque<u32>,
+    /// Hold `on_queue_ready` until [`Vm::deliver_queues`] (a test of what happens meanwhile).
+    hold_queues: bool,
 }
 
 /// A stream body buffer, for [`Vm::refuse_reads`] and [`Vm::refuse_writes`].
@@ -336,14 +344,56 @@ impl Vm {
         result
     }
 
+    /// Advances the host clock, then runs the timer callback once.
+    pub fn advance_time_and_tick(&mut self, ms: u64) -> Result<()> {
+        self.store.data_mut().now_ns += ms * 1_000_000;
+        self.tick()
+    }
+
     /// The tick period the filter asked for (0: none).
     pub fn tick_period_ms(&self) -> u32 {
         self.store.data().tick_period_ms
     }
 
+    /// Holds (`true`) or resumes automatic `on_queue_ready` deliveries after stream callbacks.
+    pub fn hold_queues(&mut self, hold: bool) {
+        self.store.data_mut().hold_queues = hold;
+    }
+
+    /// Names of the shared queues the filter registered.
+    pub fn queue_names(&self) -> Vec<String> {
+        self.store.data().queues.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    /// Runs the root's `on_queue_ready` for every enqueue since the last delivery, as Envoy does
+    /// after the callback that enqueued.
+    pub fn deliver_queues(&mut self) -> Result<()> {
+        while let Some(token) = self.store.data_mut().queue_ready.pop_front() {
+            let f: TypedFunc<(u32, u32), ()> = self.func("proxy_on_queue_ready")?;
+            self.store.data_mut().in_root_callback = true;
+            let result = f.call(&mut self.store, (ROOT_ID, token));
+            self.store.data_mut().in_root_callback = false;
+            result?;
+        }
+        Ok(())
+    }
+
+    fn deliver_unless_held(&mut self) -> Result<()> {
+        if self.store.data().hold_queues {
+            return Ok(());
+        }
+        self.deliver_queues()
+    }
+
     /// Callouts dispatched by the root context so far.
     pub fn root_callouts(&self) -> &[Callout] {
         &self.store.data().root_callouts
+    }
+
+    /// Forgets the root callouts seen so far (answered ones; a long benchmark would otherwise
+    /// keep every body).
+    pub fn forget_root_callouts(&mut self) {
+        self.store.data_mut().root_callouts.clear();
     }
 
     /// A shared-data value (Envoy's per-VM-id key-value store shared by all workers).
@@ -370,7 +420,8 @@ impl Vm {
         let state = self.store.data_mut();
         state.in_root_callback = false;
         state.call_response = None;
-        result
+        result?;
+        self.deliver_unless_held()
     }
 
     /// Starts a new request stream.
@@ -425,12 +476,16 @@ impl Stream<'_> {
 
     fn call3(&mut self, name: &str, a: u32, b: u32) -> Result<Action> {
         let f: TypedFunc<(u32, u32, u32), u32> = self.vm.func(name)?;
-        Ok(action(f.call(&mut self.vm.store, (self.id, a, b))?))
+        let code = f.call(&mut self.vm.store, (self.id, a, b))?;
+        self.vm.deliver_unless_held()?;
+        Ok(action(code))
     }
 
     fn call2(&mut self, name: &str, a: u32) -> Result<Action> {
         let f: TypedFunc<(u32, u32), u32> = self.vm.func(name)?;
-        Ok(action(f.call(&mut self.vm.store, (self.id, a))?))
+        let code = f.call(&mut self.vm.store, (self.id, a))?;
+        self.vm.deliver_unless_held()?;
+        Ok(action(code))
     }
 
     fn replied(&self) -> bool {
@@ -555,6 +610,16 @@ impl Stream<'_> {
         self.vm.answer_callout(token, answer)
     }
 
+    /// The VM this stream runs on.
+    pub fn vm(&self) -> &Vm {
+        self.vm
+    }
+
+    /// Callouts the root context dispatched so far (they outlive this stream).
+    pub fn root_callouts(&self) -> &[Callout] {
+        self.vm.root_callouts()
+    }
+
     /// Advances the host clock.
     pub fn advance_ms(&mut self, ms: u64) {
         self.state().now_ns += ms * 1_000_000;
@@ -632,7 +697,7 @@ impl Stream<'_> {
         log.call(&mut self.vm.store, self.id)?;
         let delete: TypedFunc<u32, ()> = self.vm.func("proxy_on_delete")?;
         delete.call(&mut self.vm.store, self.id)?;
-        Ok(())
+        self.vm.deliver_unless_held()
     }
 }
 
@@ -834,6 +899,51 @@ fn define_imports(linker: &mut Linker<HostState>) -> Result<()> {
                 return Ok(CAS_MISMATCH);
             }
             *entry = (value, entry.1 + 1);
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_register_shared_queue",
+        |mut c: Caller<'_, HostState>, ptr: u32, len: u32, id_out: u32| {
+            let name = read_string(&mut c, ptr, len)?;
+            let queues = &mut c.data_mut().queues;
+            let token = match queues.iter().position(|(n, _)| *n == name) {
+                Some(i) => i + 1,
+                None => {
+                    queues.push((name, Default::default()));
+                    queues.len()
+                }
+            };
+            write_u32(&mut c, id_out, u32::try_from(token)?)?;
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_enqueue_shared_queue",
+        |mut c: Caller<'_, HostState>, token: u32, ptr: u32, len: u32| {
+            let data = read(&mut c, ptr, len)?;
+            let state = c.data_mut();
+            let Some((_, items)) = state.queues.get_mut((token as usize).wrapping_sub(1)) else {
+                return Ok(NOT_FOUND);
+            };
+            items.push_back(data);
+            state.queue_ready.push_back(token);
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_dequeue_shared_queue",
+        |mut c: Caller<'_, HostState>, token: u32, ptr_out: u32, size_out: u32| {
+            let Some((_, items)) = c.data_mut().queues.get_mut((token as usize).wrapping_sub(1)) else {
+                return Ok(NOT_FOUND);
+            };
+            let Some(item) = items.pop_front() else {
+                return Ok(EMPTY);
+            };
+            give(&mut c, &item, ptr_out, size_out)?;
             Ok(OK)
         },
     )?;

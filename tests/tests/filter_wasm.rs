@@ -4,12 +4,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use hevlayer_tests::wasm_host::{filter, Action, Answer, Body, Stream, Vm};
+use hevlayer_tests::wasm_host::{self, filter, Action, Answer, Body, Stream, Vm};
 use serde_json::{json, Value};
 use std::io::Write;
 
 const NOW_MS: u64 = 1_795_000_000_123;
 const JSON: (&str, &str) = ("content-type", "application/json");
+
+/// Every write's response waits for its mirror (no eviction ahead).
+const WAITS_FOR_MIRROR: &str = r#"{"evict_ahead_max_ids":0}"#;
 
 fn vm(config: &str) -> Vm {
     let mut vm = filter().unwrap().start(config).unwrap();
@@ -277,7 +280,7 @@ fn router_replies_become_502_and_504_json() {
         ("upstream_per_try_timeout", 504, "gateway_timeout", WRITE_TIMEOUT),
     ];
     for (details, status, kind, message) in cases {
-        let mut vm = vm("{}");
+        let mut vm = vm(WAITS_FOR_MIRROR);
         let mut s = send_write(&mut vm, br#"{"deletes":[1]}"#, 100);
         s.respond(
             503,
@@ -414,7 +417,7 @@ fn upstream_errors_are_relayed_verbatim() {
 #[test]
 fn successful_writes_wait_for_the_mirror_and_survive_its_failure() {
     for answer in ["ok", "error", "unreachable", "reset"] {
-        let mut vm = vm("{}");
+        let mut vm = vm(WAITS_FOR_MIRROR);
         let mut s = send_write(&mut vm, br#"{"upsert_rows":[{"id":7,"a":1}]}"#, 100);
         s.response_headers(200, &[JSON], false, "via_upstream").unwrap();
         assert_eq!(
@@ -473,7 +476,7 @@ fn a_mirror_timeout_is_counted_as_such() {
         b"upstream request timeout",
     );
     for answer in [Some(envoy_timeout), None] {
-        let mut vm = vm(r#"{"mirror_timeout_ms": 50}"#);
+        let mut vm = vm(r#"{"mirror_timeout_ms": 50, "evict_ahead_max_ids": 0}"#);
         let mut s = send_write(&mut vm, br#"{"deletes":[1]}"#, 100);
         s.respond(200, &[JSON], br#"{"status":"OK"}"#, "via_upstream")
             .unwrap();
@@ -488,7 +491,7 @@ fn a_mirror_timeout_is_counted_as_such() {
 
 #[test]
 fn an_unknown_sidecar_cluster_never_blocks_a_write() {
-    let mut vm = vm("{}");
+    let mut vm = vm(WAITS_FOR_MIRROR);
     vm.remove_cluster("layer_sidecar");
     let mut s = send_write(&mut vm, br#"{"deletes":[1]}"#, 100);
     s.respond(200, &[JSON], br#"{"status":"OK"}"#, "via_upstream")
@@ -589,7 +592,7 @@ fn unnormalised_write_paths_are_validated_and_stamped_and_forwarded_as_sent() {
         "//v2//namespaces//ns//?x=1",
         "/v2/./namespaces/tmp/../ns",
     ] {
-        let mut vm = vm("{}");
+        let mut vm = vm(WAITS_FOR_MIRROR);
         let mut s = vm.stream().unwrap();
         let headers = [
             (":method", "POST"),
@@ -854,7 +857,7 @@ fn a_client_request_id_is_kept() {
 
 #[test]
 fn memory_does_not_grow_across_requests() {
-    let mut vm = vm("{}");
+    let mut vm = vm(WAITS_FOR_MIRROR);
     let body = format!(
         r#"{{"upsert_rows":[{}]}}"#,
         (0..200)
@@ -1170,7 +1173,7 @@ fn fetch_callout(vm: &mut Vm, namespace: &str) -> (Option<String>, i64) {
 
 #[test]
 fn a_failed_mirror_is_fenced_until_the_sidecar_evicts_it() {
-    let mut vm = vm(r#"{"read_watermark":"off"}"#);
+    let mut vm = vm(r#"{"read_watermark":"off","evict_ahead_max_ids":0}"#);
     let mut s = send_write(
         &mut vm,
         br#"{"upsert_rows":[{"id":"a","t":1},{"id":2,"t":2}]}"#,
@@ -1232,7 +1235,7 @@ fn a_failed_mirror_is_fenced_until_the_sidecar_evicts_it() {
 
 #[test]
 fn every_accepted_write_ends_in_one_mirror_outcome() {
-    let mut vm = vm(r#"{"read_watermark":"off"}"#);
+    let mut vm = vm(r#"{"read_watermark":"off","evict_ahead_max_ids":0}"#);
     // Mirrored.
     let mut s = send_write(&mut vm, br#"{"deletes":[1]}"#, 100);
     s.respond(200, &[JSON], br#"{"status":"OK"}"#, "via_upstream")
@@ -1341,4 +1344,299 @@ fn a_write_response_the_host_will_not_hand_over_leaves_the_mirror_undone_and_fen
     assert_eq!(vm.counter("hevlayer.mirror_failed"), 1);
     assert_eq!(vm.counter("hevlayer.evictions_pending"), 1);
     assert_eq!(vm.shared_data("hevlayer.fence:ns"), Some(&b"1"[..]));
+}
+
+// ---- evictions ahead: the mirror after the response ----
+
+/// The root context's mirror callouts so far.
+fn root_mirrors(vm: &Vm) -> Vec<wasm_host::Callout> {
+    vm.root_callouts()
+        .iter()
+        .filter(|c| c.header(":path") == Some("/internal/v1/mirror"))
+        .cloned()
+        .collect()
+}
+
+/// A write answered 2xx after its eviction ahead was answered `evict`.
+fn write_ahead(vm: &mut Vm, body: &[u8], evict: Option<Answer<'_>>) {
+    let mut s = send_write(vm, body, 100);
+    assert!(
+        s.reached_upstream(),
+        "the write goes on while its eviction is out"
+    );
+    let call = s.callouts()[0].clone();
+    assert_eq!(call.header(":path"), Some("/internal/v1/evict"));
+    s.answer_callout(call.token, evict).unwrap();
+    s.respond(200, &[JSON], br#"{"status":"OK"}"#, "via_upstream")
+        .unwrap();
+    assert_eq!(s.client_status(), Some(200), "nothing waits for the mirror");
+    s.finish().unwrap();
+}
+
+const APPLIED: Answer<'static> = (200, &[JSON], b"{\"applied\":1}");
+
+#[test]
+fn a_write_evicts_ahead_and_its_mirror_goes_after_the_response() {
+    let mut vm = vm("{}");
+    let mut s = send_write(
+        &mut vm,
+        br#"{"upsert_rows":[{"id":7,"a":1}],"deletes":["x"]}"#,
+        100,
+    );
+    assert!(s.reached_upstream());
+    let evict = s.callouts()[0].clone();
+    assert_eq!(evict.header(":path"), Some("/internal/v1/evict"));
+    assert_eq!(evict.timeout_ms, 200);
+    let msg: Value = serde_json::from_slice(&evict.body).unwrap();
+    assert_eq!(
+        msg,
+        json!({"fences":[{"namespace":"ns","ids":[7,"x"],"stamp":NOW_MS}]})
+    );
+    // Turbopuffer answers before the eviction does: the response waits for it.
+    s.response_headers(200, &[JSON], false, "via_upstream").unwrap();
+    assert_eq!(
+        s.response_body(br#"{"status":"OK"}"#, true).unwrap(),
+        Action::Pause
+    );
+    assert!(
+        s.client_headers().is_none(),
+        "read-your-writes: not before the eviction"
+    );
+    assert!(root_mirrors(s_vm(&s)).is_empty());
+    s.answer_callout(evict.token, Some(APPLIED)).unwrap();
+    assert_eq!(s.client_status(), Some(200));
+    assert_eq!(s.client_body(), br#"{"status":"OK"}"#);
+    s.finish().unwrap();
+    // The stream woke the root context, which sent the mirror.
+    let mirrors = root_mirrors(&vm);
+    assert_eq!(mirrors.len(), 1);
+    let m: Value = serde_json::from_slice(&mirrors[0].body).unwrap();
+    assert_eq!(
+        (m["namespace"].clone(), m["upserted_at"].clone()),
+        (json!("ns"), json!(NOW_MS))
+    );
+    assert_eq!(
+        m["write"]["upsert_rows"][0]["_hevlayer_upserted_at"],
+        json!(NOW_MS)
+    );
+    assert!(mirrors[0].header("x-request-id").is_some_and(|v| !v.is_empty()));
+    assert_eq!(vm.counter("hevlayer.mirror_ok"), 0, "not before its answer");
+    vm.answer_callout(mirrors[0].token, Some(APPLIED)).unwrap();
+    assert_eq!(
+        (
+            vm.counter("hevlayer.evict_ahead_ok"),
+            vm.counter("hevlayer.mirror_ok"),
+            vm.counter("hevlayer.mirrors_queued")
+        ),
+        (1, 1, 0)
+    );
+}
+
+/// The stream's VM, for a look at the root's callouts while the stream is open.
+fn s_vm<'a>(s: &'a Stream<'_>) -> &'a Vm {
+    s.vm()
+}
+
+#[test]
+fn a_mirror_after_the_response_that_fails_leaves_nothing_to_fence() {
+    let envoy_timeout: Answer<'_> = (
+        504,
+        &[("content-type", "text/plain")],
+        b"upstream request timeout",
+    );
+    let refused: Answer<'_> = (503, &[JSON], b"{\"error\":\"cache_unavailable\"}");
+    for (answer, counter) in [
+        (Some(refused), "mirror_failed"),
+        (Some(envoy_timeout), "mirror_timeout"),
+        (None, "mirror_failed"),
+    ] {
+        let mut vm = vm(r#"{"read_watermark":"off"}"#);
+        write_ahead(&mut vm, br#"{"deletes":[1]}"#, Some(APPLIED));
+        let token = root_mirrors(&vm)[0].token;
+        vm.answer_callout(token, answer).unwrap();
+        assert_eq!(vm.counter(&format!("hevlayer.{counter}")), 1, "{answer:?}");
+        // Its documents were evicted before the 2xx: no fence, no eviction to retry.
+        assert_eq!(vm.counter("hevlayer.evictions_pending"), 0);
+        let before = vm.root_callouts().len();
+        vm.advance_time_and_tick(1_000).unwrap();
+        assert_eq!(vm.root_callouts().len(), before, "{answer:?}");
+    }
+}
+
+#[test]
+fn a_failed_eviction_ahead_fences_the_write_and_the_2xx_still_goes_out() {
+    let plain_503: Answer<'_> = (503, &[("content-type", "text/plain")], b"upstream connect error");
+    for answer in [Some(plain_503), None] {
+        let mut vm = vm(r#"{"read_watermark":"off"}"#);
+        write_ahead(&mut vm, br#"{"patch_rows":[{"id":9,"x":1}]}"#, answer);
+        assert_eq!(vm.counter("hevlayer.evict_ahead_failed"), 1);
+        assert_eq!(vm.counter("hevlayer.evictions_pending"), 1);
+        assert_eq!(root_mirrors(&vm).len(), 1, "the mirror still goes");
+        vm.advance_time_and_tick(1_000).unwrap();
+        let retry = vm.root_callouts().last().unwrap().clone();
+        assert_eq!(retry.header(":path"), Some("/internal/v1/evict"));
+        let body: Value = serde_json::from_slice(&retry.body).unwrap();
+        assert_eq!(body["fences"][0]["ids"], json!([9]));
+    }
+    // The eviction could not even be dispatched: the same.
+    let mut vm = vm(r#"{"read_watermark":"off"}"#);
+    vm.remove_cluster("layer_sidecar");
+    let mut s = send_write(&mut vm, br#"{"deletes":[4]}"#, 100);
+    assert!(s.reached_upstream());
+    s.respond(200, &[JSON], br#"{"status":"OK"}"#, "via_upstream")
+        .unwrap();
+    assert_eq!(s.client_status(), Some(200));
+    s.finish().unwrap();
+    assert_eq!(vm.counter("hevlayer.evict_ahead_failed"), 1);
+    assert_eq!(vm.counter("hevlayer.evictions_pending"), 1);
+    // Its mirror could not be dispatched either: counted once, as failed.
+    assert_eq!(vm.counter("hevlayer.mirror_failed"), 1);
+}
+
+#[test]
+fn one_wake_up_sends_every_mirror_queued_before_the_root_ran_and_the_timer_is_the_fallback() {
+    let mut vm = vm(r#"{"read_watermark":"off"}"#);
+    vm.hold_queues(true);
+    for id in 0..3 {
+        write_ahead(
+            &mut vm,
+            format!(r#"{{"deletes":[{id}]}}"#).as_bytes(),
+            Some(APPLIED),
+        );
+    }
+    assert!(root_mirrors(&vm).is_empty(), "the root has not run yet");
+    assert_eq!(vm.counter("hevlayer.mirrors_queued"), 3);
+    assert_eq!(vm.queue_names().len(), 1);
+    assert!(vm.queue_names()[0].starts_with("hevlayer.mirrors."));
+    vm.deliver_queues().unwrap();
+    assert_eq!(root_mirrors(&vm).len(), 3);
+    assert_eq!(vm.counter("hevlayer.mirrors_queued"), 0);
+
+    // Without a queue the timer sends them.
+    let mut vm2 = vm_without_queue_delivery();
+    write_ahead(&mut vm2, br#"{"deletes":[1]}"#, Some(APPLIED));
+    assert!(root_mirrors(&vm2).is_empty());
+    vm2.advance_time_and_tick(500).unwrap();
+    assert_eq!(root_mirrors(&vm2).len(), 1);
+}
+
+/// A VM whose queue wake-ups never arrive (held by the host, as if the queue were lost).
+fn vm_without_queue_delivery() -> Vm {
+    let mut vm = vm(r#"{"read_watermark":"off"}"#);
+    vm.hold_queues(true);
+    vm
+}
+
+#[test]
+fn the_mirror_queue_is_bounded_and_a_dropped_mirror_is_counted() {
+    let mut vm = vm(r#"{"read_watermark":"off","mirror_queue_bytes":100}"#);
+    vm.hold_queues(true);
+    write_ahead(&mut vm, br#"{"deletes":[1]}"#, Some(APPLIED));
+    write_ahead(&mut vm, br#"{"deletes":[2]}"#, Some(APPLIED));
+    assert_eq!(vm.counter("hevlayer.mirror_queue_full"), 1);
+    assert_eq!(vm.counter("hevlayer.mirror_failed"), 1);
+    vm.deliver_queues().unwrap();
+    assert_eq!(root_mirrors(&vm).len(), 1);
+}
+
+#[test]
+fn at_most_32_mirrors_are_out_at_once() {
+    let mut vm = vm(r#"{"read_watermark":"off"}"#);
+    for id in 0..40 {
+        write_ahead(
+            &mut vm,
+            format!(r#"{{"deletes":[{id}]}}"#).as_bytes(),
+            Some(APPLIED),
+        );
+    }
+    let out = root_mirrors(&vm);
+    assert_eq!(out.len(), 32);
+    assert_eq!(vm.counter("hevlayer.mirrors_queued"), 8);
+    vm.answer_callout(out[0].token, Some(APPLIED)).unwrap();
+    assert_eq!(root_mirrors(&vm).len(), 33, "an answer makes room for the next");
+    for c in root_mirrors(&vm).iter().skip(1) {
+        vm.answer_callout(c.token, Some(APPLIED)).unwrap();
+    }
+    for c in root_mirrors(&vm).iter().skip(33) {
+        vm.answer_callout(c.token, Some(APPLIED)).unwrap();
+    }
+    assert_eq!(root_mirrors(&vm).len(), 40);
+    assert_eq!(vm.counter("hevlayer.mirror_ok"), 40);
+    assert_eq!(vm.counter("hevlayer.mirrors_queued"), 0);
+}
+
+#[test]
+fn with_evictions_ahead_every_accepted_write_still_ends_in_one_mirror_outcome() {
+    let mut vm = vm(r#"{"read_watermark":"off"}"#);
+    // Mirrored after the response.
+    write_ahead(&mut vm, br#"{"deletes":[1]}"#, Some(APPLIED));
+    let t = root_mirrors(&vm)[0].token;
+    vm.answer_callout(t, Some(APPLIED)).unwrap();
+    // Refused by Turbopuffer while its eviction was out.
+    let mut s = send_write(&mut vm, br#"{"deletes":[1]}"#, 100);
+    s.respond(429, &[JSON], br#"{"status":"error"}"#, "via_upstream")
+        .unwrap();
+    s.finish().unwrap();
+    // The client hung up while the 2xx waited for the eviction: fenced.
+    let mut s = send_write(&mut vm, br#"{"deletes":[2]}"#, 100);
+    s.response_headers(200, &[JSON], true, "via_upstream").unwrap();
+    s.finish().unwrap();
+    // A filter write: the response waits for its mirror, as before.
+    let mut s = send_write(&mut vm, br#"{"delete_by_filter":["a","Eq",1]}"#, 100);
+    assert!(s.callouts().is_empty(), "no eviction ahead for a filter write");
+    s.respond(
+        200,
+        &[JSON],
+        br#"{"status":"OK","deleted_ids":[5]}"#,
+        "via_upstream",
+    )
+    .unwrap();
+    let t = s.callouts()[0].token;
+    s.answer_callout(t, Some(APPLIED)).unwrap();
+    s.finish().unwrap();
+    let outcomes: i64 = [
+        "mirror_ok",
+        "mirror_failed",
+        "mirror_timeout",
+        "mirror_skipped",
+        "writes_unanswered",
+    ]
+    .iter()
+    .map(|c| vm.counter(&format!("hevlayer.{c}")))
+    .sum();
+    assert_eq!(vm.counter("hevlayer.writes_accepted"), 4);
+    assert_eq!(outcomes, 4);
+    assert_eq!(
+        (
+            vm.counter("hevlayer.mirror_ok"),
+            vm.counter("hevlayer.mirror_skipped"),
+            vm.counter("hevlayer.writes_unanswered")
+        ),
+        (2, 1, 1)
+    );
+}
+
+#[test]
+fn memory_does_not_grow_with_mirrors_after_the_response() {
+    let mut vm = vm("{}");
+    let body = format!(
+        r#"{{"upsert_rows":[{}]}}"#,
+        (0..200)
+            .map(|i| format!(r#"{{"id":{i},"vector":[0.1,0.2,0.3,0.4],"t":"row {i}"}}"#))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let run = |vm: &mut Vm| {
+        write_ahead(vm, body.as_bytes(), Some(APPLIED));
+        let token = root_mirrors(vm).last().unwrap().token;
+        vm.answer_callout(token, Some(APPLIED)).unwrap();
+    };
+    for _ in 0..10 {
+        run(&mut vm);
+    }
+    let after_10 = vm.memory_bytes();
+    for _ in 0..200 {
+        run(&mut vm);
+    }
+    assert_eq!(vm.memory_bytes(), after_10);
 }

@@ -69,6 +69,14 @@ fn head<'a>(method: &'a str, path: &'a str) -> RequestHead<'a> {
     }
 }
 
+/// The configuration where every write's response waits for its mirror (no eviction ahead).
+fn waits_for_mirror() -> Config {
+    Config {
+        evict_ahead_max_ids: 0,
+        ..Config::default()
+    }
+}
+
 fn json(reply: &LocalReply) -> serde_json::Value {
     serde_json::from_slice(&reply.body).unwrap()
 }
@@ -86,7 +94,7 @@ fn start_write(config: &Config) -> Driver {
 
 fn forwarded(step: Step) -> Vec<u8> {
     match step {
-        Step::Forward(Some(b)) => b,
+        Step::Forward(Some(b)) | Step::ForwardWith(Some(b), _) => b,
         other => panic!("expected a forwarded body, got {other:?}"),
     }
 }
@@ -111,7 +119,7 @@ fn write_is_buffered_validated_and_stamped_across_chunks() {
 
 #[test]
 fn trailers_finish_the_body() {
-    let config = Config::default();
+    let config = waits_for_mirror();
     let mut ex = start_write(&config);
     assert_eq!(ex.feed(br#"{"deletes":[1]}"#, false, NOW), Step::Pause);
     // Unchanged and not decoded: the buffered body goes on as it is.
@@ -285,7 +293,7 @@ fn path_variants_of_a_write_are_validated_and_stamped() {
     ] {
         let mut ex = Driver::new();
         assert_eq!(
-            ex.headers(&Config::default(), &head("POST", path)).1,
+            ex.headers(&waits_for_mirror(), &head("POST", path)).1,
             Step::Pause,
             "{path}"
         );
@@ -295,7 +303,7 @@ fn path_variants_of_a_write_are_validated_and_stamped() {
         }
 
         let mut ex = Driver::new();
-        ex.headers(&Config::default(), &head("POST", path));
+        ex.headers(&waits_for_mirror(), &head("POST", path));
         let out = forwarded(ex.feed(br#"{"upsert_rows":[{"id":1}]}"#, true, NOW));
         assert_eq!(
             out, br#"{"upsert_rows":[{"id":1,"_hevlayer_upserted_at":1732400000000}]}"#,
@@ -364,7 +372,7 @@ fn router_replies_become_502_and_504() {
 /// The 504 body a route gets when the router's timeout fires on it.
 fn timeout_message(method: &str, path: &str) -> String {
     let mut ex = Driver::new();
-    let (_, step) = ex.headers(&Config::default(), &head(method, path));
+    let (_, step) = ex.headers(&waits_for_mirror(), &head(method, path));
     if step == Step::Pause {
         assert!(matches!(
             ex.feed(br#"{"deletes":[1]}"#, true, NOW),
@@ -443,7 +451,7 @@ fn upstream_errors_pass_verbatim_and_are_not_mirrored() {
 
 #[test]
 fn successful_writes_are_mirrored_before_the_response_goes_on() {
-    let mut ex = start_write(&Config::default());
+    let mut ex = start_write(&waits_for_mirror());
     forwarded(ex.feed(br#"{"upsert_rows":[{"id":1}]}"#, true, NOW));
     let (_, step) = ex.on_response_headers(200, Some("via_upstream"), false, NOW + 1);
     let Step::Dispatch(call) = step else {
@@ -499,7 +507,7 @@ fn mirror_failures_and_timeouts_never_change_the_response() {
         // A 2xx that is not the sidecar's JSON answer is not a mirror that happened.
         (Some(200), plain.clone(), 3, Counter::MirrorFailed),
     ] {
-        let mut ex = start_write(&Config::default());
+        let mut ex = start_write(&waits_for_mirror());
         assert!(matches!(
             ex.feed(br#"{"deletes":[1]}"#, true, NOW),
             Step::Forward(None)
@@ -512,7 +520,7 @@ fn mirror_failures_and_timeouts_never_change_the_response() {
         );
         assert!(ex.take_counters().contains(&counter), "{status:?} {elapsed}");
     }
-    let mut ex = start_write(&Config::default());
+    let mut ex = start_write(&waits_for_mirror());
     assert!(matches!(
         ex.feed(br#"{"deletes":[1]}"#, true, NOW),
         Step::Forward(None)
@@ -739,6 +747,10 @@ proptest::proptest! {
         let reference = run_write(&plain, &[plain.len()], false);
         match (&reference, &chunked) {
             (Step::Forward(None), Step::Forward(Some(b))) => proptest::prop_assert_eq!(b.as_slice(), plain.as_slice()),
+            (Step::ForwardWith(None, a), Step::ForwardWith(Some(b), c)) => {
+                proptest::prop_assert_eq!(b.as_slice(), plain.as_slice());
+                proptest::prop_assert_eq!(a, c);
+            }
             _ => proptest::prop_assert_eq!(&reference, &chunked),
         }
     }
@@ -764,7 +776,7 @@ fn the_mirror_carries_no_vectors_unless_configured() {
     for (mirror_vectors, expect_vector) in [(false, false), (true, true)] {
         let config = Config {
             mirror_vectors,
-            ..Config::default()
+            ..waits_for_mirror()
         };
         let mut ex = start_write(&config);
         let up = forwarded(ex.feed(body, true, NOW));
@@ -995,7 +1007,7 @@ use crate::fence::{FenceNote, Scope as FenceScope};
 
 /// A write of `body`, forwarded, with its response headers `status`: the exchange after them.
 fn answered_write(body: &[u8], status: u16, details: &str) -> (Driver, Step) {
-    let mut ex = start_write(&Config::default());
+    let mut ex = start_write(&waits_for_mirror());
     let _ = ex.feed(body, true, NOW);
     let (_, step) = ex.on_response_headers(status, Some(details), false, NOW);
     (ex, step)
@@ -1218,4 +1230,194 @@ fn each_callout_answer_resumes_the_half_it_held() {
         ex.on_callout_answer(Some(200), &json_type(), b"{}".to_vec(), NOW),
         Step::Continue
     );
+}
+
+// ---- evictions ahead: the mirror after the response ----
+
+/// A write forwarded with its eviction ahead: the exchange and the eviction callout.
+fn write_ahead(body: &[u8]) -> (Driver, Callout) {
+    let mut ex = start_write(&Config::default());
+    match ex.feed(body, true, NOW) {
+        Step::ForwardWith(_, call) => (ex, call),
+        other => panic!("expected a forward with its eviction, got {other:?}"),
+    }
+}
+
+/// The one mirror an exchange handed to the worker's queue.
+fn handed_off(ex: &mut Driver) -> sidecar_api::MirrorRequest {
+    let jobs = ex.take_mirrors();
+    assert_eq!(jobs.len(), 1, "one mirror per write");
+    assert_eq!(jobs[0].request_id, "rid");
+    serde_json::from_slice(&jobs[0].body).unwrap()
+}
+
+#[test]
+fn a_write_evicts_the_ids_it_names_while_turbopuffer_applies_it() {
+    let body = br#"{"upsert_rows":[{"id":"a","vector":[1,2]},{"id":7}],"deletes":["z"]}"#;
+    let (mut ex, call) = write_ahead(body);
+    assert_eq!(call.purpose, Purpose::EvictAhead);
+    assert_eq!(call.timeout_ms, 200);
+    assert!(call
+        .headers
+        .contains(&(":path".to_owned(), sidecar_api::EVICT_PATH.to_owned())));
+    let evict: sidecar_api::EvictRequest = serde_json::from_slice(&call.body).unwrap();
+    assert_eq!(
+        evict.fences,
+        vec![sidecar_api::Fence {
+            namespace: "ns".into(),
+            ids: Some(vec!["a".into(), 7.into(), "z".into()]),
+            stamp: NOW,
+        }]
+    );
+    // The eviction is answered while the upstream works: nothing to resume.
+    assert_eq!(
+        ex.on_callout_answer(Some(200), &json_type(), br#"{"applied":1}"#.to_vec(), NOW + 1),
+        Step::Continue
+    );
+    // The 2xx goes on at once; the mirror goes to the worker's queue, which records its outcome.
+    let (_, step) = ex.on_response_headers(200, Some("via_upstream"), false, NOW + 2);
+    assert_eq!(step, Step::Continue);
+    assert!(!ex.holds_response());
+    let msg = handed_off(&mut ex);
+    assert_eq!((msg.namespace.as_str(), msg.upserted_at), ("ns", NOW));
+    assert_eq!(msg.write["upsert_rows"][0]["_hevlayer_upserted_at"], NOW);
+    assert!(msg.write["upsert_rows"][0].get("vector").is_none());
+    let counters = ex.take_counters();
+    assert!(counters.contains(&Counter::EvictAheadOk));
+    assert_eq!(outcomes(&counters), vec![], "the queue records the outcome");
+    ex.on_stream_end();
+    assert!(ex.take_fences().is_empty() && outcomes(&ex.take_counters()).is_empty());
+}
+
+#[test]
+fn a_2xx_waits_for_an_eviction_still_out() {
+    let (mut ex, _) = write_ahead(br#"{"upsert_rows":[{"id":1}]}"#);
+    let (_, step) = ex.on_response_headers(200, Some("via_upstream"), false, NOW + 1);
+    assert_eq!(step, Step::Pause);
+    assert!(ex.holds_response() && !ex.wants_response_body());
+    assert!(ex.take_mirrors().is_empty(), "no mirror before the eviction");
+    assert_eq!(
+        ex.on_callout_answer(Some(200), &json_type(), b"{}".to_vec(), NOW + 3),
+        Step::Resume(Half::Response)
+    );
+    assert_eq!(handed_off(&mut ex).upserted_at, NOW);
+    assert!(!ex.holds_response());
+    // A repeated answer changes nothing.
+    assert_eq!(
+        ex.on_callout_answer(Some(200), &json_type(), Vec::new(), NOW + 4),
+        Step::Continue
+    );
+    assert!(ex.take_mirrors().is_empty());
+}
+
+#[test]
+fn a_failed_eviction_ahead_fences_the_write_and_still_mirrors_it() {
+    let body = br#"{"patch_rows":[{"id":5,"x":1}]}"#;
+    let fence = FenceNote {
+        namespace: "ns".into(),
+        scope: FenceScope::Ids(vec!["5".into()]),
+        stamp: NOW,
+    };
+    let plain = vec![("content-type".to_owned(), "text/plain".to_owned())];
+    for (status, headers, elapsed) in [
+        (Some(500), json_type(), 3),
+        (Some(504), plain.clone(), 200),
+        (Some(503), plain.clone(), 3),
+        (None, Vec::new(), 3),
+    ] {
+        for answered_first in [true, false] {
+            let (mut ex, _) = write_ahead(body);
+            let step = if answered_first {
+                assert_eq!(
+                    ex.on_callout_answer(status, &headers, Vec::new(), NOW + elapsed),
+                    Step::Continue
+                );
+                ex.on_response_headers(200, Some("via_upstream"), false, NOW + elapsed)
+                    .1
+            } else {
+                assert_eq!(
+                    ex.on_response_headers(200, Some("via_upstream"), false, NOW).1,
+                    Step::Pause
+                );
+                ex.on_callout_answer(status, &headers, Vec::new(), NOW + elapsed)
+            };
+            let expected = if answered_first {
+                Step::Continue
+            } else {
+                Step::Resume(Half::Response)
+            };
+            assert_eq!(step, expected, "{status:?}");
+            assert_eq!(ex.take_fences(), vec![fence.clone()], "{status:?}");
+            assert!(ex.take_counters().contains(&Counter::EvictAheadFailed));
+            handed_off(&mut ex);
+        }
+    }
+    // Never dispatched: the same.
+    let (mut ex, _) = write_ahead(body);
+    assert_eq!(ex.on_callout_dispatch_failed(), Step::Continue);
+    assert_eq!(ex.take_fences(), vec![fence]);
+    assert!(ex.take_counters().contains(&Counter::EvictAheadFailed));
+    assert_eq!(
+        ex.on_response_headers(200, Some("via_upstream"), false, NOW).1,
+        Step::Continue
+    );
+    handed_off(&mut ex);
+}
+
+#[test]
+fn a_refused_write_with_an_eviction_out_is_not_mirrored() {
+    let (mut ex, _) = write_ahead(br#"{"upsert_rows":[{"id":1}]}"#);
+    let (_, step) = ex.on_response_headers(429, Some("via_upstream"), false, NOW + 1);
+    assert_eq!(step, Step::Continue);
+    assert_eq!(outcomes(&ex.take_counters()), vec![Counter::MirrorSkipped]);
+    // The eviction's late answer, even a failure, changes nothing: the write did not apply.
+    assert_eq!(
+        ex.on_callout_answer(Some(500), &json_type(), Vec::new(), NOW + 5),
+        Step::Continue
+    );
+    assert!(ex.take_mirrors().is_empty() && ex.take_fences().is_empty());
+}
+
+#[test]
+fn a_client_gone_while_the_2xx_waits_for_the_eviction_is_fenced() {
+    let (mut ex, _) = write_ahead(br#"{"deletes":[3]}"#);
+    ex.on_response_headers(200, Some("via_upstream"), false, NOW + 1);
+    ex.on_stream_end();
+    assert_eq!(outcomes(&ex.take_counters()), vec![Counter::WritesUnanswered]);
+    assert_eq!(ex.take_fences().len(), 1);
+    assert!(ex.take_mirrors().is_empty());
+}
+
+#[test]
+fn only_writes_that_name_every_document_they_change_evict_ahead() {
+    let config = Config {
+        evict_ahead_max_ids: 2,
+        ..Config::default()
+    };
+    for (body, ahead) in [
+        (&br#"{"deletes":[1,2]}"#[..], true),
+        (br#"{"deletes":[1,2,3]}"#, false),
+        (br#"{"upsert_columns":{"id":[1,2],"x":[1,2]}}"#, true),
+        (br#"{"delete_by_filter":["a","Eq",1]}"#, false),
+        (
+            br#"{"patch_by_filter":{"filters":["a","Eq",1],"patch":{"b":1}}}"#,
+            false,
+        ),
+        (
+            br#"{"upsert_rows":[{"id":1}],"upsert_condition":["v","Lt",1]}"#,
+            false,
+        ),
+    ] {
+        let mut ex = start_write(&config);
+        let step = ex.feed(body, true, NOW);
+        let text = String::from_utf8_lossy(body);
+        assert_eq!(matches!(step, Step::ForwardWith(..)), ahead, "{text}: {step:?}");
+        assert!(matches!(step, Step::Forward(_) | Step::ForwardWith(..)), "{text}");
+    }
+    // Nothing the cache holds changes: no eviction, no mirror.
+    let mut ex = start_write(&Config::default());
+    assert!(matches!(
+        ex.feed(br#"{"schema":{"a":"string"}}"#, true, NOW),
+        Step::Forward(_)
+    ));
 }

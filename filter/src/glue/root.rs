@@ -1,12 +1,14 @@
-//! The root context: configuration, and on its timer the two things that outlive any stream —
-//! registering the namespaces this worker saw (and reading their watermarks back), and sending
-//! what writes could not mirror to the sidecar until it acknowledges.
+//! The root context: configuration, and the things that outlive any stream — on its timer,
+//! registering the namespaces this worker saw (and reading their watermarks back) and sending
+//! what writes could not mirror to the sidecar until it acknowledges; when a stream wakes it
+//! (and on the timer), sending the mirrors that go after their responses.
 
-use super::{now_ms, shared_fence_add, Metrics, Shared};
+use super::{new_request_id, now_ms, queue, shared_fence_add, Metrics, Shared};
 use crate::config::{Config, ReadWatermark};
 use crate::exchange::Exchange;
 use crate::fence::Fences;
 use crate::metrics::Counter;
+use crate::mirrors::MirrorQueue;
 use crate::sidecar_api;
 use crate::watermark::{self, Tracker};
 use proxy_wasm::hostcalls as host;
@@ -126,6 +128,65 @@ impl Root {
         }
     }
 
+    /// Sends the queued mirrors while there is room in flight.
+    fn send_mirrors(&self, now: u64) {
+        let cluster = self.config().sidecar_cluster.as_str();
+        let timeout = Duration::from_millis(self.config().mirror_timeout_ms);
+        loop {
+            let Some(job) = self
+                .shared
+                .mirrors
+                .try_borrow_mut()
+                .ok()
+                .and_then(|mut q| q.take_next())
+            else {
+                return;
+            };
+            self.metrics().add_queued(-1);
+            let headers = vec![
+                (":method", "POST"),
+                (":path", sidecar_api::MIRROR_PATH),
+                (":authority", cluster),
+                ("content-type", "application/json"),
+                (sidecar_api::REQUEST_ID_HEADER, job.request_id.as_str()),
+            ];
+            match self.dispatch_http_call(cluster, headers, Some(&job.body), Vec::new(), timeout) {
+                Ok(token) => {
+                    if let Ok(mut q) = self.shared.mirrors.try_borrow_mut() {
+                        q.sent(token, now);
+                    }
+                }
+                Err(status) => {
+                    log::warn!(
+                        "request {}: could not dispatch its mirror: {status:?}",
+                        job.request_id
+                    );
+                    self.metrics()
+                        .record(vec![Counter::MirrorFailed, Counter::CalloutDispatchFailed]);
+                }
+            }
+        }
+    }
+
+    /// A mirror callout's answer: its write's one outcome. Only the sidecar's JSON 2xx is a
+    /// mirror that happened; Envoy's 504 (or a reset at the timeout) is a timeout.
+    fn mirror_answered(&self, sent_ms: u64, status: Option<u16>, json: bool) {
+        let ok = json && status.is_some_and(|s| (200..300).contains(&s));
+        let elapsed = now_ms().saturating_sub(sent_ms);
+        let counter = if ok {
+            Counter::MirrorOk
+        } else if !json && (status == Some(504) || elapsed >= self.config().mirror_timeout_ms) {
+            Counter::MirrorTimeout
+        } else {
+            Counter::MirrorFailed
+        };
+        if !ok {
+            // Nothing stale: the write's documents were evicted before its response.
+            log::warn!("a mirror after its response did not happen (status {status:?})");
+        }
+        self.metrics().record(vec![counter]);
+    }
+
     fn evictions_failed(&self, covers: &[(String, u64)], now: u64) {
         if let Ok(mut fences) = self.shared.fences.try_borrow_mut() {
             fences.failed(covers, now);
@@ -182,6 +243,18 @@ impl Context for Root {
         body_size: usize,
         _num_trailers: usize,
     ) {
+        let mirror = self
+            .shared
+            .mirrors
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut q| q.answered(token));
+        if let Some(flight) = mirror {
+            let (status, headers, _) = super::call_answer(body_size);
+            self.mirror_answered(flight.sent_ms, status, sidecar_api::is_sidecar_answer(&headers));
+            self.send_mirrors(now_ms());
+            return;
+        }
         let in_flight = if let Some((_, what, _)) = self.registration.take_if(|r| r.0 == token) {
             what
         } else if let Some((_, what, _)) = self.eviction.take_if(|e| e.0 == token) {
@@ -248,6 +321,15 @@ impl RootContext for Root {
                         config.watermark_idle_ms,
                     ));
                 }
+                *self.shared.mirrors.borrow_mut() = MirrorQueue::new(config.mirror_queue_bytes);
+                // One queue per worker (a random name): its items wake this root context.
+                let name = format!("hevlayer.mirrors.{}", new_request_id());
+                match queue::register(&name) {
+                    Ok(id) => self.shared.wake_queue.set(Some(id)),
+                    Err(status) => log::warn!(
+                        "hevlayer: could not register the mirror queue (host status {status}); mirrors after responses go out on the timer"
+                    ),
+                }
                 *self.shared.fences.borrow_mut() = Fences::new(
                     config.fence_namespaces,
                     config.fence_max_ids,
@@ -267,10 +349,29 @@ impl RootContext for Root {
         }
     }
 
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        queue::drain(queue_id);
+        if let Ok(mut q) = self.shared.mirrors.try_borrow_mut() {
+            q.woken();
+        }
+        self.send_mirrors(now_ms());
+    }
+
     fn on_tick(&mut self) {
         let now = now_ms();
         self.shared.tick_clock.set(now);
         self.metrics().report_memory();
+        // Mirrors a failed wake-up left behind, and flights no answer came for.
+        self.send_mirrors(now);
+        let limit = self.config().mirror_timeout_ms + CALLOUT_TIMEOUT_MS;
+        let expired = self
+            .shared
+            .mirrors
+            .try_borrow_mut()
+            .map_or(0, |mut q| q.expire(now, limit));
+        if expired > 0 {
+            self.metrics().record(vec![Counter::MirrorTimeout; expired]);
+        }
         if self.config().read_watermark != ReadWatermark::Off {
             self.register(now);
         }

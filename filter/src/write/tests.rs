@@ -595,3 +595,26 @@ fn a_fence_names_the_ids_a_write_touches_or_its_whole_namespace() {
     assert_eq!(ids(r#"{"deletes":[1,2,3,4,5]}"#).map(|v| v.len()), Some(5));
     assert_eq!(ids(r#"{"schema":{}}"#), Some(vec![]));
 }
+
+proptest! {
+    /// The ids the plan collects are the ids the fence's own scan finds, in the same spelling and
+    /// order (the fence scan is the independent reference: it reads nothing but ids).
+    #[test]
+    fn the_plan_names_the_ids_the_fence_scan_finds(body in write_body()) {
+        use crate::fence::Scope;
+        let p = plan(body.as_bytes()).unwrap();
+        let ours: Vec<String> = p.ids(body.as_bytes()).map(|t| String::from_utf8_lossy(t).into_owned()).collect();
+        match fence_scope(body.as_bytes(), usize::MAX - 1) {
+            Scope::Ids(theirs) => prop_assert_eq!(ours, theirs),
+            Scope::Namespace => prop_assert!(body.contains("_by_filter")),
+        }
+    }
+}
+
+#[test]
+fn the_plan_names_ids_in_every_form_with_whitespace() {
+    let body = br#"{ "upsert_rows" : [ { "t" : 1 , "id" : "a" } ] , "patch_columns" : { "id" : [ 7 , "\u0062" ] , "x" : [ 1 , 2 ] } , "deletes" : [ 9 ] }"#;
+    let p = plan(body).unwrap();
+    let ids: Vec<&[u8]> = p.ids(body).collect();
+    assert_eq!(ids, vec![&b"\"a\""[..], b"7", br#""\u0062""#, b"9"]);
+}

@@ -1,0 +1,188 @@
+//! A worker's queue of mirrors that go after their responses: streams hand their writes' mirrors
+//! in, the root context sends them (at most `MAX_IN_FLIGHT` callouts at a time, the rest wait for
+//! an answer) and records each one's outcome. Plain data; the glue does the hostcalls.
+
+use crate::exchange::MirrorJob;
+use std::collections::{HashMap, VecDeque};
+
+/// Most mirror callouts one worker has out at once.
+pub const MAX_IN_FLIGHT: usize = 32;
+
+/// A mirror callout on its way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flight {
+    pub sent_ms: u64,
+}
+
+#[derive(Debug)]
+pub struct MirrorQueue {
+    waiting: VecDeque<MirrorJob>,
+    /// Bytes of the waiting mirrors' bodies.
+    bytes: usize,
+    max_bytes: usize,
+    in_flight: HashMap<u32, Flight>,
+    /// A wake-up is on its way to the root context (one is enough for any number of mirrors).
+    wake_pending: bool,
+}
+
+/// What happened to a mirror handed in.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// Queued; the root context must be woken (no wake-up is on its way yet).
+    Wake,
+    /// Queued; a wake-up is already on its way.
+    Queued,
+    /// The queue holds `max_bytes` already: the mirror is dropped.
+    Full,
+}
+
+impl Default for MirrorQueue {
+    fn default() -> Self {
+        MirrorQueue::new(crate::config::DEFAULT_MIRROR_QUEUE_BYTES)
+    }
+}
+
+impl MirrorQueue {
+    pub fn new(max_bytes: usize) -> Self {
+        MirrorQueue {
+            waiting: VecDeque::new(),
+            bytes: 0,
+            max_bytes,
+            in_flight: HashMap::new(),
+            wake_pending: false,
+        }
+    }
+
+    /// Hands a mirror in. A mirror larger than the whole queue is still taken when the queue is
+    /// empty, so that no size of write is always dropped.
+    pub fn push(&mut self, job: MirrorJob) -> Accepted {
+        let size = job.body.len();
+        if !self.waiting.is_empty() && self.bytes.saturating_add(size) > self.max_bytes {
+            return Accepted::Full;
+        }
+        self.bytes += size;
+        self.waiting.push_back(job);
+        if self.wake_pending {
+            Accepted::Queued
+        } else {
+            self.wake_pending = true;
+            Accepted::Wake
+        }
+    }
+
+    /// The root context was woken (or could not be: the timer will send the mirrors instead).
+    pub fn woken(&mut self) {
+        self.wake_pending = false;
+    }
+
+    /// The next mirror to send, while fewer than `MAX_IN_FLIGHT` are out.
+    pub fn take_next(&mut self) -> Option<MirrorJob> {
+        if self.in_flight.len() >= MAX_IN_FLIGHT {
+            return None;
+        }
+        let job = self.waiting.pop_front()?;
+        self.bytes -= job.body.len();
+        Some(job)
+    }
+
+    /// A mirror went out as callout `token`.
+    pub fn sent(&mut self, token: u32, now_ms: u64) {
+        self.in_flight.insert(token, Flight { sent_ms: now_ms });
+    }
+
+    /// A callout was answered: its flight, when it was a mirror's.
+    pub fn answered(&mut self, token: u32) -> Option<Flight> {
+        self.in_flight.remove(&token)
+    }
+
+    /// Flights with no answer `limit_ms` after they went out (Envoy answers every callout, with
+    /// its own 504 at the timeout, so this only guards against a host that does not): removed.
+    pub fn expire(&mut self, now_ms: u64, limit_ms: u64) -> usize {
+        let before = self.in_flight.len();
+        self.in_flight
+            .retain(|_, f| now_ms.saturating_sub(f.sent_ms) < limit_ms);
+        before - self.in_flight.len()
+    }
+
+    /// Mirrors waiting to be sent.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn job(n: usize) -> MirrorJob {
+        MirrorJob {
+            request_id: format!("r{n}"),
+            body: vec![b'x'; n],
+        }
+    }
+
+    #[test]
+    fn one_wake_up_covers_every_mirror_until_the_root_runs() {
+        let mut q = MirrorQueue::new(100);
+        assert_eq!(q.push(job(10)), Accepted::Wake);
+        assert_eq!(q.push(job(10)), Accepted::Queued);
+        q.woken();
+        assert_eq!(q.take_next().unwrap().body.len(), 10);
+        assert_eq!(q.push(job(10)), Accepted::Wake);
+        assert_eq!(q.waiting(), 2);
+    }
+
+    #[test]
+    fn the_queue_is_bounded_by_bytes_but_never_refuses_a_first_mirror() {
+        let mut q = MirrorQueue::new(25);
+        assert_eq!(q.push(job(20)), Accepted::Wake);
+        assert_eq!(q.push(job(10)), Accepted::Full);
+        assert_eq!(q.push(job(5)), Accepted::Queued);
+        q.take_next();
+        q.take_next();
+        assert_eq!(q.waiting(), 0);
+        assert_eq!(
+            q.push(job(1_000)),
+            Accepted::Queued,
+            "an empty queue takes any size"
+        );
+        assert_eq!(q.push(job(1)), Accepted::Full);
+    }
+
+    #[test]
+    fn at_most_max_in_flight_go_out_and_answers_free_room() {
+        let mut q = MirrorQueue::new(usize::MAX);
+        for n in 0..MAX_IN_FLIGHT + 3 {
+            q.push(job(n));
+        }
+        let mut token = 0;
+        while let Some(_job) = q.take_next() {
+            token += 1;
+            q.sent(token, 1_000);
+        }
+        assert_eq!((q.in_flight(), q.waiting()), (MAX_IN_FLIGHT, 3));
+        assert_eq!(q.answered(1), Some(Flight { sent_ms: 1_000 }));
+        assert_eq!(q.answered(1), None, "one answer per flight");
+        assert_eq!(q.answered(999), None, "not a mirror's");
+        assert!(q.take_next().is_some());
+        q.sent(100, 1_001);
+        assert!(q.take_next().is_none(), "full again");
+        assert_eq!(q.waiting(), 2);
+    }
+
+    #[test]
+    fn flights_never_answered_expire() {
+        let mut q = MirrorQueue::new(100);
+        q.push(job(1));
+        q.take_next();
+        q.sent(7, 1_000);
+        assert_eq!(q.expire(1_500, 1_000), 0);
+        assert_eq!(q.expire(2_000, 1_000), 1);
+        assert_eq!(q.in_flight(), 0);
+    }
+}
