@@ -110,7 +110,7 @@ pub struct Config {
     pub fence_namespaces: usize,
     /// Most ids one namespace's fence lists; beyond, its whole cache is purged instead.
     pub fence_max_ids: usize,
-    /// A write naming at most this many ids (and no filter or condition) has its cached
+    /// A write naming at most this many ids (and no patch, filter or condition) has its cached
     /// documents evicted while Turbopuffer applies it, and its mirror goes after the response;
     /// 0: every write's response waits for its mirror.
     pub evict_ahead_max_ids: usize,

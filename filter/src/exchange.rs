@@ -225,7 +225,8 @@ struct Sent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ahead {
     /// No: the response waits for the mirror (filter and conditional writes, which change
-    /// documents the body does not name, and writes naming too many ids).
+    /// documents the body does not name; patches, which merge into cached copies; writes naming
+    /// too many ids).
     Off,
     /// The eviction is out, since this time.
     Outstanding { started_ms: u64 },
@@ -699,7 +700,9 @@ impl Exchange {
             return Step::Forward(forward);
         }
         let limit = self.config.evict_ahead_max_ids;
-        let ahead = !plan.response_driven && limit > 0 && plan.ids(&body).len() <= limit;
+        // Patches merge into cached copies, which an eviction ahead would remove: their
+        // responses wait for the mirror, as filter and conditional writes do.
+        let ahead = !plan.response_driven && !plan.patches && limit > 0 && plan.ids(&body).len() <= limit;
         let mut sent = Sent {
             namespace,
             stamp,

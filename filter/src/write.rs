@@ -116,6 +116,9 @@ pub struct WritePlan {
     pub client_wants_ids: bool,
     /// The write changes documents the cache may hold (upserts, patches, deletes, filter writes).
     pub mirrors: bool,
+    /// The write patches rows (`patch_rows`, `patch_columns`): its mirror merges into cached
+    /// copies, so they must still be there when it comes.
+    pub patches: bool,
     /// Byte ranges [`render_mirror`] leaves out: `vector`/`vectors` members and columns (the cache
     /// keeps no vectors unless configured to) along with the dropped shard members.
     mirror_drops: Vec<(usize, usize)>,
@@ -485,6 +488,7 @@ impl Scan {
 
     fn rows(&mut self, cur: &mut Cursor<'_>, name: &'static str) -> Step {
         self.plan.mirrors = true;
+        self.plan.patches |= name == "patch_rows";
         if cur.peek_kind()? != Kind::Array {
             self.shape(format!("{name} must be an array of row objects"));
             return cur.skip_value().map(|_| ());
@@ -559,6 +563,7 @@ impl Scan {
     /// stamp goes in as one more column (or over the client's).
     fn columns(&mut self, cur: &mut Cursor<'_>, name: &'static str) -> Step {
         self.plan.mirrors = true;
+        self.plan.patches |= name == "patch_columns";
         if cur.peek_kind()? != Kind::Object {
             self.shape(format!("{name} must be an object of column arrays"));
             return cur.skip_value().map(|_| ());

@@ -246,6 +246,7 @@ class RecorderHandler(http.server.BaseHTTPRequestHandler):
 
 # The filter's mirror and watermark callout paths (filter/src/sidecar_api.rs).
 MIRROR_PATH = "/internal/v1/mirror"
+EVICT_PATH = "/internal/v1/evict"
 WATERMARKS_PATH = "/internal/v1/watermarks"
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "upgrade", "te", "trailer"}
@@ -260,9 +261,11 @@ class SidecarTap(QuietServer):
         self.requests: list[Recorded] = []
         # The filter's watermark registrations (on a timer, not caused by any one request).
         self.registrations: list[Recorded] = []
-        # A test may make the "sidecar" misbehave on mirror callouts: ("delay", seconds) answers
-        # 200 only after that long, ("status", code) answers that status at once; neither forwards.
+        # A test may make the "sidecar" misbehave on mirror callouts (or on the callouts under
+        # `fault_path`): ("delay", seconds) answers 200 only after that long, ("status", code)
+        # answers that status at once; neither forwards.
         self.mirror_fault = None
+        self.fault_path = MIRROR_PATH
         super().__init__(("127.0.0.1", 0), TapHandler)
         self.port = self.server_address[1]
 
@@ -281,7 +284,7 @@ class TapHandler(http.server.BaseHTTPRequestHandler):
         else:
             self.server.requests.append(recorded)
         fault = self.server.mirror_fault
-        if fault and self.path.startswith(MIRROR_PATH):
+        if fault and self.path.startswith(self.server.fault_path):
             kind, value = fault
             if kind == "delay":
                 time.sleep(value)

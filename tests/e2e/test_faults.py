@@ -8,7 +8,7 @@ import uuid
 import httpx
 import pytest
 
-from conftest import AUTH, BUSY_BODY, BUSY_HEADERS, Gateway, free_port
+from conftest import AUTH, BUSY_BODY, BUSY_HEADERS, EVICT_PATH, MIRROR_PATH, Gateway, free_port, wait_until
 
 WRITE_TIMEOUT = "Turbopuffer did not answer in time; the write may or may not have applied"
 READ_TIMEOUT = "Turbopuffer did not answer in time"
@@ -109,28 +109,36 @@ def test_a_failed_conditional_write_is_relayed_verbatim(stack):
 @pytest.mark.parametrize("fault,counter", [(("delay", 3.0), "hevlayer.mirror_timeout"),
                                            (("status", 500), "hevlayer.mirror_failed")],
                          ids=["sidecar slow", "sidecar erroring"])
-def test_a_slow_or_erroring_sidecar_never_fails_a_write(keys_stack, fault, counter):
-    """The mirror waits at most its timeout (200 ms by default) and its failure only counts: the
-    client gets the upstream's 2xx either way."""
+@pytest.mark.parametrize("path", [MIRROR_PATH, EVICT_PATH], ids=["mirror", "eviction ahead"])
+def test_a_slow_or_erroring_sidecar_never_fails_a_write(keys_stack, fault, counter, path):
+    """A callout the response waits for (the eviction ahead of a write) waits at most its timeout
+    (200 ms by default); a mirror goes after the response. Either one's failure only counts (a
+    failed eviction fences the write): the client gets the upstream's 2xx either way."""
     ks = keys_stack
     tap, gw = ks.tap, ks.gateway
-    before = gw.counter(counter)
-    tap.mirror_fault = fault
+    if path == EVICT_PATH:
+        counter = "hevlayer.evict_ahead_failed"
+    before, fenced = gw.counter(counter), gw.counter("hevlayer.evictions_acknowledged")
+    tap.mirror_fault, tap.fault_path = fault, path
     try:
         started = time.monotonic()
         r = httpx.post(f"{gw.url}/v2/namespaces/e2e-fault-{uuid.uuid4().hex[:8]}",
                        headers={"authorization": f"Bearer {ks.keys['write']}"},
                        json={"upsert_rows": [{"id": 1, "t": "a"}]}, timeout=10)
         elapsed = time.monotonic() - started
+        # A mirror after the response fails after the response: wait for its count.
+        wait_until(lambda: gw.counter(counter) == before + 1, counter, seconds=10)
     finally:
-        tap.mirror_fault = None
+        tap.mirror_fault, tap.fault_path = None, MIRROR_PATH
     assert r.status_code == 200, r.text
     assert r.json()["rows_affected"] == 1
-    assert gw.counter(counter) == before + 1
-    assert any(req.path.startswith("/internal/v1/mirror") for req in tap.requests)
+    assert any(req.path.startswith(path) for req in tap.requests)
     if fault[0] == "delay":
-        # Bounded by the mirror timeout, not by the sidecar: far less than its 3 s delay.
+        # Bounded by the callout timeout, not by the sidecar: far less than its 3 s delay.
         assert elapsed < 2.0, elapsed
+    if path == EVICT_PATH:
+        # The fenced write is evicted by the root context's retry, which the sidecar acknowledges.
+        wait_until(lambda: gw.counter("hevlayer.evictions_acknowledged") > fenced, "the fence released", 10)
 
 
 def test_a_healthy_sidecar_is_counted_as_mirrored_and_purged(keys_stack):
@@ -143,7 +151,8 @@ def test_a_healthy_sidecar_is_counted_as_mirrored_and_purged(keys_stack):
     mirrored, purged = gw.counter("hevlayer.mirror_ok"), gw.counter("hevlayer.purge_ok")
     r = httpx.post(f"{gw.url}/v2/namespaces/{name}", headers=auth, json={"upsert_rows": [{"id": 1, "t": "a"}]})
     assert r.status_code == 200, r.text
-    assert gw.counter("hevlayer.mirror_ok") == mirrored + 1
+    # The mirror goes after the response: counted when the sidecar answers.
+    wait_until(lambda: gw.counter("hevlayer.mirror_ok") == mirrored + 1, "mirror_ok", seconds=10)
     r = httpx.delete(f"{gw.url}/v2/namespaces/{name}", headers=auth)
     assert r.status_code == 200, r.text
     assert gw.counter("hevlayer.purge_ok") == purged + 1

@@ -1468,7 +1468,7 @@ fn a_failed_eviction_ahead_fences_the_write_and_the_2xx_still_goes_out() {
     let plain_503: Answer<'_> = (503, &[("content-type", "text/plain")], b"upstream connect error");
     for answer in [Some(plain_503), None] {
         let mut vm = vm(r#"{"read_watermark":"off"}"#);
-        write_ahead(&mut vm, br#"{"patch_rows":[{"id":9,"x":1}]}"#, answer);
+        write_ahead(&mut vm, br#"{"upsert_rows":[{"id":9,"x":1}]}"#, answer);
         assert_eq!(vm.counter("hevlayer.evict_ahead_failed"), 1);
         assert_eq!(vm.counter("hevlayer.evictions_pending"), 1);
         assert_eq!(root_mirrors(&vm).len(), 1, "the mirror still goes");

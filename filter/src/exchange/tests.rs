@@ -1312,7 +1312,7 @@ fn a_2xx_waits_for_an_eviction_still_out() {
 
 #[test]
 fn a_failed_eviction_ahead_fences_the_write_and_still_mirrors_it() {
-    let body = br#"{"patch_rows":[{"id":5,"x":1}]}"#;
+    let body = br#"{"upsert_rows":[{"id":5,"x":1}]}"#;
     let fence = FenceNote {
         namespace: "ns".into(),
         scope: FenceScope::Ids(vec!["5".into()]),
