@@ -69,10 +69,10 @@ def plugin_config(profile):
     if read_watermark not in ("eventual", "always", "off"):
         fail(f"READ_WATERMARK must be eventual, always or off, got {read_watermark!r}")
     config["read_watermark"] = read_watermark
-    read_watermark = env("READ_WATERMARK", "eventual")
-    if read_watermark not in ("eventual", "always", "off"):
-        fail(f"READ_WATERMARK must be eventual, always or off, got {read_watermark!r}")
-    config["read_watermark"] = read_watermark
+    evict_ahead = env("EVICT_AHEAD_MAX_IDS", "10000")
+    if not evict_ahead.isdigit():
+        fail(f"EVICT_AHEAD_MAX_IDS must be a non-negative integer, got {evict_ahead!r}")
+    config["evict_ahead_max_ids"] = int(evict_ahead)
     # Production means gateway keys unless passthrough is asked for by name.
     mode = env("AUTH_MODE", "keys" if profile == "production" else "passthrough")
     if mode not in ("passthrough", "keys"):
