@@ -139,7 +139,7 @@ fn start_envoy(
     Ok((port, admin, pid))
 }
 
-fn start_sidecar(procs: &mut Procs, port: u16, gateway: u16) -> Result<()> {
+fn start_sidecar(procs: &mut Procs, port: u16, gateway: u16) -> Result<u32> {
     let bin = root().join("target/release/hevlayer-sidecar");
     if !bin.exists() {
         bail!("{} is missing: run `make sidecar`", bin.display());
@@ -151,8 +151,9 @@ fn start_sidecar(procs: &mut Procs, port: u16, gateway: u16) -> Result<()> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
+    let pid = child.id();
     procs.0.push(child);
-    Ok(())
+    Ok(pid)
 }
 
 /// Serves `app` (any path, no body limit) on a free loopback port, for the life of the benchmark.
@@ -168,8 +169,11 @@ async fn serve(app: Router) -> Result<u16> {
 
 /// A Turbopuffer stand-in that reads the body and answers at once (namespace metadata says the
 /// index is up to date, so the product's read watermark is known, as against Turbopuffer).
-async fn start_upstream() -> Result<u16> {
-    async fn answer(uri: axum::http::Uri, body: Bytes) -> ([(&'static str, &'static str); 1], String) {
+async fn start_upstream(delay: Duration) -> Result<u16> {
+    let answer = move |uri: axum::http::Uri, body: Bytes| async move {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         let n = body.len();
         let text = if uri.path().ends_with("/metadata") {
             r#"{"approx_row_count":1,"index":{"status":"up-to-date"}}"#.to_owned()
@@ -177,7 +181,7 @@ async fn start_upstream() -> Result<u16> {
             format!(r#"{{"status":"OK","message":"read {n} bytes","rows_affected":1,"billing":{{}}}}"#)
         };
         ([("content-type", "application/json")], text)
-    }
+    };
     serve(Router::new().fallback(any(answer))).await
 }
 
@@ -205,6 +209,34 @@ fn write_body(rows: usize, dims: usize) -> Vec<u8> {
     out.into_bytes()
 }
 
+/// `rows` rows with a `dims`-dimension vector written as a JSON number array (how curl and
+/// hand-written clients send vectors).
+fn write_body_numbers(rows: usize, dims: usize) -> Vec<u8> {
+    let mut out = String::from("{\"upsert_rows\":[");
+    for i in 0..rows {
+        if i > 0 {
+            out.push(',');
+        }
+        let v: Vec<String> = (0..dims)
+            .map(|d| format!("{}", ((i * dims + d) as f32 * 0.001).sin()))
+            .collect();
+        out.push_str(&format!(
+            r#"{{"id":{i},"vector":[{}],"title":"row {i}"}}"#,
+            v.join(",")
+        ));
+    }
+    out.push_str("],\"distance_metric\":\"cosine_distance\"}");
+    out.into_bytes()
+}
+
+/// `rows` small rows without vectors (attributes only).
+fn small_rows_body(rows: usize) -> Vec<u8> {
+    let rows: Vec<String> = (0..rows)
+        .map(|i| format!(r#"{{"id":{i},"title":"row {i}","n":{i},"ok":true}}"#))
+        .collect();
+    format!(r#"{{"upsert_rows":[{}]}}"#, rows.join(",")).into_bytes()
+}
+
 /// A vector query of about 1 KB with `as_of`: what the read rewrite costs.
 fn query_body() -> Vec<u8> {
     let vector: Vec<String> = (0..110)
@@ -222,6 +254,9 @@ struct Latency {
     p99_us: f64,
     /// Envoy's CPU time per request (all its threads), while these requests ran.
     cpu_us: f64,
+    /// The sidecar's CPU time per request while these requests ran (every Envoy's requests run
+    /// alone, so it is what this Envoy's requests cost the sidecar).
+    sidecar_cpu_us: f64,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -274,6 +309,7 @@ async fn latencies(
     method: &str,
     urls: &[String],
     pids: &[u32],
+    sidecar_pid: u32,
     body: &[u8],
     n: usize,
 ) -> Result<Vec<Latency>> {
@@ -281,25 +317,27 @@ async fn latencies(
     let per_round = n.div_ceil(ROUNDS);
     let warmup = (per_round / 10).max(1);
     let mut all: Vec<Vec<Duration>> = vec![Vec::with_capacity(n); urls.len()];
-    let mut cpu = vec![0u64; urls.len()];
+    let mut cpu = vec![(0u64, 0u64); urls.len()];
     for _ in 0..ROUNDS {
         for (i, (url, samples_of)) in urls.iter().zip(&mut all).enumerate() {
             let pid = pids.get(i).copied().unwrap_or(0);
-            let before = cpu_ns(pid);
+            let before = (cpu_ns(pid), cpu_ns(sidecar_pid));
             samples_of.extend(samples(client, method, url, &body, warmup, per_round).await?);
-            cpu[i] += cpu_ns(pid).saturating_sub(before);
+            cpu[i].0 += cpu_ns(pid).saturating_sub(before.0);
+            cpu[i].1 += cpu_ns(sidecar_pid).saturating_sub(before.1);
         }
     }
     let requests = (ROUNDS * (per_round + warmup)) as f64;
     Ok(all
         .into_iter()
         .zip(cpu)
-        .map(|(mut s, cpu)| {
+        .map(|(mut s, (envoy, sidecar))| {
             s.sort_unstable();
             Latency {
                 p50_us: percentile(&s, 0.5),
                 p99_us: percentile(&s, 0.99),
-                cpu_us: cpu as f64 / 1e3 / requests,
+                cpu_us: envoy as f64 / 1e3 / requests,
+                sidecar_cpu_us: sidecar as f64 / 1e3 / requests,
             }
         })
         .collect())
@@ -371,6 +409,11 @@ fn print_row(name: &str, bytes: usize, figures: &[Latency], limit: f64, missed: 
         print!(" {:>6.2}x", f.cpu_us / base.cpu_us);
     }
     println!();
+    print!("{:<18} {:>9}", "  sidecar CPU/req", "");
+    for f in figures {
+        print!(" {:>12} {:>7}", format!("{:.0}us", f.sidecar_cpu_us), "");
+    }
+    println!();
     let ratio = figures.last().map_or(0.0, |f| f.p50_us / base.p50_us);
     if ratio > limit {
         missed.push(format!("{name}: p50 ratio {ratio:.2} > {limit}"));
@@ -414,7 +457,8 @@ async fn main() -> Result<()> {
         .no_proxy()
         .pool_max_idle_per_host(32)
         .build()?;
-    let upstream = start_upstream().await?;
+    let upstream = start_upstream(Duration::ZERO).await?;
+    let slow_upstream = start_upstream(Duration::from_millis(5)).await?;
     let stub = start_mirror_stub().await?;
     let sidecar = free_port()?;
     let mut procs = Procs(Vec::new());
@@ -435,6 +479,12 @@ async fn main() -> Result<()> {
             stub,
         ),
         ("instant mirror", Filter::Wasm(&wasm, None), stub),
+        // The product as it was: every write's 2xx waits for its mirror.
+        (
+            "mirror waits",
+            Filter::Wasm(&wasm, Some(r#"{"evict_ahead_max_ids":0}"#)),
+            sidecar,
+        ),
         ("hevlayer", Filter::Wasm(&wasm, None), sidecar),
     ];
     let mut setups = Vec::new();
@@ -460,7 +510,25 @@ async fn main() -> Result<()> {
     let Some(product) = setups.last() else {
         bail!("no Envoys were started")
     };
-    start_sidecar(&mut procs, sidecar, product.port)?;
+    let sidecar_pid = start_sidecar(&mut procs, sidecar, product.port)?;
+    // The same two ends in front of an upstream that answers after 5 ms, nearer a real
+    // Turbopuffer: how much of a write's time the gateway adds there.
+    let mut slow = Vec::new();
+    for (i, filter) in [Filter::None, Filter::Wasm(&wasm, None)].into_iter().enumerate() {
+        let (port, admin, pid) = start_envoy(
+            &mut procs,
+            &format!("envoy-slow-{i}"),
+            filter,
+            slow_upstream,
+            sidecar,
+        )?;
+        slow.push(Setup {
+            label: String::new(),
+            port,
+            pid,
+        });
+        admins.push(admin);
+    }
     for admin in &admins {
         wait_ready(&client, &format!("http://127.0.0.1:{admin}/ready")).await?;
     }
@@ -472,29 +540,43 @@ async fn main() -> Result<()> {
     println!("  empty wasm filter: a proxy-wasm filter that only creates its context (any filter's floor)");
     println!("  empty, buffering:  the same, holding each request until its whole body is in");
     println!("  filter, no callout: the hevlayer filter with a callout cluster Envoy lacks (the filter's own work)");
-    println!("  instant mirror:    the hevlayer filter, its mirror callout answered at once by a stand-in");
-    println!("  hevlayer:          the hevlayer filter and the sidecar (the product)");
+    println!("  instant mirror:    the hevlayer filter, its callouts answered at once by a stand-in");
+    println!("  mirror waits:      the hevlayer filter and the sidecar, every 2xx waiting for its mirror");
+    println!("  hevlayer:          the hevlayer filter and the sidecar (the product: evictions ahead,");
+    println!("                     mirrors after the response)");
     print!("{:<18} {:>9}", "request", "bytes");
     for setup in &setups {
         print!(" {:>20}", setup.label);
     }
     println!();
+    // (name, body, requests, the product's p50 ratio target)
     let cases = [
-        ("1 row", write_body(1, 768), 2000),
-        ("100 x 768", write_body(100, 768), 300),
-        ("10,000 x 768", write_body(10_000, 768), 30),
+        ("1 row", write_body(1, 768), 2000, 1.35),
+        ("100 x 768", write_body(100, 768), 300, 1.20),
+        ("100 x 768 numbers", write_body_numbers(100, 768), 200, 1.30),
+        ("10,000 small rows", small_rows_body(10_000), 100, 1.30),
+        ("10,000 x 768", write_body(10_000, 768), 30, 1.25),
     ];
     let mut missed = Vec::new();
     let writes: Vec<String> = setups.iter().map(|s| url(s, "/v2/namespaces/bench")).collect();
     let pids: Vec<u32> = setups.iter().map(|s| s.pid).collect();
-    for (name, body, n) in cases.iter().filter(|_| !queries_only) {
-        let figures = latencies(&client, "POST", &writes, &pids, body, *n).await?;
-        let limit = match *name {
-            "1 row" => 1.10,
-            "10,000 x 768" => 1.25,
-            _ => f64::INFINITY,
-        };
-        print_row(name, body.len(), &figures, limit, &mut missed);
+    for (name, body, n, limit) in cases.iter().filter(|_| !queries_only) {
+        let figures = latencies(&client, "POST", &writes, &pids, sidecar_pid, body, *n).await?;
+        print_row(name, body.len(), &figures, *limit, &mut missed);
+    }
+    if !queries_only {
+        let slow_writes: Vec<String> = slow.iter().map(|s| url(s, "/v2/namespaces/bench")).collect();
+        let slow_pids: Vec<u32> = slow.iter().map(|s| s.pid).collect();
+        let body = &cases[0].1;
+        let f = latencies(&client, "POST", &slow_writes, &slow_pids, sidecar_pid, body, 600).await?;
+        let ratio = f[1].p50_us / f[0].p50_us;
+        println!(
+            "1 row, upstream answering after 5 ms: p50 {:.0}us without the filter, {:.0}us hevlayer ({ratio:.3}x)",
+            f[0].p50_us, f[1].p50_us
+        );
+        if ratio > 1.03 {
+            missed.push(format!("1 row with a 5 ms upstream: p50 ratio {ratio:.3} > 1.03"));
+        }
     }
 
     let one = &cases[0].1;
@@ -507,7 +589,7 @@ async fn main() -> Result<()> {
         ("query, 35 B", small, f64::INFINITY),
         ("query 1 KB, as_of", query_body(), 1.15),
     ] {
-        let figures = latencies(&client, "POST", &queries, &pids, &body, 2000).await?;
+        let figures = latencies(&client, "POST", &queries, &pids, sidecar_pid, &body, 2000).await?;
         print_row(name, body.len(), &figures, limit, &mut missed);
     }
     if queries_only {
@@ -530,8 +612,8 @@ async fn main() -> Result<()> {
         print!(" {:>12} {:>6.2}x", format!("{rps:.0}/s"), rps / rates[0]);
     }
     println!();
-    if product_ratio < 0.8 {
-        missed.push(format!("throughput ratio {product_ratio:.2} < 0.8"));
+    if product_ratio < 0.6 {
+        missed.push(format!("throughput ratio {product_ratio:.2} < 0.6"));
     }
 
     let chunks = br#"{"chunks":[{"id":"c1","text":"a short chunk of staged text"}]}"#;
@@ -547,7 +629,7 @@ async fn main() -> Result<()> {
         format!("http://127.0.0.1:{sidecar}/v2/pipelines/bench/documents/d1"),
     ];
     let Ok([via, direct]) =
-        <[Latency; 2]>::try_from(latencies(&client, "PUT", &stage, &[], chunks, 1000).await?)
+        <[Latency; 2]>::try_from(latencies(&client, "PUT", &stage, &[], 0, chunks, 1000).await?)
     else {
         bail!("two stage figures expected");
     };
@@ -564,7 +646,7 @@ async fn main() -> Result<()> {
     for (setup, admin) in setups.iter().zip(&admins) {
         let stats = client
             .get(format!(
-                "http://127.0.0.1:{admin}/stats?filter=^(cluster\\.layer_sidecar\\.upstream_(cx|rq)_total|wasmcustom\\.hevlayer\\.mirror_.*)$"
+                "http://127.0.0.1:{admin}/stats?filter=^(cluster\\.layer_sidecar\\.upstream_(cx|rq)_total|wasmcustom\\.hevlayer\\.(mirror|evict_ahead)_.*)$"
             ))
             .send()
             .await?
