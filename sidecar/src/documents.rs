@@ -8,7 +8,7 @@
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use hevlayer_sidecar_api::BYPASS_HEADER;
+use hevlayer_sidecar_api::{BYPASS_HEADER, STAMP_ATTRIBUTE};
 use serde_json::{json, Value};
 
 use crate::cache::{Attributes, CachedDoc, DocId};
@@ -214,7 +214,7 @@ async fn write_back(
     lookup: Lookup,
 ) -> (&'static str, &'static str) {
     let upserted_at = attributes
-        .get("_hevlayer_upserted_at")
+        .get(STAMP_ATTRIBUTE)
         .and_then(Value::as_u64)
         .unwrap_or(0);
     let (ns, key, attrs) = (namespace.to_owned(), id.clone(), attributes.clone());

@@ -37,7 +37,7 @@ use hevlayer_sidecar::cache::embedded::EmbeddedCache;
 use hevlayer_sidecar::cache::{DocumentCache, PipelineMeta};
 use hevlayer_sidecar::config::Config;
 use hevlayer_sidecar::RunningSidecar;
-use hevlayer_sidecar_api::{mirror_body, MIRROR_PATH};
+use hevlayer_sidecar_api::{mirror_body, MIRROR_PATH, STAMP_ATTRIBUTE};
 
 #[derive(Parser)]
 struct Args {
@@ -207,7 +207,7 @@ fn mirror_write(op: &str, rows: usize, stamp: u64) -> Vec<u8> {
             out.push(',');
         }
         out.push_str(&format!(
-            r#"{{"id":{i},"title":"{word} {i}","_hevlayer_upserted_at":{stamp}}}"#
+            r#"{{"id":{i},"title":"{word} {i}","{STAMP_ATTRIBUTE}":{stamp}}}"#
         ));
     }
     out.push_str("]}");
