@@ -24,16 +24,15 @@ use tokio::net::TcpListener;
 use crate::cache::aerospike::{AerospikeCache, AerospikeSettings};
 use crate::cache::embedded::EmbeddedCache;
 use crate::cache::DocumentCache;
-use crate::config::Config;
+use crate::config::{Config, Validated};
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::state::{AppState, Clock, SharedState};
 use crate::watermark::Watermarks;
 
-/// Builds the shared state from a validated configuration.
-pub fn build_state(config: &Config) -> Result<SharedState, String> {
-    let gateway_url = config.validate()?;
-    build_state_with_cache(config, &gateway_url, cache_backend(config))
+/// Builds the shared state from a configuration and what its validation yielded.
+pub fn build_state(config: &Config, valid: &Validated) -> Result<SharedState, String> {
+    build_state_with_cache(config, &valid.gateway_url, cache_backend(config))
 }
 
 /// The configured backend: Aerospike when `AEROSPIKE_HOSTS` is set and not empty (connecting in
@@ -103,8 +102,8 @@ pub struct RunningSidecar {
 
 impl RunningSidecar {
     pub async fn start(config: &Config, cache: Arc<dyn DocumentCache>) -> Result<Self, String> {
-        let gateway_url = config.validate()?;
-        let state = build_state_with_cache(config, &gateway_url, cache)?;
+        let valid = config.validate()?;
+        let state = build_state_with_cache(config, &valid.gateway_url, cache)?;
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| e.to_string())?;
