@@ -97,7 +97,7 @@ async fn cached(state: &SharedState, namespace: &str, ids: &[DocId]) -> Result<(
     for id in ids {
         let (ns, key) = (namespace.to_owned(), id.clone());
         match state
-            .cache_op(
+            .documents_op(
                 "get_document",
                 move |c| async move { c.get_document(&ns, &key).await },
             )
@@ -224,14 +224,14 @@ async fn write_back(
         Lookup::Failed => return ("miss-on-error", "miss_on_error"),
         Lookup::Miss => {
             state
-                .cache_op("backfill_document", move |c| async move {
+                .documents_op("backfill_document", move |c| async move {
                     c.backfill_document(&ns, &key, attrs, upserted_at).await
                 })
                 .await
         }
         Lookup::Expired => {
             state
-                .cache_op("refresh_document", move |c| async move {
+                .documents_op("refresh_document", move |c| async move {
                     c.upsert_document(&ns, &key, attrs, upserted_at).await
                 })
                 .await

@@ -152,7 +152,7 @@ pub fn rfc3339(ms: u64) -> String {
 async fn require_pipeline(state: &SharedState, id: &str) -> Result<PipelineMeta, ApiError> {
     check_id("pipeline id", id)?;
     state
-        .cache_op("get_pipeline", |c| {
+        .pipelines_op("get_pipeline", |c| {
             let id = id.to_owned();
             async move { c.get_pipeline(&id).await }
         })
@@ -186,7 +186,7 @@ pub async fn create(
         created_at: rfc3339(crate::cache::now_ms()),
     };
     state
-        .cache_op("create_pipeline", |c| {
+        .pipelines_op("create_pipeline", |c| {
             let meta = meta.clone();
             async move { c.create_pipeline(meta).await }
         })
@@ -197,7 +197,7 @@ pub async fn create(
 
 pub async fn list(State(state): State<SharedState>) -> Result<Response, ApiError> {
     let pipelines = state
-        .cache_op("list_pipelines", |c| async move { c.list_pipelines().await })
+        .pipelines_op("list_pipelines", |c| async move { c.list_pipelines().await })
         .await?;
     Ok(json_response(StatusCode::OK, &json!({ "pipelines": pipelines })))
 }
@@ -208,7 +208,7 @@ pub async fn delete(
 ) -> Result<Response, ApiError> {
     check_id("pipeline id", &id)?;
     if !state
-        .cache_op("delete_pipeline", |c| {
+        .pipelines_op("delete_pipeline", |c| {
             let id = id.clone();
             async move { c.delete_pipeline(&id).await }
         })
@@ -230,7 +230,7 @@ pub async fn status(
     check_id("pipeline id", &id)?;
     let now = state.clock.now_ms();
     let counts = state
-        .cache_op("stage_counts", |c| {
+        .pipelines_op("stage_counts", |c| {
             let id = id.clone();
             async move { c.stage_counts(&id, now).await }
         })
@@ -315,7 +315,7 @@ async fn stage_document(
     let chunks_json = Bytes::from(chunks_json);
     let now = state.clock.now_ms();
     state
-        .cache_op("stage_document", |c| {
+        .pipelines_op("stage_document", |c| {
             let (pipeline, document) = (pipeline.to_owned(), document.to_owned());
             async move { c.stage_document(&pipeline, &document, chunks_json, now).await }
         })
@@ -340,7 +340,7 @@ pub async fn chunks(
     check_id("pipeline id", &pipeline)?;
     check_id("document id", &document)?;
     match state
-        .cache_op("get_chunks", |c| {
+        .pipelines_op("get_chunks", |c| {
             let (pipeline, document) = (pipeline.clone(), document.clone());
             async move { c.get_chunks(&pipeline, &document).await }
         })
@@ -418,7 +418,7 @@ pub async fn vectors(
     let rows = vector_rows(req.vectors)?;
     let now = state.clock.now_ms();
     let doc = state
-        .cache_op("document_stage", |c| {
+        .pipelines_op("document_stage", |c| {
             let (pipeline, document) = (pipeline.clone(), document.clone());
             async move { c.document_stage(&pipeline, &document, now).await }
         })
@@ -497,7 +497,7 @@ async fn mark_indexed(state: &SharedState, pipeline: &str, document: &str, versi
         };
         let pipeline_id = pipeline.to_owned();
         let result = state
-            .cache_op(
+            .pipelines_op(
                 "set_stage",
                 |c| async move { c.set_stage(&pipeline_id, &args).await },
             )
@@ -566,7 +566,7 @@ pub async fn claim(
         now_ms: state.clock.now_ms(),
     };
     let documents = state
-        .cache_op("claim", |c| {
+        .pipelines_op("claim", |c| {
             let pipeline = pipeline.clone();
             async move { c.claim(&pipeline, &args).await }
         })
@@ -600,7 +600,7 @@ pub async fn heartbeat(
         now_ms: state.clock.now_ms(),
     };
     let updated = state
-        .cache_op("heartbeat", |c| {
+        .pipelines_op("heartbeat", |c| {
             let pipeline = pipeline.clone();
             async move { c.heartbeat(&pipeline, &args).await }
         })
@@ -632,7 +632,7 @@ pub async fn set_stage(
         now_ms: state.clock.now_ms(),
     };
     let updated = state
-        .cache_op("set_stage", |c| {
+        .pipelines_op("set_stage", |c| {
             let pipeline = pipeline.clone();
             async move { c.set_stage(&pipeline, &args).await }
         })

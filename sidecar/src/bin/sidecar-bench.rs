@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use clap::Parser;
 use hevlayer_sidecar::cache::embedded::EmbeddedCache;
-use hevlayer_sidecar::cache::{DocumentCache, PipelineMeta};
+use hevlayer_sidecar::cache::{PipelineMeta, PipelineStore, Stores};
 use hevlayer_sidecar::config::Config;
 use hevlayer_sidecar::RunningSidecar;
 use hevlayer_sidecar_api::{mirror_body, MIRROR_PATH, STAMP_ATTRIBUTE};
@@ -385,7 +385,7 @@ async fn bench(args: Args) -> Result<bool, String> {
     let mut config = Config::defaults();
     config.embedded_cache_bytes = 64 << 30;
     let cache = Arc::new(EmbeddedCache::new(config.embedded_cache_bytes));
-    let server = RunningSidecar::start(&config, cache.clone() as Arc<dyn DocumentCache>).await?;
+    let server = RunningSidecar::start(&config, Stores::on(cache.clone())).await?;
     let base = server.url("");
     let seconds = Duration::from_secs(args.seconds);
     let c = args.concurrency;

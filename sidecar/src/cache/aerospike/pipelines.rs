@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use aerospike::operations::{maps, MapOrder, MapPolicy, MapReturnType, MapWriteFlags, Operation};
 use aerospike::{BatchOperation, BatchReadPolicy, Bin, Bins, Value};
+use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::journal::{deltas, Entry, Opened, GRACE_MS};
@@ -31,8 +32,8 @@ use super::queue::{stage_part, Slot, CHUNK};
 use super::records::{reason_for, state_bins, Pipe, StagedRecord, QN_NONE};
 use super::{all, bin_int, bin_str, map_entries, ms_i64, AerospikeCache, Cond, Written, MAX_RMW_ATTEMPTS};
 use crate::cache::{
-    CacheError, CacheResult, ClaimArgs, DocState, HeartbeatArgs, PipelineMeta, SetStageArgs, StageCounts,
-    STAGE_PENDING,
+    CacheError, CacheResult, ClaimArgs, DocState, HeartbeatArgs, PipelineMeta, PipelineStore, SetStageArgs,
+    StageCounts, STAGE_PENDING,
 };
 
 /// A document move: from `old` (as read; `None`: no record) to `next`.
@@ -960,5 +961,64 @@ impl Walk {
                 self.contiguous = false;
             }
         }
+    }
+}
+
+#[async_trait]
+impl PipelineStore for AerospikeCache {
+    async fn create_pipeline(&self, meta: PipelineMeta) -> CacheResult<()> {
+        self.pipeline_create(meta).await
+    }
+
+    async fn get_pipeline(&self, id: &str) -> CacheResult<Option<PipelineMeta>> {
+        self.pipeline_get(id).await
+    }
+
+    async fn list_pipelines(&self) -> CacheResult<Vec<PipelineMeta>> {
+        self.pipeline_list().await
+    }
+
+    async fn delete_pipeline(&self, id: &str) -> CacheResult<bool> {
+        self.pipeline_delete(id).await
+    }
+
+    async fn stage_document(
+        &self,
+        pipeline: &str,
+        document_id: &str,
+        chunks_json: Bytes,
+        now_ms: u64,
+    ) -> CacheResult<()> {
+        self.pipeline_stage(pipeline, document_id, chunks_json, now_ms)
+            .await
+    }
+
+    async fn get_chunks(&self, pipeline: &str, document_id: &str) -> CacheResult<Option<Bytes>> {
+        self.pipeline_chunks(pipeline, document_id).await
+    }
+
+    async fn document_stage(
+        &self,
+        pipeline: &str,
+        document_id: &str,
+        now_ms: u64,
+    ) -> CacheResult<Option<DocState>> {
+        self.pipeline_document_state(pipeline, document_id, now_ms).await
+    }
+
+    async fn claim(&self, pipeline: &str, args: &ClaimArgs) -> CacheResult<Vec<String>> {
+        self.pipeline_claim(pipeline, args).await
+    }
+
+    async fn heartbeat(&self, pipeline: &str, args: &HeartbeatArgs) -> CacheResult<u64> {
+        self.pipeline_heartbeat(pipeline, args).await
+    }
+
+    async fn set_stage(&self, pipeline: &str, args: &SetStageArgs) -> CacheResult<u64> {
+        self.pipeline_set_stage(pipeline, args).await
+    }
+
+    async fn stage_counts(&self, pipeline: &str, now_ms: u64) -> CacheResult<StageCounts> {
+        self.pipeline_counts(pipeline, now_ms).await
     }
 }
