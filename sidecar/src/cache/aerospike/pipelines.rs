@@ -57,6 +57,11 @@ enum Moved {
     Conflict,
 }
 
+/// Whether the heartbeat's worker holds the document's lease in the heartbeat's stage.
+fn holds_lease(d: &StagedRecord, args: &HeartbeatArgs) -> bool {
+    d.present() && d.stage == args.stage && d.leased() && d.worker == args.worker_id
+}
+
 /// Runs the async closure over `ids` in parallel and counts the `true`s; the first error wins.
 async fn count_true<F, Fut>(ids: &[String], f: F) -> CacheResult<u64>
 where
@@ -592,23 +597,8 @@ impl AerospikeCache {
             .await?;
         let dir = rows.into_iter().next().flatten();
         self.expire_leases(&pipe, dir.as_ref(), args.now_ms).await?;
-        let mut seen = HashSet::new();
-        let ids: Vec<String> = args
-            .document_ids
-            .iter()
-            .filter(|id| seen.insert(id.as_str()))
-            .cloned()
-            .collect();
-        let docs = self.read_states(&pipe, &ids).await?;
+        let held = self.held_leases(&pipe, args).await?;
         let now = ms_i64(args.now_ms);
-        let eligible = |d: &StagedRecord| {
-            d.present() && d.stage == args.stage && d.leased() && d.worker == args.worker_id
-        };
-        let held: Vec<(String, StagedRecord)> = ids
-            .into_iter()
-            .zip(docs)
-            .filter_map(|(id, d)| d.filter(|d| eligible(d)).map(|d| (id, d)))
-            .collect();
         // New index entries before the new leases.
         let fresh: Vec<(String, i64)> = held
             .iter()
@@ -618,44 +608,12 @@ impl AerospikeCache {
         let pipe = &pipe;
         let extending: Vec<_> = held
             .into_iter()
-            .map(|(id, doc)| async move {
-                let mut doc = doc;
-                let mut indexed = now.saturating_add(doc.lease_ms);
-                for _ in 0..MAX_RMW_ATTEMPTS {
-                    let mut next = doc.clone();
-                    next.lease_expires = now.saturating_add(doc.lease_ms);
-                    if next.lease_expires != indexed {
-                        // The lease length changed since the entries were written: index this one.
-                        self.lease_index_add(pipe, &[(id.clone(), next.lease_expires)])
-                            .await?;
-                        indexed = next.lease_expires;
-                    }
-                    let bins = next.bins();
-                    match self
-                        .put(
-                            &pipe.set,
-                            pipe.doc_key(&id),
-                            &bins,
-                            Cond::Gen(doc.generation),
-                            None,
-                        )
-                        .await?
-                    {
-                        Written::Yes => return Ok(Some((id, doc.lease_expires, next.lease_expires))),
-                        Written::Conflict => match self.read_state(pipe, &id).await? {
-                            Some(d) if eligible(&d) => doc = d,
-                            _ => return Ok(None),
-                        },
-                    }
-                }
-                Ok::<_, CacheError>(None)
-            })
+            .map(|(id, doc)| self.extend_lease(pipe, id, doc, args))
             .collect();
-        let extended = all(extending).await;
         let mut stale = Vec::new();
         let mut updated = 0;
         let mut failure = None;
-        for result in extended {
+        for result in all(extending).await {
             match result {
                 Ok(Some((id, old, new))) => {
                     updated += 1;
@@ -674,6 +632,69 @@ impl AerospikeCache {
             Some(err) => Err(err),
             None => Ok(updated),
         }
+    }
+
+    /// The heartbeat's documents (each once) whose lease in its stage its worker holds.
+    async fn held_leases(
+        &self,
+        pipe: &Pipe,
+        args: &HeartbeatArgs,
+    ) -> CacheResult<Vec<(String, StagedRecord)>> {
+        let mut seen = HashSet::new();
+        let ids: Vec<String> = args
+            .document_ids
+            .iter()
+            .filter(|id| seen.insert(id.as_str()))
+            .cloned()
+            .collect();
+        let docs = self.read_states(pipe, &ids).await?;
+        Ok(ids
+            .into_iter()
+            .zip(docs)
+            .filter_map(|(id, d)| d.filter(|d| holds_lease(d, args)).map(|d| (id, d)))
+            .collect())
+    }
+
+    /// Extends one held lease by its length from now (a generation-checked write, retried while
+    /// the worker still holds it). `Some((id, old expiry, new expiry))` when extended.
+    async fn extend_lease(
+        &self,
+        pipe: &Pipe,
+        id: String,
+        doc: StagedRecord,
+        args: &HeartbeatArgs,
+    ) -> CacheResult<Option<(String, i64, i64)>> {
+        let now = ms_i64(args.now_ms);
+        let mut doc = doc;
+        let mut indexed = now.saturating_add(doc.lease_ms);
+        for _ in 0..MAX_RMW_ATTEMPTS {
+            let mut next = doc.clone();
+            next.lease_expires = now.saturating_add(doc.lease_ms);
+            if next.lease_expires != indexed {
+                // The lease length changed since the entries were written: index this one.
+                self.lease_index_add(pipe, &[(id.clone(), next.lease_expires)])
+                    .await?;
+                indexed = next.lease_expires;
+            }
+            let bins = next.bins();
+            match self
+                .put(
+                    &pipe.set,
+                    pipe.doc_key(&id),
+                    &bins,
+                    Cond::Gen(doc.generation),
+                    None,
+                )
+                .await?
+            {
+                Written::Yes => return Ok(Some((id, doc.lease_expires, next.lease_expires))),
+                Written::Conflict => match self.read_state(pipe, &id).await? {
+                    Some(d) if holds_lease(&d, args) => doc = d,
+                    _ => return Ok(None),
+                },
+            }
+        }
+        Ok(None)
     }
 }
 

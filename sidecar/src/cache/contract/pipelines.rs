@@ -288,6 +288,16 @@ async fn heartbeat_extends_only_own_leases(cache: Arc<dyn PipelineStore>) {
     assert_eq!(cache.stage_counts(p, now + 18_000).await.unwrap().leased, 0);
 }
 
+async fn stage_of(cache: &Arc<dyn PipelineStore>, pipeline: &str, id: &str, now: u64) -> Option<String> {
+    cache
+        .document_stage(pipeline, id, now)
+        .await
+        .unwrap()
+        .map(|d| d.stage)
+}
+
+/// Set-stage's filters, then `create_missing`, then leaving `failed`, on one pipeline (each step
+/// starts from what the one before left).
 async fn set_stage_filters_and_create_missing(cache: Arc<dyn PipelineStore>) {
     let p = "contract-set";
     let now = 5_000_000;
@@ -297,28 +307,19 @@ async fn set_stage_filters_and_create_missing(cache: Arc<dyn PipelineStore>) {
         .await
         .unwrap();
     assert_eq!(claimed, vec!["a", "b"]);
+    set_stage_filters_by_from_stage_and_worker(&cache, p, now).await;
+    set_stage_creates_only_when_asked(&cache, p, now).await;
+    set_stage_out_of_failed_clears_its_reason(&cache, p, now).await;
+}
+
+/// a, b claimed by w1; c, d pending.
+async fn set_stage_filters_by_from_stage_and_worker(cache: &Arc<dyn PipelineStore>, p: &str, now: u64) {
     // from_stage filter.
     let mut args = set_args(&["a", "c"], STAGE_FAILED, now);
     args.from_stage = Some("embedding".into());
     assert_eq!(cache.set_stage(p, &args).await.unwrap(), 1);
-    assert_eq!(
-        cache
-            .document_stage(p, "a", now)
-            .await
-            .unwrap()
-            .map(|d| d.stage)
-            .as_deref(),
-        Some(STAGE_FAILED)
-    );
-    assert_eq!(
-        cache
-            .document_stage(p, "c", now)
-            .await
-            .unwrap()
-            .map(|d| d.stage)
-            .as_deref(),
-        Some(STAGE_PENDING)
-    );
+    assert_eq!(stage_of(cache, p, "a", now).await.as_deref(), Some(STAGE_FAILED));
+    assert_eq!(stage_of(cache, p, "c", now).await.as_deref(), Some(STAGE_PENDING));
     // worker_id filter: only documents leased by that worker.
     let mut args = set_args(&["b", "c", "d"], STAGE_INDEXED, now);
     args.worker_id = Some("w2".into());
@@ -339,7 +340,10 @@ async fn set_stage_filters_and_create_missing(cache: Arc<dyn PipelineStore>) {
             .unwrap(),
         1
     );
-    // Unknown ids: ignored unless create_missing.
+}
+
+/// Unknown ids are ignored unless `create_missing`, which stages them with no chunks.
+async fn set_stage_creates_only_when_asked(cache: &Arc<dyn PipelineStore>, p: &str, now: u64) {
     assert_eq!(
         cache
             .set_stage(p, &set_args(&["new1"], "pending", now))
@@ -356,7 +360,11 @@ async fn set_stage_filters_and_create_missing(cache: Arc<dyn PipelineStore>) {
     );
     let counts = cache.stage_counts(p, now).await.unwrap();
     assert_eq!(counts.counts.get(STAGE_PENDING), Some(&4));
-    // Moving out of failed clears its reason.
+}
+
+/// Moving out of failed clears its reason; the indexed rate forgets transitions older than the
+/// window (backends may bucket the window in up to 10-second steps).
+async fn set_stage_out_of_failed_clears_its_reason(cache: &Arc<dyn PipelineStore>, p: &str, now: u64) {
     assert_eq!(
         cache
             .set_stage(p, &set_args(&["a"], STAGE_PENDING, now))
@@ -367,8 +375,6 @@ async fn set_stage_filters_and_create_missing(cache: Arc<dyn PipelineStore>) {
     let counts = cache.stage_counts(p, now).await.unwrap();
     assert!(counts.failed_reasons.is_empty());
     assert_eq!(counts.counts.values().sum::<u64>(), 6);
-    // The indexed rate forgets transitions older than the window (backends may bucket the window
-    // in up to 10-second steps).
     let later = now + (RATE_WINDOW_SECONDS + 11) * 1000;
     assert_eq!(cache.stage_counts(p, later).await.unwrap().indexed_in_window, 0);
 }
