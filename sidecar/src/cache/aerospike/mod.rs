@@ -5,7 +5,8 @@
 //! can share one cluster. The layout (sets, keys, bins) is documented in the sidecar's README.
 //!
 //! Modules: `documents` (the mirrored Turbopuffer documents: the `DocumentStore`), `pipelines`
-//! (staged documents and the pipeline operations: the `PipelineStore`), `journal` (exact
+//! (staged documents and the pipeline operations: the `PipelineStore`; the claim in
+//! `pipelines/claim`), `journal` (exact
 //! per-stage counts), `queue` (claim queues), `leases` (the lease-expiry index), `breaker` (fail
 //! fast while the cluster is unreachable). This file holds the connection, the backend's health
 //! and the command helpers every module uses.
