@@ -97,7 +97,7 @@ async fn method_not_allowed() -> ApiError {
 }
 
 async fn healthz(State(state): State<SharedState>) -> Response {
-    let health = state.cache.health().await;
+    let health = state.stores.health().await;
     let status = if health.connected {
         StatusCode::OK
     } else {
@@ -116,13 +116,13 @@ async fn metrics(State(state): State<SharedState>) -> Response {
     let now = state.clock.now_ms();
     let mut stages = Vec::new();
     if let Ok(pipelines) = state
-        .cache_op("list_pipelines", |c| async move { c.list_pipelines().await })
+        .pipelines_op("list_pipelines", |c| async move { c.list_pipelines().await })
         .await
     {
         for p in pipelines {
             let id = p.id.clone();
             if let Ok(counts) = state
-                .cache_op(
+                .pipelines_op(
                     "stage_counts",
                     move |c| async move { c.stage_counts(&id, now).await },
                 )
@@ -137,7 +137,7 @@ async fn metrics(State(state): State<SharedState>) -> Response {
             }
         }
     }
-    let connected = state.cache.health().await.connected;
+    let connected = state.stores.health().await.connected;
     let watermarks = state.watermarks.report(crate::cache::now_ms());
     let body = state.metrics.render(&stages, connected, &watermarks);
     let mut response = (StatusCode::OK, body).into_response();

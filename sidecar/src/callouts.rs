@@ -63,7 +63,7 @@ async fn run_mirror(state: SharedState, body: Bytes) -> Result<Response, ApiErro
     Ok(json_response(StatusCode::OK, &MirrorResponse { applied }))
 }
 
-/// Applies the planned ops as one batch (`DocumentCache::apply_mirror`: each document's ops in
+/// Applies the planned ops as one batch (`DocumentStore::apply_mirror`: each document's ops in
 /// order, a document whose write failed evicted) and records it: one `mirror_batch` cache
 /// operation for the whole batch, plus the single-document operations a backend without a batch
 /// path ran. Returns how many ops took effect and the first failure.
@@ -74,7 +74,11 @@ async fn apply_mirror(
     ops: Vec<MirrorOp>,
 ) -> (u64, Option<ApiError>) {
     let started = Instant::now();
-    let report = state.cache.apply_mirror(&namespace, ops, upserted_at).await;
+    let report = state
+        .stores
+        .documents
+        .apply_mirror(&namespace, ops, upserted_at)
+        .await;
     let label = report.failure.as_ref().map_or("ok", error_label);
     state.metrics.record_cache_ops(&report.ops);
     state
@@ -97,7 +101,7 @@ pub async fn purge(
 ) -> Result<Response, ApiError> {
     let namespace = req.namespace.clone();
     let result = state
-        .cache_op("purge_namespace", move |c| async move {
+        .documents_op("purge_namespace", move |c| async move {
             c.purge_namespace(&namespace).await
         })
         .await;
@@ -147,7 +151,7 @@ pub async fn evict(
             None => {
                 let ns = namespace.clone();
                 state
-                    .cache_op(
+                    .documents_op(
                         "purge_namespace",
                         move |c| async move { c.purge_namespace(&ns).await },
                     )

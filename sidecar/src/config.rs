@@ -115,6 +115,14 @@ pub struct Config {
     pub log_json: bool,
 }
 
+/// What checking a configuration yields: the settings its checks parsed, so nothing parses them
+/// again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validated {
+    pub gateway_url: GatewayUrl,
+    pub log_level: tracing::Level,
+}
+
 /// The parts of a gateway URL the sidecar needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayUrl {
@@ -137,9 +145,9 @@ impl Config {
             .filter(|hosts| !hosts.trim().is_empty())
     }
 
-    /// Checks the whole configuration; the error names the bad setting.
-    pub fn validate(&self) -> Result<GatewayUrl, String> {
-        let gateway = parse_gateway_url(&self.gateway_url)?;
+    /// Checks the whole configuration, once, at start; the error names the bad setting.
+    pub fn validate(&self) -> Result<Validated, String> {
+        let gateway_url = parse_gateway_url(&self.gateway_url)?;
         if self.gateway_timeout_ms == 0 {
             return Err("GATEWAY_TIMEOUT_MS must be greater than 0".into());
         }
@@ -179,12 +187,12 @@ impl Config {
                 self.watermark_stable_poll_ms, self.watermark_poll_ms
             ));
         }
-        if self.log_level.parse::<tracing::Level>().is_err() {
-            return Err(format!(
+        let log_level = self.log_level.parse::<tracing::Level>().map_err(|_| {
+            format!(
                 "LOG_LEVEL '{}' is not one of error, warn, info, debug, trace",
                 self.log_level
-            ));
-        }
+            )
+        })?;
         if let Some(hosts) = self.aerospike_hosts() {
             let ok = hosts.split(',').all(|h| {
                 h.trim()
@@ -206,7 +214,10 @@ impl Config {
         if self.set_prefix == self.pipeline_set_prefix {
             return Err("AEROSPIKE_SET_PREFIX and AEROSPIKE_PIPELINE_SET_PREFIX must differ".into());
         }
-        Ok(gateway)
+        Ok(Validated {
+            gateway_url,
+            log_level,
+        })
     }
 
     pub fn gateway_timeout(&self) -> Duration {
@@ -255,7 +266,9 @@ mod tests {
     fn defaults_are_valid() {
         let cfg = Config::defaults();
         assert_eq!(cfg.listen.to_string(), "127.0.0.1:9090");
-        assert_eq!(cfg.validate().unwrap().base, "http://127.0.0.1:8080");
+        let valid = cfg.validate().unwrap();
+        assert_eq!(valid.gateway_url.base, "http://127.0.0.1:8080");
+        assert_eq!(valid.log_level, tracing::Level::INFO);
         assert!(!cfg.mirror_vectors);
         assert_eq!(cfg.aerospike_namespace, "hevlayer");
         assert_eq!(cfg.watermark_settings(), WatermarkSettings::default());
@@ -306,6 +319,30 @@ mod tests {
         .unwrap_err()
         .contains("WATERMARK_STABLE_POLL_MS"));
         assert!(bad(&["--gateway-url", "http://127.0.0.1:1/"]).is_ok());
+        assert!(bad(&["--gateway-timeout-ms", "0"])
+            .unwrap_err()
+            .contains("GATEWAY_TIMEOUT_MS"));
+        assert!(bad(&["--cache-max-age-seconds", "0"])
+            .unwrap_err()
+            .contains("CACHE_MAX_AGE_SECONDS"));
+        assert!(bad(&["--max-body-bytes", "0"])
+            .unwrap_err()
+            .contains("SIDECAR_MAX_BODY_BYTES"));
+        assert!(bad(&["--gateway-api-key", " "])
+            .unwrap_err()
+            .contains("GATEWAY_API_KEY"));
+        assert!(bad(&["--aerospike-namespace", ""])
+            .unwrap_err()
+            .contains("AEROSPIKE_NAMESPACE"));
+        assert!(bad(&["--set-prefix", "x_", "--pipeline-set-prefix", "x_"])
+            .unwrap_err()
+            .contains("must differ"));
+    }
+
+    #[test]
+    fn the_log_level_is_parsed_once_by_validation() {
+        let cfg = Config::try_parse_from(["hevlayer-sidecar", "--log-level", "debug"]).unwrap();
+        assert_eq!(cfg.validate().unwrap().log_level, tracing::Level::DEBUG);
     }
 
     /// `AEROSPIKE_HOSTS=` (empty, as `AEROSPIKE_HOSTS= make run` or an env file sets it) means

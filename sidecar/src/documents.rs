@@ -8,7 +8,7 @@
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use hevlayer_sidecar_api::BYPASS_HEADER;
+use hevlayer_sidecar_api::{BYPASS_HEADER, STAMP_ATTRIBUTE};
 use serde_json::{json, Value};
 
 use crate::cache::{Attributes, CachedDoc, DocId};
@@ -97,7 +97,7 @@ async fn cached(state: &SharedState, namespace: &str, ids: &[DocId]) -> Result<(
     for id in ids {
         let (ns, key) = (namespace.to_owned(), id.clone());
         match state
-            .cache_op(
+            .documents_op(
                 "get_document",
                 move |c| async move { c.get_document(&ns, &key).await },
             )
@@ -214,7 +214,7 @@ async fn write_back(
     lookup: Lookup,
 ) -> (&'static str, &'static str) {
     let upserted_at = attributes
-        .get("_hevlayer_upserted_at")
+        .get(STAMP_ATTRIBUTE)
         .and_then(Value::as_u64)
         .unwrap_or(0);
     let (ns, key, attrs) = (namespace.to_owned(), id.clone(), attributes.clone());
@@ -224,14 +224,14 @@ async fn write_back(
         Lookup::Failed => return ("miss-on-error", "miss_on_error"),
         Lookup::Miss => {
             state
-                .cache_op("backfill_document", move |c| async move {
+                .documents_op("backfill_document", move |c| async move {
                     c.backfill_document(&ns, &key, attrs, upserted_at).await
                 })
                 .await
         }
         Lookup::Expired => {
             state
-                .cache_op("refresh_document", move |c| async move {
+                .documents_op("refresh_document", move |c| async move {
                     c.upsert_document(&ns, &key, attrs, upserted_at).await
                 })
                 .await

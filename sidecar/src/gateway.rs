@@ -6,12 +6,10 @@ use std::time::Duration;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use hevlayer_sidecar_api::RELAYED_UPSTREAM_HEADERS;
 
 use crate::config::GatewayUrl;
 use crate::error::ApiError;
-
-/// Upstream headers a client acts on, relayed with an upstream error.
-const RELAYED_HEADERS: [&str; 4] = ["retry-after", "retry-after-ms", "x-request-id", "x-should-retry"];
 
 /// What the sidecar's requests to the gateway say they are (the watermark poller's included).
 pub const USER_AGENT: &str = concat!("hevlayer-sidecar/", env!("CARGO_PKG_VERSION"));
@@ -42,7 +40,7 @@ impl GatewayResponse {
         if let Some(ct) = self.headers.get(header::CONTENT_TYPE) {
             headers.insert(header::CONTENT_TYPE, ct.clone());
         }
-        for name in RELAYED_HEADERS {
+        for name in RELAYED_UPSTREAM_HEADERS {
             if let Some(value) = self.headers.get(name) {
                 headers.insert(HeaderName::from_static(name), value.clone());
             }

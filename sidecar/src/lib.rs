@@ -23,40 +23,39 @@ use tokio::net::TcpListener;
 
 use crate::cache::aerospike::{AerospikeCache, AerospikeSettings};
 use crate::cache::embedded::EmbeddedCache;
-use crate::cache::DocumentCache;
-use crate::config::Config;
+use crate::cache::Stores;
+use crate::config::{Config, Validated};
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::state::{AppState, Clock, SharedState};
 use crate::watermark::Watermarks;
 
-/// Builds the shared state from a validated configuration.
-pub fn build_state(config: &Config) -> Result<SharedState, String> {
-    let gateway_url = config.validate()?;
-    build_state_with_cache(config, &gateway_url, cache_backend(config))
+/// Builds the shared state from a configuration and what its validation yielded.
+pub fn build_state(config: &Config, valid: &Validated) -> Result<SharedState, String> {
+    build_state_with_cache(config, &valid.gateway_url, cache_backend(config))
 }
 
-/// The configured backend: Aerospike when `AEROSPIKE_HOSTS` is set and not empty (connecting in
-/// the background; call from inside a tokio runtime), else the embedded store.
-pub fn cache_backend(config: &Config) -> Arc<dyn DocumentCache> {
+/// The stores on the configured backend: Aerospike when `AEROSPIKE_HOSTS` is set and not empty
+/// (connecting in the background; call from inside a tokio runtime), else the embedded store.
+pub fn cache_backend(config: &Config) -> Stores {
     match config.aerospike_hosts() {
-        Some(hosts) => AerospikeCache::start(AerospikeSettings {
+        Some(hosts) => Stores::on(AerospikeCache::start(AerospikeSettings {
             hosts: hosts.to_owned(),
             namespace: config.aerospike_namespace.clone(),
             set_prefix: config.set_prefix.clone(),
             pipeline_set_prefix: config.pipeline_set_prefix.clone(),
             op_timeout: config.cache_op_timeout(),
             breaker_open_for: crate::cache::aerospike::BREAKER_OPEN_FOR,
-        }),
-        None => Arc::new(EmbeddedCache::new(config.embedded_cache_bytes)),
+        })),
+        None => Stores::on(Arc::new(EmbeddedCache::new(config.embedded_cache_bytes))),
     }
 }
 
-/// Builds the shared state around a given cache backend.
+/// Builds the shared state around given stores.
 pub fn build_state_with_cache(
     config: &Config,
     gateway_url: &config::GatewayUrl,
-    cache: Arc<dyn DocumentCache>,
+    stores: Stores,
 ) -> Result<SharedState, String> {
     let gateway = Gateway::new(
         gateway_url,
@@ -64,7 +63,7 @@ pub fn build_state_with_cache(
         config.gateway_timeout(),
     )?;
     Ok(Arc::new(AppState {
-        cache,
+        stores,
         gateway,
         metrics: Metrics::default(),
         clock: Clock::default(),
@@ -102,9 +101,9 @@ pub struct RunningSidecar {
 }
 
 impl RunningSidecar {
-    pub async fn start(config: &Config, cache: Arc<dyn DocumentCache>) -> Result<Self, String> {
-        let gateway_url = config.validate()?;
-        let state = build_state_with_cache(config, &gateway_url, cache)?;
+    pub async fn start(config: &Config, stores: Stores) -> Result<Self, String> {
+        let valid = config.validate()?;
+        let state = build_state_with_cache(config, &valid.gateway_url, stores)?;
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| e.to_string())?;

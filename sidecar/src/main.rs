@@ -4,11 +4,7 @@ use clap::Parser;
 use hevlayer_sidecar::config::Config;
 use tokio::net::TcpListener;
 
-fn init_logs(config: &Config) {
-    let level = config
-        .log_level
-        .parse::<tracing::Level>()
-        .unwrap_or(tracing::Level::INFO);
+fn init_logs(config: &Config, level: tracing::Level) {
     let builder = tracing_subscriber::fmt().with_max_level(level).with_target(false);
     if config.log_json {
         builder.json().flatten_event(true).init();
@@ -43,12 +39,15 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    if let Err(message) = config.validate() {
-        eprintln!("hevlayer-sidecar: invalid configuration: {message}");
-        return ExitCode::from(2);
-    }
-    init_logs(&config);
-    let state = match hevlayer_sidecar::build_state(&config) {
+    let valid = match config.validate() {
+        Ok(valid) => valid,
+        Err(message) => {
+            eprintln!("hevlayer-sidecar: invalid configuration: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logs(&config, valid.log_level);
+    let state = match hevlayer_sidecar::build_state(&config, &valid) {
         Ok(s) => s,
         Err(message) => {
             tracing::error!(error = %message, "cannot start");

@@ -7,7 +7,7 @@
 //! then), and the tree allocates an `"id"` key per row only to drop it. `plan` then turns the
 //! parsed write (and, for response-driven writes, the upstream response) into cache operations,
 //! moving every row's attributes (no copy); the handler hands them to the cache as one batch
-//! (`DocumentCache::apply_mirror`), which applies each document's ops in order.
+//! (`DocumentStore::apply_mirror`), which applies each document's ops in order.
 
 use std::collections::HashSet;
 use std::fmt;

@@ -1,17 +1,21 @@
-//! The ten pipeline routes of SPEC §3.
+//! The ten pipeline routes of SPEC §3. Their bodies are validated by the plain functions of
+//! `requests`; the handlers run those, then the store operation, and answer.
 
-use std::collections::HashSet;
+mod requests;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use bytes::Bytes;
-use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
+use self::requests::{
+    validate_claim, validate_create, validate_heartbeat, validate_set_stage, validate_stage, vector_rows,
+};
+pub use self::requests::{
+    ClaimRequest, CreateRequest, HeartbeatRequest, SetStageRequest, StageRequest, VectorDoc, VectorsRequest,
+};
 use crate::cache::{
-    Chunk, ClaimArgs, HeartbeatArgs, PipelineMeta, SetStageArgs, RATE_WINDOW_SECONDS, STAGE_FAILED,
-    STAGE_INDEXED, STAGE_PENDING,
+    PipelineMeta, SetStageArgs, RATE_WINDOW_SECONDS, STAGE_FAILED, STAGE_INDEXED, STAGE_PENDING,
 };
 use crate::error::{json_response, raw_json_response, ApiError};
 use crate::extract::{check_id, JsonBody, PathParams, RawBody};
@@ -27,104 +31,6 @@ pub const DEFAULT_LEASE_SECONDS: i64 = 900;
 pub const MAX_LEASE_SECONDS: i64 = 7 * 24 * 3600;
 /// Most ids one heartbeat or set-stage request may name.
 pub const MAX_DOCUMENT_IDS: usize = 10_000;
-
-// ---------------------------------------------------------------- request bodies
-
-#[derive(Deserialize)]
-pub struct CreateRequest {
-    id: String,
-    target_namespace: String,
-    #[serde(default)]
-    distance_metric: Option<String>,
-}
-
-#[derive(Deserialize)]
-pub struct StageRequest {
-    chunks: Vec<Chunk>,
-}
-
-#[derive(Deserialize)]
-pub struct VectorsRequest {
-    vectors: Vec<VectorDoc>,
-}
-
-#[derive(Deserialize)]
-pub struct VectorDoc {
-    id: Value,
-    #[serde(default)]
-    vector: Option<Value>,
-    #[serde(default)]
-    vectors: Option<Value>,
-    #[serde(default)]
-    attributes: Option<Map<String, Value>>,
-}
-
-#[derive(Deserialize)]
-pub struct ClaimRequest {
-    worker_id: String,
-    #[serde(default)]
-    stage: Option<String>,
-    #[serde(default)]
-    claim_stage: Option<String>,
-    #[serde(default)]
-    limit: Option<u64>,
-    #[serde(default)]
-    lease_seconds: Option<i64>,
-    #[serde(default)]
-    document_id_prefix: Option<String>,
-}
-
-#[derive(Deserialize)]
-pub struct HeartbeatRequest {
-    document_ids: Vec<String>,
-    worker_id: String,
-    #[serde(default)]
-    stage: Option<String>,
-}
-
-#[derive(Deserialize)]
-pub struct SetStageRequest {
-    document_ids: Vec<String>,
-    stage: String,
-    #[serde(default)]
-    from_stage: Option<String>,
-    #[serde(default)]
-    worker_id: Option<String>,
-    #[serde(default)]
-    create_missing: Option<bool>,
-}
-
-// ---------------------------------------------------------------- helpers
-
-fn check_stage(what: &str, stage: &str) -> Result<(), ApiError> {
-    check_id(what, stage)
-}
-
-fn check_document_ids(ids: &[String]) -> Result<(), ApiError> {
-    if ids.len() > MAX_DOCUMENT_IDS {
-        return Err(ApiError::validation(format!(
-            "document_ids has {} entries; the limit is {MAX_DOCUMENT_IDS}",
-            ids.len()
-        )));
-    }
-    ids.iter().try_for_each(|id| check_id("document_ids entries", id))
-}
-
-/// Namespace names Turbopuffer accepts: `[A-Za-z0-9-_.]{1,128}`.
-fn check_namespace(ns: &str) -> Result<(), ApiError> {
-    let ok = !ns.is_empty()
-        && ns.len() <= 128
-        && ns
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::validation(format!(
-            "target_namespace '{ns}' must match [A-Za-z0-9-_.]{{1,128}}"
-        )))
-    }
-}
 
 /// RFC 3339 UTC timestamp (seconds precision) of epoch milliseconds.
 pub fn rfc3339(ms: u64) -> String {
@@ -152,7 +58,7 @@ pub fn rfc3339(ms: u64) -> String {
 async fn require_pipeline(state: &SharedState, id: &str) -> Result<PipelineMeta, ApiError> {
     check_id("pipeline id", id)?;
     state
-        .cache_op("get_pipeline", |c| {
+        .pipelines_op("get_pipeline", |c| {
             let id = id.to_owned();
             async move { c.get_pipeline(&id).await }
         })
@@ -173,20 +79,9 @@ pub async fn create(
     State(state): State<SharedState>,
     JsonBody(req): JsonBody<CreateRequest>,
 ) -> Result<Response, ApiError> {
-    check_id("id", &req.id)?;
-    check_namespace(&req.target_namespace)?;
-    let distance_metric = req
-        .distance_metric
-        .unwrap_or_else(|| DEFAULT_DISTANCE_METRIC.to_owned());
-    check_id("distance_metric", &distance_metric)?;
-    let meta = PipelineMeta {
-        id: req.id,
-        target_namespace: req.target_namespace,
-        distance_metric,
-        created_at: rfc3339(crate::cache::now_ms()),
-    };
+    let meta = validate_create(req, rfc3339(crate::cache::now_ms()))?;
     state
-        .cache_op("create_pipeline", |c| {
+        .pipelines_op("create_pipeline", |c| {
             let meta = meta.clone();
             async move { c.create_pipeline(meta).await }
         })
@@ -197,7 +92,7 @@ pub async fn create(
 
 pub async fn list(State(state): State<SharedState>) -> Result<Response, ApiError> {
     let pipelines = state
-        .cache_op("list_pipelines", |c| async move { c.list_pipelines().await })
+        .pipelines_op("list_pipelines", |c| async move { c.list_pipelines().await })
         .await?;
     Ok(json_response(StatusCode::OK, &json!({ "pipelines": pipelines })))
 }
@@ -208,7 +103,7 @@ pub async fn delete(
 ) -> Result<Response, ApiError> {
     check_id("pipeline id", &id)?;
     if !state
-        .cache_op("delete_pipeline", |c| {
+        .pipelines_op("delete_pipeline", |c| {
             let id = id.clone();
             async move { c.delete_pipeline(&id).await }
         })
@@ -230,7 +125,7 @@ pub async fn status(
     check_id("pipeline id", &id)?;
     let now = state.clock.now_ms();
     let counts = state
-        .cache_op("stage_counts", |c| {
+        .pipelines_op("stage_counts", |c| {
             let id = id.clone();
             async move { c.stage_counts(&id, now).await }
         })
@@ -294,33 +189,16 @@ async fn stage_document(
     document: &str,
     body: &[u8],
 ) -> Result<Response, ApiError> {
-    check_id("pipeline id", pipeline)?;
-    check_id("document id", document)?;
-    let req: StageRequest = crate::extract::parse_json(body)?;
-    let mut seen = HashSet::with_capacity(req.chunks.len());
-    for chunk in &req.chunks {
-        check_id("chunk id", &chunk.id)?;
-        if !seen.insert(chunk.id.as_str()) {
-            return Err(ApiError::validation(format!(
-                "duplicate chunk id '{}' in chunks",
-                chunk.id
-            )));
-        }
-    }
-    // Sized to the request body (the chunks re-serialise to at most about that) and trimmed, so a
-    // staged document holds no spare capacity for as long as it stays staged.
-    let mut chunks_json = Vec::with_capacity(body.len());
-    serde_json::to_writer(&mut chunks_json, &req.chunks).map_err(|e| ApiError::validation(e.to_string()))?;
-    chunks_json.shrink_to_fit();
-    let chunks_json = Bytes::from(chunks_json);
+    let staged = validate_stage(pipeline, document, body)?;
+    let chunks_json = staged.chunks_json;
     let now = state.clock.now_ms();
     state
-        .cache_op("stage_document", |c| {
+        .pipelines_op("stage_document", |c| {
             let (pipeline, document) = (pipeline.to_owned(), document.to_owned());
             async move { c.stage_document(&pipeline, &document, chunks_json, now).await }
         })
         .await?;
-    let chunk_ids: Vec<&str> = req.chunks.iter().map(|c| c.id.as_str()).collect();
+    let chunk_ids: Vec<&str> = staged.chunks.iter().map(|c| c.id.as_str()).collect();
     Ok(json_response(
         StatusCode::OK,
         &json!({
@@ -340,7 +218,7 @@ pub async fn chunks(
     check_id("pipeline id", &pipeline)?;
     check_id("document id", &document)?;
     match state
-        .cache_op("get_chunks", |c| {
+        .pipelines_op("get_chunks", |c| {
             let (pipeline, document) = (pipeline.clone(), document.clone());
             async move { c.get_chunks(&pipeline, &document).await }
         })
@@ -351,60 +229,6 @@ pub async fn chunks(
             "document '{document}' is not staged in pipeline '{pipeline}'"
         ))),
     }
-}
-
-/// Builds the `upsert_rows` of a vectors request.
-fn vector_rows(vectors: Vec<VectorDoc>) -> Result<Vec<Value>, ApiError> {
-    if vectors.is_empty() {
-        return Err(ApiError::validation("vectors must not be empty"));
-    }
-    let mut seen = HashSet::new();
-    vectors
-        .into_iter()
-        .map(|v| {
-            match &v.id {
-                Value::String(s) => check_id("vectors id", s)?,
-                Value::Number(n) if n.is_u64() => {}
-                _ => {
-                    return Err(ApiError::validation(
-                        "vectors id values must be strings or unsigned integers",
-                    ))
-                }
-            }
-            if !seen.insert(v.id.to_string()) {
-                return Err(ApiError::validation(format!("duplicate vectors id {}", v.id)));
-            }
-            let mut row = Map::new();
-            row.insert("id".into(), v.id);
-            if v.vector.is_none() && v.vectors.is_none() {
-                return Err(ApiError::validation(
-                    "each vectors entry must include vector or vectors",
-                ));
-            }
-            for (name, value) in [("vector", v.vector), ("vectors", v.vectors)] {
-                match value {
-                    None => {}
-                    Some(value @ (Value::Array(_) | Value::String(_))) => {
-                        row.insert(name.into(), value);
-                    }
-                    Some(_) => {
-                        return Err(ApiError::validation(format!(
-                            "{name} must be an array of numbers or a base64 string"
-                        )))
-                    }
-                }
-            }
-            for (name, value) in v.attributes.unwrap_or_default() {
-                if matches!(name.as_str(), "id" | "vector" | "vectors") {
-                    return Err(ApiError::validation(format!(
-                        "attributes must not contain '{name}'"
-                    )));
-                }
-                row.insert(name, value);
-            }
-            Ok(Value::Object(row))
-        })
-        .collect()
 }
 
 pub async fn vectors(
@@ -418,7 +242,7 @@ pub async fn vectors(
     let rows = vector_rows(req.vectors)?;
     let now = state.clock.now_ms();
     let doc = state
-        .cache_op("document_stage", |c| {
+        .pipelines_op("document_stage", |c| {
             let (pipeline, document) = (pipeline.clone(), document.clone());
             async move { c.document_stage(&pipeline, &document, now).await }
         })
@@ -497,7 +321,7 @@ async fn mark_indexed(state: &SharedState, pipeline: &str, document: &str, versi
         };
         let pipeline_id = pipeline.to_owned();
         let result = state
-            .cache_op(
+            .pipelines_op(
                 "set_stage",
                 |c| async move { c.set_stage(&pipeline_id, &args).await },
             )
@@ -531,42 +355,14 @@ pub async fn claim(
     PathParams(pipeline): PathParams<String>,
     JsonBody(req): JsonBody<ClaimRequest>,
 ) -> Result<Response, ApiError> {
-    check_id("pipeline id", &pipeline)?;
-    check_id("worker_id", &req.worker_id)?;
-    let stage = req.stage.unwrap_or_else(|| STAGE_PENDING.to_owned());
-    let claim_stage = req.claim_stage.unwrap_or_else(|| DEFAULT_CLAIM_STAGE.to_owned());
-    check_stage("stage", &stage)?;
-    check_stage("claim_stage", &claim_stage)?;
-    let limit = req.limit.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::validation(format!(
-            "limit must be between 1 and {MAX_LIMIT}"
-        )));
-    }
-    let lease_seconds = req.lease_seconds.unwrap_or(DEFAULT_LEASE_SECONDS);
-    if !(1..=MAX_LEASE_SECONDS).contains(&lease_seconds) {
-        return Err(ApiError::validation(format!(
-            "lease_seconds must be between 1 and {MAX_LEASE_SECONDS}"
-        )));
-    }
-    if let Some(prefix) = &req.document_id_prefix {
-        if prefix.len() > crate::extract::MAX_ID_BYTES {
-            return Err(ApiError::validation(
-                "document_id_prefix is longer than 512 bytes",
-            ));
-        }
-    }
-    let args = ClaimArgs {
-        stage: stage.clone(),
-        claim_stage: claim_stage.clone(),
-        worker_id: req.worker_id.clone(),
-        limit: usize::try_from(limit).unwrap_or(usize::MAX),
-        lease_ms: u64::try_from(lease_seconds).unwrap_or(0) * 1000,
-        document_id_prefix: req.document_id_prefix.filter(|p| !p.is_empty()),
-        now_ms: state.clock.now_ms(),
-    };
+    let args = validate_claim(&pipeline, req, state.clock.now_ms())?;
+    let (stage, claim_stage, worker_id) = (
+        args.stage.clone(),
+        args.claim_stage.clone(),
+        args.worker_id.clone(),
+    );
     let documents = state
-        .cache_op("claim", |c| {
+        .pipelines_op("claim", |c| {
             let pipeline = pipeline.clone();
             async move { c.claim(&pipeline, &args).await }
         })
@@ -577,7 +373,7 @@ pub async fn claim(
             "pipeline_id": pipeline,
             "stage": stage,
             "claim_stage": claim_stage,
-            "worker_id": req.worker_id,
+            "worker_id": worker_id,
             "documents": documents,
         }),
     ))
@@ -588,19 +384,10 @@ pub async fn heartbeat(
     PathParams(pipeline): PathParams<String>,
     JsonBody(req): JsonBody<HeartbeatRequest>,
 ) -> Result<Response, ApiError> {
-    check_id("pipeline id", &pipeline)?;
-    check_id("worker_id", &req.worker_id)?;
-    check_document_ids(&req.document_ids)?;
-    let stage = req.stage.unwrap_or_else(|| DEFAULT_CLAIM_STAGE.to_owned());
-    check_stage("stage", &stage)?;
-    let args = HeartbeatArgs {
-        document_ids: req.document_ids,
-        worker_id: req.worker_id,
-        stage: stage.clone(),
-        now_ms: state.clock.now_ms(),
-    };
+    let args = validate_heartbeat(&pipeline, req, state.clock.now_ms())?;
+    let stage = args.stage.clone();
     let updated = state
-        .cache_op("heartbeat", |c| {
+        .pipelines_op("heartbeat", |c| {
             let pipeline = pipeline.clone();
             async move { c.heartbeat(&pipeline, &args).await }
         })
@@ -613,31 +400,15 @@ pub async fn set_stage(
     PathParams(pipeline): PathParams<String>,
     JsonBody(req): JsonBody<SetStageRequest>,
 ) -> Result<Response, ApiError> {
-    check_id("pipeline id", &pipeline)?;
-    check_document_ids(&req.document_ids)?;
-    check_stage("stage", &req.stage)?;
-    if let Some(from) = &req.from_stage {
-        check_stage("from_stage", from)?;
-    }
-    if let Some(worker) = &req.worker_id {
-        check_id("worker_id", worker)?;
-    }
-    let args = SetStageArgs {
-        document_ids: req.document_ids,
-        stage: req.stage.clone(),
-        from_stage: req.from_stage,
-        worker_id: req.worker_id,
-        create_missing: req.create_missing.unwrap_or(false),
-        only_version: None,
-        now_ms: state.clock.now_ms(),
-    };
+    let args = validate_set_stage(&pipeline, req, state.clock.now_ms())?;
+    let stage = args.stage.clone();
     let updated = state
-        .cache_op("set_stage", |c| {
+        .pipelines_op("set_stage", |c| {
             let pipeline = pipeline.clone();
             async move { c.set_stage(&pipeline, &args).await }
         })
         .await?;
-    Ok(stage_response(&pipeline, &req.stage, updated))
+    Ok(stage_response(&pipeline, &stage, updated))
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! The state every handler shares: the cache, the gateway client, metrics, the clock and the
+//! The state every handler shares: the document and pipeline stores, the gateway client, metrics, the clock and the
 //! watermarks. Handlers use it; it uses no handler.
 
 use std::future::Future;
@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cache::mirror::result_label;
-use crate::cache::{CacheError, CacheResult, DocumentCache};
+use crate::cache::{CacheError, CacheResult, DocumentStore, PipelineStore, StoreBackend, Stores};
 use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
@@ -32,7 +32,7 @@ impl Clock {
 }
 
 pub struct AppState {
-    pub cache: Arc<dyn DocumentCache>,
+    pub stores: Stores,
     pub gateway: Gateway,
     pub metrics: Metrics,
     pub clock: Clock,
@@ -46,16 +46,38 @@ pub struct AppState {
 pub type SharedState = Arc<AppState>;
 
 impl AppState {
-    /// Runs one cache operation under the per-operation timeout and records it. `f` gets the
-    /// cache and returns the operation.
+    /// Runs one operation of the document store under the per-operation timeout and records it
+    /// (`run_op`). `f` gets the store and returns the operation.
+    pub async fn documents_op<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<dyn DocumentStore>) -> Fut,
+        Fut: Future<Output = CacheResult<T>> + Send + 'static,
+    {
+        self.run_op(op, &self.stores.documents, f).await
+    }
+
+    /// Runs one operation of the pipeline store under the per-operation timeout and records it
+    /// (`run_op`). `f` gets the store and returns the operation.
+    pub async fn pipelines_op<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<dyn PipelineStore>) -> Fut,
+        Fut: Future<Output = CacheResult<T>> + Send + 'static,
+    {
+        self.run_op(op, &self.stores.pipelines, f).await
+    }
+
+    /// Runs one store operation under the per-operation timeout and records it.
     ///
     /// A backend whose operations are several commands (`detach_ops`: Aerospike) runs each in its
     /// own task: when the timeout fires, or the client goes away, the caller stops waiting (503)
     /// but the operation still finishes, so it is never cut between two of its commands.
-    pub async fn cache_op<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, ApiError>
+    async fn run_op<S, T, F, Fut>(&self, op: &'static str, store: &Arc<S>, f: F) -> Result<T, ApiError>
     where
+        S: StoreBackend + ?Sized,
         T: Send + 'static,
-        F: FnOnce(Arc<dyn DocumentCache>) -> Fut,
+        F: FnOnce(Arc<S>) -> Fut,
         Fut: Future<Output = CacheResult<T>> + Send + 'static,
     {
         let started = Instant::now();
@@ -65,8 +87,8 @@ impl AppState {
                 self.cache_timeout.as_millis()
             ))
         };
-        let fut = f(self.cache.clone());
-        let result = if self.cache.detach_ops() {
+        let fut = f(store.clone());
+        let result = if store.detach_ops() {
             let mut task = tokio::spawn(fut);
             match tokio::time::timeout(self.cache_timeout, &mut task).await {
                 Ok(Ok(r)) => r,

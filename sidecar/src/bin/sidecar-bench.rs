@@ -34,10 +34,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use clap::Parser;
 use hevlayer_sidecar::cache::embedded::EmbeddedCache;
-use hevlayer_sidecar::cache::{DocumentCache, PipelineMeta};
+use hevlayer_sidecar::cache::{PipelineMeta, PipelineStore, Stores};
 use hevlayer_sidecar::config::Config;
 use hevlayer_sidecar::RunningSidecar;
-use hevlayer_sidecar_api::{mirror_body, MIRROR_PATH};
+use hevlayer_sidecar_api::{mirror_body, MIRROR_PATH, STAMP_ATTRIBUTE};
 
 #[derive(Parser)]
 struct Args {
@@ -207,7 +207,7 @@ fn mirror_write(op: &str, rows: usize, stamp: u64) -> Vec<u8> {
             out.push(',');
         }
         out.push_str(&format!(
-            r#"{{"id":{i},"title":"{word} {i}","_hevlayer_upserted_at":{stamp}}}"#
+            r#"{{"id":{i},"title":"{word} {i}","{STAMP_ATTRIBUTE}":{stamp}}}"#
         ));
     }
     out.push_str("]}");
@@ -381,155 +381,211 @@ fn print(stats: &Stats, baseline: f64) {
     );
 }
 
+/// Where the scenarios run: the sidecar's URL, the connections and the time per scenario.
+struct Bench {
+    base: String,
+    concurrency: usize,
+    seconds: Duration,
+}
+
+impl Bench {
+    /// Runs one HTTP scenario and prints its row against `baseline` (req/s of /healthz); the
+    /// baseline run itself passes 0 and prints against its own rate.
+    async fn scenario(
+        &self,
+        name: &str,
+        pipeline: &str,
+        scenario: Scenario,
+        preloaded: usize,
+        baseline: f64,
+    ) -> Result<Stats, String> {
+        let stats = run(
+            name,
+            &self.base,
+            pipeline,
+            scenario,
+            self.concurrency,
+            self.seconds,
+            preloaded,
+        )
+        .await?;
+        print(&stats, if baseline > 0.0 { baseline } else { stats.rps() });
+        Ok(stats)
+    }
+}
+
+/// What the verdict is drawn from.
+struct Measured {
+    baseline: f64,
+    stage_small: Stats,
+    stage_small_again: Stats,
+    stage_large: Stats,
+    mirrors: [Stats; 3],
+    /// RSS growth per staged document of the large pipeline, when /proc tells it.
+    per_doc_rss: Option<f64>,
+    /// Budget bytes charged per staged document of the large pipeline.
+    per_doc_accounted: f64,
+}
+
+/// Documents staged in the small pipeline.
+const SMALL: usize = 1_000;
+
 async fn bench(args: Args) -> Result<bool, String> {
     let mut config = Config::defaults();
     config.embedded_cache_bytes = 64 << 30;
     let cache = Arc::new(EmbeddedCache::new(config.embedded_cache_bytes));
-    let server = RunningSidecar::start(&config, cache.clone() as Arc<dyn DocumentCache>).await?;
-    let base = server.url("");
-    let seconds = Duration::from_secs(args.seconds);
-    let c = args.concurrency;
+    let server = RunningSidecar::start(&config, Stores::on(cache.clone())).await?;
+    let bench = Bench {
+        base: server.url(""),
+        concurrency: args.concurrency,
+        seconds: Duration::from_secs(args.seconds),
+    };
     println!(
-        "sidecar benchmark: embedded store, loopback, {c} connections, {}s per scenario, {DOC_TEXT_BYTES}-byte documents",
-        args.seconds
+        "sidecar benchmark: embedded store, loopback, {} connections, {}s per scenario, {DOC_TEXT_BYTES}-byte documents",
+        args.concurrency, args.seconds
     );
-
-    let small = 1_000;
     for p in ["small", "large", "claim"] {
         cache.create_pipeline(meta(p)).await.map_err(|e| e.to_string())?;
     }
-    preload_http(&base, "small", small, c).await?;
+    preload_http(&bench.base, "small", SMALL, bench.concurrency).await?;
+    let measured = measure(&bench, &cache, &args).await?;
+    let ok = verdict(&measured);
+    server.stop().await.map_err(|e| e.to_string())?;
+    Ok(ok)
+}
 
-    let health = run("healthz (baseline)", &base, "", Scenario::Health, c, seconds, 0).await?;
+/// Runs every scenario in order and prints its row.
+async fn measure(bench: &Bench, cache: &EmbeddedCache, args: &Args) -> Result<Measured, String> {
+    let health = bench
+        .scenario("healthz (baseline)", "", Scenario::Health, 0, 0.0)
+        .await?;
     let baseline = health.rps();
-    print(&health, baseline);
-    let stage_small = run(
-        "stage (1,000 staged)",
-        &base,
-        "small",
-        Scenario::Restage,
-        c,
-        seconds,
-        small,
-    )
-    .await?;
-    print(&stage_small, baseline);
-    let chunks = run(
-        "get-chunks",
-        &base,
-        "small",
-        Scenario::GetChunks,
-        c,
-        seconds,
-        small,
-    )
-    .await?;
-    print(&chunks, baseline);
-
+    let stage_small = bench
+        .scenario(
+            "stage (1,000 staged)",
+            "small",
+            Scenario::Restage,
+            SMALL,
+            baseline,
+        )
+        .await?;
+    bench
+        .scenario("get-chunks", "small", Scenario::GetChunks, SMALL, baseline)
+        .await?;
     // Claims: enough pending documents that the queue never drains during the run.
     let claimable = (health.rps() as usize * args.seconds as usize * 2).max(10_000);
-    preload(&cache, "claim", claimable).await?;
-    let claim = run(
-        "claim (limit 1)",
-        &base,
-        "claim",
-        Scenario::Claim,
-        c,
-        seconds,
-        claimable,
-    )
-    .await?;
-    print(&claim, baseline);
-
-    let mirrors = mirror_scenarios(&base, seconds).await?;
+    preload(cache, "claim", claimable).await?;
+    bench
+        .scenario("claim (limit 1)", "claim", Scenario::Claim, claimable, baseline)
+        .await?;
+    let mirrors = mirror_scenarios(&bench.base, bench.seconds).await?;
     for stats in &mirrors {
         print_latency(stats);
     }
+    let (per_doc_rss, per_doc_accounted) = stage_large(bench, cache, args.large).await?;
+    // /healthz again: whether the process as a whole (a store holding a million documents, the
+    // machine's load now) got slower, which no pipeline-size effect explains.
+    bench
+        .scenario("healthz (again)", "", Scenario::Health, 0, baseline)
+        .await?;
+    // The small pipeline again, right before the large one: same process state, same load.
+    let stage_small_again = bench
+        .scenario(
+            "stage (1,000 staged, again)",
+            "small",
+            Scenario::Restage,
+            SMALL,
+            baseline,
+        )
+        .await?;
+    let stage_large = bench
+        .scenario(
+            &format!("stage ({} staged)", args.large),
+            "large",
+            Scenario::Restage,
+            args.large,
+            baseline,
+        )
+        .await?;
+    Ok(Measured {
+        baseline,
+        stage_small,
+        stage_small_again,
+        stage_large,
+        mirrors,
+        per_doc_rss,
+        per_doc_accounted,
+    })
+}
 
+/// Stages `large` documents over HTTP; returns the RSS growth per document (when /proc tells it)
+/// and the budget bytes charged per document.
+async fn stage_large(
+    bench: &Bench,
+    cache: &EmbeddedCache,
+    large: usize,
+) -> Result<(Option<f64>, f64), String> {
     let rss_before = rss_bytes();
     let used_before = cache.used_bytes();
     let t = Instant::now();
-    preload_http(&base, "large", args.large, c).await?;
+    preload_http(&bench.base, "large", large, bench.concurrency).await?;
     let rss_after = rss_bytes();
     let used_after = cache.used_bytes();
     println!(
-        "staged {} documents over HTTP in {:.1}s",
-        args.large,
+        "staged {large} documents over HTTP in {:.1}s",
         t.elapsed().as_secs_f64()
     );
-    // /healthz again: whether the process as a whole (a store holding a million documents, the
-    // machine's load now) got slower, which no pipeline-size effect explains.
-    let health_again = run("healthz (again)", &base, "", Scenario::Health, c, seconds, 0).await?;
-    print(&health_again, baseline);
-    // The small pipeline again, right before the large one: same process state, same load.
-    let stage_small_again = run(
-        "stage (1,000 staged, again)",
-        &base,
-        "small",
-        Scenario::Restage,
-        c,
-        seconds,
-        small,
-    )
-    .await?;
-    print(&stage_small_again, baseline);
-    let stage_large = run(
-        &format!("stage ({} staged)", args.large),
-        &base,
-        "large",
-        Scenario::Restage,
-        c,
-        seconds,
-        args.large,
-    )
-    .await?;
-    print(&stage_large, baseline);
-
     let per_doc_rss = match (rss_before, rss_after) {
-        (Some(b), Some(a)) if args.large > 0 => Some(a.saturating_sub(b) as f64 / args.large as f64),
+        (Some(b), Some(a)) if large > 0 => Some(a.saturating_sub(b) as f64 / large as f64),
         _ => None,
     };
-    let per_doc_accounted = (used_after - used_before) as f64 / args.large.max(1) as f64;
+    let per_doc_accounted = (used_after - used_before) as f64 / large.max(1) as f64;
+    Ok((per_doc_rss, per_doc_accounted))
+}
 
+/// Prints a PASS or FAIL line per target; true when every one passed.
+fn verdict(m: &Measured) -> bool {
     let mut ok = true;
     let mut check = |label: &str, pass: bool, detail: String| {
         println!("{} {label}: {detail}", if pass { "PASS" } else { "FAIL" });
         ok &= pass;
     };
-    let stage_ratio = stage_small.rps() / baseline;
+    let stage_ratio = m.stage_small.rps() / m.baseline;
     check(
         "stage throughput >= 50% of /healthz",
         stage_ratio >= 0.5,
         format!("{:.1}%", stage_ratio * 100.0),
     );
-    let p50_ratio = stage_large.p50_us as f64 / stage_small_again.p50_us.max(1) as f64;
+    let p50_ratio = m.stage_large.p50_us as f64 / m.stage_small_again.p50_us.max(1) as f64;
     check(
         "stage p50 with the large pipeline within 1.5x of 1,000",
         p50_ratio <= 1.5,
         format!(
             "{} us vs {} us ({p50_ratio:.2}x; first 1,000 run: {} us)",
-            stage_large.p50_us, stage_small_again.p50_us, stage_small.p50_us
+            m.stage_large.p50_us, m.stage_small_again.p50_us, m.stage_small.p50_us
         ),
     );
-    let worst = mirrors[1].p99_us.max(mirrors[2].p99_us);
+    let worst = m.mirrors[1].p99_us.max(m.mirrors[2].p99_us);
     check(
         "10,000-row mirror p99 <= 50 ms (a quarter of the 200 ms callout timeout)",
         worst <= MIRROR_P99_TARGET_US,
         format!(
             "upsert p99 {} us, patch p99 {} us",
-            mirrors[1].p99_us, mirrors[2].p99_us
+            m.mirrors[1].p99_us, m.mirrors[2].p99_us
         ),
     );
-    match per_doc_rss {
+    match m.per_doc_rss {
         Some(bytes) => check(
             "memory per staged 2 KB document <= 4 KB",
             bytes <= 4096.0,
-            format!("{bytes:.0} bytes RSS ({per_doc_accounted:.0} bytes charged to the budget)"),
+            format!(
+                "{bytes:.0} bytes RSS ({:.0} bytes charged to the budget)",
+                m.per_doc_accounted
+            ),
         ),
         None => println!("SKIP memory per staged document: /proc/self/status unavailable"),
     }
-    server.stop().await.map_err(|e| e.to_string())?;
-    Ok(ok)
+    ok
 }
 
 fn main() -> ExitCode {

@@ -1,7 +1,7 @@
 //! Applying a planned mirror (SPEC §2.5) to a backend: the ops `crate::mirror::plan` produces,
 //! what applying a batch of them reports, and the op-by-op path every backend gets by default
-//! (`DocumentCache::apply_mirror`). The embedded store overrides it with a batch that takes its
-//! namespace lock once per chunk of ops; both must meet the same contract (`contract.rs`):
+//! (`DocumentStore::apply_mirror`). The embedded store overrides it with a batch that takes its
+//! namespace lock once per chunk of ops; both must meet the same contract (`contract/documents.rs`):
 //!
 //! - each document's ops take effect in plan order;
 //! - the single-document rules hold for every op: a newer `_hevlayer_upserted_at` wins, a
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 
-use super::{Attributes, CacheError, CacheResult, DocId, DocumentCache};
+use super::{Attributes, CacheError, CacheResult, DocId, DocumentStore};
 
 /// One effect on the cached document of `id`.
 #[derive(Debug, Clone, PartialEq)]
@@ -118,7 +118,7 @@ struct LaneReport {
 /// Nothing here is spawned or timed out: the API runs the whole batch in a task of its own (a
 /// caller giving up cannot cut it), so every operation runs to completion, and a backend bounds
 /// each of its commands itself (Aerospike: `CACHE_OP_TIMEOUT_MS` per command, and the breaker).
-pub async fn apply_op_by_op<C: DocumentCache + ?Sized>(
+pub async fn apply_op_by_op<C: DocumentStore + ?Sized>(
     cache: &C,
     namespace: &str,
     ops: Vec<MirrorOp>,
@@ -163,7 +163,7 @@ fn spread(ops: Vec<MirrorOp>) -> Vec<Vec<(usize, MirrorOp)>> {
     lanes
 }
 
-async fn run_lane<C: DocumentCache + ?Sized>(
+async fn run_lane<C: DocumentStore + ?Sized>(
     cache: &C,
     namespace: &str,
     lane: Vec<(usize, MirrorOp)>,

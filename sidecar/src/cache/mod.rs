@@ -1,17 +1,21 @@
-//! The document cache: one trait, implemented by the embedded in-process store (`embedded`, the
-//! default) and by the Aerospike backend (`aerospike`, with `AEROSPIKE_HOSTS`) with the same
-//! semantics; `contract` is the test suite both pass. The README documents the Aerospike layout.
+//! The document cache: two stores, each a trait implemented by the embedded in-process store
+//! (`embedded`, the default) and by the Aerospike backend (`aerospike`, with `AEROSPIKE_HOSTS`)
+//! with the same semantics; `contract` is the test suites both pass. The README documents the
+//! Aerospike layout.
 //!
-//! It holds two kinds of records:
-//! - mirrored Turbopuffer documents, per namespace, keyed by document id (written one at a time
-//!   or as a mirror batch, `mirror`);
-//! - pipelines and their staged documents (chunks, stage, lease).
+//! - `DocumentStore`: mirrored Turbopuffer documents, per namespace, keyed by document id
+//!   (written one at a time or as a mirror batch, `mirror`);
+//! - `PipelineStore`: pipelines and their staged documents (chunks, stage, lease).
+//!
+//! Both extend `StoreBackend` (health, whether operations must run detached); `Stores` holds one
+//! handle to each.
 
 pub mod aerospike;
 pub mod embedded;
 pub mod mirror;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -193,12 +197,10 @@ impl std::error::Error for CacheError {}
 
 pub type CacheResult<T> = Result<T, CacheError>;
 
-/// What every backend provides. Each method is atomic with respect to the others on the same
-/// record; claims are atomic per document (two claimers never receive the same document while
-/// its lease holds). Expired leases are returned to the stage they were claimed from before any
-/// pipeline operation observes them.
+/// What each store says about the backend behind it. Every backend implements both stores with
+/// the same semantics; each method is atomic with respect to the others on the same record.
 #[async_trait]
-pub trait DocumentCache: Send + Sync {
+pub trait StoreBackend: Send + Sync {
     async fn health(&self) -> CacheHealth;
 
     /// Whether an operation is several commands that a dropped future would cut short (Aerospike):
@@ -208,9 +210,11 @@ pub trait DocumentCache: Send + Sync {
     fn detach_ops(&self) -> bool {
         false
     }
+}
 
-    // Mirrored Turbopuffer documents.
-
+/// Mirrored Turbopuffer documents, per namespace, keyed by document id.
+#[async_trait]
+pub trait DocumentStore: StoreBackend {
     async fn get_document(&self, namespace: &str, id: &DocId) -> CacheResult<Option<CachedDoc>>;
     /// Replaces the document unless the cached one carries a newer stamp. True when written.
     async fn upsert_document(
@@ -252,9 +256,13 @@ pub trait DocumentCache: Send + Sync {
     /// Removes every cached document of a namespace; returns how many when the backend can tell
     /// (Aerospike's truncate cannot: 0).
     async fn purge_namespace(&self, namespace: &str) -> CacheResult<u64>;
+}
 
-    // Pipelines.
-
+/// Pipelines and their staged documents (chunks, stage, lease). Claims are atomic per document
+/// (two claimers never receive the same document while its lease holds). Expired leases are
+/// returned to the stage they were claimed from before any pipeline operation observes them.
+#[async_trait]
+pub trait PipelineStore: StoreBackend {
     async fn create_pipeline(&self, meta: PipelineMeta) -> CacheResult<()>;
     async fn get_pipeline(&self, id: &str) -> CacheResult<Option<PipelineMeta>>;
     async fn list_pipelines(&self) -> CacheResult<Vec<PipelineMeta>>;
@@ -282,6 +290,40 @@ pub trait DocumentCache: Send + Sync {
     async fn heartbeat(&self, pipeline: &str, args: &HeartbeatArgs) -> CacheResult<u64>;
     async fn set_stage(&self, pipeline: &str, args: &SetStageArgs) -> CacheResult<u64>;
     async fn stage_counts(&self, pipeline: &str, now_ms: u64) -> CacheResult<StageCounts>;
+}
+
+/// The two stores the sidecar serves from. Built from one backend (`Stores::on`) they are the
+/// same object behind two handles.
+#[derive(Clone)]
+pub struct Stores {
+    pub documents: Arc<dyn DocumentStore>,
+    pub pipelines: Arc<dyn PipelineStore>,
+}
+
+impl Stores {
+    /// Both stores on one backend.
+    pub fn on<B: DocumentStore + PipelineStore + 'static>(backend: Arc<B>) -> Self {
+        Self {
+            documents: backend.clone(),
+            pipelines: backend,
+        }
+    }
+
+    /// The backends' health, for `/healthz` and `/metrics`: asked once when both stores are one
+    /// backend; otherwise the first store that is not connected, else the document store's.
+    pub async fn health(&self) -> CacheHealth {
+        let documents = self.documents.health().await;
+        let same = std::ptr::addr_eq(Arc::as_ptr(&self.documents), Arc::as_ptr(&self.pipelines));
+        if same || !documents.connected {
+            return documents;
+        }
+        let pipelines = self.pipelines.health().await;
+        if pipelines.connected {
+            documents
+        } else {
+            pipelines
+        }
+    }
 }
 
 /// How long an eviction's tombstone refuses older writes (`evict_document`).

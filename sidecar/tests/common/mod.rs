@@ -11,6 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use hevlayer_sidecar::cache::aerospike::{AerospikeCache, AerospikeSettings};
 use hevlayer_sidecar::cache::embedded::EmbeddedCache;
+use hevlayer_sidecar::cache::Stores;
 use hevlayer_sidecar::config::Config;
 use hevlayer_sidecar::RunningSidecar;
 use serde_json::Value;
@@ -157,9 +158,12 @@ pub async fn sidecar_on(backend: Backend, gateway_url: &str, extra: &[&str]) -> 
     match backend {
         Backend::Embedded => {
             let cfg = config(gateway_url, extra);
-            let inner = RunningSidecar::start(&cfg, Arc::new(EmbeddedCache::new(cfg.embedded_cache_bytes)))
-                .await
-                .unwrap();
+            let inner = RunningSidecar::start(
+                &cfg,
+                Stores::on(Arc::new(EmbeddedCache::new(cfg.embedded_cache_bytes))),
+            )
+            .await
+            .unwrap();
             TestSidecar {
                 inner,
                 backend,
@@ -188,7 +192,7 @@ pub async fn sidecar_on(backend: Backend, gateway_url: &str, extra: &[&str]) -> 
                 cache.wait_connected(Duration::from_secs(10)).await,
                 "no connection to the double"
             );
-            let inner = RunningSidecar::start(&cfg, cache).await.unwrap();
+            let inner = RunningSidecar::start(&cfg, Stores::on(cache)).await.unwrap();
             TestSidecar {
                 inner,
                 backend,

@@ -4,10 +4,12 @@
 //! is a generation-checked write (or a create-only one) retried on conflict, so several sidecars
 //! can share one cluster. The layout (sets, keys, bins) is documented in the sidecar's README.
 //!
-//! Modules: `breaker` (fail fast while the cluster is unreachable), `pipelines` (staged documents
-//! and the pipeline operations), `journal` (exact per-stage counts), `queue` (claim queues),
-//! `leases` (the lease-expiry index). This file holds the connection, the command helpers every
-//! module uses, and the mirrored Turbopuffer documents.
+//! Modules: `documents` (the mirrored Turbopuffer documents: the `DocumentStore`), `pipelines`
+//! (staged documents and the pipeline operations: the `PipelineStore`; the claim in
+//! `pipelines/claim`), `journal` (exact
+//! per-stage counts), `queue` (claim queues), `leases` (the lease-expiry index), `breaker` (fail
+//! fast while the cluster is unreachable). This file holds the connection, the backend's health
+//! and the command helpers every module uses.
 //!
 //! Failure handling: the client connects in the background (the sidecar starts cold); every
 //! command carries the per-operation timeout; a transport failure, a timeout, or a call abandoned
@@ -25,6 +27,7 @@
 //! runs the whole batch in a task of its own), each command bounded by the operation timeout.
 
 mod breaker;
+mod documents;
 mod journal;
 mod leases;
 mod pipelines;
@@ -44,14 +47,10 @@ use aerospike::{
     ReadPolicy, Value, WritePolicy,
 };
 use async_trait::async_trait;
-use bytes::Bytes;
 
 use self::breaker::Breaker;
 pub use self::breaker::BreakerState;
-use super::{
-    Attributes, CacheError, CacheHealth, CacheResult, CachedDoc, ClaimArgs, DocId, DocState, DocumentCache,
-    HeartbeatArgs, PipelineMeta, SetStageArgs, StageCounts, TOMBSTONE_MS,
-};
+use super::{CacheError, CacheHealth, CacheResult, StoreBackend};
 
 /// Aerospike's longest set name.
 const MAX_SET_NAME: usize = 63;
@@ -130,16 +129,6 @@ pub fn set_name(prefix: &str, id: &str) -> String {
         plain
     } else {
         format!("{prefix}#{:016x}", fnv1a(id.as_bytes()))
-    }
-}
-
-fn doc_key_value(id: &DocId) -> Value {
-    match id {
-        DocId::Num(n) => match i64::try_from(*n) {
-            Ok(i) => Value::Int(i),
-            Err(_) => Value::String(format!("#u64:{n}")),
-        },
-        DocId::Str(s) => Value::String(s.clone()),
     }
 }
 
@@ -503,41 +492,6 @@ impl AerospikeCache {
         let set = format!("{}#meta", self.settings.pipeline_set_prefix);
         let _ = self.get(&set, Value::String("#probe".into()), Bins::None).await;
     }
-
-    // ------------------------------------------------------------------ mirrored documents
-
-    fn docs_set(&self, namespace: &str) -> String {
-        set_name(&self.settings.set_prefix, namespace)
-    }
-
-    /// The cached record of a document: `(generation, stamp, is a tombstone)`.
-    fn doc_header(rec: &aerospike::Record) -> (u32, i64, bool) {
-        (
-            rec.generation,
-            bin_int(rec, "ts").unwrap_or(0),
-            bin_int(rec, "del").unwrap_or(0) == 1,
-        )
-    }
-
-    /// Writes a live document (clearing a tombstone) under `cond`. `cached_ms` is when this copy
-    /// entered the cache (now, unless a patch keeps the copy's own).
-    async fn write_cached(
-        &self,
-        set: &str,
-        id: &DocId,
-        text: &str,
-        upserted_at: u64,
-        cached_ms: u64,
-        cond: Cond,
-    ) -> CacheResult<Written> {
-        let bins = [
-            Bin::new("attrs", Value::String(text.to_owned())),
-            Bin::new("ts", Value::Int(ms_i64(upserted_at))),
-            Bin::new("del", Value::Nil),
-            Bin::new("at", Value::Int(ms_i64(cached_ms))),
-        ];
-        self.put(set, doc_key_value(id), &bins, cond, None).await
-    }
 }
 
 /// The last integer an operate returned (its results are positional).
@@ -559,7 +513,7 @@ fn last_int(rec: &aerospike::Record) -> Option<i64> {
 }
 
 #[async_trait]
-impl DocumentCache for AerospikeCache {
+impl StoreBackend for AerospikeCache {
     async fn health(&self) -> CacheHealth {
         let client = self.client.read().unwrap_or_else(PoisonError::into_inner).clone();
         if client.is_some() && self.breaker.state() == BreakerState::HalfOpen {
@@ -593,219 +547,6 @@ impl DocumentCache for AerospikeCache {
 
     fn detach_ops(&self) -> bool {
         true
-    }
-
-    async fn get_document(&self, namespace: &str, id: &DocId) -> CacheResult<Option<CachedDoc>> {
-        let set = self.docs_set(namespace);
-        let Some(rec) = self.get(&set, doc_key_value(id), Bins::All).await? else {
-            return Ok(None);
-        };
-        let (_, ts, tombstone) = Self::doc_header(&rec);
-        if tombstone {
-            return Ok(None);
-        }
-        let attributes = bin_str(&rec, "attrs")
-            .and_then(|s| serde_json::from_str::<Attributes>(&s).ok())
-            .unwrap_or_default();
-        Ok(Some(CachedDoc {
-            attributes,
-            upserted_at: u64::try_from(ts).unwrap_or(0),
-            cached_ms: bin_int(&rec, "at")
-                .and_then(|t| u64::try_from(t).ok())
-                .unwrap_or(0),
-        }))
-    }
-
-    async fn upsert_document(
-        &self,
-        namespace: &str,
-        id: &DocId,
-        attributes: Attributes,
-        upserted_at: u64,
-    ) -> CacheResult<bool> {
-        let set = self.docs_set(namespace);
-        let text = serde_json::to_string(&attributes).unwrap_or_else(|_| "{}".into());
-        for _ in 0..MAX_RMW_ATTEMPTS {
-            let cond = match self
-                .get(&set, doc_key_value(id), Bins::from(["ts", "del"].as_slice()))
-                .await?
-            {
-                // A newer document, or a tombstone of a newer eviction, wins.
-                Some(rec) if Self::doc_header(&rec).1 > ms_i64(upserted_at) => return Ok(false),
-                Some(rec) => Cond::Gen(rec.generation),
-                None => Cond::Create,
-            };
-            if let Written::Yes = self
-                .write_cached(&set, id, &text, upserted_at, super::now_ms(), cond)
-                .await?
-            {
-                return Ok(true);
-            }
-        }
-        Err(CacheError::Unavailable(
-            "too much contention on a cached document".into(),
-        ))
-    }
-
-    async fn backfill_document(
-        &self,
-        namespace: &str,
-        id: &DocId,
-        attributes: Attributes,
-        upserted_at: u64,
-    ) -> CacheResult<bool> {
-        let set = self.docs_set(namespace);
-        let text = serde_json::to_string(&attributes).unwrap_or_else(|_| "{}".into());
-        for _ in 0..MAX_RMW_ATTEMPTS {
-            let cond = match self
-                .get(&set, doc_key_value(id), Bins::from(["ts", "del"].as_slice()))
-                .await?
-            {
-                None => Cond::Create,
-                Some(rec) => match Self::doc_header(&rec) {
-                    (gen, ts, true) if ts < ms_i64(upserted_at) => Cond::Gen(gen),
-                    // Something is cached, or an eviction at least as new refuses this copy.
-                    _ => return Ok(false),
-                },
-            };
-            if let Written::Yes = self
-                .write_cached(&set, id, &text, upserted_at, super::now_ms(), cond)
-                .await?
-            {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
-
-    async fn patch_document(
-        &self,
-        namespace: &str,
-        id: &DocId,
-        patch: Attributes,
-        upserted_at: u64,
-    ) -> CacheResult<bool> {
-        let set = self.docs_set(namespace);
-        for _ in 0..MAX_RMW_ATTEMPTS {
-            let Some(rec) = self.get(&set, doc_key_value(id), Bins::All).await? else {
-                return Ok(false);
-            };
-            let (gen, ts, tombstone) = Self::doc_header(&rec);
-            if tombstone || ts > ms_i64(upserted_at) {
-                return Ok(false);
-            }
-            let mut merged = bin_str(&rec, "attrs")
-                .and_then(|s| serde_json::from_str::<Attributes>(&s).ok())
-                .unwrap_or_default();
-            for (k, v) in &patch {
-                merged.insert(k.clone(), v.clone());
-            }
-            let text = serde_json::to_string(&merged).unwrap_or_else(|_| "{}".into());
-            let cached_ms = bin_int(&rec, "at")
-                .and_then(|t| u64::try_from(t).ok())
-                .unwrap_or(0);
-            if let Written::Yes = self
-                .write_cached(&set, id, &text, upserted_at, cached_ms, Cond::Gen(gen))
-                .await?
-            {
-                return Ok(true);
-            }
-        }
-        Err(CacheError::Unavailable(
-            "too much contention on a cached document".into(),
-        ))
-    }
-
-    async fn evict_document(&self, namespace: &str, id: &DocId, refuse_up_to: u64) -> CacheResult<bool> {
-        let set = self.docs_set(namespace);
-        let ttl = u32::try_from(TOMBSTONE_MS / 1000).unwrap_or(u32::MAX);
-        for _ in 0..MAX_RMW_ATTEMPTS {
-            let rec = self
-                .get(&set, doc_key_value(id), Bins::from(["ts", "del"].as_slice()))
-                .await?;
-            let (cond, stamp, was_cached) = match &rec {
-                None => (Cond::Create, ms_i64(refuse_up_to), false),
-                Some(rec) => {
-                    let (gen, ts, tombstone) = Self::doc_header(rec);
-                    (Cond::Gen(gen), ts.max(ms_i64(refuse_up_to)), !tombstone)
-                }
-            };
-            // The tombstone replaces the document: stamp, marker, no attributes; it lapses.
-            let bins = [
-                Bin::new("attrs", Value::Nil),
-                Bin::new("ts", Value::Int(stamp)),
-                Bin::new("del", Value::Int(1)),
-                Bin::new("at", Value::Nil),
-            ];
-            if let Written::Yes = self.put(&set, doc_key_value(id), &bins, cond, Some(ttl)).await? {
-                return Ok(was_cached);
-            }
-        }
-        Err(CacheError::Unavailable(
-            "too much contention on a cached document".into(),
-        ))
-    }
-
-    /// Truncates the namespace's set. Aerospike does not say how many records that removed: 0.
-    async fn purge_namespace(&self, namespace: &str) -> CacheResult<u64> {
-        self.truncate(&self.docs_set(namespace)).await?;
-        Ok(0)
-    }
-
-    async fn create_pipeline(&self, meta: PipelineMeta) -> CacheResult<()> {
-        self.pipeline_create(meta).await
-    }
-
-    async fn get_pipeline(&self, id: &str) -> CacheResult<Option<PipelineMeta>> {
-        self.pipeline_get(id).await
-    }
-
-    async fn list_pipelines(&self) -> CacheResult<Vec<PipelineMeta>> {
-        self.pipeline_list().await
-    }
-
-    async fn delete_pipeline(&self, id: &str) -> CacheResult<bool> {
-        self.pipeline_delete(id).await
-    }
-
-    async fn stage_document(
-        &self,
-        pipeline: &str,
-        document_id: &str,
-        chunks_json: Bytes,
-        now_ms: u64,
-    ) -> CacheResult<()> {
-        self.pipeline_stage(pipeline, document_id, chunks_json, now_ms)
-            .await
-    }
-
-    async fn get_chunks(&self, pipeline: &str, document_id: &str) -> CacheResult<Option<Bytes>> {
-        self.pipeline_chunks(pipeline, document_id).await
-    }
-
-    async fn document_stage(
-        &self,
-        pipeline: &str,
-        document_id: &str,
-        now_ms: u64,
-    ) -> CacheResult<Option<DocState>> {
-        self.pipeline_document_state(pipeline, document_id, now_ms).await
-    }
-
-    async fn claim(&self, pipeline: &str, args: &ClaimArgs) -> CacheResult<Vec<String>> {
-        self.pipeline_claim(pipeline, args).await
-    }
-
-    async fn heartbeat(&self, pipeline: &str, args: &HeartbeatArgs) -> CacheResult<u64> {
-        self.pipeline_heartbeat(pipeline, args).await
-    }
-
-    async fn set_stage(&self, pipeline: &str, args: &SetStageArgs) -> CacheResult<u64> {
-        self.pipeline_set_stage(pipeline, args).await
-    }
-
-    async fn stage_counts(&self, pipeline: &str, now_ms: u64) -> CacheResult<StageCounts> {
-        self.pipeline_counts(pipeline, now_ms).await
     }
 }
 

@@ -19,20 +19,22 @@
 //! A document record with an empty `stage` is a placeholder (written by a repair to fence a
 //! create that never happened): it reads as absent.
 
+mod claim;
+
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aerospike::operations::{maps, MapOrder, MapPolicy, MapReturnType, MapWriteFlags, Operation};
 use aerospike::{BatchOperation, BatchReadPolicy, Bin, Bins, Value};
+use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::journal::{deltas, Entry, Opened, GRACE_MS};
-use super::queue::{stage_part, Slot, CHUNK};
-use super::records::{reason_for, state_bins, Pipe, StagedRecord, QN_NONE};
-use super::{all, bin_int, bin_str, map_entries, ms_i64, AerospikeCache, Cond, Written, MAX_RMW_ATTEMPTS};
+use super::records::{state_bins, Pipe, StagedRecord, QN_NONE};
+use super::{all, bin_str, map_entries, ms_i64, AerospikeCache, Cond, Written, MAX_RMW_ATTEMPTS};
 use crate::cache::{
-    CacheError, CacheResult, ClaimArgs, DocState, HeartbeatArgs, PipelineMeta, SetStageArgs, StageCounts,
-    STAGE_PENDING,
+    CacheError, CacheResult, ClaimArgs, DocState, HeartbeatArgs, PipelineMeta, PipelineStore, SetStageArgs,
+    StageCounts, STAGE_PENDING,
 };
 
 /// A document move: from `old` (as read; `None`: no record) to `next`.
@@ -53,6 +55,11 @@ enum Moved {
     Busy,
     /// The document changed since it was read.
     Conflict,
+}
+
+/// Whether the heartbeat's worker holds the document's lease in the heartbeat's stage.
+fn holds_lease(d: &StagedRecord, args: &HeartbeatArgs) -> bool {
+    d.present() && d.stage == args.stage && d.leased() && d.worker == args.worker_id
 }
 
 /// Runs the async closure over `ids` in parallel and counts the `true`s; the first error wins.
@@ -590,23 +597,8 @@ impl AerospikeCache {
             .await?;
         let dir = rows.into_iter().next().flatten();
         self.expire_leases(&pipe, dir.as_ref(), args.now_ms).await?;
-        let mut seen = HashSet::new();
-        let ids: Vec<String> = args
-            .document_ids
-            .iter()
-            .filter(|id| seen.insert(id.as_str()))
-            .cloned()
-            .collect();
-        let docs = self.read_states(&pipe, &ids).await?;
+        let held = self.held_leases(&pipe, args).await?;
         let now = ms_i64(args.now_ms);
-        let eligible = |d: &StagedRecord| {
-            d.present() && d.stage == args.stage && d.leased() && d.worker == args.worker_id
-        };
-        let held: Vec<(String, StagedRecord)> = ids
-            .into_iter()
-            .zip(docs)
-            .filter_map(|(id, d)| d.filter(|d| eligible(d)).map(|d| (id, d)))
-            .collect();
         // New index entries before the new leases.
         let fresh: Vec<(String, i64)> = held
             .iter()
@@ -616,44 +608,12 @@ impl AerospikeCache {
         let pipe = &pipe;
         let extending: Vec<_> = held
             .into_iter()
-            .map(|(id, doc)| async move {
-                let mut doc = doc;
-                let mut indexed = now.saturating_add(doc.lease_ms);
-                for _ in 0..MAX_RMW_ATTEMPTS {
-                    let mut next = doc.clone();
-                    next.lease_expires = now.saturating_add(doc.lease_ms);
-                    if next.lease_expires != indexed {
-                        // The lease length changed since the entries were written: index this one.
-                        self.lease_index_add(pipe, &[(id.clone(), next.lease_expires)])
-                            .await?;
-                        indexed = next.lease_expires;
-                    }
-                    let bins = next.bins();
-                    match self
-                        .put(
-                            &pipe.set,
-                            pipe.doc_key(&id),
-                            &bins,
-                            Cond::Gen(doc.generation),
-                            None,
-                        )
-                        .await?
-                    {
-                        Written::Yes => return Ok(Some((id, doc.lease_expires, next.lease_expires))),
-                        Written::Conflict => match self.read_state(pipe, &id).await? {
-                            Some(d) if eligible(&d) => doc = d,
-                            _ => return Ok(None),
-                        },
-                    }
-                }
-                Ok::<_, CacheError>(None)
-            })
+            .map(|(id, doc)| self.extend_lease(pipe, id, doc, args))
             .collect();
-        let extended = all(extending).await;
         let mut stale = Vec::new();
         let mut updated = 0;
         let mut failure = None;
-        for result in extended {
+        for result in all(extending).await {
             match result {
                 Ok(Some((id, old, new))) => {
                     updated += 1;
@@ -674,291 +634,125 @@ impl AerospikeCache {
         }
     }
 
-    pub(super) async fn pipeline_claim(&self, pipeline: &str, args: &ClaimArgs) -> CacheResult<Vec<String>> {
-        // Past this point no new document is taken: the claim answers in time with what it won
-        // (every won document fully claimed), or 503 if it won none (and changed nothing).
-        let soft_deadline = Instant::now() + self.settings.op_timeout * 6 / 10;
-        let part = stage_part(&args.stage);
-        let queue_keys = |p: &Pipe| {
-            vec![
-                (p.key(&format!("q:{part}:h")), Bins::All),
-                (p.key(&format!("q:{part}:t")), Bins::All),
-            ]
-        };
-        let (pipe, rows) = self
-            .open_pipeline(pipeline, |p| {
-                let mut keys = vec![(p.dir_key(), Bins::All)];
-                keys.extend(queue_keys(p));
-                keys
-            })
-            .await?;
-        let mut rows = rows.into_iter();
-        let dir = rows.next().flatten();
-        let mut head_rec = rows.next().flatten();
-        let mut tail_rec = rows.next().flatten();
-        if self.expire_leases(&pipe, dir.as_ref(), args.now_ms).await? {
-            let keys: Vec<Value> = queue_keys(&pipe).into_iter().map(|(k, _)| k).collect();
-            let mut fresh = self.batch_get(&pipe.set, keys, Bins::All).await?.into_iter();
-            head_rec = fresh.next().flatten();
-            tail_rec = fresh.next().flatten();
-        }
-        let head = head_rec.as_ref().and_then(|r| bin_int(r, "n")).unwrap_or(0);
-        let head_gen = head_rec.as_ref().map(|r| r.generation);
-        let tail = tail_rec.as_ref().and_then(|r| bin_int(r, "n")).unwrap_or(0);
-        let mut walk = Walk {
-            deadline: soft_deadline,
-            out_of_time: false,
-            claimed: Vec::new(),
-            to_close: Vec::new(),
-            new_head: head,
-            contiguous: true,
-            failure: None,
-        };
-        let mut n = head;
-        while n < tail && walk.claimed.len() < args.limit {
-            if Instant::now() >= walk.deadline {
-                walk.out_of_time = true;
-                break;
-            }
-            let chunk = n / CHUNK;
-            let end = tail.min((chunk + 1) * CHUNK);
-            self.claim_from_chunk(&pipe, &part, chunk, n, end, args, &mut walk)
-                .await;
-            if walk.failure.is_some() {
-                break;
-            }
-            n = end;
-        }
-        self.journal_close(&pipe, std::mem::take(&mut walk.to_close))
-            .await;
-        if let Err(err) = self
-            .advance_head(&pipe, &part, head, head_gen, walk.new_head)
-            .await
-        {
-            walk.failure.get_or_insert(err);
-        }
-        match walk.failure {
-            // Documents already won are leased: hand them out rather than orphan them.
-            Some(err) if walk.claimed.is_empty() => Err(err),
-            None if walk.claimed.is_empty() && walk.out_of_time => Err(CacheError::Unavailable(format!(
-                "claim ran out of time before taking a document ({} ms budget); nothing was claimed",
-                self.settings.op_timeout.as_millis()
-            ))),
-            _ => Ok(walk.claimed),
-        }
-    }
-
-    /// Examines slots `from..end` of one chunk: claims live documents, consumes stale slots.
-    #[allow(clippy::too_many_arguments)]
-    async fn claim_from_chunk(
+    /// The heartbeat's documents (each once) whose lease in its stage its worker holds.
+    async fn held_leases(
         &self,
         pipe: &Pipe,
-        part: &str,
-        chunk: i64,
-        from: i64,
-        end: i64,
-        args: &ClaimArgs,
-        walk: &mut Walk,
-    ) {
-        let result = self
-            .try_claim_from_chunk(pipe, part, chunk, from, end, args, walk)
-            .await;
-        if let Err(err) = result {
-            walk.failure.get_or_insert(err);
-            walk.contiguous = false;
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn try_claim_from_chunk(
-        &self,
-        pipe: &Pipe,
-        part: &str,
-        chunk: i64,
-        from: i64,
-        end: i64,
-        args: &ClaimArgs,
-        walk: &mut Walk,
-    ) -> CacheResult<()> {
-        let mut slots = self.read_chunk(pipe, part, chunk).await?;
-        if slots.closed {
-            walk.pass(from..end, &HashSet::new());
-            return Ok(());
-        }
-        let missing: Vec<i64> = (from..end).filter(|k| !slots.slots.contains_key(k)).collect();
-        if !missing.is_empty() {
-            self.give_up_slots(pipe, part, chunk, &missing).await?;
-            slots = self.read_chunk(pipe, part, chunk).await?;
-        }
-        let mut listed: Vec<(i64, String, i64, i64)> = Vec::new();
-        let mut consumed_now: Vec<i64> = Vec::new();
-        let mut kept: HashSet<i64> = HashSet::new();
-        for k in from..end {
-            match slots.slots.get(&k) {
-                Some(Slot::Consumed) => {}
-                Some(Slot::Doc { id, gen, taken_ms }) => listed.push((k, id.clone(), *gen, *taken_ms)),
-                None => {
-                    kept.insert(k);
-                }
-            }
-        }
-        let ids: Vec<String> = listed.iter().map(|(_, id, _, _)| id.clone()).collect();
+        args: &HeartbeatArgs,
+    ) -> CacheResult<Vec<(String, StagedRecord)>> {
+        let mut seen = HashSet::new();
+        let ids: Vec<String> = args
+            .document_ids
+            .iter()
+            .filter(|id| seen.insert(id.as_str()))
+            .cloned()
+            .collect();
         let docs = self.read_states(pipe, &ids).await?;
-        let prefix = args.document_id_prefix.as_deref().unwrap_or("");
-        let now = ms_i64(args.now_ms);
-        let mut wanted: Vec<(i64, String, StagedRecord)> = Vec::new();
-        for ((k, id, gen, taken_ms), doc) in listed.into_iter().zip(docs) {
-            // Slot numbers are per queue: only a document in this stage can point here.
-            let points_here = doc
-                .as_ref()
-                .is_some_and(|d| d.present() && d.stage == args.stage && d.qn == k && !d.leased());
-            if points_here {
-                let doc = doc.unwrap_or_default();
-                if id.starts_with(prefix) {
-                    wanted.push((k, id, doc));
-                } else {
-                    kept.insert(k);
-                }
-                continue;
-            }
-            // Does the write that would point the document here still have a chance?
-            let current_gen = doc.as_ref().map_or(0, |d| i64::from(d.generation));
-            if current_gen != gen {
-                consumed_now.push(k);
-            } else if taken_ms.saturating_add(ms_i64(GRACE_MS)) <= now {
-                let fenced = match &doc {
-                    Some(d) => self.fence(pipe, &id, d).await?,
-                    None => self.fence_missing(pipe, &id).await?,
-                };
-                if fenced == Written::Yes {
-                    consumed_now.push(k);
-                } else {
-                    kept.insert(k);
-                }
-            } else {
-                kept.insert(k);
-            }
-        }
-        let room = args.limit.saturating_sub(walk.claimed.len());
-        let later = wanted.split_off(room.min(wanted.len()));
-        kept.extend(later.iter().map(|(k, _, _)| *k));
-        if !wanted.is_empty() {
-            let expires = now.saturating_add(ms_i64(args.lease_ms));
-            let leases: Vec<(String, i64)> = wanted.iter().map(|(_, id, _)| (id.clone(), expires)).collect();
-            self.lease_index_add(pipe, &leases).await?;
-            // In groups, checking the deadline between them: past it the claim answers with
-            // what it won (each won document is fully claimed), rather than time out.
-            let mut groups = wanted.into_iter().peekable();
-            while groups.peek().is_some() {
-                if Instant::now() >= walk.deadline {
-                    kept.extend(groups.by_ref().map(|(k, _, _)| k));
-                    walk.out_of_time = true;
-                    break;
-                }
-                let moves: Vec<_> = groups
-                    .by_ref()
-                    .take(super::PARALLEL)
-                    .map(|(k, id, doc)| async move {
-                        let result = self.claim_one(pipe, k, &id, doc, args, expires).await;
-                        (k, id, result)
-                    })
-                    .collect();
-                for (k, id, result) in all(moves).await {
-                    match result {
-                        Ok(Moved::Yes(entry)) => {
-                            consumed_now.push(k);
-                            if let Some(entry) = entry {
-                                walk.to_close.push((id.clone(), entry));
-                            }
-                            walk.claimed.push(id);
-                        }
-                        // Someone else is moving it: look again next time.
-                        Ok(Moved::Busy | Moved::Conflict) => {
-                            kept.insert(k);
-                        }
-                        Err(err) => {
-                            kept.insert(k);
-                            walk.failure.get_or_insert(err);
-                        }
-                    }
-                }
-            }
-        }
-        self.consume_slots(pipe, part, chunk, &consumed_now).await?;
-        walk.pass(from..end, &kept);
-        Ok(())
+        Ok(ids
+            .into_iter()
+            .zip(docs)
+            .filter_map(|(id, d)| d.filter(|d| holds_lease(d, args)).map(|d| (id, d)))
+            .collect())
     }
-}
 
-impl AerospikeCache {
-    /// Claims one document found live at slot `k`. A move in flight on it that its owner
-    /// abandoned is repaired and the claim tried again once.
-    async fn claim_one(
+    /// Extends one held lease by its length from now (a generation-checked write, retried while
+    /// the worker still holds it). `Some((id, old expiry, new expiry))` when extended.
+    async fn extend_lease(
         &self,
         pipe: &Pipe,
-        k: i64,
-        id: &str,
+        id: String,
         doc: StagedRecord,
-        args: &ClaimArgs,
-        expires: i64,
-    ) -> CacheResult<Moved> {
+        args: &HeartbeatArgs,
+    ) -> CacheResult<Option<(String, i64, i64)>> {
+        let now = ms_i64(args.now_ms);
         let mut doc = doc;
-        for attempt in 0..2 {
-            let next = StagedRecord {
-                stage: args.claim_stage.clone(),
-                worker: args.worker_id.clone(),
-                lease_expires: expires,
-                lease_ms: ms_i64(args.lease_ms),
-                from: args.stage.clone(),
-                reason: reason_for(&args.claim_stage),
-                ..StagedRecord::default()
-            };
-            let mv = Move {
-                id: id.to_owned(),
-                old: Some(doc),
-                next,
-                chunks: None,
-                new_version: false,
-            };
-            match self.apply_move(pipe, mv, args.now_ms).await? {
-                Moved::Busy if attempt == 0 && self.settle_stale(pipe, id, args.now_ms).await? => {
-                    match self.read_state(pipe, id).await? {
-                        Some(d) if d.present() && d.stage == args.stage && d.qn == k && !d.leased() => {
-                            doc = d
-                        }
-                        _ => return Ok(Moved::Conflict),
-                    }
-                }
-                other => return Ok(other),
+        let mut indexed = now.saturating_add(doc.lease_ms);
+        for _ in 0..MAX_RMW_ATTEMPTS {
+            let mut next = doc.clone();
+            next.lease_expires = now.saturating_add(doc.lease_ms);
+            if next.lease_expires != indexed {
+                // The lease length changed since the entries were written: index this one.
+                self.lease_index_add(pipe, &[(id.clone(), next.lease_expires)])
+                    .await?;
+                indexed = next.lease_expires;
+            }
+            let bins = next.bins();
+            match self
+                .put(
+                    &pipe.set,
+                    pipe.doc_key(&id),
+                    &bins,
+                    Cond::Gen(doc.generation),
+                    None,
+                )
+                .await?
+            {
+                Written::Yes => return Ok(Some((id, doc.lease_expires, next.lease_expires))),
+                Written::Conflict => match self.read_state(pipe, &id).await? {
+                    Some(d) if holds_lease(&d, args) => doc = d,
+                    _ => return Ok(None),
+                },
             }
         }
-        Ok(Moved::Busy)
+        Ok(None)
     }
 }
 
-/// A claim's progress along the queue.
-struct Walk {
-    /// Past this no new document is taken.
-    deadline: Instant,
-    /// The deadline stopped the walk with documents possibly left to take.
-    out_of_time: bool,
-    claimed: Vec<String>,
-    to_close: Vec<(String, Entry)>,
-    /// The first slot not known to be consumed (where the head may move).
-    new_head: i64,
-    contiguous: bool,
-    failure: Option<CacheError>,
-}
+#[async_trait]
+impl PipelineStore for AerospikeCache {
+    async fn create_pipeline(&self, meta: PipelineMeta) -> CacheResult<()> {
+        self.pipeline_create(meta).await
+    }
 
-impl Walk {
-    /// Records slots `range` as examined: all consumed but `kept`.
-    fn pass(&mut self, range: std::ops::Range<i64>, kept: &HashSet<i64>) {
-        for k in range {
-            if self.contiguous && !kept.contains(&k) {
-                self.new_head = k + 1;
-            } else {
-                self.contiguous = false;
-            }
-        }
+    async fn get_pipeline(&self, id: &str) -> CacheResult<Option<PipelineMeta>> {
+        self.pipeline_get(id).await
+    }
+
+    async fn list_pipelines(&self) -> CacheResult<Vec<PipelineMeta>> {
+        self.pipeline_list().await
+    }
+
+    async fn delete_pipeline(&self, id: &str) -> CacheResult<bool> {
+        self.pipeline_delete(id).await
+    }
+
+    async fn stage_document(
+        &self,
+        pipeline: &str,
+        document_id: &str,
+        chunks_json: Bytes,
+        now_ms: u64,
+    ) -> CacheResult<()> {
+        self.pipeline_stage(pipeline, document_id, chunks_json, now_ms)
+            .await
+    }
+
+    async fn get_chunks(&self, pipeline: &str, document_id: &str) -> CacheResult<Option<Bytes>> {
+        self.pipeline_chunks(pipeline, document_id).await
+    }
+
+    async fn document_stage(
+        &self,
+        pipeline: &str,
+        document_id: &str,
+        now_ms: u64,
+    ) -> CacheResult<Option<DocState>> {
+        self.pipeline_document_state(pipeline, document_id, now_ms).await
+    }
+
+    async fn claim(&self, pipeline: &str, args: &ClaimArgs) -> CacheResult<Vec<String>> {
+        self.pipeline_claim(pipeline, args).await
+    }
+
+    async fn heartbeat(&self, pipeline: &str, args: &HeartbeatArgs) -> CacheResult<u64> {
+        self.pipeline_heartbeat(pipeline, args).await
+    }
+
+    async fn set_stage(&self, pipeline: &str, args: &SetStageArgs) -> CacheResult<u64> {
+        self.pipeline_set_stage(pipeline, args).await
+    }
+
+    async fn stage_counts(&self, pipeline: &str, now_ms: u64) -> CacheResult<StageCounts> {
+        self.pipeline_counts(pipeline, now_ms).await
     }
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use aerospike_double::Double;
 
 use super::*;
-use crate::cache::{Attributes, DocId, DocumentCache};
+use crate::cache::{Attributes, DocId, DocumentStore, PipelineStore, StoreBackend};
 
 fn settings(hosts: String, namespace: &str, run: &str) -> AerospikeSettings {
     AerospikeSettings {
@@ -38,7 +38,7 @@ async fn aerospike_meets_the_contract_on_the_wire_double() {
     let double = double().await;
     let cache = connected(settings(double.hosts(), "hevlayer", "0")).await;
     assert!(cache.health().await.connected);
-    crate::cache::contract::run_all(&|| cache.clone() as Arc<dyn DocumentCache>).await;
+    crate::cache::contract::run_all(|| cache.clone()).await;
     assert!(double.commands_served() > 10_000);
 }
 
@@ -53,7 +53,7 @@ async fn aerospike_meets_the_contract_on_a_real_cluster() {
     let namespace = std::env::var("AEROSPIKE_NAMESPACE").unwrap_or_else(|_| "hevlayer".into());
     let run = format!("{:x}", crate::cache::now_ms());
     let cache = connected(settings(hosts, &namespace, &run)).await;
-    crate::cache::contract::run_all(&|| cache.clone() as Arc<dyn DocumentCache>).await;
+    crate::cache::contract::run_all(|| cache.clone()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,7 +203,7 @@ enum Op {
 }
 
 /// A pipeline with six documents: a0, a1 claimed by w1 (60 s leases), a2..a5 pending.
-async fn setup(cache: &Arc<dyn DocumentCache>, p: &str) {
+async fn setup(cache: &Arc<dyn PipelineStore>, p: &str) {
     cache.create_pipeline(meta(p)).await.unwrap();
     for id in &IDS[..6] {
         cache
@@ -221,7 +221,7 @@ async fn setup(cache: &Arc<dyn DocumentCache>, p: &str) {
     );
 }
 
-async fn run(cache: &Arc<dyn DocumentCache>, p: &str, op: Op) -> CacheResult<()> {
+async fn run(cache: &Arc<dyn PipelineStore>, p: &str, op: Op) -> CacheResult<()> {
     let now = T0 + 1_000;
     match op {
         Op::Create => cache.create_pipeline(meta(&format!("{p}-new"))).await,
@@ -266,7 +266,7 @@ async fn run(cache: &Arc<dyn DocumentCache>, p: &str, op: Op) -> CacheResult<()>
 }
 
 /// Every document's stage as read one by one.
-async fn truth(cache: &Arc<dyn DocumentCache>, p: &str, at: u64) -> BTreeMap<String, BTreeSet<String>> {
+async fn truth(cache: &Arc<dyn PipelineStore>, p: &str, at: u64) -> BTreeMap<String, BTreeSet<String>> {
     let mut by_stage: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for id in IDS {
         if let Some(doc) = cache.document_stage(p, id, at).await.unwrap() {
@@ -285,7 +285,7 @@ fn histogram(by_stage: &BTreeMap<String, BTreeSet<String>>) -> BTreeMap<String, 
 
 /// The invariants after a cut (on a healed node): counts exact right away and later, every
 /// document claimable from its stage once every lease ran out, listing consistent.
-async fn check(cache: &Arc<dyn DocumentCache>, p: &str, context: &str) {
+async fn check(cache: &Arc<dyn PipelineStore>, p: &str, context: &str) {
     let listed: BTreeSet<String> = cache
         .list_pipelines()
         .await
@@ -341,7 +341,7 @@ async fn a_cut_after_any_command_leaves_exact_counts_and_claimable_documents() {
     s.breaker_open_for = Duration::ZERO;
     s.op_timeout = Duration::from_millis(500);
     let backend = connected(s).await;
-    let cache = backend.clone() as Arc<dyn DocumentCache>;
+    let cache = backend.clone() as Arc<dyn PipelineStore>;
     let ops = [
         Op::Create,
         Op::Delete,
@@ -405,7 +405,7 @@ async fn expiry_after_days_idle_costs_per_lease_not_per_minute() {
     let double = double().await;
     let mut s = settings(double.hosts(), "hevlayer", "idle");
     s.op_timeout = Duration::from_millis(200);
-    let cache = connected(s).await as Arc<dyn DocumentCache>;
+    let cache = connected(s).await as Arc<dyn PipelineStore>;
     cache.create_pipeline(meta("idle")).await.unwrap();
     for i in 0..10 {
         cache
@@ -441,7 +441,7 @@ async fn expiry_after_days_idle_costs_per_lease_not_per_minute() {
 async fn lease_index_records_stay_small_under_claims_and_heartbeats() {
     let double = double().await;
     let backend = connected(settings(double.hosts(), "hevlayer", "small")).await;
-    let cache = backend.clone() as Arc<dyn DocumentCache>;
+    let cache = backend.clone() as Arc<dyn PipelineStore>;
     cache.create_pipeline(meta("small")).await.unwrap();
     let ids: Vec<String> = (0..1600).map(|i| format!("doc-{i:04}")).collect();
     let mut stagers = Vec::new();
@@ -500,7 +500,7 @@ async fn generation_wraparound_is_harmless() {
     let double = double().await;
     let s = settings(double.hosts(), "hevlayer", "wrap");
     let set = set_name(&s.pipeline_set_prefix, "wrap");
-    let cache = connected(s).await as Arc<dyn DocumentCache>;
+    let cache = connected(s).await as Arc<dyn PipelineStore>;
     cache.create_pipeline(meta("wrap")).await.unwrap();
     for id in ["a", "b", "c"] {
         cache
@@ -611,7 +611,7 @@ async fn a_hung_node_opens_the_breaker_and_an_abandoned_probe_does_not_wedge_it(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_of_100_costs_about_three_commands_per_document() {
     let double = double().await;
-    let cache = connected(settings(double.hosts(), "hevlayer", "cost")).await as Arc<dyn DocumentCache>;
+    let cache = connected(settings(double.hosts(), "hevlayer", "cost")).await as Arc<dyn PipelineStore>;
     cache.create_pipeline(meta("cost")).await.unwrap();
     for i in 0..150 {
         cache

@@ -1,19 +1,27 @@
-//! The contract every `DocumentCache` backend meets. `run_all` is called once per backend with a
-//! factory for fresh instances; every check uses its own namespace and pipeline names, so a
-//! shared (external) store works too.
+//! The contract every `PipelineStore` meets: pipelines, staging, claims, leases, heartbeats,
+//! set-stage and counts.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use serde_json::{json, Value};
 
-use super::*;
+use crate::cache::*;
 
-pub type Factory<'a> = &'a (dyn Fn() -> Arc<dyn DocumentCache> + Sync);
+pub type Factory<'a> = &'a (dyn Fn() -> Arc<dyn PipelineStore> + Sync);
 
-fn attrs(v: Value) -> Attributes {
-    v.as_object().cloned().unwrap()
+pub async fn run_all(factory: Factory<'_>) {
+    pipelines_create_list_delete(factory()).await;
+    stage_and_restage(factory()).await;
+    claim_limit_prefix_and_exclusivity(factory()).await;
+    lease_expiry_returns_to_claimed_from_stage(factory()).await;
+    heartbeat_extends_only_own_leases(factory()).await;
+    set_stage_filters_and_create_missing(factory()).await;
+    unknown_pipeline_is_an_error(factory()).await;
+    concurrent_claimers_never_share(factory()).await;
+    set_stage_only_version_skips_restaged_documents(factory()).await;
+    leases_expire_across_minutes_and_after_days_idle(factory()).await;
+    heartbeats_and_reclaims_keep_expiry_exact(factory()).await;
 }
 
 fn meta(id: &str) -> PipelineMeta {
@@ -53,14 +61,14 @@ fn set_args(ids: &[&str], stage: &str, now_ms: u64) -> SetStageArgs {
     }
 }
 
-async fn staged(cache: &Arc<dyn DocumentCache>, pipeline: &str, ids: &[&str], now: u64) {
+async fn staged(cache: &Arc<dyn PipelineStore>, pipeline: &str, ids: &[&str], now: u64) {
     cache.create_pipeline(meta(pipeline)).await.unwrap();
     for id in ids {
         cache.stage_document(pipeline, id, chunks(id), now).await.unwrap();
     }
 }
 
-async fn count(cache: &Arc<dyn DocumentCache>, pipeline: &str, stage: &str, now: u64) -> u64 {
+async fn count(cache: &Arc<dyn PipelineStore>, pipeline: &str, stage: &str, now: u64) -> u64 {
     cache
         .stage_counts(pipeline, now)
         .await
@@ -71,187 +79,7 @@ async fn count(cache: &Arc<dyn DocumentCache>, pipeline: &str, stage: &str, now:
         .unwrap_or(0)
 }
 
-pub async fn run_all(factory: Factory<'_>) {
-    documents_upsert_get_evict(factory()).await;
-    documents_stamp_ordering(factory()).await;
-    documents_patch_merges_only_cached(factory()).await;
-    documents_purge_is_per_namespace(factory()).await;
-    documents_know_when_they_were_cached(factory()).await;
-    pipelines_create_list_delete(factory()).await;
-    stage_and_restage(factory()).await;
-    claim_limit_prefix_and_exclusivity(factory()).await;
-    lease_expiry_returns_to_claimed_from_stage(factory()).await;
-    heartbeat_extends_only_own_leases(factory()).await;
-    set_stage_filters_and_create_missing(factory()).await;
-    unknown_pipeline_is_an_error(factory()).await;
-    concurrent_claimers_never_share(factory()).await;
-    evictions_refuse_older_copies(factory()).await;
-    set_stage_only_version_skips_restaged_documents(factory()).await;
-    leases_expire_across_minutes_and_after_days_idle(factory()).await;
-    heartbeats_and_reclaims_keep_expiry_exact(factory()).await;
-    mirror_batch_keeps_the_single_document_rules(factory()).await;
-    mirror_batch_keeps_each_documents_order(factory()).await;
-}
-
-async fn documents_upsert_get_evict(cache: Arc<dyn DocumentCache>) {
-    let ns = "contract-docs";
-    let num = DocId::Num(7);
-    let s = DocId::Str("7".into());
-    assert!(cache.get_document(ns, &num).await.unwrap().is_none());
-    assert!(cache
-        .upsert_document(ns, &num, attrs(json!({"a": 1})), 10)
-        .await
-        .unwrap());
-    assert!(cache
-        .upsert_document(ns, &s, attrs(json!({"a": "s"})), 10)
-        .await
-        .unwrap());
-    let got = cache.get_document(ns, &num).await.unwrap().unwrap();
-    assert_eq!(got.attributes, attrs(json!({"a": 1})));
-    assert_eq!(got.upserted_at, 10);
-    assert_eq!(
-        cache.get_document(ns, &s).await.unwrap().unwrap().attributes,
-        attrs(json!({"a": "s"}))
-    );
-    assert!(cache
-        .get_document("contract-other", &num)
-        .await
-        .unwrap()
-        .is_none());
-    assert!(cache.evict_document(ns, &num, 10).await.unwrap());
-    assert!(!cache.evict_document(ns, &num, 10).await.unwrap());
-    assert!(cache.get_document(ns, &num).await.unwrap().is_none());
-    assert!(cache.get_document(ns, &s).await.unwrap().is_some());
-}
-
-/// Each copy knows when it entered the cache (fetches serve none older than the max age):
-/// upserts, backfills and mirrors set it, patches keep it.
-async fn documents_know_when_they_were_cached(cache: Arc<dyn DocumentCache>) {
-    let ns = "contract-cache-time";
-    let (a, b, c) = (DocId::Num(1), DocId::Str("b".into()), DocId::Str("c".into()));
-    let before = crate::cache::now_ms();
-    assert!(cache
-        .upsert_document(ns, &a, attrs(json!({"x": 1})), 10)
-        .await
-        .unwrap());
-    assert!(cache
-        .backfill_document(ns, &b, attrs(json!({"y": 1})), 10)
-        .await
-        .unwrap());
-    let first = cache.get_document(ns, &a).await.unwrap().unwrap().cached_ms;
-    let after = crate::cache::now_ms();
-    assert!(
-        (before..=after).contains(&first),
-        "{before} <= {first} <= {after}"
-    );
-    let backfilled = cache.get_document(ns, &b).await.unwrap().unwrap().cached_ms;
-    assert!((before..=after).contains(&backfilled));
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    assert!(cache
-        .patch_document(ns, &a, attrs(json!({"z": 2})), 11)
-        .await
-        .unwrap());
-    let patched = cache.get_document(ns, &a).await.unwrap().unwrap();
-    assert_eq!(
-        (patched.cached_ms, patched.upserted_at),
-        (first, 11),
-        "a patch keeps the cache time"
-    );
-    assert!(cache
-        .upsert_document(ns, &a, attrs(json!({"x": 3})), 12)
-        .await
-        .unwrap());
-    assert!(cache.get_document(ns, &a).await.unwrap().unwrap().cached_ms >= first + 20);
-    let report = cache
-        .apply_mirror(ns, vec![MirrorOp::Upsert(c.clone(), attrs(json!({"m": 1})))], 13)
-        .await;
-    assert!(report.failure.is_none());
-    assert!(cache.get_document(ns, &c).await.unwrap().unwrap().cached_ms >= first + 20);
-}
-
-async fn documents_stamp_ordering(cache: Arc<dyn DocumentCache>) {
-    let ns = "contract-order";
-    let id = DocId::Str("d".into());
-    assert!(cache
-        .upsert_document(ns, &id, attrs(json!({"v": 2})), 200)
-        .await
-        .unwrap());
-    // An older write never replaces a newer document.
-    assert!(!cache
-        .upsert_document(ns, &id, attrs(json!({"v": 1})), 100)
-        .await
-        .unwrap());
-    assert!(!cache
-        .patch_document(ns, &id, attrs(json!({"p": 1})), 100)
-        .await
-        .unwrap());
-    assert_eq!(
-        cache.get_document(ns, &id).await.unwrap().unwrap().attributes,
-        attrs(json!({"v": 2}))
-    );
-    // The same or a newer stamp does.
-    assert!(cache
-        .upsert_document(ns, &id, attrs(json!({"v": 3})), 200)
-        .await
-        .unwrap());
-    assert!(cache
-        .upsert_document(ns, &id, attrs(json!({"v": 4})), 300)
-        .await
-        .unwrap());
-    assert_eq!(
-        cache.get_document(ns, &id).await.unwrap().unwrap().attributes,
-        attrs(json!({"v": 4}))
-    );
-}
-
-async fn documents_patch_merges_only_cached(cache: Arc<dyn DocumentCache>) {
-    let ns = "contract-patch";
-    let id = DocId::Num(1);
-    // No phantom documents.
-    assert!(!cache
-        .patch_document(ns, &id, attrs(json!({"p": 1})), 10)
-        .await
-        .unwrap());
-    assert!(cache.get_document(ns, &id).await.unwrap().is_none());
-    assert!(cache
-        .upsert_document(ns, &id, attrs(json!({"a": 1, "b": 2})), 10)
-        .await
-        .unwrap());
-    assert!(cache
-        .patch_document(ns, &id, attrs(json!({"b": 3, "c": null})), 20)
-        .await
-        .unwrap());
-    let got = cache.get_document(ns, &id).await.unwrap().unwrap();
-    assert_eq!(got.attributes, attrs(json!({"a": 1, "b": 3, "c": null})));
-    assert_eq!(got.upserted_at, 20);
-}
-
-async fn documents_purge_is_per_namespace(cache: Arc<dyn DocumentCache>) {
-    for i in 0..5u64 {
-        cache
-            .upsert_document("contract-purge", &DocId::Num(i), attrs(json!({"i": i})), 1)
-            .await
-            .unwrap();
-    }
-    cache
-        .upsert_document("contract-keep", &DocId::Num(0), attrs(json!({})), 1)
-        .await
-        .unwrap();
-    // The count is informational (Aerospike's truncate cannot tell it): the effect is what counts.
-    cache.purge_namespace("contract-purge").await.unwrap();
-    assert!(cache
-        .get_document("contract-purge", &DocId::Num(1))
-        .await
-        .unwrap()
-        .is_none());
-    assert!(cache
-        .get_document("contract-keep", &DocId::Num(0))
-        .await
-        .unwrap()
-        .is_some());
-}
-
-async fn pipelines_create_list_delete(cache: Arc<dyn DocumentCache>) {
+async fn pipelines_create_list_delete(cache: Arc<dyn PipelineStore>) {
     cache.create_pipeline(meta("contract-p1")).await.unwrap();
     cache.create_pipeline(meta("contract-p2")).await.unwrap();
     assert_eq!(
@@ -286,7 +114,7 @@ async fn pipelines_create_list_delete(cache: Arc<dyn DocumentCache>) {
     );
 }
 
-async fn stage_and_restage(cache: Arc<dyn DocumentCache>) {
+async fn stage_and_restage(cache: Arc<dyn PipelineStore>) {
     let p = "contract-stage";
     let now = 1_000_000;
     staged(&cache, p, &["a", "b"], now).await;
@@ -330,7 +158,7 @@ async fn stage_and_restage(cache: Arc<dyn DocumentCache>) {
     assert_eq!(count(&cache, p, STAGE_INDEXED, now).await, 0);
 }
 
-async fn claim_limit_prefix_and_exclusivity(cache: Arc<dyn DocumentCache>) {
+async fn claim_limit_prefix_and_exclusivity(cache: Arc<dyn PipelineStore>) {
     let p = "contract-claim";
     let now = 2_000_000;
     staged(&cache, p, &["x-1", "x-2", "x-3", "y-1", "y-2"], now).await;
@@ -361,7 +189,7 @@ async fn claim_limit_prefix_and_exclusivity(cache: Arc<dyn DocumentCache>) {
         .is_empty());
 }
 
-async fn lease_expiry_returns_to_claimed_from_stage(cache: Arc<dyn DocumentCache>) {
+async fn lease_expiry_returns_to_claimed_from_stage(cache: Arc<dyn PipelineStore>) {
     let p = "contract-expiry";
     let now = 3_000_000;
     staged(&cache, p, &["a", "b"], now).await;
@@ -402,7 +230,7 @@ async fn lease_expiry_returns_to_claimed_from_stage(cache: Arc<dyn DocumentCache
     assert_eq!(again.len(), 2);
 }
 
-async fn heartbeat_extends_only_own_leases(cache: Arc<dyn DocumentCache>) {
+async fn heartbeat_extends_only_own_leases(cache: Arc<dyn PipelineStore>) {
     let p = "contract-heartbeat";
     let now = 4_000_000;
     staged(&cache, p, &["a", "b", "c"], now).await;
@@ -460,7 +288,17 @@ async fn heartbeat_extends_only_own_leases(cache: Arc<dyn DocumentCache>) {
     assert_eq!(cache.stage_counts(p, now + 18_000).await.unwrap().leased, 0);
 }
 
-async fn set_stage_filters_and_create_missing(cache: Arc<dyn DocumentCache>) {
+async fn stage_of(cache: &Arc<dyn PipelineStore>, pipeline: &str, id: &str, now: u64) -> Option<String> {
+    cache
+        .document_stage(pipeline, id, now)
+        .await
+        .unwrap()
+        .map(|d| d.stage)
+}
+
+/// Set-stage's filters, then `create_missing`, then leaving `failed`, on one pipeline (each step
+/// starts from what the one before left).
+async fn set_stage_filters_and_create_missing(cache: Arc<dyn PipelineStore>) {
     let p = "contract-set";
     let now = 5_000_000;
     staged(&cache, p, &["a", "b", "c", "d"], now).await;
@@ -469,28 +307,19 @@ async fn set_stage_filters_and_create_missing(cache: Arc<dyn DocumentCache>) {
         .await
         .unwrap();
     assert_eq!(claimed, vec!["a", "b"]);
+    set_stage_filters_by_from_stage_and_worker(&cache, p, now).await;
+    set_stage_creates_only_when_asked(&cache, p, now).await;
+    set_stage_out_of_failed_clears_its_reason(&cache, p, now).await;
+}
+
+/// a, b claimed by w1; c, d pending.
+async fn set_stage_filters_by_from_stage_and_worker(cache: &Arc<dyn PipelineStore>, p: &str, now: u64) {
     // from_stage filter.
     let mut args = set_args(&["a", "c"], STAGE_FAILED, now);
     args.from_stage = Some("embedding".into());
     assert_eq!(cache.set_stage(p, &args).await.unwrap(), 1);
-    assert_eq!(
-        cache
-            .document_stage(p, "a", now)
-            .await
-            .unwrap()
-            .map(|d| d.stage)
-            .as_deref(),
-        Some(STAGE_FAILED)
-    );
-    assert_eq!(
-        cache
-            .document_stage(p, "c", now)
-            .await
-            .unwrap()
-            .map(|d| d.stage)
-            .as_deref(),
-        Some(STAGE_PENDING)
-    );
+    assert_eq!(stage_of(cache, p, "a", now).await.as_deref(), Some(STAGE_FAILED));
+    assert_eq!(stage_of(cache, p, "c", now).await.as_deref(), Some(STAGE_PENDING));
     // worker_id filter: only documents leased by that worker.
     let mut args = set_args(&["b", "c", "d"], STAGE_INDEXED, now);
     args.worker_id = Some("w2".into());
@@ -511,7 +340,10 @@ async fn set_stage_filters_and_create_missing(cache: Arc<dyn DocumentCache>) {
             .unwrap(),
         1
     );
-    // Unknown ids: ignored unless create_missing.
+}
+
+/// Unknown ids are ignored unless `create_missing`, which stages them with no chunks.
+async fn set_stage_creates_only_when_asked(cache: &Arc<dyn PipelineStore>, p: &str, now: u64) {
     assert_eq!(
         cache
             .set_stage(p, &set_args(&["new1"], "pending", now))
@@ -528,7 +360,11 @@ async fn set_stage_filters_and_create_missing(cache: Arc<dyn DocumentCache>) {
     );
     let counts = cache.stage_counts(p, now).await.unwrap();
     assert_eq!(counts.counts.get(STAGE_PENDING), Some(&4));
-    // Moving out of failed clears its reason.
+}
+
+/// Moving out of failed clears its reason; the indexed rate forgets transitions older than the
+/// window (backends may bucket the window in up to 10-second steps).
+async fn set_stage_out_of_failed_clears_its_reason(cache: &Arc<dyn PipelineStore>, p: &str, now: u64) {
     assert_eq!(
         cache
             .set_stage(p, &set_args(&["a"], STAGE_PENDING, now))
@@ -539,13 +375,11 @@ async fn set_stage_filters_and_create_missing(cache: Arc<dyn DocumentCache>) {
     let counts = cache.stage_counts(p, now).await.unwrap();
     assert!(counts.failed_reasons.is_empty());
     assert_eq!(counts.counts.values().sum::<u64>(), 6);
-    // The indexed rate forgets transitions older than the window (backends may bucket the window
-    // in up to 10-second steps).
     let later = now + (RATE_WINDOW_SECONDS + 11) * 1000;
     assert_eq!(cache.stage_counts(p, later).await.unwrap().indexed_in_window, 0);
 }
 
-async fn unknown_pipeline_is_an_error(cache: Arc<dyn DocumentCache>) {
+async fn unknown_pipeline_is_an_error(cache: Arc<dyn PipelineStore>) {
     let p = "contract-missing";
     let nf = Err::<(), _>(CacheError::PipelineNotFound(p.into()));
     assert_eq!(cache.stage_document(p, "d", chunks("x"), 1).await, nf);
@@ -574,7 +408,7 @@ async fn unknown_pipeline_is_an_error(cache: Arc<dyn DocumentCache>) {
 }
 
 /// 8 concurrent claimers over 2,000 documents: every document is handed out exactly once.
-async fn concurrent_claimers_never_share(cache: Arc<dyn DocumentCache>) {
+async fn concurrent_claimers_never_share(cache: Arc<dyn PipelineStore>) {
     let p = "contract-concurrent";
     let now = 6_000_000;
     cache.create_pipeline(meta(p)).await.unwrap();
@@ -617,55 +451,7 @@ async fn concurrent_claimers_never_share(cache: Arc<dyn DocumentCache>) {
     assert_eq!(counts.leased, 2000);
 }
 
-/// An eviction's tombstone: a backfill at or below its stamp, and an upsert below it, are refused
-/// (a fetch or a mirror older than a delete cannot resurrect the document).
-async fn evictions_refuse_older_copies(cache: Arc<dyn DocumentCache>) {
-    let ns = "contract-tomb";
-    let id = DocId::Str("d".into());
-    assert!(cache
-        .upsert_document(ns, &id, attrs(json!({"v": 1})), 50)
-        .await
-        .unwrap());
-    assert!(cache.evict_document(ns, &id, 100).await.unwrap());
-    assert!(cache.get_document(ns, &id).await.unwrap().is_none());
-    for stamp in [90, 100] {
-        assert!(!cache
-            .backfill_document(ns, &id, attrs(json!({"v": "old"})), stamp)
-            .await
-            .unwrap());
-    }
-    assert!(!cache
-        .upsert_document(ns, &id, attrs(json!({"v": "old"})), 99)
-        .await
-        .unwrap());
-    assert!(cache.get_document(ns, &id).await.unwrap().is_none());
-    // A copy newer than the eviction is cached; a backfill never replaces what is cached.
-    assert!(cache
-        .backfill_document(ns, &id, attrs(json!({"v": "new"})), 101)
-        .await
-        .unwrap());
-    assert!(!cache
-        .backfill_document(ns, &id, attrs(json!({"v": "newer"})), 500)
-        .await
-        .unwrap());
-    let got = cache.get_document(ns, &id).await.unwrap().unwrap();
-    assert_eq!(got.attributes, attrs(json!({"v": "new"})));
-    // An eviction of an uncached document still refuses older copies; a mirror of the same
-    // write (equal stamp) is not refused.
-    let other = DocId::Num(5);
-    assert!(!cache.evict_document(ns, &other, 200).await.unwrap());
-    assert!(!cache
-        .backfill_document(ns, &other, attrs(json!({})), 150)
-        .await
-        .unwrap());
-    assert!(cache
-        .upsert_document(ns, &other, attrs(json!({"same": "write"})), 200)
-        .await
-        .unwrap());
-    assert!(cache.get_document(ns, &other).await.unwrap().is_some());
-}
-
-async fn set_stage_only_version_skips_restaged_documents(cache: Arc<dyn DocumentCache>) {
+async fn set_stage_only_version_skips_restaged_documents(cache: Arc<dyn PipelineStore>) {
     let p = "contract-version";
     let now = 7_000_000;
     staged(&cache, p, &["d"], now).await;
@@ -693,7 +479,7 @@ async fn set_stage_only_version_skips_restaged_documents(cache: Arc<dyn Document
 
 /// Leases that expire in different minutes, checked at exact instants (the clock is an
 /// argument), then a pipeline left alone for days.
-async fn leases_expire_across_minutes_and_after_days_idle(cache: Arc<dyn DocumentCache>) {
+async fn leases_expire_across_minutes_and_after_days_idle(cache: Arc<dyn PipelineStore>) {
     let p = "contract-minutes";
     // 1 s before a minute boundary.
     let t0 = 60_000 * 1_000_000 - 1_000;
@@ -732,7 +518,7 @@ async fn leases_expire_across_minutes_and_after_days_idle(cache: Arc<dyn Documen
 
 /// Heartbeats move leases forward without leaving earlier expiries behind: a document expires
 /// exactly once, at its latest lease, and a re-claimed document is not returned by its old lease.
-async fn heartbeats_and_reclaims_keep_expiry_exact(cache: Arc<dyn DocumentCache>) {
+async fn heartbeats_and_reclaims_keep_expiry_exact(cache: Arc<dyn PipelineStore>) {
     let p = "contract-beats";
     let now = 9_000_000_000;
     let ids: Vec<String> = (0..40).map(|i| format!("h{i:02}")).collect();
@@ -768,120 +554,4 @@ async fn heartbeats_and_reclaims_keep_expiry_exact(cache: Arc<dyn DocumentCache>
     assert_eq!(counts.leased, 20, "only the other half expired");
     assert_eq!(counts.counts.get(STAGE_PENDING), Some(&20));
     assert_eq!(counts.counts.get("embedding"), Some(&20));
-}
-
-/// `apply_mirror` applies every op under the single-document rules: newer stamps win, a
-/// tombstone refuses older upserts, patches merge only into cached documents, evictions leave
-/// tombstones; `applied` counts the ops that took effect.
-async fn mirror_batch_keeps_the_single_document_rules(cache: Arc<dyn DocumentCache>) {
-    let ns = "contract-batch";
-    let id = |s: &str| DocId::Str(s.into());
-    let stamp = 1_000;
-    for (doc, v) in [("newer", 2_000), ("cached", 500), ("gone", 500), ("inv", 500)] {
-        assert!(cache
-            .upsert_document(ns, &id(doc), attrs(json!({"a": 1, "b": 1})), v)
-            .await
-            .unwrap());
-    }
-    assert!(!cache.evict_document(ns, &id("tomb"), 1_500).await.unwrap());
-    let ops = vec![
-        MirrorOp::Upsert(id("a"), attrs(json!({"v": 1}))),
-        MirrorOp::Patch(id("a"), attrs(json!({"p": 2}))),
-        MirrorOp::Upsert(id("newer"), attrs(json!({"v": "old"}))),
-        MirrorOp::Patch(id("newer"), attrs(json!({"p": "old"}))),
-        MirrorOp::Upsert(id("tomb"), attrs(json!({"v": "old"}))),
-        MirrorOp::Patch(id("phantom"), attrs(json!({"p": 1}))),
-        MirrorOp::Patch(id("cached"), attrs(json!({"b": 2, "c": 3}))),
-        MirrorOp::Evict(id("gone")),
-        MirrorOp::Upsert(id("b"), attrs(json!({"v": 1}))),
-        MirrorOp::Evict(id("b")),
-        MirrorOp::Evict(id("c")),
-        MirrorOp::Upsert(id("c"), attrs(json!({"v": 2}))),
-        MirrorOp::Invalidate(id("inv")),
-    ];
-    let report = cache.apply_mirror(ns, ops, stamp).await;
-    assert!(report.failure.is_none(), "{:?}", report.failure);
-    assert_eq!((report.applied, report.failed), (8, 0));
-    let get = |doc: &'static str| {
-        let cache = cache.clone();
-        async move { cache.get_document(ns, &id(doc)).await.unwrap() }
-    };
-    let a = get("a").await.unwrap();
-    assert_eq!(
-        (a.attributes, a.upserted_at),
-        (attrs(json!({"v": 1, "p": 2})), stamp)
-    );
-    assert_eq!(
-        get("newer").await.unwrap().attributes,
-        attrs(json!({"a": 1, "b": 1}))
-    );
-    assert!(get("tomb").await.is_none());
-    assert!(get("phantom").await.is_none());
-    let cached = get("cached").await.unwrap();
-    assert_eq!(
-        (cached.attributes, cached.upserted_at),
-        (attrs(json!({"a": 1, "b": 2, "c": 3})), stamp)
-    );
-    assert!(get("gone").await.is_none() && get("b").await.is_none() && get("inv").await.is_none());
-    // An eviction's tombstone refuses nothing of this write's own stamp...
-    assert_eq!(get("c").await.unwrap().attributes, attrs(json!({"v": 2})));
-    // ...but a delete's refuses copies up to it, an invalidation's only older ones.
-    assert!(!cache
-        .backfill_document(ns, &id("gone"), attrs(json!({})), stamp)
-        .await
-        .unwrap());
-    assert!(!cache
-        .upsert_document(ns, &id("gone"), attrs(json!({})), stamp - 1)
-        .await
-        .unwrap());
-    assert!(!cache
-        .backfill_document(ns, &id("inv"), attrs(json!({})), stamp - 1)
-        .await
-        .unwrap());
-    assert!(cache
-        .backfill_document(ns, &id("inv"), attrs(json!({"fresh": true})), stamp)
-        .await
-        .unwrap());
-    // An empty batch, and patches alone into a namespace with nothing cached, change nothing.
-    assert_eq!(cache.apply_mirror(ns, Vec::new(), stamp).await.applied, 0);
-    let patches = vec![MirrorOp::Patch(DocId::Num(1), attrs(json!({"p": 1})))];
-    let report = cache.apply_mirror("contract-batch-empty", patches, stamp).await;
-    assert_eq!((report.applied, report.failure), (0, None));
-    assert!(cache
-        .get_document("contract-batch-empty", &DocId::Num(1))
-        .await
-        .unwrap()
-        .is_none());
-}
-
-/// Each document's ops take effect in plan order, however many documents a batch spans (the
-/// op-by-op default spreads them over lanes, the embedded store over chunks of its lock).
-async fn mirror_batch_keeps_each_documents_order(cache: Arc<dyn DocumentCache>) {
-    let ns = "contract-batch-order";
-    let n = 600u64;
-    let mut ops = Vec::new();
-    ops.extend((0..n).map(|i| MirrorOp::Upsert(DocId::Num(i), attrs(json!({"n": i})))));
-    ops.extend((0..n).map(|i| MirrorOp::Patch(DocId::Num(i), attrs(json!({"m": i})))));
-    ops.extend(
-        (0..n)
-            .filter(|i| i % 2 == 0)
-            .map(|i| MirrorOp::Evict(DocId::Num(i))),
-    );
-    ops.extend(
-        (0..n)
-            .filter(|i| i % 4 == 0)
-            .map(|i| MirrorOp::Upsert(DocId::Num(i), attrs(json!({"again": i})))),
-    );
-    let report = cache.apply_mirror(ns, ops, 10).await;
-    assert!(report.failure.is_none(), "{:?}", report.failure);
-    assert_eq!(report.applied, n + n + n / 2 + n / 4);
-    for i in 0..n {
-        let got = cache.get_document(ns, &DocId::Num(i)).await.unwrap();
-        let expected = match i % 4 {
-            0 => Some(attrs(json!({"again": i}))),
-            2 => None,
-            _ => Some(attrs(json!({"n": i, "m": i}))),
-        };
-        assert_eq!(got.map(|d| d.attributes), expected, "document {i}");
-    }
 }
