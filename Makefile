@@ -130,6 +130,14 @@ bench-gateway: tools wasm sidecar
 
 BENCH_EXTRA += bench-gateway
 
+# The README's chart from the last `make bench-gateway` (matplotlib in a venv of its own).
+CHART_VENV := $(TOOLS)/chart-venv
+.PHONY: bench-chart
+bench-chart:
+	test -x $(CHART_VENV)/bin/python || python3 -m venv $(CHART_VENV)
+	$(CHART_VENV)/bin/python -m pip install --quiet --disable-pip-version-check matplotlib==3.10.0
+	$(CHART_VENV)/bin/python tests/tools/bench_chart.py
+
 # `make run`'s processes under 1,000,000 mixed requests with faults (SOAK_REQUESTS overrides).
 SOAK_REQUESTS ?= 1000000
 .PHONY: soak

@@ -122,9 +122,11 @@ pub async fn watermarks(
     json_response(StatusCode::OK, &answer)
 }
 
-/// Evicts what the filter could not mirror (a write whose mirror failed, timed out, or whose
-/// outcome it never saw): each fence's ids, their tombstones refusing copies older than the
-/// fence's stamp, or a whole namespace. Idempotent, so the filter retries until it gets a 2xx.
+/// Evicts documents a write changes: sent with the write (its eviction ahead, before its mirror
+/// goes after the response) and for what the filter could not mirror (a write whose mirror
+/// failed, timed out, or whose outcome it never saw). Each fence's ids, their tombstones refusing
+/// copies older than the fence's stamp, or a whole namespace. Idempotent, so the filter retries
+/// until it gets a 2xx.
 pub async fn evict(
     State(state): State<SharedState>,
     JsonBody(request): JsonBody<EvictRequest>,
@@ -176,6 +178,8 @@ pub async fn evict(
         }
     }
     state.metrics.record_event("evict", "ok");
-    tracing::info!(applied, "fenced documents evicted");
+    // Every write that evicts ahead sends one of these, so they log at debug level; failures
+    // (above) are counted and answered as errors.
+    tracing::debug!(applied, "documents evicted");
     Ok(json_response(StatusCode::OK, &MirrorResponse { applied }))
 }

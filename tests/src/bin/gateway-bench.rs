@@ -560,9 +560,25 @@ async fn main() -> Result<()> {
     let mut missed = Vec::new();
     let writes: Vec<String> = setups.iter().map(|s| url(s, "/v2/namespaces/bench")).collect();
     let pids: Vec<u32> = setups.iter().map(|s| s.pid).collect();
+    let labels: Vec<&str> = setups.iter().map(|s| s.label.as_str()).collect();
+    let mut chart = Vec::new();
     for (name, body, n, limit) in cases.iter().filter(|_| !queries_only) {
         let figures = latencies(&client, "POST", &writes, &pids, sidecar_pid, body, *n).await?;
         print_row(name, body.len(), &figures, *limit, &mut missed);
+        chart.push(serde_json::json!({
+            "case": name,
+            "bytes": body.len(),
+            "labels": labels,
+            "p50_us": figures.iter().map(|f| f.p50_us).collect::<Vec<_>>(),
+            "envoy_cpu_us": figures.iter().map(|f| f.cpu_us).collect::<Vec<_>>(),
+            "sidecar_cpu_us": figures.iter().map(|f| f.sidecar_cpu_us).collect::<Vec<_>>(),
+        }));
+    }
+    if !chart.is_empty() {
+        // For `tests/tools/bench_chart.py`, which draws the README's chart from it.
+        let out = root().join(".run/bench/gateway.json");
+        std::fs::write(&out, serde_json::to_vec_pretty(&chart)?)?;
+        println!("write figures saved to {}", out.display());
     }
     if !queries_only {
         let slow_writes: Vec<String> = slow.iter().map(|s| url(s, "/v2/namespaces/bench")).collect();
