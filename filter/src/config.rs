@@ -151,27 +151,7 @@ impl Config {
         } else {
             serde_json::from_slice(bytes).map_err(|e| format!("invalid plugin configuration: {e}"))?
         };
-        let mut keys = Vec::with_capacity(raw.keys.len());
-        for k in raw.keys {
-            let digest = parse_digest(&k.sha256)
-                .ok_or_else(|| format!("key '{}': sha256 must be 64 hex digits", k.name))?;
-            keys.push(GatewayKey {
-                name: k.name,
-                digest,
-                scope: k.scope,
-            });
-        }
-        let upstream_api_key = raw.upstream_api_key.filter(|k| !k.is_empty());
-        if raw.auth_mode == AuthMode::Keys {
-            if keys.is_empty() {
-                return Err("auth_mode \"keys\" needs at least one entry in keys".to_owned());
-            }
-            if upstream_api_key.is_none() {
-                return Err("auth_mode \"keys\" needs upstream_api_key".to_owned());
-            }
-        } else if !keys.is_empty() {
-            return Err("keys are only used with auth_mode \"keys\"".to_owned());
-        }
+        let (keys, upstream_api_key) = auth(&raw)?;
         let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
         if max_body_bytes == 0 {
             return Err("max_body_bytes must be positive".to_owned());
@@ -231,6 +211,32 @@ impl Config {
             mirror_queue_bytes,
         })
     }
+}
+
+/// The gateway keys and the upstream key, checked against the auth mode.
+fn auth(raw: &RawConfig) -> Result<(Vec<GatewayKey>, Option<String>), String> {
+    let mut keys = Vec::with_capacity(raw.keys.len());
+    for k in &raw.keys {
+        let digest = parse_digest(&k.sha256)
+            .ok_or_else(|| format!("key '{}': sha256 must be 64 hex digits", k.name))?;
+        keys.push(GatewayKey {
+            name: k.name.clone(),
+            digest,
+            scope: k.scope,
+        });
+    }
+    let upstream_api_key = raw.upstream_api_key.clone().filter(|k| !k.is_empty());
+    if raw.auth_mode == AuthMode::Keys {
+        if keys.is_empty() {
+            return Err("auth_mode \"keys\" needs at least one entry in keys".to_owned());
+        }
+        if upstream_api_key.is_none() {
+            return Err("auth_mode \"keys\" needs upstream_api_key".to_owned());
+        }
+    } else if !keys.is_empty() {
+        return Err("keys are only used with auth_mode \"keys\"".to_owned());
+    }
+    Ok((keys, upstream_api_key))
 }
 
 fn parse_digest(hex: &str) -> Option<[u8; 32]> {

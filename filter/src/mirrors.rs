@@ -1,17 +1,25 @@
 //! A worker's queue of mirrors that go after their responses: streams hand their writes' mirrors
-//! in, the root context sends them (at most `MAX_IN_FLIGHT` callouts at a time, the rest wait for
-//! an answer) and records each one's outcome. Plain data; the glue does the hostcalls.
+//! in, the root context sends them in batches (group commit: one callout carries every mirror
+//! waiting, up to `BATCH_MIRRORS` and `BATCH_BYTES`; at most `MAX_IN_FLIGHT` callouts at a time,
+//! so under load mirrors gather while earlier batches are out) and records each one's outcome.
+//! Plain data; the glue does the hostcalls.
 
 use crate::exchange::MirrorJob;
 use std::collections::{HashMap, VecDeque};
 
 /// Most mirror callouts one worker has out at once.
-pub const MAX_IN_FLIGHT: usize = 32;
+pub const MAX_IN_FLIGHT: usize = 4;
+/// Most mirrors in one callout.
+pub const BATCH_MIRRORS: usize = 256;
+/// A batch takes mirrors while their bodies stay within this (a larger mirror goes alone).
+pub const BATCH_BYTES: usize = 4 * 1024 * 1024;
 
-/// A mirror callout on its way.
+/// A batch callout on its way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Flight {
     pub sent_ms: u64,
+    /// Mirrors it carries.
+    pub mirrors: usize,
 }
 
 #[derive(Debug)]
@@ -75,19 +83,35 @@ impl MirrorQueue {
         self.wake_pending = false;
     }
 
-    /// The next mirror to send, while fewer than `MAX_IN_FLIGHT` are out.
-    pub fn take_next(&mut self) -> Option<MirrorJob> {
+    /// The next batch to send, oldest first, while fewer than `MAX_IN_FLIGHT` are out; empty
+    /// when none may go or none is waiting.
+    pub fn take_batch(&mut self) -> Vec<MirrorJob> {
+        let mut batch = Vec::new();
         if self.in_flight.len() >= MAX_IN_FLIGHT {
-            return None;
+            return batch;
         }
-        let job = self.waiting.pop_front()?;
-        self.bytes -= job.body.len();
-        Some(job)
+        let mut bytes = 0usize;
+        while let Some(next) = self.waiting.front() {
+            let size = next.body.len();
+            if batch.len() == BATCH_MIRRORS || (!batch.is_empty() && bytes + size > BATCH_BYTES) {
+                break;
+            }
+            bytes += size;
+            self.bytes -= size;
+            batch.extend(self.waiting.pop_front());
+        }
+        batch
     }
 
-    /// A mirror went out as callout `token`.
-    pub fn sent(&mut self, token: u32, now_ms: u64) {
-        self.in_flight.insert(token, Flight { sent_ms: now_ms });
+    /// A batch of `mirrors` went out as callout `token`.
+    pub fn sent(&mut self, token: u32, mirrors: usize, now_ms: u64) {
+        self.in_flight.insert(
+            token,
+            Flight {
+                sent_ms: now_ms,
+                mirrors,
+            },
+        );
     }
 
     /// A callout was answered: its flight, when it was a mirror's.
@@ -97,11 +121,17 @@ impl MirrorQueue {
 
     /// Flights with no answer `limit_ms` after they went out (Envoy answers every callout, with
     /// its own 504 at the timeout, so this only guards against a host that does not): removed.
+    /// Returns the mirrors they carried.
     pub fn expire(&mut self, now_ms: u64, limit_ms: u64) -> usize {
-        let before = self.in_flight.len();
-        self.in_flight
-            .retain(|_, f| now_ms.saturating_sub(f.sent_ms) < limit_ms);
-        before - self.in_flight.len()
+        let mut mirrors = 0;
+        self.in_flight.retain(|_, f| {
+            let keep = now_ms.saturating_sub(f.sent_ms) < limit_ms;
+            if !keep {
+                mirrors += f.mirrors;
+            }
+            keep
+        });
+        mirrors
     }
 
     /// Mirrors waiting to be sent.
@@ -132,9 +162,9 @@ mod tests {
         assert_eq!(q.push(job(10)), Accepted::Wake);
         assert_eq!(q.push(job(10)), Accepted::Queued);
         q.woken();
-        assert_eq!(q.take_next().unwrap().body.len(), 10);
+        assert_eq!(q.take_batch().len(), 2, "both in one batch");
         assert_eq!(q.push(job(10)), Accepted::Wake);
-        assert_eq!(q.waiting(), 2);
+        assert_eq!(q.waiting(), 1);
     }
 
     #[test]
@@ -143,8 +173,7 @@ mod tests {
         assert_eq!(q.push(job(20)), Accepted::Wake);
         assert_eq!(q.push(job(10)), Accepted::Full);
         assert_eq!(q.push(job(5)), Accepted::Queued);
-        q.take_next();
-        q.take_next();
+        assert_eq!(q.take_batch().len(), 2);
         assert_eq!(q.waiting(), 0);
         assert_eq!(
             q.push(job(1_000)),
@@ -155,34 +184,58 @@ mod tests {
     }
 
     #[test]
-    fn at_most_max_in_flight_go_out_and_answers_free_room() {
+    fn batches_are_bounded_by_count_and_bytes_and_keep_order() {
         let mut q = MirrorQueue::new(usize::MAX);
-        for n in 0..MAX_IN_FLIGHT + 3 {
-            q.push(job(n));
+        for n in 0..BATCH_MIRRORS + 5 {
+            q.push(job(n % 7 + 1));
         }
-        let mut token = 0;
-        while let Some(_job) = q.take_next() {
-            token += 1;
-            q.sent(token, 1_000);
-        }
-        assert_eq!((q.in_flight(), q.waiting()), (MAX_IN_FLIGHT, 3));
-        assert_eq!(q.answered(1), Some(Flight { sent_ms: 1_000 }));
-        assert_eq!(q.answered(1), None, "one answer per flight");
-        assert_eq!(q.answered(999), None, "not a mirror's");
-        assert!(q.take_next().is_some());
-        q.sent(100, 1_001);
-        assert!(q.take_next().is_none(), "full again");
-        assert_eq!(q.waiting(), 2);
+        let first = q.take_batch();
+        assert_eq!(first.len(), BATCH_MIRRORS);
+        assert_eq!(first[0].request_id, "r1");
+        assert_eq!(q.take_batch().len(), 5);
+        // A mirror past the byte bound starts the next batch; one larger than it goes alone.
+        q.push(job(BATCH_BYTES - 10));
+        q.push(job(20));
+        q.push(job(BATCH_BYTES + 1));
+        assert_eq!(q.take_batch().len(), 1);
+        assert_eq!(q.take_batch().len(), 1);
+        assert_eq!(q.take_batch()[0].body.len(), BATCH_BYTES + 1);
+        assert!(q.take_batch().is_empty());
     }
 
     #[test]
-    fn flights_never_answered_expire() {
+    fn at_most_max_in_flight_batches_go_out_and_answers_free_room() {
+        let mut q = MirrorQueue::new(usize::MAX);
+        for token in 0..MAX_IN_FLIGHT as u32 {
+            q.push(job(1));
+            let batch = q.take_batch();
+            q.sent(token, batch.len(), 1_000);
+        }
+        q.push(job(1));
+        q.push(job(1));
+        assert!(q.take_batch().is_empty(), "no room");
+        assert_eq!((q.in_flight(), q.waiting()), (MAX_IN_FLIGHT, 2));
+        assert_eq!(
+            q.answered(0),
+            Some(Flight {
+                sent_ms: 1_000,
+                mirrors: 1
+            })
+        );
+        assert_eq!(q.answered(0), None, "one answer per flight");
+        assert_eq!(q.answered(999), None, "not a mirror's");
+        assert_eq!(q.take_batch().len(), 2, "what gathered meanwhile goes as one");
+    }
+
+    #[test]
+    fn flights_never_answered_expire_with_their_mirrors() {
         let mut q = MirrorQueue::new(100);
         q.push(job(1));
-        q.take_next();
-        q.sent(7, 1_000);
+        q.push(job(1));
+        let batch = q.take_batch();
+        q.sent(7, batch.len(), 1_000);
         assert_eq!(q.expire(1_500, 1_000), 0);
-        assert_eq!(q.expire(2_000, 1_000), 1);
+        assert_eq!(q.expire(2_000, 1_000), 2);
         assert_eq!(q.in_flight(), 0);
     }
 }

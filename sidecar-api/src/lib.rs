@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 
 /// Mirror a successful write into the document cache.
 pub const MIRROR_PATH: &str = "/internal/v1/mirror";
+/// Several mirrors in one callout (`{"mirrors":[<MirrorRequest>...]}`): how a worker's root
+/// context sends the mirrors that go after their responses, as many as are waiting.
+pub const MIRRORS_PATH: &str = "/internal/v1/mirrors";
 /// Purge a namespace's cached documents after `DELETE /v2/namespaces/{ns}` succeeded.
 pub const PURGE_PATH: &str = "/internal/v1/purge";
 /// Register watched namespaces and read their watermarks (the filter's root context, on a timer).
@@ -53,6 +56,26 @@ pub struct MirrorRequest {
     /// writes); effects then apply only to the ids it lists.
     #[serde(default)]
     pub response: Option<serde_json::Value>,
+}
+
+/// Answer to `POST MIRRORS_PATH`: for each mirror of the batch, in order, whether it was
+/// applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorBatchResponse {
+    pub applied: Vec<bool>,
+}
+
+/// Builds a `POST MIRRORS_PATH` body from `MirrorRequest` bodies (see [`mirror_body`]).
+pub fn mirror_batch_body<'a>(mirrors: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = b"{\"mirrors\":[".to_vec();
+    for (i, mirror) in mirrors.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(mirror);
+    }
+    out.extend_from_slice(b"]}");
+    out
 }
 
 /// Body of `POST PURGE_PATH`.
@@ -195,6 +218,25 @@ pub fn purge_body(namespace: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mirror_batches_carry_mirror_requests_in_order() {
+        let one = mirror_body("a", 1, br#"{"deletes":[1]}"#, None);
+        let two = mirror_body("b", 2, br#"{"deletes":[2]}"#, Some(br#"{"ids":[2]}"#));
+        let batch = mirror_batch_body([one.as_slice(), two.as_slice()]);
+        #[derive(Deserialize)]
+        struct Batch {
+            mirrors: Vec<MirrorRequest>,
+        }
+        let parsed: Batch = serde_json::from_slice(&batch).unwrap();
+        let names: Vec<(&str, u64)> = parsed
+            .mirrors
+            .iter()
+            .map(|m| (m.namespace.as_str(), m.upserted_at))
+            .collect();
+        assert_eq!(names, vec![("a", 1), ("b", 2)]);
+        assert_eq!(mirror_batch_body(std::iter::empty()), br#"{"mirrors":[]}"#);
+    }
 
     #[test]
     fn evict_bodies_parse_as_evict_requests() {

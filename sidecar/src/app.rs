@@ -8,7 +8,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
-use hevlayer_sidecar_api::{EVICT_PATH, MIRROR_PATH, PURGE_PATH, WATERMARKS_PATH};
+use hevlayer_sidecar_api::{EVICT_PATH, MIRRORS_PATH, MIRROR_PATH, PURGE_PATH, WATERMARKS_PATH};
 
 use crate::error::{json_response, ApiError};
 use crate::state::SharedState;
@@ -19,6 +19,7 @@ pub fn router(state: SharedState, max_body_bytes: usize) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route(MIRROR_PATH, post(callouts::mirror))
+        .route(MIRRORS_PATH, post(callouts::mirrors))
         .route(PURGE_PATH, post(callouts::purge))
         .route(WATERMARKS_PATH, post(callouts::watermarks))
         .route(EVICT_PATH, post(callouts::evict))

@@ -7,7 +7,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use bytes::Bytes;
-use hevlayer_sidecar_api::{EvictRequest, MirrorResponse, PurgeRequest, WatermarkRegistration};
+use hevlayer_sidecar_api::{
+    EvictRequest, MirrorBatchResponse, MirrorResponse, PurgeRequest, WatermarkRegistration,
+};
+use serde::Deserialize;
 
 use crate::cache::mirror::error_label;
 use crate::cache::DocId;
@@ -29,24 +32,49 @@ pub async fn mirror(State(state): State<SharedState>, RawBody(body): RawBody) ->
     })
 }
 
-/// Parses, plans and applies one mirror callout. The body is parsed here rather than by
-/// `JsonBody` so that any body it cannot use (malformed, or a write of the wrong shape) counts as
-/// an `invalid` mirror.
-async fn run_mirror(state: SharedState, body: Bytes) -> Result<Response, ApiError> {
-    let MirrorCallout {
-        namespace,
-        upserted_at,
-        write,
-        response,
-    } = match parse_json(&body) {
-        Ok(callout) => callout,
+/// Several mirrors in one callout (a worker's root context sends the mirrors that go after their
+/// responses this way). Detached like a single mirror; the answer says, per mirror, whether it
+/// was applied. A batch that does not parse is refused whole (422).
+pub async fn mirrors(State(state): State<SharedState>, RawBody(body): RawBody) -> Result<Response, ApiError> {
+    tokio::spawn(run_batch(state, body)).await.unwrap_or_else(|e| {
+        Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            e.to_string(),
+        ))
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MirrorBatch {
+    mirrors: Vec<MirrorCallout>,
+}
+
+async fn run_batch(state: SharedState, body: Bytes) -> Result<Response, ApiError> {
+    let batch: MirrorBatch = match parse_json(&body) {
+        Ok(batch) => batch,
         Err(err) => {
             state.metrics.record_event("mirror", "invalid");
             return Err(err);
         }
     };
-    // Everything needed is parsed out: free the (possibly large) body before applying.
     drop(body);
+    let mut applied = Vec::with_capacity(batch.mirrors.len());
+    for callout in batch.mirrors {
+        applied.push(apply_callout(&state, callout).await.is_ok());
+    }
+    Ok(json_response(StatusCode::OK, &MirrorBatchResponse { applied }))
+}
+
+/// Plans and applies one parsed mirror, and records its outcome.
+async fn apply_callout(state: &SharedState, callout: MirrorCallout) -> Result<u64, ApiError> {
+    let MirrorCallout {
+        namespace,
+        upserted_at,
+        write,
+        response,
+    } = callout;
     let ops = match plan(write, response.as_ref(), state.mirror_vectors) {
         Ok(ops) => ops,
         Err(message) => {
@@ -60,6 +88,23 @@ async fn run_mirror(state: SharedState, body: Bytes) -> Result<Response, ApiErro
         return Err(err);
     }
     state.metrics.record_event("mirror", "ok");
+    Ok(applied)
+}
+
+/// Parses, plans and applies one mirror callout. The body is parsed here rather than by
+/// `JsonBody` so that any body it cannot use (malformed, or a write of the wrong shape) counts as
+/// an `invalid` mirror.
+async fn run_mirror(state: SharedState, body: Bytes) -> Result<Response, ApiError> {
+    let callout: MirrorCallout = match parse_json(&body) {
+        Ok(callout) => callout,
+        Err(err) => {
+            state.metrics.record_event("mirror", "invalid");
+            return Err(err);
+        }
+    };
+    // Everything needed is parsed out: free the (possibly large) body before applying.
+    drop(body);
+    let applied = apply_callout(&state, callout).await?;
     Ok(json_response(StatusCode::OK, &MirrorResponse { applied }))
 }
 

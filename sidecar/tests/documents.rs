@@ -8,7 +8,10 @@ mod common;
 use std::sync::Arc;
 
 use common::{dead_url, sidecar_on, Backend, Client, FakeGateway};
-use hevlayer_sidecar_api::{mirror_body, purge_body, BYPASS_HEADER, EVICT_PATH, MIRROR_PATH, PURGE_PATH};
+use hevlayer_sidecar_api::{
+    mirror_batch_body, mirror_body, purge_body, BYPASS_HEADER, EVICT_PATH, MIRRORS_PATH, MIRROR_PATH,
+    PURGE_PATH,
+};
 use serde_json::{json, Value};
 
 async fn mirror(c: &Client, ns: &str, stamp: u64, write: &str, response: Option<&str>) -> Value {
@@ -582,6 +585,49 @@ both_backends!(a_bypassed_fetch_neither_reads_nor_fills_the_cache);
 both_backends!(copies_older_than_the_max_age_are_fetched_again);
 both_backends!(a_numeric_id_miss_is_backfilled);
 both_backends!(a_backfill_older_than_a_concurrent_delete_is_refused);
+/// A batch of mirrors is applied in order, each on its own: one the sidecar cannot use fails
+/// alone; a batch that does not parse is refused whole.
+async fn a_batch_of_mirrors_is_applied_mirror_by_mirror(backend: Backend) {
+    let s = sidecar_on(backend, &dead_url().await, &[]).await;
+    let c = Client::new(&s);
+    let first = mirror_body(
+        "ns",
+        10,
+        br#"{"upsert_rows":[{"id":1,"v":"a","_hevlayer_upserted_at":10}]}"#,
+        None,
+    );
+    // Parses, but its plan fails (a column write without an id column).
+    let unusable = mirror_body("ns", 11, br#"{"upsert_columns":{"v":["x"]}}"#, None);
+    let second = mirror_body(
+        "ns",
+        12,
+        br#"{"upsert_rows":[{"id":1,"v":"b","_hevlayer_upserted_at":12}],"deletes":[2]}"#,
+        None,
+    );
+    let batch = mirror_batch_body([first.as_slice(), unusable.as_slice(), second.as_slice()]);
+    let a = c.post(MIRRORS_PATH, std::str::from_utf8(&batch).unwrap()).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.json(), json!({"applied": [true, false, true]}));
+    let doc = c.get("/v2/namespaces/ns/documents/1").await;
+    assert_eq!(doc.headers.get("x-layer-cache").unwrap(), "hit");
+    assert_eq!(
+        doc.json()["attributes"]["v"],
+        "b",
+        "in order: the newer write wins"
+    );
+    let a = c.post(MIRRORS_PATH, r#"{"mirrors":[{"namespace":"ns"}]}"#).await;
+    assert_eq!(a.status, 422, "{}", a.text);
+    let whole = mirror_batch_body([
+        first.as_slice(),
+        br#"{"namespace":"ns","upserted_at":1,"write":{"upsert_rows":"x"}}"#.as_slice(),
+    ]);
+    let a = c.post(MIRRORS_PATH, std::str::from_utf8(&whole).unwrap()).await;
+    assert_eq!(a.status, 422, "{}", a.text);
+    let a = c.post(MIRRORS_PATH, r#"{"mirrors":[]}"#).await;
+    assert_eq!(a.json(), json!({"applied": []}));
+}
+
+both_backends!(a_batch_of_mirrors_is_applied_mirror_by_mirror);
 both_backends!(mirrored_writes_are_served_from_the_cache);
 both_backends!(mirror_vectors_when_configured);
 both_backends!(a_miss_is_fetched_through_the_gateway_and_backfilled);

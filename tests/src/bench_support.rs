@@ -110,10 +110,15 @@ impl FilterRun {
             s.answer_callout(token, Some(answer))?;
         }
         s.finish()?;
-        // A mirror the root context sent after the response.
+        // A mirror the root context sent after the response (one write at a time: a batch of one).
+        let batch: crate::wasm_host::Answer<'_> = (
+            200,
+            &[("content-type", "application/json")],
+            b"{\"applied\":[true]}",
+        );
         let tokens: Vec<u32> = self.vm.root_callouts().iter().map(|c| c.token).collect();
         for token in tokens {
-            self.vm.answer_callout(token, Some(answer))?;
+            self.vm.answer_callout(token, Some(batch))?;
         }
         self.vm.forget_root_callouts();
         Ok(sent)

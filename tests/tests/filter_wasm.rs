@@ -1348,13 +1348,33 @@ fn a_write_response_the_host_will_not_hand_over_leaves_the_mirror_undone_and_fen
 
 // ---- evictions ahead: the mirror after the response ----
 
-/// The root context's mirror callouts so far.
+/// The root context's mirror batches so far.
 fn root_mirrors(vm: &Vm) -> Vec<wasm_host::Callout> {
     vm.root_callouts()
         .iter()
-        .filter(|c| c.header(":path") == Some("/internal/v1/mirror"))
+        .filter(|c| c.header(":path") == Some("/internal/v1/mirrors"))
         .cloned()
         .collect()
+}
+
+/// The mirrors a batch callout carries.
+fn batch(call: &wasm_host::Callout) -> Vec<Value> {
+    let body: Value = serde_json::from_slice(&call.body).unwrap();
+    body["mirrors"].as_array().unwrap().clone()
+}
+
+/// The sidecar's answer to a batch: each mirror applied or not.
+fn batch_answer(applied: &[bool]) -> Vec<u8> {
+    serde_json::to_vec(&json!({ "applied": applied })).unwrap()
+}
+
+/// Answers every mirror batch sent so far (from `from` on) as all applied.
+fn apply_batches(vm: &mut Vm, from: usize) {
+    for call in root_mirrors(vm).iter().skip(from) {
+        let answer = batch_answer(&vec![true; batch(call).len()]);
+        vm.answer_callout(call.token, Some((200, &[JSON], &answer)))
+            .unwrap();
+    }
 }
 
 /// A write answered 2xx after its eviction ahead was answered `evict`.
@@ -1410,7 +1430,8 @@ fn a_write_evicts_ahead_and_its_mirror_goes_after_the_response() {
     // The stream woke the root context, which sent the mirror.
     let mirrors = root_mirrors(&vm);
     assert_eq!(mirrors.len(), 1);
-    let m: Value = serde_json::from_slice(&mirrors[0].body).unwrap();
+    assert_eq!(batch(&mirrors[0]).len(), 1);
+    let m = batch(&mirrors[0])[0].clone();
     assert_eq!(
         (m["namespace"].clone(), m["upserted_at"].clone()),
         (json!("ns"), json!(NOW_MS))
@@ -1421,7 +1442,7 @@ fn a_write_evicts_ahead_and_its_mirror_goes_after_the_response() {
     );
     assert!(mirrors[0].header("x-request-id").is_some_and(|v| !v.is_empty()));
     assert_eq!(vm.counter("hevlayer.mirror_ok"), 0, "not before its answer");
-    vm.answer_callout(mirrors[0].token, Some(APPLIED)).unwrap();
+    apply_batches(&mut vm, 0);
     assert_eq!(
         (
             vm.counter("hevlayer.evict_ahead_ok"),
@@ -1445,10 +1466,14 @@ fn a_mirror_after_the_response_that_fails_leaves_nothing_to_fence() {
         b"upstream request timeout",
     );
     let refused: Answer<'_> = (503, &[JSON], b"{\"error\":\"cache_unavailable\"}");
+    let not_applied = batch_answer(&[false]);
+    let short = batch_answer(&[]);
     for (answer, counter) in [
         (Some(refused), "mirror_failed"),
         (Some(envoy_timeout), "mirror_timeout"),
         (None, "mirror_failed"),
+        (Some((200, &[JSON][..], not_applied.as_slice())), "mirror_failed"),
+        (Some((200, &[JSON][..], short.as_slice())), "mirror_failed"),
     ] {
         let mut vm = vm(r#"{"read_watermark":"off"}"#);
         write_ahead(&mut vm, br#"{"deletes":[1]}"#, Some(APPLIED));
@@ -1509,8 +1534,20 @@ fn one_wake_up_sends_every_mirror_queued_before_the_root_ran_and_the_timer_is_th
     assert_eq!(vm.queue_names().len(), 1);
     assert!(vm.queue_names()[0].starts_with("hevlayer.mirrors."));
     vm.deliver_queues().unwrap();
-    assert_eq!(root_mirrors(&vm).len(), 3);
+    // Group commit: the three mirrors go in one callout.
+    assert_eq!(root_mirrors(&vm).len(), 1);
+    assert_eq!(batch(&root_mirrors(&vm)[0]).len(), 3);
     assert_eq!(vm.counter("hevlayer.mirrors_queued"), 0);
+    let answer = batch_answer(&[true, false, true]);
+    let token = root_mirrors(&vm)[0].token;
+    vm.answer_callout(token, Some((200, &[JSON], &answer))).unwrap();
+    assert_eq!(
+        (
+            vm.counter("hevlayer.mirror_ok"),
+            vm.counter("hevlayer.mirror_failed")
+        ),
+        (2, 1)
+    );
 
     // Without a queue the timer sends them.
     let mut vm2 = vm_without_queue_delivery();
@@ -1540,9 +1577,9 @@ fn the_mirror_queue_is_bounded_and_a_dropped_mirror_is_counted() {
 }
 
 #[test]
-fn at_most_32_mirrors_are_out_at_once() {
+fn at_most_four_batches_are_out_at_once_and_what_gathers_meanwhile_goes_as_one() {
     let mut vm = vm(r#"{"read_watermark":"off"}"#);
-    for id in 0..40 {
+    for id in 0..10 {
         write_ahead(
             &mut vm,
             format!(r#"{{"deletes":[{id}]}}"#).as_bytes(),
@@ -1550,18 +1587,20 @@ fn at_most_32_mirrors_are_out_at_once() {
         );
     }
     let out = root_mirrors(&vm);
-    assert_eq!(out.len(), 32);
-    assert_eq!(vm.counter("hevlayer.mirrors_queued"), 8);
-    vm.answer_callout(out[0].token, Some(APPLIED)).unwrap();
-    assert_eq!(root_mirrors(&vm).len(), 33, "an answer makes room for the next");
-    for c in root_mirrors(&vm).iter().skip(1) {
-        vm.answer_callout(c.token, Some(APPLIED)).unwrap();
-    }
-    for c in root_mirrors(&vm).iter().skip(33) {
-        vm.answer_callout(c.token, Some(APPLIED)).unwrap();
-    }
-    assert_eq!(root_mirrors(&vm).len(), 40);
-    assert_eq!(vm.counter("hevlayer.mirror_ok"), 40);
+    assert_eq!(out.len(), 4, "one batch per write while there is room");
+    assert_eq!(vm.counter("hevlayer.mirrors_queued"), 6);
+    let answer = batch_answer(&[true]);
+    vm.answer_callout(out[0].token, Some((200, &[JSON], &answer)))
+        .unwrap();
+    let out = root_mirrors(&vm);
+    assert_eq!(out.len(), 5, "an answer makes room for the next batch");
+    let ids: Vec<Value> = batch(&out[4])
+        .iter()
+        .map(|m| m["write"]["deletes"][0].clone())
+        .collect();
+    assert_eq!(ids, (4..10).map(|i| json!(i)).collect::<Vec<_>>(), "in order");
+    apply_batches(&mut vm, 1);
+    assert_eq!(vm.counter("hevlayer.mirror_ok"), 10);
     assert_eq!(vm.counter("hevlayer.mirrors_queued"), 0);
 }
 
@@ -1570,8 +1609,7 @@ fn with_evictions_ahead_every_accepted_write_still_ends_in_one_mirror_outcome() 
     let mut vm = vm(r#"{"read_watermark":"off"}"#);
     // Mirrored after the response.
     write_ahead(&mut vm, br#"{"deletes":[1]}"#, Some(APPLIED));
-    let t = root_mirrors(&vm)[0].token;
-    vm.answer_callout(t, Some(APPLIED)).unwrap();
+    apply_batches(&mut vm, 0);
     // Refused by Turbopuffer while its eviction was out.
     let mut s = send_write(&mut vm, br#"{"deletes":[1]}"#, 100);
     s.respond(429, &[JSON], br#"{"status":"error"}"#, "via_upstream")
@@ -1628,8 +1666,8 @@ fn memory_does_not_grow_with_mirrors_after_the_response() {
     );
     let run = |vm: &mut Vm| {
         write_ahead(vm, body.as_bytes(), Some(APPLIED));
-        let token = root_mirrors(vm).last().unwrap().token;
-        vm.answer_callout(token, Some(APPLIED)).unwrap();
+        apply_batches(vm, 0);
+        vm.forget_root_callouts();
     };
     for _ in 0..10 {
         run(&mut vm);

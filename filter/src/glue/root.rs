@@ -8,7 +8,7 @@ use crate::config::{Config, ReadWatermark};
 use crate::exchange::Exchange;
 use crate::fence::Fences;
 use crate::metrics::Counter;
-use crate::mirrors::MirrorQueue;
+use crate::mirrors::{Flight, MirrorQueue};
 use crate::sidecar_api;
 use crate::watermark::{self, Tracker};
 use proxy_wasm::hostcalls as host;
@@ -128,63 +128,79 @@ impl Root {
         }
     }
 
-    /// Sends the queued mirrors while there is room in flight.
+    /// Sends the queued mirrors, in batches, while there is room in flight.
     fn send_mirrors(&self, now: u64) {
         let cluster = self.config().sidecar_cluster.as_str();
         let timeout = Duration::from_millis(self.config().mirror_timeout_ms);
         loop {
-            let Some(job) = self
+            let batch = self
                 .shared
                 .mirrors
                 .try_borrow_mut()
-                .ok()
-                .and_then(|mut q| q.take_next())
-            else {
+                .map(|mut q| q.take_batch())
+                .unwrap_or_default();
+            if batch.is_empty() {
                 return;
-            };
-            self.metrics().add_queued(-1);
+            }
+            let n = batch.len();
+            self.metrics().add_queued(-(n as i64));
+            let body = sidecar_api::mirror_batch_body(batch.iter().map(|j| j.body.as_slice()));
+            // The first mirror's request id names the batch in the sidecar's logs.
+            let request_id = batch[0].request_id.as_str();
             let headers = vec![
                 (":method", "POST"),
-                (":path", sidecar_api::MIRROR_PATH),
+                (":path", sidecar_api::MIRRORS_PATH),
                 (":authority", cluster),
                 ("content-type", "application/json"),
-                (sidecar_api::REQUEST_ID_HEADER, job.request_id.as_str()),
+                (sidecar_api::REQUEST_ID_HEADER, request_id),
             ];
-            match self.dispatch_http_call(cluster, headers, Some(&job.body), Vec::new(), timeout) {
+            match self.dispatch_http_call(cluster, headers, Some(&body), Vec::new(), timeout) {
                 Ok(token) => {
                     if let Ok(mut q) = self.shared.mirrors.try_borrow_mut() {
-                        q.sent(token, now);
+                        q.sent(token, n, now);
                     }
                 }
                 Err(status) => {
-                    log::warn!(
-                        "request {}: could not dispatch its mirror: {status:?}",
-                        job.request_id
-                    );
-                    self.metrics()
-                        .record(vec![Counter::MirrorFailed, Counter::CalloutDispatchFailed]);
+                    log::warn!("could not dispatch a batch of {n} mirrors: {status:?}");
+                    let mut counters = vec![Counter::MirrorFailed; n];
+                    counters.push(Counter::CalloutDispatchFailed);
+                    self.metrics().record(counters);
                 }
             }
         }
     }
 
-    /// A mirror callout's answer: its write's one outcome. Only the sidecar's JSON 2xx is a
-    /// mirror that happened; Envoy's 504 (or a reset at the timeout) is a timeout.
-    fn mirror_answered(&self, sent_ms: u64, status: Option<u16>, json: bool) {
-        let ok = json && status.is_some_and(|s| (200..300).contains(&s));
-        let elapsed = now_ms().saturating_sub(sent_ms);
-        let counter = if ok {
-            Counter::MirrorOk
-        } else if !json && (status == Some(504) || elapsed >= self.config().mirror_timeout_ms) {
-            Counter::MirrorTimeout
+    /// A batch's answer: each mirror's outcome. Only the sidecar's JSON 2xx answers for its
+    /// mirrors (a mirror it does not list counts as failed); Envoy's 504 (or a reset at the
+    /// timeout) is a timeout of every mirror in the batch.
+    fn mirrors_answered(&self, flight: Flight, status: Option<u16>, json: bool, body: &[u8]) {
+        let elapsed = now_ms().saturating_sub(flight.sent_ms);
+        let answered = json && status.is_some_and(|s| (200..300).contains(&s));
+        let applied: Vec<bool> = if answered {
+            serde_json::from_slice::<sidecar_api::MirrorBatchResponse>(body)
+                .map(|r| r.applied)
+                .unwrap_or_default()
         } else {
-            Counter::MirrorFailed
+            Vec::new()
         };
-        if !ok {
-            // Nothing stale: the write's documents were evicted before its response.
-            log::warn!("a mirror after its response did not happen (status {status:?})");
+        let ok = applied.iter().take(flight.mirrors).filter(|a| **a).count();
+        let not_ok =
+            if !answered && !json && (status == Some(504) || elapsed >= self.config().mirror_timeout_ms) {
+                Counter::MirrorTimeout
+            } else {
+                Counter::MirrorFailed
+            };
+        if ok < flight.mirrors {
+            // Nothing stale: the writes' documents were evicted before their responses.
+            log::warn!(
+                "{} of {} mirrors after their responses did not happen (status {status:?})",
+                flight.mirrors - ok,
+                flight.mirrors
+            );
         }
-        self.metrics().record(vec![counter]);
+        let mut counters = vec![Counter::MirrorOk; ok];
+        counters.extend(std::iter::repeat_n(not_ok, flight.mirrors - ok));
+        self.metrics().record(counters);
     }
 
     fn evictions_failed(&self, covers: &[(String, u64)], now: u64) {
@@ -250,8 +266,8 @@ impl Context for Root {
             .ok()
             .and_then(|mut q| q.answered(token));
         if let Some(flight) = mirror {
-            let (status, headers, _) = super::call_answer(body_size);
-            self.mirror_answered(flight.sent_ms, status, sidecar_api::is_sidecar_answer(&headers));
+            let (status, headers, body) = super::call_answer(body_size);
+            self.mirrors_answered(flight, status, sidecar_api::is_sidecar_answer(&headers), &body);
             self.send_mirrors(now_ms());
             return;
         }
