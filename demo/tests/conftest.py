@@ -1,0 +1,97 @@
+"""The demo as `make demo` runs it: demo/run.sh (envoy/run.sh's gateway and the store app) on free
+loopback ports, stopped with Ctrl-C (SIGINT to its process group) at the end. The port helpers
+come from the end-to-end tests' conftest (tests/e2e/conftest.py)."""
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "demo"
+sys.path.insert(0, str(DEMO))  # the store's modules (embedder, pipeline) for the tests
+
+_spec = importlib.util.spec_from_file_location("e2e_conftest", ROOT / "tests" / "e2e" / "conftest.py")
+e2e = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(e2e)
+free_port, port_open = e2e.free_port, e2e.port_open
+
+PORTS = ("DEMO_PORT", "GATEWAY_PORT", "ADMIN_PORT", "SIDECAR_PORT", "MINIFUGU_PORT")
+
+
+def read_until(proc, marker, seconds):
+    deadline = time.monotonic() + seconds
+    seen = []
+    os.set_blocking(proc.stdout.fileno(), False)
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line:
+            seen.append(line)
+            if marker in line:
+                return "".join(seen)
+            continue
+        if proc.poll() is not None:
+            raise AssertionError(f"demo/run.sh exited {proc.returncode} before '{marker}':\n{''.join(seen)}")
+        time.sleep(0.05)
+    raise AssertionError(f"no '{marker}' from demo/run.sh within {seconds}s:\n{''.join(seen)}")
+
+
+def stop_with_ctrl_c(proc, seconds=20.0):
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(seconds)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+            raise AssertionError("demo/run.sh did not stop within 20 s of Ctrl-C")
+
+
+@pytest.fixture(scope="session")
+def demo():
+    """The running demo: its ports, the store's URL, the banner, and the process (stopped at the end)."""
+    ports = {name: free_port() for name in PORTS}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TURBOPUFFER_URL", "TURBOPUFFER_API_KEY", "TURBOPUFFER_REGION", "AUTH_MODE", "AEROSPIKE_HOSTS")}
+    env.update({name: str(port) for name, port in ports.items()})
+    # Quicker than the interactive pace, still several batches.
+    env.update({"DEMO_STAGE_PAUSE": "0", "DEMO_EMBED_PAUSE": "0.05", "DEMO_BATCH_SIZE": "25"})
+    proc = subprocess.Popen([str(DEMO / "run.sh")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            text=True, start_new_session=True)
+    try:
+        banner = read_until(proc, "Ctrl-C stops everything.", 90)
+        url = f"http://127.0.0.1:{ports['DEMO_PORT']}/"
+        yield {"proc": proc, "ports": ports, "url": url, "banner": banner,
+               "http": httpx.Client(base_url=url, timeout=30)}
+    finally:
+        stop_with_ctrl_c(proc)
+
+
+def wait_for(check, what, seconds):
+    deadline = time.monotonic() + seconds
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} not within {seconds}s (last: {last!r})")
+
+
+@pytest.fixture(scope="session")
+def indexed(demo):
+    """The pipeline state once every product is indexed."""
+    http = demo["http"]
+
+    def done():
+        state = http.get("/api/pipeline").json()
+        counts = state.get("counts") or {}
+        return state if counts.get("indexed") == state["products"] and not state["progress"]["running"] else None
+
+    return wait_for(done, "the whole catalogue indexed", 60)
