@@ -20,6 +20,7 @@ help:
 	@echo "make test   - fmt, clippy, native tests, wasm build, wasmtime-hosted and end-to-end tests"
 	@echo "make bench  - benchmarks (filter, sidecar, gateway)"
 	@echo "make soak   - make run's processes under 1,000,000 mixed requests with faults"
+	@echo "make demo   - make run's gateway plus a demo store app (search, product fetch, pipeline) on :8000"
 	@echo "make fuzz   - coverage-guided fuzzing of every target (FUZZ_SECONDS each; nightly, cargo-fuzz)"
 	@echo "make wasm   - release build of the filter for $(WASM_TARGET)"
 	@echo "make tools  - install Envoy, the emulator and the Python test tools into .tools/"
@@ -164,6 +165,25 @@ fuzz: $(CARGO_FUZZ)
 
 include envoy/kubernetes/kubernetes.mk
 TEST_EXTRA += test-kubernetes
+
+# ---- The demo store (demo/): `make demo` runs it, `make test-demo` checks it ---------------
+
+# `make run`'s gateway plus the demo store app; prints the store's URL (DEMO_PORT, default 8000).
+.PHONY: demo
+demo: tools wasm sidecar
+	demo/run.sh
+
+# The page test drives Debian's Chromium headless; installed here when missing (as root, else sudo).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y chromium; \
+	else sudo apt-get update && sudo apt-get install -y chromium; fi
+
+.PHONY: test-demo
+test-demo: tools wasm sidecar $(CHROMIUM)
+	$(PY) -m pytest -q demo/tests
+
+TEST_EXTRA += test-demo
 
 # ---- end of sections -------------------------------------------------------------------------
 

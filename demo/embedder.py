@@ -9,7 +9,7 @@ import re
 DIMS = 256
 WORD_WEIGHT = 1.0
 TRIGRAM_WEIGHT = 0.35
-DESCRIPTION = f"feature hashing of words and character trigrams into {DIMS} dimensions (offline, not semantic)"
+DESCRIPTION = f"words and character trigrams hashed into {DIMS} dimensions"
 
 _WORD = re.compile(r"[a-z0-9]+")
 

@@ -31,7 +31,7 @@ def test_search_open_a_product_and_edit_its_price(demo, indexed, browser):
     assert browser.evaluate(text_of("count-pending")) == "0"
     assert browser.evaluate(text_of("count-failed")) == "0"
     assert browser.evaluate(text_of("stable-as-of")).split()[0].isdigit()
-    assert "feature hashing" in browser.evaluate(text_of("embedder"))
+    assert "hashed into 256 dimensions" in browser.evaluate(text_of("embedder"))
 
     browser.evaluate("document.getElementById('q').value = 'walnut desk lamp'")
     browser.evaluate("document.getElementById('search-form').requestSubmit()")
