@@ -118,3 +118,18 @@ def test_the_store_and_its_workers_go_through_the_gateway(demo, indexed):
              "/v1/namespaces/demo-store/schema")
     # Envoy writes its access log out every few seconds.
     wait_for(lambda: all(p in log.read_text() for p in paths), "every kind of call in the access log", 15)
+
+
+def test_the_pipeline_runs_again_on_request(demo, indexed):
+    http = demo["http"]
+    assert http.post("/api/pipeline/run").status_code == 202
+    assert http.post("/api/pipeline/run").status_code == 409, "one run at a time"
+
+    def second_run_done():
+        state = http.get("/api/pipeline").json()
+        done = state["progress"]["run"] == 2 and not state["progress"]["running"]
+        return state if done else None
+
+    state = wait_for(second_run_done, "the second run", 60)
+    assert state["progress"]["error"] is None and state["progress"]["embedded"] == 300
+    assert state["counts"] == {"pending": 0, "embedding": 0, "indexed": 300, "failed": 0}
