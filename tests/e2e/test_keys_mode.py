@@ -11,6 +11,8 @@ import uuid
 import httpx
 import pytest
 
+from conftest import wait_until
+
 
 def ns():
     return f"e2e-keys-{uuid.uuid4().hex[:10]}"
@@ -98,10 +100,16 @@ def test_pipeline_vectors_go_upstream_with_the_upstream_key_and_the_sidecar_neve
     status = httpx.get(f"{gw}/v2/pipelines/{pid}/status", headers=bearer(ks.keys["read"])).json()
     assert status["counts"].get("indexed") == 1 and status["status"] == "idle", status
 
+    # The sidecar's write is mirrored like any write: its eviction with the write, its mirror
+    # (in a batch) after the response.
+    def mirrored():
+        return ("POST", "/internal/v1/mirrors") in [(q.method, q.path) for q in ks.tap.requests[tap_mark:]]
+
+    wait_until(mirrored, "the mirror of the sidecar's write", seconds=10)
     sidecar_saw = ks.tap.requests[tap_mark:]
     paths = [(q.method, q.path) for q in sidecar_saw]
     assert ("PUT", f"/v2/pipelines/{pid}/documents/d1/vectors") in paths
-    assert ("POST", "/internal/v1/mirror") in paths, "the sidecar's write was mirrored like any write"
+    assert ("POST", "/internal/v1/evict") in paths, "the sidecar's write was evicted ahead like any write"
     assert_sidecar_never_saw_a_caller_key(ks, sidecar_saw)
     assert all(q.headers.get("authorization") is None for q in sidecar_saw), "keys mode forwards no bearer to the sidecar"
 
