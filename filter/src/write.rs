@@ -269,14 +269,21 @@ enum Name {
     Other,
 }
 
-fn classify(name: &str) -> Name {
+/// Classifies a decoded name by its bytes (an unescaped name's raw bytes are the same).
+fn classify(name: &[u8]) -> Name {
+    if name.starts_with(RESERVED_PREFIX.as_bytes()) {
+        return if name == STAMP.as_bytes() {
+            Name::Stamp
+        } else if name == SHARD.as_bytes() {
+            Name::Shard
+        } else {
+            Name::Reserved
+        };
+    }
     match name {
-        "id" => Name::Id,
-        STAMP => Name::Stamp,
-        SHARD => Name::Shard,
-        "blobs" => Name::Blobs,
-        "vector" | "vectors" => Name::Vector,
-        n if n.starts_with(RESERVED_PREFIX) => Name::Reserved,
+        b"id" => Name::Id,
+        b"blobs" => Name::Blobs,
+        b"vector" | b"vectors" => Name::Vector,
         _ => Name::Other,
     }
 }
@@ -457,10 +464,13 @@ impl Scan {
 
     /// Checks an attribute name of a stamped object; returns how to treat it.
     fn attribute(&mut self, cur: &Cursor<'_>, key: StrToken, op: &str) -> Name {
-        let name = cur.text(key);
-        let class = classify(&name);
+        // Names without escapes are classified on their bytes, with nothing decoded.
+        let class = match cur.bytes().get(key.start..key.end) {
+            Some(raw) if !key.escaped => classify(raw),
+            _ => classify(cur.text(key).as_bytes()),
+        };
         match class {
-            Name::Reserved => self.fail(Rejection::Reserved(name.into_owned())),
+            Name::Reserved => self.fail(Rejection::Reserved(cur.text(key).into_owned())),
             Name::Blobs if op != "patch_by_filter" => self.fail(Rejection::RemovedKey(REMOVED_BLOBS)),
             Name::Vector if op.starts_with("patch") => self.shape(format!(
                 "{op} cannot patch vector or vectors values; upsert full rows instead"
@@ -563,10 +573,7 @@ impl Scan {
             match (class, count) {
                 (Name::Id, _) => ids = Some(count),
                 (Name::Shard, _) => {}
-                (_, None) => errors.push(format!(
-                    "{name} column '{}' must be an array",
-                    cur.text(m.key)
-                )),
+                (_, None) => errors.push(format!("{name} column '{}' must be an array", cur.text(m.key))),
                 (Name::Stamp, Some(_)) => {}
                 (_, Some(count)) => lengths.push((cur.text(m.key).into_owned(), count)),
             }
