@@ -272,8 +272,21 @@ impl<'a> Cursor<'a> {
     }
 
     /// Skips one value of any kind, validating it, and returns its kind.
+    #[inline]
     pub fn skip_value(&mut self) -> Result<Kind> {
         let kind = self.peek_kind()?;
+        match kind {
+            Kind::String => {
+                self.string_here()?;
+            }
+            Kind::Number => self.number_here()?,
+            _ => self.skip_other(kind)?,
+        }
+        Ok(kind)
+    }
+
+    /// [`Cursor::skip_value`] past the kinds it handles inline (objects, arrays, literals).
+    fn skip_other(&mut self, kind: Kind) -> Result<()> {
         match kind {
             Kind::Object => {
                 self.object(|cur, _key| cur.skip_value().map(|_| ()))?;
@@ -292,7 +305,7 @@ impl<'a> Cursor<'a> {
             }
             Kind::Null => self.literal(b"null")?,
         }
-        Ok(kind)
+        Ok(())
     }
 
     /// Skips an array; the hot path of vectors sent as number arrays.
@@ -433,10 +446,28 @@ impl<'a> Cursor<'a> {
         self.string_content()
     }
 
-    /// The rest of a string token, after its opening quote.
+    /// The rest of a string token, after its opening quote. Most strings (names, short values)
+    /// end in the first block with nothing to look at on the way.
+    #[inline]
     fn string_content(&mut self) -> Result<StrToken> {
-        let b = self.bytes;
         let start = self.pos;
+        if blocks_on() {
+            if let Some(end) = blocks::plain_string_end(self.bytes, start) {
+                self.pos = end + 1;
+                return Ok(StrToken {
+                    start,
+                    end,
+                    escaped: false,
+                });
+            }
+        }
+        self.string_rest(start)
+    }
+
+    /// A string token from its content's `start`, byte by byte past escapes, control and
+    /// non-ASCII bytes.
+    fn string_rest(&mut self, start: usize) -> Result<StrToken> {
+        let b = self.bytes;
         let mut i = start;
         let mut escaped = false;
         let mut high = false;
@@ -614,6 +645,7 @@ impl Names {
     }
 
     /// Records `key`; true if the object already had a member of that name.
+    #[inline]
     pub fn repeats(&mut self, bytes: &[u8], key: StrToken) -> bool {
         let raw = bytes.get(key.start..key.end).unwrap_or_default();
         let found = if key.escaped || self.escaped {

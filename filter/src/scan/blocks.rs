@@ -107,6 +107,15 @@ pub mod swar {
         }
     }
 
+    pub fn numbers(bytes: &[u8; 64]) -> super::Wide {
+        let block = |k: usize| {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&bytes[16 * k..16 * k + 16]);
+            classify(&a)
+        };
+        super::Wide::join([block(0), block(1), block(2), block(3)])
+    }
+
     /// The specials of a block only (a string's plain run).
     pub fn special(bytes: &[u8; 16]) -> u16 {
         let (lo, hi) = bytes.split_at(8);
@@ -162,6 +171,28 @@ pub mod simd {
 
     pub fn special(bytes: &[u8; 16]) -> u16 {
         u8x16_bitmask(specials(load(bytes)))
+    }
+
+    /// The number classes of 64 bytes, without the string specials.
+    #[inline]
+    pub fn numbers(bytes: &[u8; 64]) -> super::Wide {
+        let p = bytes.as_ptr();
+        let mut w = super::Wide::default();
+        for k in 0..4 {
+            // SAFETY: the load stays inside the 64-byte array; no alignment needed.
+            let v = unsafe { core::ptr::read_unaligned(p.add(16 * k).cast::<v128>()) };
+            let digit = u8x16_lt(u8x16_sub(v, u8x16_splat(b'0')), u8x16_splat(10));
+            let shift = 16 * k as u32;
+            let m = |x: u16| u64::from(x) << shift;
+            w.digit |= m(u8x16_bitmask(digit));
+            w.zero |= m(eq(v, b'0'));
+            w.dot |= m(eq(v, b'.'));
+            w.exp |= m(eq(v128_or(v, u8x16_splat(0x20)), b'e'));
+            w.minus |= m(eq(v, b'-'));
+            w.plus |= m(eq(v, b'+'));
+            w.comma |= m(eq(v, b','));
+        }
+        w
     }
 
     /// Whether any of 64 bytes is special, with one test instead of four masks.
@@ -240,6 +271,35 @@ pub mod sse2 {
     pub fn special(bytes: &[u8; 16]) -> u16 {
         specials(load(bytes))
     }
+
+    /// The number classes of 64 bytes, without the string specials.
+    #[inline]
+    pub fn numbers(bytes: &[u8; 64]) -> super::Wide {
+        let mut w = super::Wide::default();
+        for (k, chunk) in bytes.chunks_exact(16).enumerate() {
+            let Ok(block) = <&[u8; 16]>::try_from(chunk) else {
+                continue;
+            };
+            let v = load(block);
+            // SAFETY: SSE2 is part of x86_64.
+            let (digits, lower) = unsafe {
+                (
+                    _mm_sub_epi8(v, _mm_set1_epi8(b'0' as i8)),
+                    _mm_or_si128(v, _mm_set1_epi8(0x20)),
+                )
+            };
+            let shift = 16 * k as u32;
+            let m = |x: __m128i| u64::from(mask(x)) << shift;
+            w.digit |= m(at_most(digits, 9));
+            w.zero |= m(eq(v, b'0'));
+            w.dot |= m(eq(v, b'.'));
+            w.exp |= m(eq(lower, b'e'));
+            w.minus |= m(eq(v, b'-'));
+            w.plus |= m(eq(v, b'+'));
+            w.comma |= m(eq(v, b','));
+        }
+        w
+    }
 }
 
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
@@ -282,9 +342,19 @@ pub fn plain_run(b: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// The classes of 64 bytes as 64-bit masks.
-#[derive(Debug, Clone, Copy, Default)]
-struct Wide {
+/// Where the closing quote is when a string's content from `start` is plain up to it within
+/// one block (the common short string); `None` sends the string the long way.
+#[inline]
+pub fn plain_string_end(b: &[u8], start: usize) -> Option<usize> {
+    let block: &[u8; 16] = b.get(start..start + 16)?.try_into().ok()?;
+    let special = fast::special(block);
+    let end = start + special.trailing_zeros() as usize;
+    (special != 0 && b.get(end) == Some(&b'"')).then_some(end)
+}
+
+/// The classes of 64 bytes a number array is made of, as 64-bit masks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Wide {
     digit: u64,
     zero: u64,
     dot: u64,
@@ -294,21 +364,39 @@ struct Wide {
     comma: u64,
 }
 
+impl Wide {
+    /// Joins four blocks' masks, the first in the low bits.
+    fn join(blocks: [Block; 4]) -> Wide {
+        let mut w = Wide::default();
+        for (k, c) in blocks.iter().enumerate() {
+            let shift = 16 * k as u32;
+            w.digit |= u64::from(c.digit) << shift;
+            w.zero |= u64::from(c.zero) << shift;
+            w.dot |= u64::from(c.dot) << shift;
+            w.exp |= u64::from(c.exp) << shift;
+            w.minus |= u64::from(c.minus) << shift;
+            w.plus |= u64::from(c.plus) << shift;
+            w.comma |= u64::from(c.comma) << shift;
+        }
+        w
+    }
+}
+
+/// The byte-at-a-time definition of [`Wide`].
+pub fn reference_wide(bytes: &[u8; 64]) -> Wide {
+    let block = |k: usize| {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(&bytes[16 * k..16 * k + 16]);
+        reference(&a)
+    };
+    Wide::join([block(0), block(1), block(2), block(3)])
+}
+
+/// The number classes of the 64 bytes at `b[at..]`, if there are 64.
 #[inline]
 fn wide(b: &[u8], at: usize) -> Option<Wide> {
-    let mut w = Wide::default();
-    for k in 0..4 {
-        let c = classify(b, at + 16 * k)?;
-        let shift = 16 * k as u32;
-        w.digit |= u64::from(c.digit) << shift;
-        w.zero |= u64::from(c.zero) << shift;
-        w.dot |= u64::from(c.dot) << shift;
-        w.exp |= u64::from(c.exp) << shift;
-        w.minus |= u64::from(c.minus) << shift;
-        w.plus |= u64::from(c.plus) << shift;
-        w.comma |= u64::from(c.comma) << shift;
-    }
-    Some(w)
+    let chunk: &[u8; 64] = b.get(at..at + 64)?.try_into().ok()?;
+    Some(fast::numbers(chunk))
 }
 
 /// Skips whole `number,` elements of an array from `i`, the start of an element, 64 bytes at a
@@ -452,6 +540,14 @@ mod tests {
         }
 
         #[test]
+        fn wide_masks_classify_like_the_reference(bytes in proptest::collection::vec(
+            proptest::sample::select(b"0123456789.,eE+-x ]".to_vec()), 64)) {
+            let chunk: [u8; 64] = bytes.try_into().unwrap();
+            prop_assert_eq!(fast::numbers(&chunk), reference_wide(&chunk));
+            prop_assert_eq!(swar::numbers(&chunk), reference_wide(&chunk));
+        }
+
+        #[test]
         fn plain_runs_end_at_the_first_special_byte(
             bytes in proptest::collection::vec(prop_oneof![
                 8 => proptest::char::range('a', 'z').prop_map(|c| c as u8),
@@ -465,6 +561,10 @@ mod tests {
             prop_assert!(from <= end && end <= bytes.len());
             prop_assert!((from..end).all(|k| !special(k)));
             prop_assert!(bytes.len() - end < 16 || special(end));
+            if let Some(close) = plain_string_end(&bytes, from) {
+                prop_assert!((from..close).all(|k| !special(k)));
+                prop_assert_eq!(bytes[close], b'"');
+            }
         }
 
         #[test]
