@@ -7,6 +7,8 @@
 
 use std::fmt;
 
+pub mod blocks;
+
 /// Nesting deeper than this is refused rather than risking the wasm stack.
 pub const MAX_DEPTH: usize = 128;
 
@@ -134,21 +136,47 @@ fn digit_run(b: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// Skips whole eight-byte words of plain string bytes (no quote, backslash, control or non-ASCII
-/// byte); the byte loop handles the rest.
-#[inline]
-fn plain_run(b: &[u8], mut i: usize) -> usize {
-    while let Some(w) = word(b, i) {
-        let quote = w ^ (b'"' as u64 * ONES);
-        let slash = w ^ (b'\\' as u64 * ONES);
-        let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
-        let control = w.wrapping_sub(0x20 * ONES) & !w & HIGHS;
-        if (zero_byte(quote) | zero_byte(slash) | control | (w & HIGHS)) != 0 {
-            return i;
+/// Checks the `\u` escape at `b[i..]` (its backslash at `i`) and returns its length: 6, or 12 for
+/// a surrogate pair. UTF-16 surrogates come in pairs (a high one, then a low one), as serde_json
+/// requires: a lone one names no character.
+fn unicode_escape(b: &[u8], i: usize) -> std::result::Result<usize, &'static str> {
+    let Some(hex) = b
+        .get(i + 2..i + 6)
+        .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+    else {
+        return Err("invalid \\u escape in string");
+    };
+    match hex4(hex) {
+        0xD800..=0xDBFF => {
+            let low = b
+                .get(i + 6..i + 12)
+                .filter(|l| l[0] == b'\\' && l[1] == b'u')
+                .filter(|l| l[2..].iter().all(u8::is_ascii_hexdigit))
+                .map(|l| hex4(&l[2..]));
+            if matches!(low, Some(0xDC00..=0xDFFF)) {
+                Ok(12)
+            } else {
+                Err("lone surrogate in \\u escape")
+            }
         }
-        i += 8;
+        0xDC00..=0xDFFF => Err("lone surrogate in \\u escape"),
+        _ => Ok(6),
     }
-    i
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Set by tests to run the byte-at-a-time cursor alone, the reference for the block paths.
+    static BYTEWISE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the block-at-a-time paths run (always, outside tests).
+#[inline]
+fn blocks_on() -> bool {
+    #[cfg(test)]
+    return !BYTEWISE.with(std::cell::Cell::get);
+    #[cfg(not(test))]
+    true
 }
 
 /// A cursor over a JSON text.
@@ -193,7 +221,8 @@ impl<'a> Cursor<'a> {
     #[inline]
     pub fn skip_ws(&mut self) {
         while let Some(&c) = self.bytes.get(self.pos) {
-            if c == b' ' || c == b'\n' || c == b'\r' || c == b'\t' {
+            // Most calls find a token at once: one compare rules out every byte above a space.
+            if c <= b' ' && (c == b' ' || c == b'\n' || c == b'\r' || c == b'\t') {
                 self.pos += 1;
             } else {
                 break;
@@ -243,17 +272,30 @@ impl<'a> Cursor<'a> {
     }
 
     /// Skips one value of any kind, validating it, and returns its kind.
+    #[inline]
     pub fn skip_value(&mut self) -> Result<Kind> {
         let kind = self.peek_kind()?;
+        match kind {
+            Kind::String => {
+                self.string_here()?;
+            }
+            Kind::Number => self.number_here()?,
+            _ => self.skip_other(kind)?,
+        }
+        Ok(kind)
+    }
+
+    /// [`Cursor::skip_value`] past the kinds it handles inline (objects, arrays, literals).
+    fn skip_other(&mut self, kind: Kind) -> Result<()> {
         match kind {
             Kind::Object => {
                 self.object(|cur, _key| cur.skip_value().map(|_| ()))?;
             }
             Kind::Array => self.skip_array()?,
             Kind::String => {
-                self.string()?;
+                self.string_here()?;
             }
-            Kind::Number => self.number()?,
+            Kind::Number => self.number_here()?,
             Kind::Bool => {
                 if self.bytes[self.pos] == b't' {
                     self.literal(b"true")?;
@@ -263,7 +305,7 @@ impl<'a> Cursor<'a> {
             }
             Kind::Null => self.literal(b"null")?,
         }
-        Ok(kind)
+        Ok(())
     }
 
     /// Skips an array; the hot path of vectors sent as number arrays.
@@ -277,7 +319,21 @@ impl<'a> Cursor<'a> {
         }
         loop {
             match self.bytes.get(self.pos) {
-                Some(b'-' | b'0'..=b'9') => self.number_here()?,
+                Some(b'-' | b'0'..=b'9') => {
+                    // Whole `number,` elements a block at a time; the cursor takes over at the
+                    // first element they do not cover.
+                    let run_end = if blocks_on() {
+                        blocks::number_run(self.bytes, self.pos)
+                    } else {
+                        self.pos
+                    };
+                    if run_end != self.pos {
+                        self.pos = run_end;
+                        self.skip_ws();
+                        continue;
+                    }
+                    self.number_here()?
+                }
                 Some(_) => {
                     self.skip_value()?;
                 }
@@ -380,13 +436,45 @@ impl<'a> Cursor<'a> {
     /// Consumes a string token and returns where its content is.
     pub fn string(&mut self) -> Result<StrToken> {
         self.expect(b'"', "expected a string")?;
-        let b = self.bytes;
+        self.string_content()
+    }
+
+    /// A string token whose opening quote is the byte at the cursor.
+    #[inline]
+    fn string_here(&mut self) -> Result<StrToken> {
+        self.pos += 1;
+        self.string_content()
+    }
+
+    /// The rest of a string token, after its opening quote. Most strings (names, short values)
+    /// end in the first block with nothing to look at on the way.
+    #[inline]
+    fn string_content(&mut self) -> Result<StrToken> {
         let start = self.pos;
+        if blocks_on() {
+            if let Some(end) = blocks::plain_string_end(self.bytes, start) {
+                self.pos = end + 1;
+                return Ok(StrToken {
+                    start,
+                    end,
+                    escaped: false,
+                });
+            }
+        }
+        self.string_rest(start)
+    }
+
+    /// A string token from its content's `start`, byte by byte past escapes, control and
+    /// non-ASCII bytes.
+    fn string_rest(&mut self, start: usize) -> Result<StrToken> {
+        let b = self.bytes;
         let mut i = start;
         let mut escaped = false;
         let mut high = false;
         loop {
-            i = plain_run(b, i);
+            if blocks_on() {
+                i = blocks::plain_run(b, i);
+            }
             let Some(&c) = b.get(i) else {
                 self.pos = i;
                 return self.eof();
@@ -398,36 +486,13 @@ impl<'a> Cursor<'a> {
                     escaped = true;
                     match b.get(i + 1) {
                         Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => i += 2,
-                        Some(b'u') => {
-                            let Some(hex) = b
-                                .get(i + 2..i + 6)
-                                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
-                            else {
+                        Some(b'u') => match unicode_escape(b, i) {
+                            Ok(len) => i += len,
+                            Err(problem) => {
                                 self.pos = i;
-                                return self.error("invalid \\u escape in string");
-                            };
-                            // UTF-16 surrogates come in pairs (a high one, then a low one), as
-                            // serde_json requires: a lone one names no character.
-                            match hex4(hex) {
-                                0xD800..=0xDBFF => {
-                                    let low = b
-                                        .get(i + 6..i + 12)
-                                        .filter(|l| l[0] == b'\\' && l[1] == b'u')
-                                        .filter(|l| l[2..].iter().all(u8::is_ascii_hexdigit))
-                                        .map(|l| hex4(&l[2..]));
-                                    if !matches!(low, Some(0xDC00..=0xDFFF)) {
-                                        self.pos = i;
-                                        return self.error("lone surrogate in \\u escape");
-                                    }
-                                    i += 12;
-                                }
-                                0xDC00..=0xDFFF => {
-                                    self.pos = i;
-                                    return self.error("lone surrogate in \\u escape");
-                                }
-                                _ => i += 6,
+                                return self.error(problem);
                             }
-                        }
+                        },
                         Some(_) => {
                             self.pos = i;
                             return self.error("invalid escape in string");
@@ -482,7 +547,7 @@ impl<'a> Cursor<'a> {
                     self.error("expected a member name")
                 };
             }
-            let key = self.string()?;
+            let key = self.string_here()?;
             self.expect(b':', "expected ':' after a member name")?;
             self.skip_ws();
             member(
@@ -580,6 +645,7 @@ impl Names {
     }
 
     /// Records `key`; true if the object already had a member of that name.
+    #[inline]
     pub fn repeats(&mut self, bytes: &[u8], key: StrToken) -> bool {
         let raw = bytes.get(key.start..key.end).unwrap_or_default();
         let found = if key.escaped || self.escaped {
@@ -656,8 +722,12 @@ impl MemberCuts {
 pub fn decode(bytes: &[u8], tok: StrToken) -> std::borrow::Cow<'_, str> {
     let raw = &bytes[tok.start..tok.end];
     if !tok.escaped {
-        // Validated by `Cursor::string`.
-        return String::from_utf8_lossy(raw);
+        // Validated by `Cursor::string`, so this borrows (and is not the lossy walk, which costs
+        // more on every member name of every row).
+        return match std::str::from_utf8(raw) {
+            Ok(text) => std::borrow::Cow::Borrowed(text),
+            Err(_) => String::from_utf8_lossy(raw),
+        };
     }
     let mut quoted = Vec::with_capacity(raw.len() + 2);
     quoted.push(b'"');
@@ -794,7 +864,67 @@ mod tests {
         assert_eq!(cur.text(tok), "_hevlayer_x");
     }
 
+    /// The outcome of validating `text` with the block paths on or off.
+    fn validated(text: &[u8], blocks: bool) -> Result<Kind> {
+        BYTEWISE.with(|b| b.set(!blocks));
+        let outcome = validate(text);
+        BYTEWISE.with(|b| b.set(false));
+        outcome
+    }
+
+    #[test]
+    fn block_paths_report_what_the_bytewise_cursor_reports() {
+        let numbers: Vec<String> = (0..200).map(|i| format!("{}.{}", i % 7, i * 37)).collect();
+        let good = format!("[{}]", numbers.join(","));
+        let mut cases = vec![good.clone()];
+        for (at, with) in [
+            (20, "01"),
+            (60, "1e400"),
+            (100, "1.2.3"),
+            (140, " "),
+            (180, "\"a\""),
+        ] {
+            let mut bad = numbers.clone();
+            bad[at] = with.to_owned();
+            cases.push(format!("[{}]", bad.join(",")));
+        }
+        cases.push(format!(
+            "[{}]",
+            "\"abcdefghijklmnopqrstuvwxyz\",".repeat(20) + "\"\u{1}\""
+        ));
+        cases.push(format!("\"{}\\q\"", "x".repeat(150)));
+        for text in &cases {
+            assert_eq!(
+                validated(text.as_bytes(), true),
+                validated(text.as_bytes(), false),
+                "{text}"
+            );
+        }
+        assert!(validated(good.as_bytes(), true).is_ok());
+    }
+
     proptest::proptest! {
+        #[test]
+        fn block_paths_agree_with_the_bytewise_cursor(
+            parts in proptest::collection::vec(proptest::prop_oneof![
+                6 => "-?(0|[1-9][0-9]{0,6})(\\.[0-9]{1,8})?([eE][+-]?[0-9]{1,3})?",
+                2 => "[0-9eE.+\\-]{1,5}",
+                2 => "\"([a-zA-Z0-9 ]|\\\\[nu\"]|\u{e9}|\u{1}){0,40}\"",
+                1 => "[ \\[\\]{}:,tn]",
+            ], 0..60),
+            seps in proptest::collection::vec("[,]|, |,\\]", 60),
+        ) {
+            let mut text = String::from("[");
+            for (p, sep) in parts.iter().zip(&seps) {
+                text.push_str(p);
+                text.push_str(sep);
+            }
+            text.push_str("0]");
+            let fast = validated(text.as_bytes(), true);
+            proptest::prop_assert_eq!(&fast, &validated(text.as_bytes(), false), "{}", text);
+            proptest::prop_assert_eq!(fast.is_ok(), serde_json::from_str::<serde_json::Value>(&text).is_ok());
+        }
+
         #[test]
         fn agrees_with_serde_json_on_arbitrary_bytes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
             let ours = validate(&bytes).is_ok();

@@ -214,42 +214,40 @@ pub fn render_mirror(body: &[u8], plan: &WritePlan, stamp: u64) -> Vec<u8> {
 }
 
 fn apply(body: &[u8], edits: &[Edit], stamped_rows: u64, stamp: u64) -> Vec<u8> {
+    // The stamp member is spelled once and copied whole at each row: one copy per splice (each
+    // copy has a fixed cost in a wasm runtime) instead of one per piece.
     let digits = stamp.to_string();
     let s = digits.as_bytes();
-    let extra = stamped_rows as usize * (STAMP.len() + s.len() + 5) + edits.len() * 8 + 32;
+    let mut member = Vec::with_capacity(STAMP.len() + s.len() + 4);
+    member.push(b',');
+    push_key(&mut member);
+    member.extend_from_slice(s);
+    let extra = stamped_rows as usize * member.len() + edits.len() * 8 + 32;
     let mut out = Vec::with_capacity(body.len() + extra);
     let mut at = 0;
     for edit in edits {
-        out.extend_from_slice(&body[at..edit.start]);
+        out.extend_from_slice(body.get(at..edit.start).unwrap_or_default());
         match edit.splice {
             Splice::Member { comma } => {
-                if comma {
-                    out.push(b',');
-                }
-                push_key(&mut out);
-                out.extend_from_slice(s);
+                out.extend_from_slice(if comma { &member } else { &member[1..] });
             }
             Splice::Value => out.extend_from_slice(s),
             Splice::Column { comma, n } => {
-                if comma {
-                    out.push(b',');
-                }
-                push_key(&mut out);
+                let key = &member[..member.len() - s.len()];
+                out.extend_from_slice(if comma { key } else { &key[1..] });
                 push_column(&mut out, s, n);
             }
             Splice::ColumnValue { n } => push_column(&mut out, s, n),
             Splice::Drop => {}
             Splice::AffectedIds { comma } => {
-                out.extend_from_slice(b"\"return_affected_ids\":true");
-                if comma {
-                    out.push(b',');
-                }
+                let text: &[u8] = b"\"return_affected_ids\":true,";
+                out.extend_from_slice(if comma { text } else { &text[..text.len() - 1] });
             }
             Splice::True => out.extend_from_slice(b"true"),
         }
         at = edit.end;
     }
-    out.extend_from_slice(&body[at..]);
+    out.extend_from_slice(body.get(at..).unwrap_or_default());
     out
 }
 
@@ -260,6 +258,7 @@ fn push_key(out: &mut Vec<u8>) {
 }
 
 fn push_column(out: &mut Vec<u8>, s: &[u8], n: usize) {
+    out.reserve(n * (s.len() + 1) + 2);
     out.push(b'[');
     for i in 0..n {
         if i > 0 {
@@ -282,14 +281,21 @@ enum Name {
     Other,
 }
 
-fn classify(name: &str) -> Name {
+/// Classifies a decoded name by its bytes (an unescaped name's raw bytes are the same).
+fn classify(name: &[u8]) -> Name {
+    if name.starts_with(RESERVED_PREFIX.as_bytes()) {
+        return if name == STAMP.as_bytes() {
+            Name::Stamp
+        } else if name == SHARD.as_bytes() {
+            Name::Shard
+        } else {
+            Name::Reserved
+        };
+    }
     match name {
-        "id" => Name::Id,
-        STAMP => Name::Stamp,
-        SHARD => Name::Shard,
-        "blobs" => Name::Blobs,
-        "vector" | "vectors" => Name::Vector,
-        n if n.starts_with(RESERVED_PREFIX) => Name::Reserved,
+        b"id" => Name::Id,
+        b"blobs" => Name::Blobs,
+        b"vector" | b"vectors" => Name::Vector,
         _ => Name::Other,
     }
 }
@@ -306,12 +312,14 @@ struct StampedMembers {
 }
 
 impl StampedMembers {
+    #[inline]
     fn begin(&mut self, member: &Member) {
         self.upstream.begin(member);
         self.mirror.begin(member);
     }
 
     /// After the member's value, which spans `value_start..value_end`.
+    #[inline]
     fn end(&mut self, member: &Member, class: Name, value_start: usize, value_end: usize) {
         match class {
             Name::Stamp => {
@@ -407,14 +415,20 @@ impl Scan {
 
     /// Refuses a member name seen before in the same object: which of the two Turbopuffer would
     /// apply is its parser's choice, and the mirror could cache the other.
+    #[inline]
     fn unique(&mut self, names: &mut Names, cur: &Cursor<'_>, m: &Member, place: &str) {
         if names.repeats(cur.bytes(), m.key) {
-            self.shape(format!(
-                "member '{}' appears twice in {place} (again at byte {})",
-                cur.text(m.key),
-                m.key_start
-            ));
+            self.repeated(cur, m, place);
         }
+    }
+
+    #[cold]
+    fn repeated(&mut self, cur: &Cursor<'_>, m: &Member, place: &str) {
+        self.shape(format!(
+            "member '{}' appears twice in {place} (again at byte {})",
+            cur.text(m.key),
+            m.key_start
+        ));
     }
 
     fn top_member(&mut self, cur: &mut Cursor<'_>, m: Member) -> Step {
@@ -472,18 +486,29 @@ impl Scan {
     }
 
     /// Checks an attribute name of a stamped object; returns how to treat it.
+    #[inline]
     fn attribute(&mut self, cur: &Cursor<'_>, key: StrToken, op: &str) -> Name {
-        let name = cur.text(key);
-        let class = classify(&name);
+        // Names without escapes are classified on their bytes, with nothing decoded.
+        let class = match cur.bytes().get(key.start..key.end) {
+            Some(raw) if !key.escaped => classify(raw),
+            _ => classify(cur.text(key).as_bytes()),
+        };
+        if matches!(class, Name::Reserved | Name::Blobs | Name::Vector) {
+            self.attribute_rules(cur, key, op, class);
+        }
+        class
+    }
+
+    /// The rules on the names [`Scan::attribute`] singles out.
+    fn attribute_rules(&mut self, cur: &Cursor<'_>, key: StrToken, op: &str, class: Name) {
         match class {
-            Name::Reserved => self.fail(Rejection::Reserved(name.into_owned())),
+            Name::Reserved => self.fail(Rejection::Reserved(cur.text(key).into_owned())),
             Name::Blobs if op != "patch_by_filter" => self.fail(Rejection::RemovedKey(REMOVED_BLOBS)),
             Name::Vector if op.starts_with("patch") => self.shape(format!(
                 "{op} cannot patch vector or vectors values; upsert full rows instead"
             )),
             _ => {}
         }
-        class
     }
 
     fn rows(&mut self, cur: &mut Cursor<'_>, name: &'static str) -> Step {

@@ -3,6 +3,10 @@
 //! built filter `.wasm` through our proxy-wasm host — next to a `serde_json::Value`
 //! parse-and-reserialize baseline natively and inside wasmtime. Prints MB/s and ratios, and checks
 //! that the filter's linear memory does not grow over 1,000 requests of the largest body.
+//!
+//! The issue's targets (the whole filter in wasmtime) are printed as met or missed; with
+//! `--strict` a missed one fails the run. The older checks (400 MB/s and 5x the Value baseline
+//! on number arrays, flat linear memory) fail the run either way.
 
 use base64::Engine as _;
 use hevlayer_tests::bench_support::{FilterRun, Timer};
@@ -125,11 +129,79 @@ impl BenchModule {
     }
 }
 
+/// One of the issue's targets: a measured figure against its bound.
+struct Target {
+    what: String,
+    measured: f64,
+    bound: f64,
+    unit: &'static str,
+    /// True when the figure must stay at or below the bound (a time), false for a floor.
+    ceiling: bool,
+}
+
+impl Target {
+    fn floor(what: &str, measured: f64, bound: f64, unit: &'static str) -> Self {
+        Target {
+            what: what.to_owned(),
+            measured,
+            bound,
+            unit,
+            ceiling: false,
+        }
+    }
+
+    fn ceiling(what: &str, measured: f64, bound: f64, unit: &'static str) -> Self {
+        Target {
+            ceiling: true,
+            ..Target::floor(what, measured, bound, unit)
+        }
+    }
+
+    fn met(&self) -> bool {
+        if self.ceiling {
+            self.measured <= self.bound
+        } else {
+            self.measured >= self.bound
+        }
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "{:<48} {:>9.1} {:<5} {} {:>7.0} {:<5} {}",
+            self.what,
+            self.measured,
+            self.unit,
+            if self.ceiling { "<=" } else { ">=" },
+            self.bound,
+            self.unit,
+            if self.met() { "met" } else { "MISSED" }
+        )
+    }
+}
+
+/// The issue's throughput floor for a fixture's whole-filter figure, in MB/s.
+fn throughput_target(fixture: &str) -> Option<f64> {
+    if fixture.contains("numbers") {
+        Some(2_000.0)
+    } else if fixture.contains("base64") {
+        Some(5_000.0)
+    } else if fixture.contains("small rows") {
+        Some(1_000.0)
+    } else {
+        None
+    }
+}
+
 fn workspace_file(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
 }
 
 fn main() -> Result<()> {
+    let strict = match std::env::args().nth(1).as_deref() {
+        None => false,
+        Some("--strict") => true,
+        Some(other) => bail!("unknown argument {other:?} (usage: filter-bench [--strict])"),
+    };
     let fixtures = fixtures();
     let engine = Engine::default();
     let bench_wasm = workspace_file("target/wasm32-wasip1/release/hevlayer_wasm_bench.wasm");
@@ -155,6 +227,7 @@ fn main() -> Result<()> {
         "filt/val"
     );
     let mut failures = Vec::new();
+    let mut targets = Vec::new();
     for f in &fixtures {
         let body = f.body.as_slice();
         let mb = body.len() as f64 / 1e6;
@@ -177,6 +250,14 @@ fn main() -> Result<()> {
             core_wasm / value_wasm,
             whole / value_wasm
         );
+        if let Some(bound) = throughput_target(f.name) {
+            targets.push(Target::floor(
+                &format!("{}: filter in wasmtime", f.name),
+                whole,
+                bound,
+                "MB/s",
+            ));
+        }
         if f.name.contains("numbers") {
             if whole < 400.0 {
                 failures.push(format!(
@@ -219,6 +300,19 @@ fn main() -> Result<()> {
         with_mirror * 1e6
     );
 
+    targets.push(Target::ceiling(
+        "1-row write through the whole filter",
+        alone * 1e6,
+        4.0,
+        "us",
+    ));
+    targets.push(Target::ceiling(
+        "1-row write with its mirror callout",
+        with_mirror * 1e6,
+        6.0,
+        "us",
+    ));
+
     // A 1 KB vector query with as_of (the gateway benchmark's): the read rewrite per request.
     let vector: Vec<String> = (0..110)
         .map(|i| format!("{:.4}", (i as f32 * 0.37).sin()))
@@ -258,13 +352,30 @@ fn main() -> Result<()> {
             "linear memory grew from {after_10} to {after_1000} bytes"
         ));
     }
-    if failures.is_empty() {
-        println!("targets met");
-        Ok(())
-    } else {
-        for f in &failures {
-            println!("TARGET MISSED: {f}");
+    targets.push(Target::ceiling(
+        "linear memory growth over 1,000 largest bodies",
+        (after_1000.saturating_sub(after_10) / 1024) as f64,
+        0.0,
+        "KiB",
+    ));
+    println!("issue targets (the whole filter in wasmtime):");
+    for t in &targets {
+        println!("  {}", t.line());
+    }
+    let missed = targets.iter().filter(|t| !t.met()).count();
+    for f in &failures {
+        println!("TARGET MISSED: {f}");
+    }
+    match (failures.len(), missed) {
+        (0, 0) => {
+            println!("verdict: all targets met");
+            Ok(())
         }
-        bail!("{} benchmark target(s) missed", failures.len())
+        (0, m) if !strict => {
+            println!("verdict: {m} issue target(s) missed (reported only; --strict fails on them)");
+            Ok(())
+        }
+        (f, m) if strict => bail!("{f} check(s) failed, {m} issue target(s) missed"),
+        (f, m) => bail!("{f} check(s) failed ({m} issue target(s) missed, reported only)"),
     }
 }
