@@ -550,7 +550,12 @@ impl<'a> Cursor<'a> {
                 };
             }
             let key = self.string_here()?;
-            self.expect(b':', "expected ':' after a member name")?;
+            // Compact JSON has the colon right after the name.
+            if self.bytes.get(self.pos) == Some(&b':') {
+                self.pos += 1;
+            } else {
+                self.expect(b':', "expected ':' after a member name")?;
+            }
             self.skip_ws();
             member(
                 self,
@@ -561,7 +566,11 @@ impl<'a> Cursor<'a> {
                 },
             )?;
             index += 1;
-            match self.peek() {
+            let next = match self.bytes.get(self.pos) {
+                Some(&c @ (b',' | b'}')) => Some(c),
+                _ => self.peek(),
+            };
+            match next {
                 Some(b',') => self.pos += 1,
                 Some(b'}') => {
                     let close = self.pos;
