@@ -3,7 +3,9 @@
 //! It validates JSON grammar as it goes and reports byte positions, so callers can find where
 //! members and values begin and end and splice new bytes in without building a document tree.
 //! Numbers and strings are checked and skipped as tokens: a vector of 1536 floats is never parsed
-//! into floats.
+//! into floats. String content and runs of `number,` elements are skipped a block at a time
+//! ([`blocks`]); the byte-at-a-time cursor takes over wherever a block holds something to look at
+//! closely, so what is accepted and every error's offset are the same either way.
 
 use std::fmt;
 
@@ -548,7 +550,12 @@ impl<'a> Cursor<'a> {
                 };
             }
             let key = self.string_here()?;
-            self.expect(b':', "expected ':' after a member name")?;
+            // Compact JSON has the colon right after the name.
+            if self.bytes.get(self.pos) == Some(&b':') {
+                self.pos += 1;
+            } else {
+                self.expect(b':', "expected ':' after a member name")?;
+            }
             self.skip_ws();
             member(
                 self,
@@ -559,7 +566,11 @@ impl<'a> Cursor<'a> {
                 },
             )?;
             index += 1;
-            match self.peek() {
+            let next = match self.bytes.get(self.pos) {
+                Some(&c @ (b',' | b'}')) => Some(c),
+                _ => self.peek(),
+            };
+            match next {
                 Some(b',') => self.pos += 1,
                 Some(b'}') => {
                     let close = self.pos;

@@ -394,7 +394,7 @@ pub fn reference_wide(bytes: &[u8; 64]) -> Wide {
 
 /// The number classes of the 64 bytes at `b[at..]`, if there are 64.
 #[inline]
-fn wide(b: &[u8], at: usize) -> Option<Wide> {
+pub fn wide(b: &[u8], at: usize) -> Option<Wide> {
     let chunk: &[u8; 64] = b.get(at..at + 64)?.try_into().ok()?;
     Some(fast::numbers(chunk))
 }

@@ -209,6 +209,31 @@ fn main() -> Result<()> {
     let mut filter = FilterRun::new()?;
     let timer = Timer::default();
 
+    let mut failures = Vec::new();
+    // The scanner's wasm SIMD paths against their byte-at-a-time reference, at every offset of
+    // every fixture's first 64 KiB and of arbitrary bytes.
+    let mut rng = Lcg(7);
+    let noise: Vec<u8> = (0..65_536)
+        .map(|_| {
+            rng.next_f32();
+            (rng.0 >> 33) as u8
+        })
+        .collect();
+    let mut checked = 0;
+    for bytes in fixtures
+        .iter()
+        .map(|f| &f.body[..f.body.len().min(65_536)])
+        .chain([noise.as_slice()])
+    {
+        let wrong = module.run("bench_check_blocks", bytes)?;
+        if wrong != 0 {
+            failures.push(format!(
+                "the wasm SIMD scanner paths disagree with the reference at {wrong} offsets"
+            ));
+        }
+        checked += bytes.len();
+    }
+    println!("wasm SIMD scanner paths checked against the byte-at-a-time reference at {checked} offsets");
     println!(
         "filter benchmark (MB/s of client body; best of {} rounds)",
         timer.rounds
@@ -226,8 +251,8 @@ fn main() -> Result<()> {
         "wasm/val",
         "filt/val"
     );
-    let mut failures = Vec::new();
     let mut targets = Vec::new();
+
     for f in &fixtures {
         let body = f.body.as_slice();
         let mb = body.len() as f64 / 1e6;

@@ -47,6 +47,43 @@ pub unsafe extern "C" fn bench_value(ptr: *const u8, len: u32) -> u32 {
     value(input(ptr, len))
 }
 
+/// Holds the filter's block-at-a-time scanner paths, as built for this target (wasm SIMD inside
+/// wasmtime), to their byte-at-a-time reference at every offset of `len` bytes at `ptr`. Returns
+/// how many offsets disagree.
+///
+/// # Safety
+/// `ptr` must point at `len` initialised bytes.
+#[no_mangle]
+pub unsafe extern "C" fn bench_check_blocks(ptr: *const u8, len: u32) -> u32 {
+    check_blocks(input(ptr, len))
+}
+
+pub fn check_blocks(bytes: &[u8]) -> u32 {
+    use hevlayer_filter::scan::blocks;
+    let special = |k: usize| {
+        let mut one = [b' '; 16];
+        one[0] = bytes[k];
+        blocks::reference(&one).special & 1 != 0
+    };
+    let mut wrong = 0;
+    for at in 0..bytes.len() {
+        let mut ok = true;
+        if let Some(block) = bytes.get(at..at + 16).and_then(|b| <&[u8; 16]>::try_from(b).ok()) {
+            ok &= blocks::classify(bytes, at) == Some(blocks::reference(block));
+        }
+        if let Some(chunk) = bytes.get(at..at + 64).and_then(|b| <&[u8; 64]>::try_from(b).ok()) {
+            ok &= blocks::wide(bytes, at) == Some(blocks::reference_wide(chunk));
+        }
+        let end = blocks::plain_run(bytes, at);
+        ok &= (at..end).all(|k| !special(k)) && (bytes.len() - end < 16 || special(end));
+        if let Some(close) = blocks::plain_string_end(bytes, at) {
+            ok &= (at..close).all(|k| !special(k)) && bytes[close] == b'"';
+        }
+        wrong += u32::from(!ok);
+    }
+    wrong
+}
+
 pub fn core(body: &[u8]) -> u32 {
     match plan(body) {
         Ok(p) => render(body, &p, 1_732_400_000_000).len() as u32,
@@ -74,5 +111,14 @@ mod tests {
             body.len() + r#","_hevlayer_upserted_at":1732400000000"#.len()
         );
         assert_eq!(core(b"{}"), u32::MAX);
+    }
+
+    #[test]
+    fn the_native_block_paths_pass_the_check() {
+        let bytes: Vec<u8> = (0..2000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        assert_eq!(check_blocks(&bytes), 0);
+        assert_eq!(check_blocks(br#"{"a":"b\"c","v":[1.5,-2e3,0]}"#), 0);
     }
 }
