@@ -398,36 +398,7 @@ impl<'a> Cursor<'a> {
                     escaped = true;
                     match b.get(i + 1) {
                         Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => i += 2,
-                        Some(b'u') => {
-                            let Some(hex) = b
-                                .get(i + 2..i + 6)
-                                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
-                            else {
-                                self.pos = i;
-                                return self.error("invalid \\u escape in string");
-                            };
-                            // UTF-16 surrogates come in pairs (a high one, then a low one), as
-                            // serde_json requires: a lone one names no character.
-                            match hex4(hex) {
-                                0xD800..=0xDBFF => {
-                                    let low = b
-                                        .get(i + 6..i + 12)
-                                        .filter(|l| l[0] == b'\\' && l[1] == b'u')
-                                        .filter(|l| l[2..].iter().all(u8::is_ascii_hexdigit))
-                                        .map(|l| hex4(&l[2..]));
-                                    if !matches!(low, Some(0xDC00..=0xDFFF)) {
-                                        self.pos = i;
-                                        return self.error("lone surrogate in \\u escape");
-                                    }
-                                    i += 12;
-                                }
-                                0xDC00..=0xDFFF => {
-                                    self.pos = i;
-                                    return self.error("lone surrogate in \\u escape");
-                                }
-                                _ => i += 6,
-                            }
-                        }
+                        Some(b'u') => i = self.unicode_escape(i)?,
                         Some(_) => {
                             self.pos = i;
                             return self.error("invalid escape in string");
@@ -458,6 +429,40 @@ impl<'a> Cursor<'a> {
             end: i,
             escaped,
         })
+    }
+
+    /// Checks the `\uXXXX` escape at `i` (its backslash) and returns where the string goes on.
+    /// UTF-16 surrogates come in pairs (a high one, then a low one), as serde_json requires: a
+    /// lone one names no character.
+    #[inline]
+    fn unicode_escape(&mut self, i: usize) -> Result<usize> {
+        let b = self.bytes;
+        let Some(hex) = b
+            .get(i + 2..i + 6)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+        else {
+            self.pos = i;
+            return self.error("invalid \\u escape in string");
+        };
+        match hex4(hex) {
+            0xD800..=0xDBFF => {
+                let low = b
+                    .get(i + 6..i + 12)
+                    .filter(|l| l[0] == b'\\' && l[1] == b'u')
+                    .filter(|l| l[2..].iter().all(u8::is_ascii_hexdigit))
+                    .map(|l| hex4(&l[2..]));
+                if !matches!(low, Some(0xDC00..=0xDFFF)) {
+                    self.pos = i;
+                    return self.error("lone surrogate in \\u escape");
+                }
+                Ok(i + 12)
+            }
+            0xDC00..=0xDFFF => {
+                self.pos = i;
+                self.error("lone surrogate in \\u escape")
+            }
+            _ => Ok(i + 6),
+        }
     }
 
     /// Walks an object. For each member, `member` is called with the cursor positioned at the
