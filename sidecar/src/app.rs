@@ -148,6 +148,7 @@ async fn healthz(State(state): State<SharedState>) -> Response {
 async fn metrics(State(state): State<SharedState>) -> Response {
     let now = state.clock.now_ms();
     let mut stages = Vec::new();
+    let mut leased = Vec::new();
     if let Ok(pipelines) = state
         .pipelines_op("list_pipelines", |c| async move { c.list_pipelines().await })
         .await
@@ -161,6 +162,7 @@ async fn metrics(State(state): State<SharedState>) -> Response {
                 )
                 .await
             {
+                leased.push((p.id.clone(), counts.leased));
                 stages.extend(
                     counts
                         .counts
@@ -172,7 +174,7 @@ async fn metrics(State(state): State<SharedState>) -> Response {
     }
     let connected = state.stores.health().await.connected;
     let watermarks = state.watermarks.report(crate::cache::now_ms());
-    let body = state.metrics.render(&stages, connected, &watermarks);
+    let body = state.metrics.render(&stages, &leased, connected, &watermarks);
     let mut response = (StatusCode::OK, body).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
