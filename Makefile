@@ -113,6 +113,14 @@ test-envoy-config: tools wasm
 	AUTH_MODE=keys GATEWAY_KEYS=ci:$$(printf ci-key | sha256sum | cut -c1-64):write TURBOPUFFER_API_KEY=tpuf_x \
 	  TURBOPUFFER_REGION=aws-us-east-1 python3 envoy/render.py --profile production --out .run/validate/production.yaml
 	TURBOPUFFER_URL=https://127.0.0.1:8443 python3 envoy/render.py --profile local --out .run/validate/local-ip.yaml
+	@# Tracing on: the OpenTelemetry tracer and its collector cluster, by name and by address.
+	OTEL_COLLECTOR=otel-collector.observability:4317 OTEL_SAMPLING_PERCENT=12.5 AUTH_MODE=keys \
+	  GATEWAY_KEYS=ci:$$(printf ci-key | sha256sum | cut -c1-64):write TURBOPUFFER_API_KEY=tpuf_x \
+	  TURBOPUFFER_REGION=aws-us-east-1 python3 envoy/render.py --profile production --out .run/validate/production-tracing.yaml
+	OTEL_COLLECTOR=127.0.0.1:4317 python3 envoy/render.py --profile local --out .run/validate/local-tracing.yaml
+	grep -q envoy.tracers.opentelemetry .run/validate/local-tracing.yaml
+	! grep -q opentelemetry .run/validate/local.yaml
+	! OTEL_COLLECTOR=otel-collector python3 envoy/render.py --profile local --out .run/validate/refused.yaml 2>/dev/null
 	@# Production is keys mode unless passthrough is named: without gateway keys it must refuse.
 	! TURBOPUFFER_REGION=aws-us-east-1 python3 envoy/render.py --profile production --out .run/validate/refused.yaml 2>/dev/null
 	for f in .run/validate/*.yaml; do $(ENVOY) --mode validate -c $$f --log-level warn || exit 1; done

@@ -14,6 +14,9 @@ Environment (all optional; defaults in brackets):
     TURBOPUFFER_API_KEY (the upstream key) are required.
   Production profile: TURBOPUFFER_REGION (required), CA_BUNDLE [/etc/ssl/certs/ca-certificates.crt].
   HEVLAYER_FILTER=off renders the local profile without the filter (the benchmark's baseline).
+  Tracing (either profile): OTEL_COLLECTOR=host:port turns on Envoy's OpenTelemetry tracer, exporting
+    spans over OTLP/gRPC to that collector (e.g. otel-collector:4317); OTEL_SAMPLING_PERCENT [100].
+    Unset, the templates' tracing blocks are left out.
   --ecds writes only the profile's hevlayer wasm filter, as an extension-config (ECDS) resource file
     for an Envoy whose listeners come from elsewhere (the Istio gateway in envoy/kubernetes/).
 """
@@ -143,6 +146,27 @@ def upstream():
     return host, str(upstream_port), discovery, tls_block, rewrite
 
 
+def tracing(template):
+    """The template with its tracing blocks kept (OTEL_COLLECTOR set) or removed, and their values."""
+    collector = env("OTEL_COLLECTOR")
+    if collector is None:
+        return re.sub(r"\n *# BEGIN tracing.*?# END tracing", "", template, flags=re.S), {}
+    found = re.fullmatch(r"([A-Za-z0-9.-]+):([0-9]+)", collector)
+    if not found or not 0 < int(found.group(2)) < 65536:
+        fail(f"OTEL_COLLECTOR must be host:port (the collector's OTLP/gRPC receiver), got {collector!r}")
+    host = found.group(1)
+    percent = env("OTEL_SAMPLING_PERCENT", "100")
+    if not re.fullmatch(r"[0-9]+(\.[0-9]+)?", percent) or float(percent) > 100:
+        fail(f"OTEL_SAMPLING_PERCENT must be a number from 0 to 100, got {percent!r}")
+    is_ip = re.fullmatch(r"[0-9.]+", host) is not None
+    return template, {
+        "OTEL_HOST": host,
+        "OTEL_PORT": found.group(2),
+        "OTEL_DISCOVERY": "STATIC" if is_ip else "STRICT_DNS",
+        "OTEL_SAMPLING_PERCENT": percent,
+    }
+
+
 def ecds_resource(rendered):
     """The hevlayer wasm filter of a rendered configuration as an ECDS resource file.
 
@@ -201,7 +225,9 @@ def main():
             fail("the production profile needs TURBOPUFFER_REGION (e.g. aws-us-east-1)")
         values["TURBOPUFFER_REGION"] = region
     with open(os.path.join(HERE, f"{args.profile}.yaml.tmpl")) as f:
-        template = string.Template(f.read())
+        text, tracing_values = tracing(f.read())
+    values.update(tracing_values)
+    template = string.Template(text)
     try:
         rendered = template.substitute(values)
     except KeyError as missing:

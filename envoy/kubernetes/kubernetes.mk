@@ -33,7 +33,8 @@ $(K8S_STAMP):
 	touch $@
 
 # Render every values set, validate the core kinds and the Istio kinds against their schemas,
-# check for drift from the code, and run Envoy on what the pods would run.
+# check for drift from the code (the dashboard's and the alerts' metric names too), and run Envoy
+# on what the pods would run (and read back how /stats/prometheus names the filter's stats).
 .PHONY: test-kubernetes
 test-kubernetes: tools wasm k8s-tools
 	$(K8S_PY) $(K8S)/check/render_all.py --helm $(HELM) --out $(K8S_OUT)
@@ -43,4 +44,5 @@ test-kubernetes: tools wasm k8s-tools
 	done
 	node $(K8S)/check/istio.mjs $(K8S_NODE)/node_modules $(K8S_OUT)/*/istio.json
 	$(K8S_PY) $(K8S)/check/drift.py $(K8S_OUT)
+	$(K8S_PY) $(K8S)/check/monitoring.py $(K8S_OUT)
 	$(K8S_PY) $(K8S)/check/envoy_check.py --envoy $(ENVOY) --wasm $(FILTER_WASM) $(K8S_OUT)

@@ -12,6 +12,7 @@ use crate::reads::{self, WatermarkRule};
 use crate::response::strip_affected_ids;
 use crate::route::{self, Route, Scope};
 use crate::sidecar_api;
+use crate::trace::TraceContext;
 use crate::watermark::{Touch, Watermark};
 use crate::write::{fence_scope, plan, render, render_mirror, WritePlan};
 use std::rc::Rc;
@@ -51,6 +52,9 @@ pub struct RequestHead<'a> {
     pub content_encoding: Option<&'a str>,
     pub content_type: Option<&'a str>,
     pub request_id: &'a str,
+    /// The W3C `traceparent` and `tracestate` headers, passed on on every callout.
+    pub traceparent: Option<&'a str>,
+    pub tracestate: Option<&'a str>,
     pub end_of_stream: bool,
     /// A clock (epoch ms) for the watermark's freshness: the glue passes a coarse one (its timer's
     /// last tick), which saves a hostcall per request.
@@ -138,6 +142,8 @@ struct Request {
     route: Route,
     method: String,
     request_id: String,
+    /// The client's trace context, carried onto every callout.
+    trace: TraceContext,
     /// Whether the request changes data (any non-read route): a timeout may hide an applied write.
     mutates: bool,
     /// The caller's credential, forwarded on callouts (passthrough auth only).
@@ -240,6 +246,8 @@ enum Ahead {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MirrorJob {
     pub request_id: String,
+    /// The write's trace context (a batch carries its first mirror's).
+    pub trace: TraceContext,
     /// The `MirrorRequest` body.
     pub body: Vec<u8>,
 }
@@ -274,6 +282,7 @@ impl Exchange {
                 route: Route::Passthrough,
                 method: String::new(),
                 request_id: String::new(),
+                trace: TraceContext::default(),
                 // Until the request headers say otherwise, assume the worst.
                 mutates: true,
                 forward_authorization: None,
@@ -408,6 +417,7 @@ impl Exchange {
             return (edits, self.reply(reply));
         }
         self.request.request_id = head.request_id.to_owned();
+        self.request.trace = TraceContext::from_headers(head.traceparent, head.tracestate);
         let bypass = self.look_up(head);
         if !self.request.route.needs_body() {
             self.phase = Phase::Upstream { sent: None };
@@ -773,8 +783,10 @@ impl Exchange {
         Step::Forward(forward)
     }
 
+    /// The headers every callout of this request carries: the pseudo-headers, the request id and
+    /// the client's trace context.
     fn callout_headers(&self, method: &str, path: &str) -> Vec<(String, String)> {
-        vec![
+        let mut headers = vec![
             (":method".to_owned(), method.to_owned()),
             (":path".to_owned(), path.to_owned()),
             (":authority".to_owned(), self.config.sidecar_cluster.clone()),
@@ -782,7 +794,10 @@ impl Exchange {
                 sidecar_api::REQUEST_ID_HEADER.to_owned(),
                 self.request.request_id.clone(),
             ),
-        ]
+        ];
+        let trace = self.request.trace.headers();
+        headers.extend(trace.map(|(k, v)| (k.to_owned(), v.to_owned())));
+        headers
     }
 
     /// A mirror or purge callout; the response waits for it.
@@ -1026,6 +1041,7 @@ impl Exchange {
         }
         self.mirrors.push(MirrorJob {
             request_id: self.request.request_id.clone(),
+            trace: self.request.trace.clone(),
             body,
         });
     }

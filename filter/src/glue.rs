@@ -14,6 +14,7 @@ use crate::exchange::{
 use crate::fence::{Added, FenceNote, Fences};
 use crate::metrics::{Counter, EVICTIONS_PENDING, MIRRORS_QUEUED, NAMESPACES_TRACKED, VM_MEMORY_BYTES};
 use crate::mirrors::{Accepted, MirrorQueue};
+use crate::sidecar_api;
 use crate::watermark::{self, Tracker, Watermark};
 use proxy_wasm::hostcalls as host;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -560,6 +561,8 @@ impl HttpContext for Filter {
             content_encoding: get("content-encoding"),
             content_type: get("content-type"),
             request_id: &request_id,
+            traceparent: get(sidecar_api::TRACEPARENT_HEADER),
+            tracestate: get(sidecar_api::TRACESTATE_HEADER),
             end_of_stream,
             now_ms: self.shared.tick_clock.get(),
             watermarks: Some(WatermarkLookup(&lookup)),

@@ -21,6 +21,7 @@ pub mod scan;
 /// The callout wire types live in their own small crate, which the sidecar depends on instead of
 /// on this one.
 pub use hevlayer_sidecar_api as sidecar_api;
+pub mod trace;
 pub mod watermark;
 pub mod write;
 

@@ -152,6 +152,7 @@ mod tests {
     fn job(n: usize) -> MirrorJob {
         MirrorJob {
             request_id: format!("r{n}"),
+            trace: Default::default(),
             body: vec![b'x'; n],
         }
     }

@@ -23,6 +23,11 @@ pub const EVICT_PATH: &str = "/internal/v1/evict";
 pub const BYPASS_HEADER: &str = "x-hevlayer-cache-bypass";
 /// Header carrying the request id on every callout.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// W3C trace context of the client request, passed on on every callout it causes (the sidecar
+/// records it on its request span; an invalid one is ignored there, never refused).
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+/// The W3C `tracestate` that goes with `traceparent` (only passed on with one).
+pub const TRACESTATE_HEADER: &str = "tracestate";
 
 /// The attribute the filter stamps on every row a write produces (epoch ms, SPEC §2.3); the
 /// sidecar reads it from the rows it caches.

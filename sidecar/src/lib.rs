@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod pipeline;
 pub mod state;
+pub mod trace;
 pub mod watermark;
 mod watermark_poller;
 

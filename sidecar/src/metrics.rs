@@ -99,11 +99,13 @@ impl Metrics {
         *inner.watermark_polls.entry(result).or_insert(0) += 1;
     }
 
-    /// Renders everything; `stages` are (pipeline, stage, documents) gauges and `watermarks` the
-    /// watermark state, both read at scrape time.
+    /// Renders everything; `stages` are (pipeline, stage, documents) gauges, `leased` (pipeline,
+    /// documents holding an unexpired lease) and `watermarks` the watermark state, all read at
+    /// scrape time.
     pub fn render(
         &self,
         stages: &[(String, String, u64)],
+        leased: &[(String, u64)],
         cache_connected: bool,
         watermarks: &WatermarkReport,
     ) -> String {
@@ -154,16 +156,7 @@ impl Metrics {
                 "hevlayer_sidecar_mirror_total{{kind=\"{kind}\",result=\"{result}\"}} {n}"
             );
         }
-        out.push_str("# HELP hevlayer_sidecar_pipeline_documents Staged documents per pipeline and stage.\n");
-        out.push_str("# TYPE hevlayer_sidecar_pipeline_documents gauge\n");
-        for (pipeline, stage, n) in stages {
-            let _ = writeln!(
-                out,
-                "hevlayer_sidecar_pipeline_documents{{pipeline=\"{}\",stage=\"{}\"}} {n}",
-                escape(pipeline),
-                escape(stage)
-            );
-        }
+        render_pipelines(&mut out, stages, leased);
         out.push_str(
             "# HELP hevlayer_sidecar_cache_connected Whether the document cache backend is usable.\n",
         );
@@ -175,6 +168,31 @@ impl Metrics {
         );
         render_watermarks(&mut out, &inner.watermark_polls, watermarks);
         out
+    }
+}
+
+/// The pipeline gauges: documents per stage, and those holding an unexpired lease.
+fn render_pipelines(out: &mut String, stages: &[(String, String, u64)], leased: &[(String, u64)]) {
+    out.push_str("# HELP hevlayer_sidecar_pipeline_documents Staged documents per pipeline and stage.\n");
+    out.push_str("# TYPE hevlayer_sidecar_pipeline_documents gauge\n");
+    for (pipeline, stage, n) in stages {
+        let _ = writeln!(
+            out,
+            "hevlayer_sidecar_pipeline_documents{{pipeline=\"{}\",stage=\"{}\"}} {n}",
+            escape(pipeline),
+            escape(stage)
+        );
+    }
+    out.push_str(
+        "# HELP hevlayer_sidecar_pipeline_leased Documents holding an unexpired lease, per pipeline.\n",
+    );
+    out.push_str("# TYPE hevlayer_sidecar_pipeline_leased gauge\n");
+    for (pipeline, n) in leased {
+        let _ = writeln!(
+            out,
+            "hevlayer_sidecar_pipeline_leased{{pipeline=\"{}\"}} {n}",
+            escape(pipeline)
+        );
     }
 }
 

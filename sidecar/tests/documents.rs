@@ -261,6 +261,7 @@ async fn health_metrics_and_graceful_stop(backend: Backend) {
         r#"hevlayer_sidecar_requests_total{route="/v2/pipelines/{pipeline}/status",method="GET",status="404"} 1"#,
         r#"hevlayer_sidecar_cache_op_seconds_count{op="stage_document",result="ok"} 1"#,
         r#"hevlayer_sidecar_pipeline_documents{pipeline="p",stage="pending"} 1"#,
+        r#"hevlayer_sidecar_pipeline_leased{pipeline="p"} 0"#,
         "hevlayer_sidecar_cache_connected 1",
     ] {
         assert!(m.text.contains(needle), "missing {needle} in\n{}", m.text);

@@ -1678,3 +1678,69 @@ fn memory_does_not_grow_with_mirrors_after_the_response() {
     }
     assert_eq!(vm.memory_bytes(), after_10);
 }
+
+// ---- trace context on callouts ----
+
+/// A W3C traceparent whose trace id ends in `n`.
+fn traceparent(n: u8) -> String {
+    format!("00-4bf92f3577b34da6a3ce929d0e0e47{n:02x}-00f067aa0ba902b7-01")
+}
+
+/// A traced write answered 2xx after its eviction ahead was applied; returns the eviction.
+fn traced_write_ahead(vm: &mut Vm, n: u8) -> wasm_host::Callout {
+    let request_id = format!("client-{n}");
+    let parent = traceparent(n);
+    let trace = [
+        ("x-request-id", request_id.as_str()),
+        ("traceparent", parent.as_str()),
+        ("tracestate", "congo=t61rcWkgMzE"),
+    ];
+    let mut s = vm.stream().unwrap();
+    s.request_headers(&write_headers(&trace), false).unwrap();
+    s.request_body(format!(r#"{{"deletes":[{n}]}}"#).as_bytes(), true)
+        .unwrap();
+    let evict = s.callouts()[0].clone();
+    s.answer_callout(evict.token, Some(APPLIED)).unwrap();
+    s.respond(200, &[JSON], br#"{"status":"OK"}"#, "via_upstream")
+        .unwrap();
+    s.finish().unwrap();
+    evict
+}
+
+#[test]
+fn every_callout_carries_the_request_id_and_trace_context_and_a_batch_its_first_mirrors() {
+    let mut vm = vm(r#"{"read_watermark":"off"}"#);
+    vm.hold_queues(true);
+    let evicts: Vec<_> = (1..=3).map(|n| traced_write_ahead(&mut vm, n)).collect();
+    for (n, evict) in (1..=3).zip(&evicts) {
+        assert_eq!(evict.header(":path"), Some("/internal/v1/evict"));
+        assert_eq!(evict.header("x-request-id"), Some(format!("client-{n}").as_str()));
+        assert_eq!(evict.header("traceparent"), Some(traceparent(n).as_str()));
+        assert_eq!(evict.header("tracestate"), Some("congo=t61rcWkgMzE"));
+    }
+    vm.deliver_queues().unwrap();
+    let mirrors = root_mirrors(&vm);
+    assert_eq!((mirrors.len(), batch(&mirrors[0]).len()), (1, 3));
+    assert_eq!(mirrors[0].header("x-request-id"), Some("client-1"));
+    assert_eq!(mirrors[0].header("traceparent"), Some(traceparent(1).as_str()));
+    assert_eq!(mirrors[0].header("tracestate"), Some("congo=t61rcWkgMzE"));
+
+    // A pipeline route's callout, and one of a request without trace context.
+    let parent = traceparent(9);
+    for (trace, expected) in [(Some(parent.as_str()), Some(parent.as_str())), (None, None)] {
+        let mut s = vm.stream().unwrap();
+        let mut headers = vec![
+            (":method", "GET"),
+            (":path", "/v2/pipelines/p/status"),
+            ("authorization", "Bearer tpuf_key"),
+            ("x-request-id", "client-9"),
+        ];
+        headers.extend(trace.map(|t| ("traceparent", t)));
+        s.request_headers(&headers, true).unwrap();
+        let call = s.callouts()[0].clone();
+        assert_eq!(call.header(":path"), Some("/v2/pipelines/p/status"));
+        assert_eq!(call.header("x-request-id"), Some("client-9"));
+        assert_eq!(call.header("traceparent"), expected);
+        assert_eq!(call.header("tracestate"), None);
+    }
+}

@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,7 @@ import urllib.request
 
 import yaml
 
+import monitoring
 from manifests import SIDECAR_KEY, value_sets
 
 ECDS_STATS = "extension_config_discovery.http_filter.hevlayer."
@@ -106,6 +108,21 @@ def empty_write(port):
     return 200, None
 
 
+def prometheus_names(admin):
+    """The filter's metric names as Envoy's /stats/prometheus shows them (what the dashboard and
+    the alerts query)."""
+    with urllib.request.urlopen(f"http://{admin}/stats/prometheus", timeout=2) as r:
+        text = r.read().decode()
+    return set(re.findall(r"^# TYPE ((?:envoy_)?(?:wasmcustom_)?hevlayer_\w+) ", text, re.M))
+
+
+def check_prometheus_names(names):
+    """Envoy names the filter's stats exactly as monitoring.py derives them from the code."""
+    if names != monitoring.FILTER:
+        sys.exit(f"Envoy's /stats/prometheus shows {sorted(names - monitoring.FILTER)} and lacks "
+                 f"{sorted(monitoring.FILTER - names)}: monitoring.py's names for filter/src/metrics.rs are off")
+
+
 def run_with_filter(envoy, config, workdir):
     """Starts Envoy, waits until ECDS delivered the filter and its VM accepted the plugin
     configuration, then sends one write the filter must refuse."""
@@ -127,7 +144,7 @@ def run_with_filter(envoy, config, workdir):
                 if ecds.get(ECDS_STATS + "update_success", "0") != "0":
                     answer = empty_write(listener_port(admin))
                     if answer == (422, "validation_error"):
-                        return
+                        return prometheus_names(admin)
                     problem = f"an empty write got {answer}, not 422 validation_error from the filter"
                     break
             time.sleep(0.1)
@@ -159,9 +176,11 @@ def main():
             with open(bootstrap, "w") as f:
                 yaml.safe_dump(istio_bootstrap(vs, rendered), f, sort_keys=False)
             validate(args.envoy, bootstrap)
-            run_with_filter(args.envoy, bootstrap, workdir)
+            names = run_with_filter(args.envoy, bootstrap, workdir)
+            check_prometheus_names(names)
             print(f"envoy {vs.name}: the EnvoyFilter patches validate; Envoy loads the filter ({args.wasm}) "
-                  f"from the rendered ECDS file and it answers an empty write with 422")
+                  f"from the rendered ECDS file and it answers an empty write with 422; /stats/prometheus names its "
+                  f"{len(names)} stats as monitoring.py expects ({min(names)}, ...)")
 
 
 if __name__ == "__main__":

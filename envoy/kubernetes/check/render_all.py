@@ -4,7 +4,8 @@
     render_all.py --helm HELM --out DIR
 
 For each values set NAME it writes DIR/NAME/manifests.yaml (everything), DIR/NAME/core.yaml (the
-Kubernetes kinds, for kubernetes-validate) and DIR/NAME/istio.json (the Istio kinds, for istio.mjs).
+Kubernetes kinds, for kubernetes-validate), DIR/NAME/istio.json (the Istio kinds, for istio.mjs)
+and DIR/NAME/monitoring.json (the Prometheus Operator's kinds, for monitoring.py).
 A chart rendered without the values that have no default must fail, and say which one is missing.
 """
 
@@ -48,8 +49,9 @@ def main():
             if code != 0:
                 sys.exit(f"helm {command[0]} {name}: failed\n{out}{err}")
         docs = [d for d in yaml.safe_load_all(out) if d]
-        core = [d for d in docs if ".istio.io/" not in d["apiVersion"]]
         istio = [d for d in docs if ".istio.io/" in d["apiVersion"]]
+        monitoring = [d for d in docs if d["apiVersion"].startswith("monitoring.coreos.com/")]
+        core = [d for d in docs if d not in istio and d not in monitoring]
         target = os.path.join(args.out, name)
         os.makedirs(target)
         with open(os.path.join(target, "manifests.yaml"), "w") as f:
@@ -58,6 +60,8 @@ def main():
             yaml.safe_dump_all(core, f, sort_keys=False)
         with open(os.path.join(target, "istio.json"), "w") as f:
             json.dump(istio, f)
+        with open(os.path.join(target, "monitoring.json"), "w") as f:
+            json.dump(monitoring, f)
         kinds = ", ".join(sorted({d["kind"] for d in docs}))
         print(f"helm lint --strict + template {name}: {len(docs)} objects ({kinds})")
 

@@ -1421,3 +1421,102 @@ fn only_writes_that_name_every_document_they_change_evict_ahead() {
         Step::Forward(_)
     ));
 }
+
+// ---- trace context on callouts ----
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+const TRACESTATE: &str = "congo=t61rcWkgMzE";
+
+/// `head` with the client's trace context.
+fn traced<'a>(method: &'a str, path: &'a str) -> RequestHead<'a> {
+    RequestHead {
+        traceparent: Some(TRACEPARENT),
+        tracestate: Some(TRACESTATE),
+        ..head(method, path)
+    }
+}
+
+/// The request id and trace headers a callout carries, in order.
+fn identity(call: &Callout) -> Vec<(String, String)> {
+    let names = ["x-request-id", "traceparent", "tracestate"];
+    call.headers
+        .iter()
+        .filter(|(k, _)| names.contains(&k.as_str()))
+        .cloned()
+        .collect()
+}
+
+fn traced_identity() -> Vec<(String, String)> {
+    vec![
+        ("x-request-id".to_owned(), "rid".to_owned()),
+        ("traceparent".to_owned(), TRACEPARENT.to_owned()),
+        ("tracestate".to_owned(), TRACESTATE.to_owned()),
+    ]
+}
+
+#[test]
+fn route_callouts_carry_the_request_id_and_trace_context() {
+    let mut ex = Driver::new();
+    let mut h = traced("GET", "/v2/pipelines/p/status");
+    h.end_of_stream = true;
+    let (_, Step::Dispatch(call)) = ex.headers(&Config::default(), &h) else {
+        panic!("expected a route callout")
+    };
+    assert_eq!(identity(&call), traced_identity());
+}
+
+#[test]
+fn evictions_mirrors_and_purges_carry_the_trace_context() {
+    // The eviction ahead, then the mirror handed to the worker's queue.
+    let mut ex = Driver::new();
+    assert_eq!(
+        ex.headers(&Config::default(), &traced("POST", "/v2/namespaces/ns"))
+            .1,
+        Step::Pause
+    );
+    let Step::ForwardWith(_, evict) = ex.feed(br#"{"upsert_rows":[{"id":1}]}"#, true, NOW) else {
+        panic!("expected the eviction ahead")
+    };
+    assert_eq!(identity(&evict), traced_identity());
+    ex.on_callout_answer(Some(200), &json_type(), b"{}".to_vec(), NOW + 1);
+    ex.on_response_headers(200, Some("via_upstream"), true, NOW + 2);
+    let jobs = ex.take_mirrors();
+    assert_eq!(jobs.len(), 1);
+    let expected = crate::trace::TraceContext::from_headers(Some(TRACEPARENT), Some(TRACESTATE));
+    assert_eq!(jobs[0].trace, expected);
+
+    // A mirror the response waits for.
+    let mut ex = Driver::new();
+    ex.headers(&waits_for_mirror(), &traced("POST", "/v2/namespaces/ns"));
+    forwarded(ex.feed(br#"{"upsert_rows":[{"id":1}]}"#, true, NOW));
+    let (_, Step::Dispatch(mirror)) = ex.on_response_headers(200, Some("via_upstream"), false, NOW) else {
+        panic!("expected the mirror")
+    };
+    assert_eq!(mirror.purpose, Purpose::Mirror);
+    assert_eq!(identity(&mirror), traced_identity());
+
+    // The purge of a deleted namespace.
+    let mut ex = Driver::new();
+    ex.headers(&Config::default(), &traced("DELETE", "/v2/namespaces/gone"));
+    let (_, Step::Dispatch(purge)) = ex.on_response_headers(200, Some("via_upstream"), false, NOW) else {
+        panic!("expected the purge")
+    };
+    assert_eq!(purge.purpose, Purpose::Purge);
+    assert_eq!(identity(&purge), traced_identity());
+}
+
+#[test]
+fn without_a_traceparent_callouts_carry_the_request_id_alone() {
+    let mut ex = Driver::new();
+    let mut h = head("GET", "/v2/pipelines/p/status");
+    // A tracestate means nothing without a traceparent.
+    h.tracestate = Some(TRACESTATE);
+    h.end_of_stream = true;
+    let (_, Step::Dispatch(call)) = ex.headers(&Config::default(), &h) else {
+        panic!("expected a route callout")
+    };
+    assert_eq!(
+        identity(&call),
+        vec![("x-request-id".to_owned(), "rid".to_owned())]
+    );
+}
