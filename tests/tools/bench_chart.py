@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -34,6 +35,9 @@ def main():
         if i == len(labels) - 1:
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.axhline(1.0, color="black", linewidth=0.8)
+    # Ratios span 1x to tens of x (many small rows): a log scale keeps the small ones readable.
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
     ax.set_xticks(range(len(rows)), cases, fontsize=8)
     ax.set_ylabel("p50 latency ÷ Envoy without a filter")
     ax.set_title("Writes through Envoy 1.40 (one worker), same run; the last bar is the product")

@@ -498,7 +498,9 @@ async fn main() -> Result<()> {
     all.extend(
         variants
             .iter()
-            .map(|(label, path)| (label.clone(), Filter::Wasm(path.as_path(), None), stub)),
+            // The defaults of whatever build it is: the rendered configuration may carry
+            // fields an older build does not know (and would refuse).
+            .map(|(label, path)| (label.clone(), Filter::Wasm(path.as_path(), Some("{}")), stub)),
     );
     all.extend(product_plan.map(|(label, filter, port)| ((*label).to_owned(), *filter, *port)));
     for (i, (label, filter, sidecar_port)) in all.into_iter().enumerate() {
