@@ -379,7 +379,11 @@ impl RootContext for Root {
         let now = now_ms();
         self.shared.tick_clock.set(now);
         self.metrics().report_memory();
-        // Mirrors a failed wake-up left behind, and flights no answer came for.
+        // Mirrors a failed or lost wake-up left behind (the next mirror wakes the root again),
+        // and flights no answer came for.
+        if let Ok(mut q) = self.shared.mirrors.try_borrow_mut() {
+            q.woken();
+        }
         self.send_mirrors(now);
         let limit = self.config().mirror_timeout_ms + CALLOUT_TIMEOUT_MS;
         let expired = self
