@@ -77,8 +77,9 @@ async fn observe(State(state): State<SharedState>, request: Request, next: Next)
     let started = Instant::now();
     let response = next.run(request).instrument(span.clone()).await;
     let status = response.status().as_u16();
-    state.metrics.record_request(&route, &method, status);
-    let elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let elapsed = started.elapsed();
+    state.metrics.record_request(&route, &method, status, elapsed);
+    let elapsed_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
     let _entered = span.enter();
     if status >= 400 {
         tracing::info!(status, elapsed_us, "request refused");

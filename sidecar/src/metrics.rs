@@ -36,6 +36,8 @@ impl Histogram {
 struct Inner {
     /// (route, method, status) -> count
     requests: BTreeMap<(String, String, u16), u64>,
+    /// route -> latency histogram of the requests it served
+    request_seconds: BTreeMap<String, Histogram>,
     /// (operation, result) -> latency histogram
     cache_ops: BTreeMap<(&'static str, &'static str), Histogram>,
     /// (kind, result) -> count: mirror / purge / fetch outcomes
@@ -57,12 +59,19 @@ fn escape(value: &str) -> String {
 }
 
 impl Metrics {
-    pub fn record_request(&self, route: &str, method: &str, status: u16) {
+    pub fn record_request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         *inner
             .requests
             .entry((route.to_owned(), method.to_owned(), status))
             .or_insert(0) += 1;
+        if let Some(h) = inner.request_seconds.get_mut(route) {
+            h.observe(elapsed.as_secs_f64());
+        } else {
+            let mut h = Histogram::default();
+            h.observe(elapsed.as_secs_f64());
+            inner.request_seconds.insert(route.to_owned(), h);
+        }
     }
 
     pub fn record_cache_op(&self, op: &'static str, result: &'static str, elapsed: Duration) {
@@ -122,30 +131,27 @@ impl Metrics {
             );
         }
         out.push_str(
+            "# HELP hevlayer_sidecar_request_seconds Time to answer a request, by route (callouts and pipeline routes).\n",
+        );
+        out.push_str("# TYPE hevlayer_sidecar_request_seconds histogram\n");
+        for (route, h) in &inner.request_seconds {
+            render_histogram(
+                &mut out,
+                "hevlayer_sidecar_request_seconds",
+                &format!("route=\"{}\"", escape(route)),
+                h,
+            );
+        }
+        out.push_str(
             "# HELP hevlayer_sidecar_cache_op_seconds Document cache operations, by operation and result.\n",
         );
         out.push_str("# TYPE hevlayer_sidecar_cache_op_seconds histogram\n");
         for ((op, result), h) in &inner.cache_ops {
-            for (bound, n) in BUCKETS.iter().zip(h.buckets.iter()) {
-                let _ = writeln!(
-                    out,
-                    "hevlayer_sidecar_cache_op_seconds_bucket{{op=\"{op}\",result=\"{result}\",le=\"{bound}\"}} {n}"
-                );
-            }
-            let _ = writeln!(
-                out,
-                "hevlayer_sidecar_cache_op_seconds_bucket{{op=\"{op}\",result=\"{result}\",le=\"+Inf\"}} {}",
-                h.count
-            );
-            let _ = writeln!(
-                out,
-                "hevlayer_sidecar_cache_op_seconds_sum{{op=\"{op}\",result=\"{result}\"}} {}",
-                h.sum
-            );
-            let _ = writeln!(
-                out,
-                "hevlayer_sidecar_cache_op_seconds_count{{op=\"{op}\",result=\"{result}\"}} {}",
-                h.count
+            render_histogram(
+                &mut out,
+                "hevlayer_sidecar_cache_op_seconds",
+                &format!("op=\"{op}\",result=\"{result}\""),
+                h,
             );
         }
         out.push_str("# HELP hevlayer_sidecar_mirror_total Mirror, purge, document-fetch and vectors stage-move outcomes.\n");
@@ -169,6 +175,16 @@ impl Metrics {
         render_watermarks(&mut out, &inner.watermark_polls, watermarks);
         out
     }
+}
+
+/// One histogram's buckets, sum and count, under `labels` (already formatted).
+fn render_histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
+    for (bound, n) in BUCKETS.iter().zip(h.buckets.iter()) {
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum);
+    let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
 }
 
 /// The pipeline gauges: documents per stage, and those holding an unexpired lease.

@@ -260,6 +260,9 @@ async fn health_metrics_and_graceful_stop(backend: Backend) {
         r#"hevlayer_sidecar_requests_total{route="/v2/pipelines/{pipeline}/documents/{document}",method="PUT",status="200"} 1"#,
         r#"hevlayer_sidecar_requests_total{route="/v2/pipelines/{pipeline}/status",method="GET",status="404"} 1"#,
         r#"hevlayer_sidecar_cache_op_seconds_count{op="stage_document",result="ok"} 1"#,
+        // Both requests of that route (the 200 and the 404 of another route are apart).
+        r#"hevlayer_sidecar_request_seconds_count{route="/v2/pipelines/{pipeline}/documents/{document}"} 1"#,
+        r#"hevlayer_sidecar_request_seconds_bucket{route="/v2/pipelines/{pipeline}/status",le="+Inf"} 1"#,
         r#"hevlayer_sidecar_pipeline_documents{pipeline="p",stage="pending"} 1"#,
         r#"hevlayer_sidecar_pipeline_leased{pipeline="p"} 0"#,
         "hevlayer_sidecar_cache_connected 1",
