@@ -20,26 +20,9 @@ sys.path.insert(0, str(DEMO))  # the store's modules (embedder, pipeline) for th
 _spec = importlib.util.spec_from_file_location("e2e_conftest", ROOT / "tests" / "e2e" / "conftest.py")
 e2e = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(e2e)
-free_port, port_open = e2e.free_port, e2e.port_open
+free_port, port_open, read_until = e2e.free_port, e2e.port_open, e2e.read_until
 
 PORTS = ("DEMO_PORT", "GATEWAY_PORT", "ADMIN_PORT", "SIDECAR_PORT", "MINIFUGU_PORT")
-
-
-def read_until(proc, marker, seconds):
-    deadline = time.monotonic() + seconds
-    seen = []
-    os.set_blocking(proc.stdout.fileno(), False)
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line:
-            seen.append(line)
-            if marker in line:
-                return "".join(seen)
-            continue
-        if proc.poll() is not None:
-            raise AssertionError(f"demo/run.sh exited {proc.returncode} before '{marker}':\n{''.join(seen)}")
-        time.sleep(0.05)
-    raise AssertionError(f"no '{marker}' from demo/run.sh within {seconds}s:\n{''.join(seen)}")
 
 
 def stop_with_ctrl_c(proc, seconds=20.0):

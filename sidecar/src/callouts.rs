@@ -23,7 +23,21 @@ use crate::state::SharedState;
 /// (the filter's callout timeout) cannot cut it short while it is parsed, planned or applied and
 /// leave some documents older than what Turbopuffer now holds.
 pub async fn mirror(State(state): State<SharedState>, RawBody(body): RawBody) -> Result<Response, ApiError> {
-    tokio::spawn(run_mirror(state, body)).await.unwrap_or_else(|e| {
+    detached(run_mirror(state, body)).await
+}
+
+/// Several mirrors in one callout (a worker's root context sends the mirrors that go after their
+/// responses this way). Detached like a single mirror; the answer says, per mirror, whether it
+/// was applied. A batch that does not parse is refused whole (422).
+pub async fn mirrors(State(state): State<SharedState>, RawBody(body): RawBody) -> Result<Response, ApiError> {
+    detached(run_batch(state, body)).await
+}
+
+/// Runs a mirror handler in a task of its own, so that the caller going away cannot cut it short.
+async fn detached(
+    work: impl std::future::Future<Output = Result<Response, ApiError>> + Send + 'static,
+) -> Result<Response, ApiError> {
+    tokio::spawn(work).await.unwrap_or_else(|e| {
         Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal_error",
@@ -32,17 +46,9 @@ pub async fn mirror(State(state): State<SharedState>, RawBody(body): RawBody) ->
     })
 }
 
-/// Several mirrors in one callout (a worker's root context sends the mirrors that go after their
-/// responses this way). Detached like a single mirror; the answer says, per mirror, whether it
-/// was applied. A batch that does not parse is refused whole (422).
-pub async fn mirrors(State(state): State<SharedState>, RawBody(body): RawBody) -> Result<Response, ApiError> {
-    tokio::spawn(run_batch(state, body)).await.unwrap_or_else(|e| {
-        Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
-            e.to_string(),
-        ))
-    })
+/// Parses a mirror callout's body; one the sidecar cannot use counts as an `invalid` mirror.
+fn parse_mirror<T: serde::de::DeserializeOwned>(state: &SharedState, body: &Bytes) -> Result<T, ApiError> {
+    parse_json(body).inspect_err(|_| state.metrics.record_event("mirror", "invalid"))
 }
 
 #[derive(Deserialize)]
@@ -52,13 +58,7 @@ struct MirrorBatch {
 }
 
 async fn run_batch(state: SharedState, body: Bytes) -> Result<Response, ApiError> {
-    let batch: MirrorBatch = match parse_json(&body) {
-        Ok(batch) => batch,
-        Err(err) => {
-            state.metrics.record_event("mirror", "invalid");
-            return Err(err);
-        }
-    };
+    let batch: MirrorBatch = parse_mirror(&state, &body)?;
     drop(body);
     let mut applied = Vec::with_capacity(batch.mirrors.len());
     for callout in batch.mirrors {
@@ -95,13 +95,7 @@ async fn apply_callout(state: &SharedState, callout: MirrorCallout) -> Result<u6
 /// `JsonBody` so that any body it cannot use (malformed, or a write of the wrong shape) counts as
 /// an `invalid` mirror.
 async fn run_mirror(state: SharedState, body: Bytes) -> Result<Response, ApiError> {
-    let callout: MirrorCallout = match parse_json(&body) {
-        Ok(callout) => callout,
-        Err(err) => {
-            state.metrics.record_event("mirror", "invalid");
-            return Err(err);
-        }
-    };
+    let callout: MirrorCallout = parse_mirror(&state, &body)?;
     // Everything needed is parsed out: free the (possibly large) body before applying.
     drop(body);
     let applied = apply_callout(&state, callout).await?;

@@ -329,6 +329,25 @@ def start_sidecar(procs, name, port, gateway_port, **env):
     wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200, name)
 
 
+def read_until(proc, marker, seconds=60.0):
+    """Output of `proc` (started with text stdout piped) up to the line holding `marker`; fails if it
+    exits or takes too long."""
+    deadline = time.monotonic() + seconds
+    seen = []
+    os.set_blocking(proc.stdout.fileno(), False)
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line:
+            seen.append(line)
+            if marker in line:
+                return "".join(seen)
+            continue
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args[0]} exited {proc.returncode} before '{marker}':\n{''.join(seen)}")
+        time.sleep(0.05)
+    raise AssertionError(f"no '{marker}' from {proc.args[0]} within {seconds}s:\n{''.join(seen)}")
+
+
 def serve(server):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server

@@ -6,9 +6,8 @@ import os
 import signal
 import socket
 import subprocess
-import time
 
-from conftest import ROOT, free_port, port_open, wait_until
+from conftest import ROOT, free_port, port_open, read_until, wait_until
 
 RUN = ROOT / "envoy" / "run.sh"
 
@@ -27,24 +26,6 @@ def start_run(env):
         text=True,
         start_new_session=True,  # the test signals it like a terminal's Ctrl-C would
     )
-
-
-def read_until(proc, marker, seconds=60.0):
-    """Output of `proc` up to the line holding `marker`; fails if it exits or takes too long."""
-    deadline = time.monotonic() + seconds
-    seen = []
-    os.set_blocking(proc.stdout.fileno(), False)
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line:
-            seen.append(line)
-            if marker in line:
-                return "".join(seen)
-            continue
-        if proc.poll() is not None:
-            raise AssertionError(f"run.sh exited {proc.returncode} before '{marker}':\n{''.join(seen)}")
-        time.sleep(0.05)
-    raise AssertionError(f"no '{marker}' from run.sh within {seconds}s:\n{''.join(seen)}")
 
 
 def ports_env():

@@ -11,6 +11,20 @@ use std::io::Write;
 const NOW_MS: u64 = 1_795_000_000_123;
 const JSON: (&str, &str) = ("content-type", "application/json");
 
+/// The sum of the counters an accepted write ends in (exactly one each).
+fn mirror_outcomes(vm: &Vm) -> i64 {
+    [
+        "mirror_ok",
+        "mirror_failed",
+        "mirror_timeout",
+        "mirror_skipped",
+        "writes_unanswered",
+    ]
+    .iter()
+    .map(|c| vm.counter(&format!("hevlayer.{c}")))
+    .sum()
+}
+
 /// Every write's response waits for its mirror (no eviction ahead).
 const WAITS_FOR_MIRROR: &str = r#"{"evict_ahead_max_ids":0}"#;
 
@@ -1266,18 +1280,8 @@ fn every_accepted_write_ends_in_one_mirror_outcome() {
     // Rejected: never accepted.
     let s = send_write(&mut vm, b"{}", 100);
     s.finish().unwrap();
-    let outcomes: i64 = [
-        "mirror_ok",
-        "mirror_failed",
-        "mirror_timeout",
-        "mirror_skipped",
-        "writes_unanswered",
-    ]
-    .iter()
-    .map(|c| vm.counter(&format!("hevlayer.{c}")))
-    .sum();
     assert_eq!(vm.counter("hevlayer.writes_accepted"), 4);
-    assert_eq!(outcomes, 4);
+    assert_eq!(mirror_outcomes(&vm), 4);
     assert_eq!(
         (
             vm.counter("hevlayer.mirror_ok"),
@@ -1632,18 +1636,8 @@ fn with_evictions_ahead_every_accepted_write_still_ends_in_one_mirror_outcome() 
     let t = s.callouts()[0].token;
     s.answer_callout(t, Some(APPLIED)).unwrap();
     s.finish().unwrap();
-    let outcomes: i64 = [
-        "mirror_ok",
-        "mirror_failed",
-        "mirror_timeout",
-        "mirror_skipped",
-        "writes_unanswered",
-    ]
-    .iter()
-    .map(|c| vm.counter(&format!("hevlayer.{c}")))
-    .sum();
     assert_eq!(vm.counter("hevlayer.writes_accepted"), 4);
-    assert_eq!(outcomes, 4);
+    assert_eq!(mirror_outcomes(&vm), 4);
     assert_eq!(
         (
             vm.counter("hevlayer.mirror_ok"),

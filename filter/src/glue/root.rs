@@ -139,15 +139,15 @@ impl Root {
                 .try_borrow_mut()
                 .map(|mut q| q.take_batch())
                 .unwrap_or_default();
-            if batch.is_empty() {
+            let Some(first) = batch.first() else {
                 return;
-            }
+            };
             let n = batch.len();
             self.metrics().add_queued(-(n as i64));
             let body = sidecar_api::mirror_batch_body(batch.iter().map(|j| j.body.as_slice()));
             // The first mirror's request id and trace context name the batch in the sidecar's
             // logs and traces.
-            let request_id = batch[0].request_id.as_str();
+            let request_id = first.request_id.as_str();
             let mut headers = vec![
                 (":method", "POST"),
                 (":path", sidecar_api::MIRRORS_PATH),
@@ -155,7 +155,7 @@ impl Root {
                 ("content-type", "application/json"),
                 (sidecar_api::REQUEST_ID_HEADER, request_id),
             ];
-            headers.extend(batch[0].trace.headers());
+            headers.extend(first.trace.headers());
             match self.dispatch_http_call(cluster, headers, Some(&body), Vec::new(), timeout) {
                 Ok(token) => {
                     if let Ok(mut q) = self.shared.mirrors.try_borrow_mut() {
