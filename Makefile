@@ -184,8 +184,8 @@ demo: tools wasm sidecar
 # The page test drives Debian's Chromium headless; installed here when missing (as root, else sudo).
 CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
-	if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y chromium; \
-	else sudo apt-get update && sudo apt-get install -y chromium; fi
+	if [ "$$(id -u)" = 0 ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	else sudo apt-get update && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; fi
 
 .PHONY: test-demo
 test-demo: tools wasm sidecar $(CHROMIUM)

@@ -360,6 +360,16 @@ impl Vm {
         self.store.data_mut().hold_queues = hold;
     }
 
+    /// Loses the wake-ups enqueued so far (their `on_queue_ready` never comes), as if the host
+    /// had dropped them.
+    pub fn lose_queue_wakeups(&mut self) {
+        let state = self.store.data_mut();
+        state.queue_ready.clear();
+        for (_, items) in &mut state.queues {
+            items.clear();
+        }
+    }
+
     /// Names of the shared queues the filter registered.
     pub fn queue_names(&self) -> Vec<String> {
         self.store.data().queues.iter().map(|(n, _)| n.clone()).collect()

@@ -1561,6 +1561,28 @@ fn one_wake_up_sends_every_mirror_queued_before_the_root_ran_and_the_timer_is_th
     assert_eq!(root_mirrors(&vm2).len(), 1);
 }
 
+#[test]
+fn after_a_lost_wake_up_the_timer_sends_and_the_next_mirror_wakes_the_root_again() {
+    let mut vm = vm(r#"{"read_watermark":"off"}"#);
+    vm.hold_queues(true);
+    write_ahead(&mut vm, br#"{"deletes":[1]}"#, Some(APPLIED));
+    vm.lose_queue_wakeups();
+    vm.hold_queues(false);
+    assert!(root_mirrors(&vm).is_empty());
+    vm.advance_time_and_tick(500).unwrap();
+    assert_eq!(
+        root_mirrors(&vm).len(),
+        1,
+        "the timer sends what the lost wake-up left"
+    );
+    write_ahead(&mut vm, br#"{"deletes":[2]}"#, Some(APPLIED));
+    assert_eq!(
+        root_mirrors(&vm).len(),
+        2,
+        "the next mirror wakes the root, no tick needed"
+    );
+}
+
 /// A VM whose queue wake-ups never arrive (held by the host, as if the queue were lost).
 fn vm_without_queue_delivery() -> Vm {
     let mut vm = vm(r#"{"read_watermark":"off"}"#);
