@@ -116,6 +116,8 @@ impl Half {
 /// Host state for one VM.
 #[derive(Default)]
 pub struct HostState {
+    /// The module's memory, once instantiated (looked up by name otherwise).
+    memory: Option<Memory>,
     plugin_config: Vec<u8>,
     now_ns: u64,
     properties: HashMap<String, Vec<u8>>,
@@ -218,7 +220,14 @@ impl Plugin {
         if !path.exists() {
             bail!("{} is missing: build the filter with `make wasm`", path.display());
         }
-        let engine = Engine::default();
+        // `HEVLAYER_PERFMAP=1`: JIT symbols for `perf record` (/tmp/perf-PID.map).
+        let engine = if std::env::var_os("HEVLAYER_PERFMAP").is_some() {
+            let mut config = wasmtime::Config::new();
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+            Engine::new(&config)?
+        } else {
+            Engine::default()
+        };
         let module = Module::from_file(&engine, path)?;
         Ok(Plugin { engine, module })
     }
@@ -253,11 +262,13 @@ impl Plugin {
         let Some(memory) = instance.get_memory(&mut store, "memory") else {
             bail!("the module exports no memory")
         };
+        store.data_mut().memory = Some(memory);
         let mut vm = Vm {
             store,
             instance,
             memory,
             next_context: ROOT_ID + 1,
+            funcs: HashMap::new(),
         };
         if instance
             .get_export(&mut vm.store, "proxy_abi_version_0_2_1")
@@ -287,14 +298,26 @@ pub struct Vm {
     instance: Instance,
     memory: Memory,
     next_context: u32,
+    funcs: HashMap<String, Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl Vm {
-    fn func<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
+    /// An export as a typed function, looked up once per VM (the lookup by name and its type
+    /// check would otherwise cost more than a small filter callback).
+    fn func<P: wasmtime::WasmParams + 'static, R: wasmtime::WasmResults + 'static>(
         &mut self,
         name: &str,
     ) -> Result<TypedFunc<P, R>> {
-        self.instance.get_typed_func::<P, R>(&mut self.store, name)
+        if let Some(f) = self
+            .funcs
+            .get(name)
+            .and_then(|f| f.downcast_ref::<TypedFunc<P, R>>())
+        {
+            return Ok(f.clone());
+        }
+        let f = self.instance.get_typed_func::<P, R>(&mut self.store, name)?;
+        self.funcs.insert(name.to_owned(), Box::new(f.clone()));
+        Ok(f)
     }
 
     /// Sets the host clock (epoch milliseconds).
@@ -721,6 +744,9 @@ impl Drop for Stream<'_> {
 // ---- imports ---------------------------------------------------------------------------------
 
 fn memory(caller: &mut Caller<'_, HostState>) -> Result<Memory> {
+    if let Some(m) = caller.data().memory {
+        return Ok(m);
+    }
     match caller.get_export("memory") {
         Some(Extern::Memory(m)) => Ok(m),
         _ => bail!("no memory export"),

@@ -689,6 +689,8 @@ fn keys_mode_replaces_the_callers_key_and_never_forwards_it() {
 fn request_ids_are_uuid_v4() {
     let id = request_id_from([0xff; 16]);
     assert_eq!(id, "ffffffff-ffff-4fff-bfff-ffffffffffff");
+    let counting: [u8; 16] = std::array::from_fn(|i| i as u8 * 17);
+    assert_eq!(request_id_from(counting), "00112233-4455-4677-8899-aabbccddeeff");
 }
 
 fn run_write(body: &[u8], chunks: &[usize], gzip: bool) -> Step {

@@ -196,11 +196,34 @@ fn workspace_file(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
 }
 
+/// The gateway benchmark's 1-row write: 4 KB, a 768-dim base64 vector.
+fn one_row_body() -> String {
+    let bytes: Vec<u8> = (0..768u32)
+        .flat_map(|i| (i as f32 / 768.0).to_le_bytes())
+        .collect();
+    format!(
+        "{{\"upsert_rows\":[{{\"id\":1,\"vector\":\"{}\",\"title\":\"one\"}}],\"distance_metric\":\"cosine_distance\"}}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
 fn main() -> Result<()> {
     let strict = match std::env::args().nth(1).as_deref() {
         None => false,
         Some("--strict") => true,
-        Some(other) => bail!("unknown argument {other:?} (usage: filter-bench [--strict])"),
+        // For `perf record` (with `HEVLAYER_PERFMAP=1` for the filter's symbols): only the 1-row
+        // write with its callouts, 200,000 times.
+        Some("--profile-one-row") => {
+            let mut filter = FilterRun::new()?;
+            let body = one_row_body();
+            for _ in 0..200_000 {
+                filter.write(body.as_bytes(), true)?;
+            }
+            return Ok(());
+        }
+        Some(other) => {
+            bail!("unknown argument {other:?} (usage: filter-bench [--strict | --profile-one-row])")
+        }
     };
     let fixtures = fixtures();
     let engine = Engine::default();
@@ -307,15 +330,7 @@ fn main() -> Result<()> {
 
     // The fixed cost of one request: the gateway benchmark's 1-row write (4 KB, a 768-dim base64
     // vector) through the whole filter, per request rather than per byte.
-    let one_row = {
-        let bytes: Vec<u8> = (0..768u32)
-            .flat_map(|i| (i as f32 / 768.0).to_le_bytes())
-            .collect();
-        format!(
-            "{{\"upsert_rows\":[{{\"id\":1,\"vector\":\"{}\",\"title\":\"one\"}}],\"distance_metric\":\"cosine_distance\"}}",
-            base64::engine::general_purpose::STANDARD.encode(bytes)
-        )
-    };
+    let one_row = one_row_body();
     let alone = timer.best(|| filter.write(one_row.as_bytes(), false))?;
     let with_mirror = timer.best(|| filter.write(one_row.as_bytes(), true))?;
     println!(
