@@ -15,6 +15,11 @@ pub const DEFAULT_FENCE_NAMESPACES: usize = 1_000;
 pub const DEFAULT_FENCE_MAX_IDS: usize = 1_000;
 pub const DEFAULT_EVICT_AHEAD_MAX_IDS: usize = 10_000;
 pub const DEFAULT_MIRROR_QUEUE_BYTES: usize = 64 * 1024 * 1024;
+/// How long a worker lets mirrors gather before it sends them (after their responses).
+pub const DEFAULT_MIRROR_LINGER_MS: u64 = 2;
+/// The longest linger accepted: mirrors wait at most this long (their documents are evicted
+/// meanwhile, so fetches go to Turbopuffer).
+pub const MAX_MIRROR_LINGER_MS: u64 = 1_000;
 
 /// How callers authenticate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -74,6 +79,7 @@ struct RawConfig {
     fence_max_ids: Option<usize>,
     evict_ahead_max_ids: Option<usize>,
     mirror_queue_bytes: Option<usize>,
+    mirror_linger_ms: Option<u64>,
 }
 
 /// A gateway key: its SHA-256 digest and scope.
@@ -117,6 +123,9 @@ pub struct Config {
     /// Most bytes of mirrors one worker holds while they wait to be sent after their responses;
     /// a mirror that does not fit is dropped (and counted): its documents were evicted already.
     pub mirror_queue_bytes: usize,
+    /// How long the mirrors that go after their responses gather before one callout carries
+    /// them (a batch full of them goes at once); 0: each wake-up sends what is waiting.
+    pub mirror_linger_ms: u64,
 }
 
 impl Default for Config {
@@ -139,6 +148,7 @@ impl Default for Config {
             fence_max_ids: DEFAULT_FENCE_MAX_IDS,
             evict_ahead_max_ids: DEFAULT_EVICT_AHEAD_MAX_IDS,
             mirror_queue_bytes: DEFAULT_MIRROR_QUEUE_BYTES,
+            mirror_linger_ms: DEFAULT_MIRROR_LINGER_MS,
         }
     }
 }
@@ -186,6 +196,12 @@ impl Config {
         if mirror_queue_bytes == 0 {
             return Err("mirror_queue_bytes must be positive".to_owned());
         }
+        let mirror_linger_ms = raw.mirror_linger_ms.unwrap_or(DEFAULT_MIRROR_LINGER_MS);
+        if mirror_linger_ms > MAX_MIRROR_LINGER_MS {
+            return Err(format!(
+                "mirror_linger_ms ({mirror_linger_ms}) must be at most {MAX_MIRROR_LINGER_MS}"
+            ));
+        }
         if watermark_stale_ms <= watermark_refresh_ms {
             return Err(format!(
                 "watermark_stale_ms ({watermark_stale_ms}) must be greater than watermark_refresh_ms ({watermark_refresh_ms}), or every copy would be stale before the next refresh"
@@ -209,6 +225,7 @@ impl Config {
             fence_max_ids,
             evict_ahead_max_ids: raw.evict_ahead_max_ids.unwrap_or(DEFAULT_EVICT_AHEAD_MAX_IDS),
             mirror_queue_bytes,
+            mirror_linger_ms,
         })
     }
 }
@@ -324,6 +341,7 @@ mod tests {
             r#"{"watermark_namespaces":0}"#,
             r#"{"fence_max_ids":0}"#,
             r#"{"mirror_queue_bytes":0}"#,
+            r#"{"mirror_linger_ms":1001}"#,
             r#"{"watermark_refresh_ms":1000,"watermark_stale_ms":1000}"#,
             "not json",
         ] {

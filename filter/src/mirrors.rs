@@ -83,6 +83,11 @@ impl MirrorQueue {
         self.wake_pending = false;
     }
 
+    /// Whether a whole batch is waiting (it goes at once rather than lingering for more).
+    pub fn batch_full(&self) -> bool {
+        self.waiting.len() >= BATCH_MIRRORS || self.bytes >= BATCH_BYTES
+    }
+
     /// The next batch to send, oldest first, while fewer than `MAX_IN_FLIGHT` are out; empty
     /// when none may go or none is waiting.
     pub fn take_batch(&mut self) -> Vec<MirrorJob> {

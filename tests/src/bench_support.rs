@@ -41,6 +41,8 @@ impl Timer {
 /// Pushes whole write requests through the built filter, as Envoy would deliver them.
 pub struct FilterRun {
     vm: crate::wasm_host::Vm,
+    /// The timer's period between lingers (the refresh period).
+    refresh_ms: u32,
 }
 
 impl FilterRun {
@@ -50,9 +52,9 @@ impl FilterRun {
 
     /// A run under a plugin configuration (JSON).
     pub fn with_config(config: &str) -> Result<Self> {
-        Ok(FilterRun {
-            vm: crate::wasm_host::filter()?.start(config)?,
-        })
+        let vm = crate::wasm_host::filter()?.start(config)?;
+        let refresh_ms = vm.tick_period_ms();
+        Ok(FilterRun { vm, refresh_ms })
     }
 
     /// One write: headers and the body in 64 KiB chunks until the stamped body goes upstream,
@@ -110,6 +112,10 @@ impl FilterRun {
             s.answer_callout(token, Some(answer))?;
         }
         s.finish()?;
+        // The mirror lingers: Envoy's timer would fire the tick that sends it.
+        if self.vm.tick_period_ms() != self.refresh_ms {
+            self.vm.tick()?;
+        }
         // A mirror the root context sent after the response (one write at a time: a batch of one).
         let batch: crate::wasm_host::Answer<'_> = (
             200,

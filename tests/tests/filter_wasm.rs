@@ -28,7 +28,22 @@ fn mirror_outcomes(vm: &Vm) -> i64 {
 /// Every write's response waits for its mirror (no eviction ahead).
 const WAITS_FOR_MIRROR: &str = r#"{"evict_ahead_max_ids":0}"#;
 
+/// A VM under `config`; mirrors after their responses go at each wake-up (`mirror_linger_ms: 0`)
+/// unless `config` says otherwise, so that a test sees them right after the stream.
 fn vm(config: &str) -> Vm {
+    let mut value: serde_json::Value = if config.trim().is_empty() {
+        serde_json::json!({})
+    } else {
+        serde_json::from_str(config).unwrap()
+    };
+    if let Some(object) = value.as_object_mut() {
+        object.entry("mirror_linger_ms").or_insert(serde_json::json!(0));
+    }
+    lingering_vm(&value.to_string())
+}
+
+/// A VM under exactly `config` (the default linger unless it names one).
+fn lingering_vm(config: &str) -> Vm {
     let mut vm = filter().unwrap().start(config).unwrap();
     vm.set_time_ms(NOW_MS);
     vm
@@ -1628,6 +1643,54 @@ fn at_most_four_batches_are_out_at_once_and_what_gathers_meanwhile_goes_as_one()
     apply_batches(&mut vm, 1);
     assert_eq!(vm.counter("hevlayer.mirror_ok"), 10);
     assert_eq!(vm.counter("hevlayer.mirrors_queued"), 0);
+}
+
+#[test]
+fn by_default_mirrors_linger_and_the_next_tick_sends_them_as_one_batch() {
+    let mut vm = lingering_vm(r#"{"read_watermark":"off"}"#);
+    assert_eq!(vm.tick_period_ms(), 500, "the refresh period");
+    for id in 0..3 {
+        write_ahead(
+            &mut vm,
+            format!(r#"{{"deletes":[{id}]}}"#).as_bytes(),
+            Some(APPLIED),
+        );
+    }
+    assert!(
+        root_mirrors(&vm).is_empty(),
+        "nothing goes before the linger ends"
+    );
+    assert_eq!(vm.tick_period_ms(), 2, "the timer runs at the linger");
+    assert_eq!(vm.counter("hevlayer.mirrors_queued"), 3);
+    // The linger's tick: one batch, and the timer back at the refresh period. Less than a
+    // refresh period since the last one: nothing else of the timer's work runs.
+    vm.advance_time_and_tick(2).unwrap();
+    let out = root_mirrors(&vm);
+    assert_eq!(out.len(), 1);
+    assert_eq!(batch(&out[0]).len(), 3);
+    assert_eq!(vm.root_callouts().len(), 1, "no other root callout");
+    assert_eq!(vm.tick_period_ms(), 500);
+    apply_batches(&mut vm, 0);
+    assert_eq!(vm.counter("hevlayer.mirror_ok"), 3);
+    assert_eq!(vm.counter("hevlayer.mirrors_queued"), 0);
+    // The next write lingers again.
+    write_ahead(&mut vm, br#"{"deletes":[9]}"#, Some(APPLIED));
+    assert_eq!(vm.tick_period_ms(), 2);
+    vm.advance_time_and_tick(2).unwrap();
+    assert_eq!(root_mirrors(&vm).len(), 2);
+}
+
+#[test]
+fn a_full_batch_does_not_linger() {
+    let mut vm = lingering_vm(r#"{"read_watermark":"off","mirror_linger_ms":50}"#);
+    // One write whose mirror is a whole batch's bytes.
+    let big = "x".repeat(4 * 1024 * 1024);
+    let body = format!(r#"{{"upsert_rows":[{{"id":1,"text":"{big}"}}]}}"#);
+    write_ahead(&mut vm, body.as_bytes(), Some(APPLIED));
+    assert_eq!(root_mirrors(&vm).len(), 1, "sent at its wake-up");
+    assert_eq!(vm.tick_period_ms(), 500, "no linger");
+    apply_batches(&mut vm, 0);
+    assert_eq!(vm.counter("hevlayer.mirror_ok"), 1);
 }
 
 #[test]

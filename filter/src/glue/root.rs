@@ -34,6 +34,10 @@ pub(super) struct Root {
     /// At most one callout of each kind at a time: (token, what, sent at).
     registration: Option<(u32, InFlight, u64)>,
     eviction: Option<(u32, InFlight, u64)>,
+    /// Mirrors are gathering: the timer runs at `mirror_linger_ms` until the next tick sends them.
+    lingering: bool,
+    /// When the timer's periodic work (refresh, evictions, expiry) last ran.
+    housekept_ms: u64,
 }
 
 impl Root {
@@ -356,6 +360,7 @@ impl RootContext for Root {
                 );
                 // The timer drives the watermark refresh and the evictions.
                 self.set_tick_period(Duration::from_millis(config.watermark_refresh_ms));
+                self.housekept_ms = now_ms();
                 self.shared.config = Rc::new(config);
                 self.shared.metrics = Rc::new(Metrics::define());
                 true
@@ -369,6 +374,17 @@ impl RootContext for Root {
 
     fn on_queue_ready(&mut self, queue_id: u32) {
         queue::drain(queue_id);
+        let linger = self.config().mirror_linger_ms;
+        let full = self.shared.mirrors.try_borrow().is_ok_and(|q| q.batch_full());
+        if linger > 0 && !full {
+            // Let more mirrors gather: the wake-up stays pending (streams do not wake the root
+            // again) until the tick that sends them.
+            if !self.lingering {
+                self.lingering = true;
+                self.set_tick_period(Duration::from_millis(linger));
+            }
+            return;
+        }
         if let Ok(mut q) = self.shared.mirrors.try_borrow_mut() {
             q.woken();
         }
@@ -378,6 +394,19 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         let now = now_ms();
         self.shared.tick_clock.set(now);
+        if self.lingering {
+            // The linger is over: send what gathered, and back to the refresh period.
+            self.lingering = false;
+            self.set_tick_period(Duration::from_millis(self.config().watermark_refresh_ms));
+            if let Ok(mut q) = self.shared.mirrors.try_borrow_mut() {
+                q.woken();
+            }
+            self.send_mirrors(now);
+            if now.saturating_sub(self.housekept_ms) < self.config().watermark_refresh_ms {
+                return;
+            }
+        }
+        self.housekept_ms = now;
         self.metrics().report_memory();
         // Mirrors a failed or lost wake-up left behind (the next mirror wakes the root again),
         // and flights no answer came for.

@@ -271,6 +271,9 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 /// shared machine falls on every Envoy alike instead of on whichever was measured then.
 const ROUNDS: usize = 5;
 
+/// Requests per turn for small requests (see [`Turns::Of`]).
+const SHORT_TURN: usize = 20;
+
 /// One request; its latency.
 async fn one(client: &reqwest::Client, method: &str, url: &str, body: &Bytes) -> Result<Duration> {
     let t = Instant::now();
@@ -292,14 +295,15 @@ async fn one(client: &reqwest::Client, method: &str, url: &str, body: &Bytes) ->
     Ok(t.elapsed())
 }
 
-/// How the Envoys take turns within a round.
+/// How many requests an Envoy gets in a row before the next one's turn, within a round.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Turns {
-    /// Each Envoy's share of the round in one block (large requests: a block is short anyway).
+    /// Its whole share of the round (large requests: a share is short anyway).
     Blocks,
-    /// One request to each Envoy in turn (small requests: a slow spell of the machine that would
-    /// fall on one Envoy's block falls on all of them alike).
-    Alternate,
+    /// This many (small requests: short turns, so that a slow spell of the machine falls on all
+    /// Envoys alike; still back to back, as a client at c=1 sends them, so that what one request
+    /// leaves behind, like the mirrors after a response, meets the next one).
+    Of(usize),
 }
 
 /// The processes behind one Envoy: itself and its sidecar (0: none measured).
@@ -327,17 +331,21 @@ async fn latencies(
     let mut cpu = vec![(0u64, 0u64); urls.len()];
     let pid = |i: usize| pids.get(i).copied().unwrap_or_default();
     let usage = |i: usize| (cpu_ns(pid(i).envoy), cpu_ns(pid(i).sidecar));
+    let each = warmup + per_round;
+    let turn = match turns {
+        Turns::Blocks => each,
+        Turns::Of(k) => k.max(1),
+    };
     for _ in 0..ROUNDS {
         let before: Vec<(u64, u64)> = (0..urls.len()).map(usage).collect();
-        for i in 0..(warmup + per_round) * urls.len() {
-            // Blocks: URL by URL; alternate: request by request.
-            let (u, k) = match turns {
-                Turns::Blocks => (i / (warmup + per_round), i % (warmup + per_round)),
-                Turns::Alternate => (i % urls.len(), i / urls.len()),
-            };
-            let took = one(client, method, &urls[u], &body).await?;
-            if k >= warmup {
-                all[u].push(took);
+        for start in (0..each).step_by(turn) {
+            for (url, samples_of) in urls.iter().zip(&mut all) {
+                for k in start..(start + turn).min(each) {
+                    let took = one(client, method, url, &body).await?;
+                    if k >= warmup {
+                        samples_of.push(took);
+                    }
+                }
             }
         }
         for (i, (b, c)) in before.into_iter().zip(&mut cpu).enumerate() {
@@ -467,6 +475,13 @@ async fn main() -> Result<()> {
                 .map(|(l, p)| (l.to_owned(), PathBuf::from(p)))
         })
         .collect();
+    // `--setting LABEL=JSON`: one more Envoy running this filter with that plugin configuration,
+    // and a sidecar of its own (to compare a setting).
+    let settings: Vec<(String, String)> = args
+        .windows(2)
+        .filter(|w| w[0] == "--setting")
+        .filter_map(|w| w[1].split_once('=').map(|(l, c)| (l.to_owned(), c.to_owned())))
+        .collect();
     let wasm = root().join("target/wasm32-wasip1/release/hevlayer_filter.wasm");
     let empty = root().join("target/wasm32-wasip1/release/hevlayer_empty_filter.wasm");
     for module in [&wasm, &empty] {
@@ -482,8 +497,15 @@ async fn main() -> Result<()> {
     let slow_upstream = start_upstream(Duration::from_millis(5)).await?;
     let stub = start_mirror_stub().await?;
     let sidecar = free_port()?;
-    // "mirror waits" has a sidecar of its own, so that each sidecar's CPU is one Envoy's.
+    // "mirror waits" has a sidecar of its own, so that each sidecar's CPU is one Envoy's; so
+    // does each `--setting`.
     let waits_sidecar = free_port()?;
+    let setting_sidecars = settings
+        .iter()
+        .map(|_| free_port())
+        .collect::<Result<Vec<u16>>>()?;
+    let mut with_sidecar = vec![sidecar, waits_sidecar];
+    with_sidecar.extend(&setting_sidecars);
     let mut procs = Procs(Vec::new());
     // The first is the baseline, the last the product; the ones between show where the product's
     // extra time goes.
@@ -525,12 +547,18 @@ async fn main() -> Result<()> {
             // fields an older build does not know (and would refuse).
             .map(|(label, path)| (label.clone(), Filter::Wasm(path.as_path(), Some("{}")), stub)),
     );
+    all.extend(
+        settings
+            .iter()
+            .zip(&setting_sidecars)
+            .map(|((label, config), port)| (label.clone(), Filter::Wasm(&wasm, Some(config)), *port)),
+    );
     all.extend(product_plan.map(|(label, filter, port)| ((*label).to_owned(), *filter, *port)));
     for (i, (label, filter, sidecar_port)) in all.into_iter().enumerate() {
         let (port, admin, pid) =
             start_envoy(&mut procs, &format!("envoy-{i}"), filter, upstream, sidecar_port)?;
-        // The two Envoys whose callouts go to a sidecar have one each.
-        let sidecar_pid = if [sidecar, waits_sidecar].contains(&sidecar_port) {
+        // The Envoys whose callouts go to a sidecar have one each.
+        let sidecar_pid = if with_sidecar.contains(&sidecar_port) {
             start_sidecar(&mut procs, sidecar_port, port)?
         } else {
             0
@@ -574,7 +602,7 @@ async fn main() -> Result<()> {
     for admin in &admins {
         wait_ready(&client, &format!("http://127.0.0.1:{admin}/ready")).await?;
     }
-    for port in [sidecar, waits_sidecar] {
+    for port in &with_sidecar {
         wait_ready(&client, &format!("http://127.0.0.1:{port}/healthz")).await?;
     }
 
@@ -611,9 +639,9 @@ async fn main() -> Result<()> {
         .filter(|_| !queries_only)
         .filter(|(name, ..)| !quick || *name == "1 row");
     for (name, body, n, limit) in chosen {
-        // Short requests alternate Envoys request by request; longer ones take turns in blocks.
+        // Short requests take short turns; longer ones one turn per round.
         let turns = if body.len() < 64 * 1024 {
-            Turns::Alternate
+            Turns::Of(SHORT_TURN)
         } else {
             Turns::Blocks
         };
@@ -645,7 +673,7 @@ async fn main() -> Result<()> {
             &slow_pids,
             body,
             600,
-            Turns::Alternate,
+            Turns::Of(SHORT_TURN),
         )
         .await?;
         let ratio = f[1].p50_us / f[0].p50_us;
@@ -669,10 +697,20 @@ async fn main() -> Result<()> {
         ("query 1 KB", query_body(false), f64::INFINITY),
         ("query 1 KB, as_of", query_body(true), 1.15),
     ] {
-        let figures = latencies(&client, "POST", &queries, &pids, &body, 2000, Turns::Alternate).await?;
+        let figures = latencies(
+            &client,
+            "POST",
+            &queries,
+            &pids,
+            &body,
+            2000,
+            Turns::Of(SHORT_TURN),
+        )
+        .await?;
         print_row(name, body.len(), &figures, limit, &mut missed);
     }
     if queries_only || quick {
+        callout_stats(&client, &setups, &admins).await?;
         drop(procs);
         return report(&missed, strict);
     }
@@ -709,7 +747,7 @@ async fn main() -> Result<()> {
         format!("http://127.0.0.1:{sidecar}/v2/pipelines/bench/documents/d1"),
     ];
     let Ok([via, direct]) = <[Latency; 2]>::try_from(
-        latencies(&client, "PUT", &stage, &[], chunks, 1000, Turns::Alternate).await?,
+        latencies(&client, "PUT", &stage, &[], chunks, 1000, Turns::Of(SHORT_TURN)).await?,
     ) else {
         bail!("two stage figures expected");
     };
@@ -721,9 +759,15 @@ async fn main() -> Result<()> {
         direct.p99_us,
         via.p50_us / direct.p50_us
     );
-    // What the callouts did: connection reuse on the callout cluster (a new connection per callout
-    // would be a cost of its own) and the filter's mirror counters.
-    for (setup, admin) in setups.iter().zip(&admins) {
+    callout_stats(&client, &setups, &admins).await?;
+    drop(procs);
+    report(&missed, strict)
+}
+
+/// What the callouts did: connection reuse on the callout cluster (a new connection per callout
+/// would be a cost of its own) and the filter's mirror counters, per Envoy.
+async fn callout_stats(client: &reqwest::Client, setups: &[Setup], admins: &[u16]) -> Result<()> {
+    for (setup, admin) in setups.iter().zip(admins) {
         let stats = client
             .get(format!(
                 "http://127.0.0.1:{admin}/stats?filter=^(cluster\\.layer_sidecar\\.upstream_(cx|rq)_total|wasmcustom\\.hevlayer\\.(mirror|evict_ahead)_.*)$"
@@ -735,8 +779,7 @@ async fn main() -> Result<()> {
         let figures: Vec<&str> = stats.lines().map(str::trim).collect();
         println!("{}: {}", setup.label, figures.join(", "));
     }
-    drop(procs);
-    report(&missed, strict)
+    Ok(())
 }
 
 /// Prints the targets missed (with `strict`, an error when there are any).
