@@ -7,7 +7,7 @@ import uuid
 import httpx
 import pytest
 
-from conftest import wait_until  # noqa: F401  (keeps the fixture module imported first)
+from conftest import wait_until
 
 
 # The turbopuffer client gzips request bodies over 1024 bytes when compression is on: this pads a
@@ -22,6 +22,7 @@ def test_turbopuffer_client_writes_and_queries(stack, monkeypatch, compression):
 
     main = stack["main"]
     gzipped = main.counter("hevlayer.gzip_decoded")
+    mirrored = main.counter("hevlayer.mirror_ok")
     client = turbopuffer.Turbopuffer(api_key="e2e-key", base_url=main.url, compression=compression)
     ns = client.namespace(f"e2e-client-{uuid.uuid4().hex[:8]}")
     result = ns.write(
@@ -30,6 +31,9 @@ def test_turbopuffer_client_writes_and_queries(stack, monkeypatch, compression):
         distance_metric="cosine_distance",
     )
     assert result.rows_affected == 2
+    # The upsert's mirror goes after its response; the patch below merges into what it cached.
+    # (A patch that overtakes it leaves the document uncached instead: never the older copy.)
+    wait_until(lambda: main.counter("hevlayer.mirror_ok") > mirrored, "the upsert's mirror", seconds=10)
     rows = ns.query(rank_by=("vector", "ANN", [0.1, 0.2, 0.3]), top_k=2, include_attributes=True).rows
     assert rows[0].id == 1
     first_stamp = rows[1]["_hevlayer_upserted_at"]
