@@ -76,6 +76,10 @@ def plugin_config(profile):
     if not evict_ahead.isdigit():
         fail(f"EVICT_AHEAD_MAX_IDS must be a non-negative integer, got {evict_ahead!r}")
     config["evict_ahead_max_ids"] = int(evict_ahead)
+    linger = env("MIRROR_LINGER_MS", "2")
+    if not linger.isdigit() or int(linger) > 1000:
+        fail(f"MIRROR_LINGER_MS must be an integer from 0 to 1000, got {linger!r}")
+    config["mirror_linger_ms"] = int(linger)
     # Production means gateway keys unless passthrough is asked for by name.
     mode = env("AUTH_MODE", "keys" if profile == "production" else "passthrough")
     if mode not in ("passthrough", "keys"):
