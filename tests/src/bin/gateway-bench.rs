@@ -465,6 +465,8 @@ async fn main() -> Result<()> {
     // `--queries`: only the query rows (a quick look at the per-request cost). `--variant
     // LABEL=PATH`: one more Envoy running another build of the filter, next to the others.
     let queries_only = args.iter().any(|a| a == "--queries");
+    // `--hostcall-cost`: one more Envoy, the empty filter making 20 hostcalls per request.
+    let hostcall_cost = args.iter().any(|a| a == "--hostcall-cost");
     // `--quick`: the small requests only (1-row writes, the 5 ms-upstream row, the queries).
     let quick = args.iter().any(|a| a == "--quick");
     let variants: Vec<(String, PathBuf)> = args
@@ -547,6 +549,13 @@ async fn main() -> Result<()> {
             // fields an older build does not know (and would refuse).
             .map(|(label, path)| (label.clone(), Filter::Wasm(path.as_path(), Some("{}")), stub)),
     );
+    if hostcall_cost {
+        all.push((
+            "empty, 20 hostcalls".to_owned(),
+            Filter::Wasm(&empty, Some("calls:20")),
+            stub,
+        ));
+    }
     all.extend(
         settings
             .iter()
