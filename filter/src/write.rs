@@ -407,7 +407,9 @@ struct Scan {
     /// A row's member names, the buffer reused from row to row.
     row_names: Names,
     /// A row's members read by the fast path ([`rows`]), the buffer reused from row to row.
-    row_spans: Vec<crate::scan::spans::MemberSpan>,
+    row_members: crate::scan::spans::Members,
+    /// How the fast path treated the last row's names, for the next one if it has the same.
+    row_shape: Option<rows::RowShape>,
 }
 
 type Step = crate::scan::Result<()>;
@@ -529,6 +531,7 @@ impl Scan {
             return cur.skip_value().map(|_| ());
         }
         let upsert = name == "upsert_rows";
+        self.row_shape = None;
         cur.array(|cur| {
             if cur.peek_kind()? != Kind::Object {
                 self.shape(format!("{name} entries must be objects"));
