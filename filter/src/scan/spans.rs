@@ -151,7 +151,6 @@ impl Cursor<'_> {
     /// the closing brace and whether every name matched the template's at its place.
     #[inline]
     fn spans_of_object(&mut self, spans: &mut Vec<MemberSpan>) -> Option<(usize, bool)> {
-        let template = spans.len();
         if self.peek() != Some(b'{') || self.enter().is_err() {
             return None;
         }
@@ -166,17 +165,14 @@ impl Cursor<'_> {
         }
         loop {
             let key_start = self.pos;
-            let key_end = match spans.get(n).and_then(|t| self.template_name(t)) {
+            // Names that match the template's in order are distinct, as the template's are.
+            let key_end = match spans.get(n).filter(|_| same).and_then(|t| self.template_name(t)) {
                 Some(end) => end,
                 None => {
                     same = false;
-                    self.plain_name()?
+                    self.other_name(spans, n, &mut names)?
                 }
             };
-            // Names that match the template's in order are distinct, as the template's are.
-            if (!same || n >= template) && names.repeated(self.bytes, spans, n, key_start, key_end) {
-                return None;
-            }
             if self.bytes.get(self.pos) == Some(&b':') {
                 self.pos += 1;
             } else {
@@ -184,7 +180,10 @@ impl Cursor<'_> {
             }
             self.skip_ws();
             let value_start = self.pos;
-            let kind = self.span_value()?;
+            let kind = match self.span_scalar() {
+                Some(kind) => kind,
+                None => self.other_value()?,
+            };
             let member = MemberSpan {
                 key_start,
                 key_end,
@@ -215,6 +214,16 @@ impl Cursor<'_> {
         }
     }
 
+    /// A name that is not the template's at its place (or once one was not): read as a string
+    /// token without escapes, and checked against the object's earlier names. Returns its
+    /// closing quote's offset.
+    #[inline(never)]
+    fn other_name(&mut self, spans: &[MemberSpan], n: usize, names: &mut NameCheck) -> Option<usize> {
+        let key_start = self.pos;
+        let key_end = self.plain_name()?;
+        (!names.repeated(self.bytes, spans, n, key_start, key_end)).then_some(key_end)
+    }
+
     /// Past the name at the cursor if it is the template's `t` (a member of an earlier object):
     /// the same bytes from quote to quote, so a plain name. Returns its closing quote's offset.
     #[inline(always)]
@@ -238,13 +247,10 @@ impl Cursor<'_> {
         (!key.escaped).then_some(key.end)
     }
 
-    /// Skips the value at the cursor (after whitespace): short plain strings, numbers, literals
-    /// and arrays of those here, anything else by [`Cursor::skip_value`].
-    #[inline]
-    fn span_value(&mut self) -> Option<Kind> {
-        if let Some(kind) = self.span_scalar() {
-            return Some(kind);
-        }
+    /// Skips the value at the cursor that [`Cursor::span_scalar`] did not: arrays of what it
+    /// takes here, anything else by [`Cursor::skip_value`].
+    #[inline(never)]
+    fn other_value(&mut self) -> Option<Kind> {
         if self.bytes.get(self.pos) == Some(&b'[') && self.span_array() {
             return Some(Kind::Array);
         }
