@@ -73,6 +73,40 @@ fn same_bytes(b: &[u8], x: usize, y: usize, len: usize) -> bool {
     b.get(x..x + len).is_some_and(|p| b.get(y..y + len) == Some(p))
 }
 
+/// Past JSON whitespace from `pos`.
+#[inline(always)]
+fn skip_ws_from(b: &[u8], mut pos: usize) -> usize {
+    while let Some(&c) = b.get(pos) {
+        if c <= b' ' && (c == b' ' || c == b'\n' || c == b'\r' || c == b'\t') {
+            pos += 1;
+        } else {
+            break;
+        }
+    }
+    pos
+}
+
+/// The kind and end of the scalar at `at` if it is one the fast path takes: a string that ends
+/// plain within a block, an integer of a few digits, `true`, `false`, `null`. Anything else
+/// (and anything invalid) is `None`, for [`Cursor::skip_value`] to judge.
+#[inline(always)]
+fn scalar_end(b: &[u8], at: usize) -> Option<(Kind, usize)> {
+    match *b.get(at)? {
+        b'"' => Some((Kind::String, blocks::plain_string_end(b, at + 1)? + 1)),
+        b'1'..=b'9' => {
+            let end = digit_run(b, at + 1);
+            let short = end - at <= MAX_SAFE_DIGITS;
+            (short && !matches!(b.get(end), Some(b'.' | b'e' | b'E'))).then_some((Kind::Number, end))
+        }
+        b'0' => (!matches!(b.get(at + 1), Some(b'0'..=b'9' | b'.' | b'e' | b'E')))
+            .then_some((Kind::Number, at + 1)),
+        b't' if b.get(at..at + 4) == Some(b"true") => Some((Kind::Bool, at + 4)),
+        b'f' if b.get(at..at + 5) == Some(b"false") => Some((Kind::Bool, at + 5)),
+        b'n' if b.get(at..at + 4) == Some(b"null") => Some((Kind::Null, at + 4)),
+        _ => None,
+    }
+}
+
 /// The names of one object so far, to find one given twice: a 64-bit filter of their
 /// fingerprints, so a name is compared with the others only when its bit is already set. Names
 /// are added to the filter only once one needs checking.
@@ -148,7 +182,9 @@ impl Cursor<'_> {
     }
 
     /// The members into `spans`, over the last object's (the template, whose names are distinct):
-    /// the closing brace and whether every name matched the template's at its place.
+    /// the closing brace and whether every name matched the template's at its place. The
+    /// common member is read with the position in a local; the cursor catches up before any
+    /// out-of-line step.
     #[inline]
     fn spans_of_object(&mut self, spans: &mut Vec<MemberSpan>) -> Option<(usize, bool)> {
         if self.peek() != Some(b'{') || self.enter().is_err() {
@@ -156,39 +192,58 @@ impl Cursor<'_> {
         }
         self.pos += 1;
         self.skip_ws();
+        let b = self.bytes;
         let mut names = NameCheck::default();
         let mut same = true;
         let mut n = 0;
-        if self.bytes.get(self.pos) == Some(&b'}') {
+        let mut pos = self.pos;
+        if b.get(pos) == Some(&b'}') {
             spans.clear();
             return Some((self.close_object(), true));
         }
         loop {
-            let key_start = self.pos;
+            let key_start = pos;
             // Names that match the template's in order are distinct, as the template's are.
-            let key_end = match spans.get(n).filter(|_| same).and_then(|t| self.template_name(t)) {
-                Some(end) => end,
-                None => {
+            let template = spans.get(n).filter(|_| same).map(|t| t.key_end + 1 - t.key_start);
+            let key_end = match template {
+                Some(len) if same_bytes(b, pos, spans[n].key_start, len) => {
+                    pos += len;
+                    pos - 1
+                }
+                _ => {
                     same = false;
-                    self.other_name(spans, n, &mut names)?
+                    self.pos = pos;
+                    let end = self.other_name(spans, n, &mut names)?;
+                    pos = self.pos;
+                    end
                 }
             };
-            if self.bytes.get(self.pos) == Some(&b':') {
-                self.pos += 1;
+            if b.get(pos) == Some(&b':') {
+                pos += 1;
             } else {
+                self.pos = pos;
                 self.expect(b':', "").ok()?;
+                pos = self.pos;
             }
-            self.skip_ws();
-            let value_start = self.pos;
-            let kind = match self.span_scalar() {
-                Some(kind) => kind,
-                None => self.other_value()?,
+            pos = skip_ws_from(b, pos);
+            let value_start = pos;
+            let kind = match scalar_end(b, pos) {
+                Some((kind, end)) => {
+                    pos = end;
+                    kind
+                }
+                None => {
+                    self.pos = pos;
+                    let kind = self.other_value()?;
+                    pos = self.pos;
+                    kind
+                }
             };
             let member = MemberSpan {
                 key_start,
                 key_end,
                 value_start,
-                value_end: self.pos,
+                value_end: pos,
                 kind,
             };
             match spans.get_mut(n) {
@@ -196,16 +251,11 @@ impl Cursor<'_> {
                 None => spans.push(member),
             }
             n += 1;
-            let next = match self.bytes.get(self.pos) {
-                Some(&c @ (b',' | b'}')) => c,
-                _ => self.peek()?,
-            };
-            match next {
-                b',' => {
-                    self.pos += 1;
-                    self.skip_ws();
-                }
-                b'}' => {
+            pos = skip_ws_from(b, pos);
+            self.pos = pos;
+            match b.get(pos) {
+                Some(b',') => pos = skip_ws_from(b, pos + 1),
+                Some(b'}') => {
                     spans.truncate(n);
                     return Some((self.close_object(), same));
                 }
@@ -219,36 +269,19 @@ impl Cursor<'_> {
     /// closing quote's offset.
     #[inline(never)]
     fn other_name(&mut self, spans: &[MemberSpan], n: usize, names: &mut NameCheck) -> Option<usize> {
-        let key_start = self.pos;
-        let key_end = self.plain_name()?;
-        (!names.repeated(self.bytes, spans, n, key_start, key_end)).then_some(key_end)
-    }
-
-    /// Past the name at the cursor if it is the template's `t` (a member of an earlier object):
-    /// the same bytes from quote to quote, so a plain name. Returns its closing quote's offset.
-    #[inline(always)]
-    fn template_name(&mut self, t: &MemberSpan) -> Option<usize> {
-        let len = t.key_end + 1 - t.key_start;
-        if !same_bytes(self.bytes, self.pos, t.key_start, len) {
-            return None;
-        }
-        self.pos += len;
-        Some(self.pos - 1)
-    }
-
-    /// Past the name at the cursor, a string token without escapes; returns its closing
-    /// quote's offset.
-    #[inline]
-    fn plain_name(&mut self) -> Option<usize> {
         if self.bytes.get(self.pos) != Some(&b'"') {
             return None;
         }
+        let key_start = self.pos;
         let key = self.string_here().ok()?;
-        (!key.escaped).then_some(key.end)
+        if key.escaped || names.repeated(self.bytes, spans, n, key_start, key.end) {
+            return None;
+        }
+        Some(key.end)
     }
 
-    /// Skips the value at the cursor that [`Cursor::span_scalar`] did not: arrays of what it
-    /// takes here, anything else by [`Cursor::skip_value`].
+    /// Skips the value at the cursor that [`scalar_end`] did not take: arrays of what it takes
+    /// here, anything else by [`Cursor::skip_value`].
     #[inline(never)]
     fn other_value(&mut self) -> Option<Kind> {
         if self.bytes.get(self.pos) == Some(&b'[') && self.span_array() {
@@ -257,77 +290,34 @@ impl Cursor<'_> {
         self.skip_value().ok()
     }
 
-    /// Skips the scalar at the cursor if it is one the fast path takes (the cursor unmoved
-    /// otherwise, and on an error: [`Cursor::skip_value`] then judges it).
-    #[inline(always)]
-    fn span_scalar(&mut self) -> Option<Kind> {
-        let at = self.pos;
-        let (kind, end) = match *self.bytes.get(at)? {
-            b'"' => (Kind::String, blocks::plain_string_end(self.bytes, at + 1)? + 1),
-            b'0'..=b'9' | b'-' => {
-                self.span_number()?;
-                return Some(Kind::Number);
-            }
-            b't' if self.bytes.get(at..at + 4) == Some(b"true") => (Kind::Bool, at + 4),
-            b'f' if self.bytes.get(at..at + 5) == Some(b"false") => (Kind::Bool, at + 5),
-            b'n' if self.bytes.get(at..at + 4) == Some(b"null") => (Kind::Null, at + 4),
-            _ => return None,
-        };
-        self.pos = end;
-        Some(kind)
-    }
-
-    /// Past the number at the cursor: a short integer here, any other by [`Cursor::number_here`];
-    /// `None` (the cursor unmoved) if it is not valid.
-    #[inline(always)]
-    fn span_number(&mut self) -> Option<()> {
-        let b = self.bytes;
-        let at = self.pos;
-        let mut i = at + usize::from(b.get(at) == Some(&b'-'));
-        if matches!(b.get(i), Some(b'1'..=b'9')) {
-            i = digit_run(b, i + 1);
-            if !matches!(b.get(i), Some(b'.' | b'e' | b'E')) && i - at <= MAX_SAFE_DIGITS {
-                self.pos = i;
-                return Some(());
-            }
-        }
-        self.number_here().ok().or_else(|| {
-            self.pos = at;
-            None
-        })
-    }
-
-    /// An array at the cursor whose elements [`Cursor::span_scalar`] takes, with no whitespace
-    /// between them, and that does not start with a number; false (the cursor unmoved) when it
-    /// is any other array.
+    /// An array at the cursor whose elements [`scalar_end`] takes, with no whitespace between
+    /// them, and that does not start with a number; false (the cursor unmoved) when it is any
+    /// other array.
     #[inline]
     fn span_array(&mut self) -> bool {
+        let b = self.bytes;
+        let mut pos = self.pos + 1;
         if self.depth >= MAX_DEPTH {
             return false;
         }
-        let at = self.pos;
-        self.pos += 1;
-        let closed = match self.bytes.get(self.pos) {
-            Some(b']') => true,
+        match b.get(pos) {
+            Some(b']') => {}
             // Number arrays (vectors) go the cursor's way, a block of numbers at a time.
-            Some(b'0'..=b'9' | b'-') => false,
+            Some(b'0'..=b'9' | b'-') => return false,
             _ => loop {
-                if self.span_scalar().is_none() {
-                    break false;
-                }
-                match self.bytes.get(self.pos) {
-                    Some(b',') => self.pos += 1,
-                    Some(b']') => break true,
-                    _ => break false,
+                let Some((_, end)) = scalar_end(b, pos) else {
+                    return false;
+                };
+                pos = end;
+                match b.get(pos) {
+                    Some(b',') => pos += 1,
+                    Some(b']') => break,
+                    _ => return false,
                 }
             },
-        };
-        if closed {
-            self.pos += 1;
-        } else {
-            self.pos = at;
         }
-        closed
+        self.pos = pos + 1;
+        true
     }
 
     /// Past the closing brace at the cursor; returns its offset.
