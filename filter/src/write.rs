@@ -533,12 +533,12 @@ impl Scan {
         let upsert = name == "upsert_rows";
         self.row_shape = None;
         cur.array(|cur| {
+            if self.plain_row(cur, upsert) {
+                return Ok(());
+            }
             if cur.peek_kind()? != Kind::Object {
                 self.shape(format!("{name} entries must be objects"));
                 return cur.skip_value().map(|_| ());
-            }
-            if self.plain_row(cur, upsert) {
-                return Ok(());
             }
             self.stamped_object(cur, name, true)
         })
