@@ -27,7 +27,8 @@ impl MemberSpan {
 
 /// The members of the last object [`Cursor::member_spans`] read from one text: what it returns,
 /// and the likely shape of the next object (rows of a write mostly name the same members in the
-/// same order), whose names are then matched with one compare each.
+/// same order), whose names are then matched with one compare each. Keep one per text while
+/// that text lives (a new text, told by its address and length, starts afresh).
 #[derive(Debug, Default)]
 pub struct Members {
     spans: Vec<MemberSpan>,
