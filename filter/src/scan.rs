@@ -10,6 +10,7 @@
 use std::fmt;
 
 pub mod blocks;
+pub mod spans;
 
 /// Nesting deeper than this is refused rather than risking the wasm stack.
 pub const MAX_DEPTH: usize = 128;

@@ -377,15 +377,23 @@ fn skip_id(cur: &mut Cursor<'_>) -> crate::scan::Result<bool> {
     let kind = cur.peek_kind()?;
     let start = cur.pos();
     cur.skip_value()?;
-    Ok(match kind {
+    Ok(id_token_ok(
+        kind,
+        cur.bytes().get(start..cur.pos()).unwrap_or_default(),
+    ))
+}
+
+/// Whether a valid JSON token of this kind is an id: a string or an unsigned 64-bit integer.
+#[inline]
+fn id_token_ok(kind: Kind, token: &[u8]) -> bool {
+    match kind {
         Kind::String => true,
         Kind::Number => {
-            let digits = &cur.bytes()[start..cur.pos()];
-            digits.iter().all(u8::is_ascii_digit)
-                && std::str::from_utf8(digits).is_ok_and(|d| d.parse::<u64>().is_ok())
+            token.iter().all(u8::is_ascii_digit)
+                && std::str::from_utf8(token).is_ok_and(|d| d.parse::<u64>().is_ok())
         }
         _ => false,
-    })
+    }
 }
 
 /// Scan state: the plan so far and the first rule violation in document order.
@@ -398,6 +406,10 @@ struct Scan {
     affected_ids_value: Option<(usize, usize)>,
     /// A row's member names, the buffer reused from row to row.
     row_names: Names,
+    /// A row's members read by the fast path ([`rows`]), the buffer reused from row to row.
+    row_members: crate::scan::spans::Members,
+    /// How the fast path treated the last row's names, for the next one if it has the same.
+    row_shape: Option<rows::RowShape>,
 }
 
 type Step = crate::scan::Result<()>;
@@ -518,7 +530,12 @@ impl Scan {
             self.shape(format!("{name} must be an array of row objects"));
             return cur.skip_value().map(|_| ());
         }
+        let upsert = name == "upsert_rows";
+        self.row_shape = None;
         cur.array(|cur| {
+            if self.plain_row(cur, upsert) {
+                return Ok(());
+            }
             if cur.peek_kind()? != Kind::Object {
                 self.shape(format!("{name} entries must be objects"));
                 return cur.skip_value().map(|_| ());
@@ -772,5 +789,6 @@ pub fn fence_scope(body: &[u8], max_ids: usize) -> crate::fence::Scope {
 
 #[cfg(test)]
 pub(crate) mod bodies;
+mod rows;
 #[cfg(test)]
 mod tests;

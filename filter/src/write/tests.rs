@@ -618,3 +618,101 @@ fn the_plan_names_ids_in_every_form_with_whitespace() {
     let ids: Vec<&[u8]> = p.ids(body).collect();
     assert_eq!(ids, vec![&b"\"a\""[..], b"7", br#""\u0062""#, b"9"]);
 }
+
+/// The plan with the fast row path and with every row walked the general way.
+fn both_ways(body: &[u8]) -> (Result<WritePlan, Rejection>, Result<WritePlan, Rejection>) {
+    (plan(body), super::rows::general_only(|| plan(body)))
+}
+
+/// Row members the fast path takes and ones it must leave to the general walk (escaped, reserved
+/// or repeated names, ids that are not ids, vectors in patches, whitespace and nesting).
+fn row_member() -> impl Strategy<Value = String> {
+    prop::sample::select(vec![
+        r#""id":"doc-1""#,
+        r#""id":7"#,
+        r#""id" : 18446744073709551615"#,
+        r#""id":18446744073709551616"#,
+        r#""id":-1"#,
+        r#""id":1.5"#,
+        r#""id":true"#,
+        r#""id":[1]"#,
+        r#""\u0069d":2"#,
+        r#""title":"title 1""#,
+        r#""title":"a \"quoted\" title and then some more""#,
+        r#""score":3"#,
+        r#""score":-0.5e3"#,
+        r#""score":01"#,
+        r#""score":1e400"#,
+        r#""tags":["a","b"]"#,
+        r#""tags":[ "a" ,"b"]"#,
+        r#""tags":[1,"b",null,true,false,-2.5]"#,
+        r#""tags":[]"#,
+        r#""tags":[1,]"#,
+        r#""nested":{"a":[{"b":null}]}"#,
+        r#""published":true"#,
+        r#""published":false"#,
+        r#""published":nul"#,
+        r#""published":truex"#,
+        r#""a name longer than sixteen bytes":"\u00e9\ud800""#,
+        r#""bad":"\ud800""#,
+        r#""ctl":"a	b""#,
+        r#""vector":[0.5,1.5]"#,
+        r#""vectors":"AAAA""#,
+        r#""blobs":{}"#,
+        r#""_hevlayer_upserted_at":1"#,
+        r#""_hevlayer_shard":2"#,
+        r#""_hevlayer_other":3"#,
+        r#""é":1"#,
+    ])
+    .prop_map(str::to_owned)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(600))]
+
+    #[test]
+    fn the_fast_row_path_plans_what_the_general_walk_plans(
+        rows in prop::collection::vec((prop::collection::vec(row_member(), 0..7), "[ \n]?", "[ \n]?"), 0..6),
+        op in prop::sample::select(vec!["upsert_rows", "patch_rows"]),
+    ) {
+        let rows: Vec<String> = rows
+            .iter()
+            .map(|(members, open, sep)| format!("{{{open}{}}}", members.join(&format!("{sep},"))))
+            .collect();
+        let body = format!("{{\"{op}\":[{}]}}", rows.join(","));
+        let (fast, general) = both_ways(body.as_bytes());
+        prop_assert_eq!(fast, general, "{}", body);
+    }
+
+    #[test]
+    fn the_fast_row_path_agrees_on_generated_and_mutated_bodies(
+        body in write_body(),
+        cut in any::<prop::sample::Index>(),
+        byte in any::<u8>(),
+    ) {
+        let (fast, general) = both_ways(body.as_bytes());
+        prop_assert_eq!(fast, general, "{}", body);
+        let mut bytes = body.into_bytes();
+        let i = cut.index(bytes.len());
+        bytes[i] = byte;
+        let (fast, general) = both_ways(&bytes);
+        prop_assert_eq!(fast, general, "{}", String::from_utf8_lossy(&bytes));
+    }
+}
+
+#[test]
+fn the_fast_row_path_takes_the_common_rows() {
+    let body = br#"{"upsert_rows":[{"id":"doc-1","title":"title 1","score":3,"tags":["a","b"],"published":true},{ "id" : 2 , "vector" : [0.5, 1.5], "t": {"a": [1]} }]}"#;
+    let mut cur = crate::scan::Cursor::new(body);
+    let mut scan = Scan::default();
+    cur.expect(b'{', "").unwrap();
+    cur.string().unwrap();
+    cur.expect(b':', "").unwrap();
+    cur.expect(b'[', "").unwrap();
+    assert!(scan.plain_row(&mut cur, true));
+    cur.expect(b',', "").unwrap();
+    assert!(scan.plain_row(&mut cur, true));
+    assert_eq!(scan.plan.stamped_rows, 2);
+    assert_eq!(scan.plan.mirror_drops.len(), 1);
+    assert!(!scan.plain_row(&mut cur, true), "not a row: the closing bracket");
+}
