@@ -69,6 +69,30 @@ impl DocId {
     }
 }
 
+/// A JSON id read straight into a `DocId` (no `Value` in between): a string, or an integer that
+/// fits a `u64`; anything else is an error naming what ids may be.
+impl<'de> Deserialize<'de> for DocId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct IdVisitor;
+        impl serde::de::Visitor<'_> for IdVisitor {
+            type Value = DocId;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a document id (a string or an unsigned integer)")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<DocId, E> {
+                Ok(DocId::Num(n))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<DocId, E> {
+                Ok(DocId::Str(s.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, s: String) -> Result<DocId, E> {
+                Ok(DocId::Str(s))
+            }
+        }
+        deserializer.deserialize_any(IdVisitor)
+    }
+}
+
 /// A cached document and the stamp of the write that produced its current state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CachedDoc {

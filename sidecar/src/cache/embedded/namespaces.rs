@@ -84,7 +84,7 @@ impl DocumentStore for EmbeddedCache {
     async fn get_document(&self, namespace: &str, id: &DocId) -> CacheResult<Option<CachedDoc>> {
         Ok(self
             .namespace(namespace)
-            .and_then(|ns| lock(&ns).docs.get(id).map(|(doc, _)| doc.clone())))
+            .and_then(|ns| lock(&ns).doc(id).cloned()))
     }
 
     async fn upsert_document(
@@ -181,11 +181,8 @@ impl DocumentStore for EmbeddedCache {
         let Some(ns) = removed else { return Ok(0) };
         let mut guard = lock(&ns);
         guard.dropped = true;
-        let docs = std::mem::take(&mut guard.docs);
-        let tombs = std::mem::take(&mut guard.tombs);
-        guard.tomb_order.clear();
-        self.budget.release(docs.values().map(|(_, w)| *w).sum());
-        self.budget.release(tombs.values().map(|t| t.2).sum());
-        Ok(docs.len() as u64)
+        let (docs, charged) = guard.take_all();
+        self.budget.release(charged);
+        Ok(docs)
     }
 }
