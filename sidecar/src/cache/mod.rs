@@ -27,6 +27,34 @@ pub use self::mirror::{MirrorOp, MirrorReport};
 /// Attribute map of a cached document (everything but `id`).
 pub type Attributes = serde_json::Map<String, Value>;
 
+/// A document's attributes as the JSON object text they came as in a write (row-form upserts:
+/// every member but `id`), kept as text so a store can hold them as they are instead of building
+/// and weighing a map. It holds a JSON object without a repeated key: only the mirror parser makes
+/// one (`from_object_text`), from text serde_json validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttributesJson(Box<str>);
+
+impl AttributesJson {
+    /// `text` must be a JSON object without a repeated key.
+    pub fn from_object_text(text: String) -> Self {
+        Self(text.into_boxed_str())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The attributes as a map (for a merge, a backend that stores maps, a fetch).
+    pub fn to_map(&self) -> Attributes {
+        serde_json::from_str(&self.0).unwrap_or_default()
+    }
+
+    /// The text, to be freed later (see the embedded store's garbage).
+    pub fn into_string(self) -> String {
+        self.0.into_string()
+    }
+}
+
 /// A Turbopuffer document id: unsigned integer or string (UUIDs are strings).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DocId {

@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use super::{Budget, RECORD_OVERHEAD};
 use crate::cache::mirror::{refuse_up_to, MirrorOp, MirrorReport};
-use crate::cache::{Attributes, CacheError, CacheResult, CachedDoc, DocId, TOMBSTONE_MS};
+use crate::cache::{Attributes, AttributesJson, CacheError, CacheResult, CachedDoc, DocId, TOMBSTONE_MS};
 
 /// Bytes a float is charged: its shortest decimal form is 1 to 24 bytes, and typical
 /// non-round values (scores, coordinates) take 16 to 20.
@@ -25,6 +25,56 @@ const FLOAT_WEIGHT: usize = 18;
 /// Bytes charged for a cached document.
 pub(super) fn doc_weight(id: &DocId, attributes: &Attributes) -> usize {
     RECORD_OVERHEAD + id.weight() + attributes_weight(attributes)
+}
+
+/// A cached document's attributes: as the JSON text a row-form upsert sent (stored as it came:
+/// no map to build, weigh or free per attribute), or a map (backfills, column-form upserts, and a
+/// document once a patch merged into it).
+pub(super) enum Body {
+    Map(Attributes),
+    Json(AttributesJson),
+}
+
+impl Body {
+    /// The JSON length of the attributes: exact for text, estimated for a map (`value_weight`).
+    fn weight(&self) -> usize {
+        match self {
+            Self::Map(map) => attributes_weight(map),
+            Self::Json(json) => json.as_str().len(),
+        }
+    }
+
+    fn to_map(&self) -> Attributes {
+        match self {
+            Self::Map(map) => map.clone(),
+            Self::Json(json) => json.to_map(),
+        }
+    }
+
+    /// What is freed with it, as garbage.
+    fn into_value(self) -> Value {
+        match self {
+            Self::Map(map) => Value::Object(map),
+            Self::Json(json) => Value::String(json.into_string()),
+        }
+    }
+}
+
+/// A cached document in the store: `CachedDoc` with its attributes as stored.
+pub(super) struct StoredDoc {
+    body: Body,
+    upserted_at: u64,
+    cached_ms: u64,
+}
+
+impl StoredDoc {
+    fn to_cached(&self) -> CachedDoc {
+        CachedDoc {
+            attributes: self.body.to_map(),
+            upserted_at: self.upserted_at,
+            cached_ms: self.cached_ms,
+        }
+    }
 }
 
 /// The JSON length of an attribute map: braces and each member (`entry_weight`).
@@ -80,7 +130,7 @@ pub(super) struct Refused {
 /// both: caching a document clears its tombstone, evicting it leaves one), with the bytes charged.
 pub(super) enum Entry {
     Doc {
-        doc: CachedDoc,
+        doc: StoredDoc,
         charged: usize,
     },
     /// Refuses copies stamped up to `refuse_up_to` (see `NamespaceDocs::evict`) until `lapses`.
@@ -118,10 +168,10 @@ pub(super) struct NamespaceDocs {
 }
 
 impl NamespaceDocs {
-    /// The cached document of `id`.
-    pub fn doc(&self, id: &DocId) -> Option<&CachedDoc> {
+    /// A copy of the cached document of `id`.
+    pub fn doc(&self, id: &DocId) -> Option<CachedDoc> {
         match self.slots.get(id).map(|s| &s.entry) {
-            Some(Entry::Doc { doc, .. }) => Some(doc),
+            Some(Entry::Doc { doc, .. }) => Some(doc.to_cached()),
             _ => None,
         }
     }
@@ -168,14 +218,14 @@ impl NamespaceDocs {
         &mut self,
         budget: &Budget,
         id: DocId,
-        attributes: Attributes,
+        body: Body,
         upserted_at: u64,
         now_ms: u64,
         garbage: &mut Garbage,
     ) -> Result<bool, Refused> {
-        let weight = doc_weight(&id, &attributes);
-        let doc = CachedDoc {
-            attributes,
+        let weight = RECORD_OVERHEAD + id.weight() + body.weight();
+        let doc = StoredDoc {
+            body,
             upserted_at,
             cached_ms: now_ms,
         };
@@ -193,7 +243,7 @@ impl NamespaceDocs {
                 refuse_up_to: newer, ..
             }
             | Entry::Doc {
-                doc: CachedDoc {
+                doc: StoredDoc {
                     upserted_at: newer, ..
                 },
                 ..
@@ -235,17 +285,25 @@ impl NamespaceDocs {
             return Ok(false);
         }
         // Re-weigh only what changes (the weight is additive over attributes).
+        // Text is parsed into a map to merge into, once.
+        if let Body::Json(json) = &cached.body {
+            cached.body = Body::Map(json.to_map());
+        }
+        let Body::Map(attributes) = &mut cached.body else {
+            garbage.push(Value::Object(patch));
+            return Ok(false);
+        };
         let (mut grow, mut shrink) = (0, 0);
         for (k, v) in &patch {
             grow += entry_weight(k, v);
-            if let Some(prev) = cached.attributes.get(k) {
+            if let Some(prev) = attributes.get(k) {
                 shrink += entry_weight(k, prev);
             }
         }
         let weight = (*charged + grow).saturating_sub(shrink);
         budget.charge(weight, *charged)?;
         for (k, v) in patch {
-            if let Some(prev) = cached.attributes.insert(k, v) {
+            if let Some(prev) = attributes.insert(k, v) {
                 garbage.push(prev);
             }
         }
@@ -298,7 +356,7 @@ impl NamespaceDocs {
             charged: weight,
         };
         if let Entry::Doc { doc, .. } = std::mem::replace(&mut slot.entry, tomb) {
-            garbage.push(Value::Object(doc.attributes));
+            garbage.push(doc.body.into_value());
         }
         if !slot.queued {
             slot.queued = true;
@@ -325,8 +383,8 @@ impl NamespaceDocs {
         };
         let weight = doc_weight(id, &attributes);
         budget.charge(weight, old)?;
-        let doc = CachedDoc {
-            attributes,
+        let doc = StoredDoc {
+            body: Body::Map(attributes),
             upserted_at,
             cached_ms: now_ms,
         };
@@ -364,7 +422,7 @@ impl Entry {
     /// What the entry held that is freed with it (a tombstone holds nothing).
     fn into_value(self) -> Option<Value> {
         match self {
-            Self::Doc { doc, .. } => Some(Value::Object(doc.attributes)),
+            Self::Doc { doc, .. } => Some(doc.body.into_value()),
             Self::Tomb { .. } => None,
         }
     }
@@ -394,8 +452,10 @@ impl Batch {
     }
 
     fn skips(&self, op: &MirrorOp) -> bool {
-        matches!(op, MirrorOp::Upsert(..) | MirrorOp::Patch(..))
-            && !self.failed.is_empty()
+        matches!(
+            op,
+            MirrorOp::Upsert(..) | MirrorOp::UpsertJson(..) | MirrorOp::Patch(..)
+        ) && !self.failed.is_empty()
             && self.failed.contains(op.id())
     }
 
@@ -414,7 +474,10 @@ impl Batch {
         let refuse = refuse_up_to(&op, stamp);
         let outcome = match op {
             MirrorOp::Upsert(id, attrs) => docs
-                .upsert(budget, id, attrs, stamp, now_ms, garbage)
+                .upsert(budget, id, Body::Map(attrs), stamp, now_ms, garbage)
+                .map_err(|r| (r.id, r.error)),
+            MirrorOp::UpsertJson(id, json) => docs
+                .upsert(budget, id, Body::Json(json), stamp, now_ms, garbage)
                 .map_err(|r| (r.id, r.error)),
             MirrorOp::Patch(id, attrs) => match docs.patch(budget, &id, attrs, stamp, garbage) {
                 Ok(took) => Ok(took),
@@ -483,7 +546,7 @@ mod tests {
         let upserted = docs.upsert(
             &budget,
             id.clone(),
-            attrs(json!({"a": "xx", "b": [1, 2]})),
+            Body::Map(attrs(json!({"a": "xx", "b": [1, 2]}))),
             1,
             5,
             &mut garbage,
@@ -504,7 +567,10 @@ mod tests {
             else {
                 panic!("the document is cached");
             };
-            assert_eq!(*charged, doc_weight(&id, &doc.attributes));
+            let Body::Map(attributes) = &doc.body else {
+                panic!("a map upserted");
+            };
+            assert_eq!(*charged, doc_weight(&id, attributes));
             assert_eq!(doc.cached_ms, 5, "a patch keeps the copy's cache time");
             assert_eq!(budget.used.load(std::sync::atomic::Ordering::Acquire), *charged);
         }
@@ -534,7 +600,7 @@ mod tests {
             let upserted = docs.upsert(
                 &budget,
                 id.clone(),
-                attrs(json!({"w": write})),
+                Body::Map(attrs(json!({"w": write}))),
                 write + 1,
                 now,
                 &mut garbage,
