@@ -195,7 +195,7 @@ async fn run_lane<C: DocumentStore + ?Sized>(
             }
             MirrorOp::UpsertJson(id, json) => {
                 let r = cache
-                    .upsert_document(namespace, &id, json.to_map(), upserted_at)
+                    .upsert_document_json(namespace, &id, json, upserted_at)
                     .await;
                 (id, r)
             }

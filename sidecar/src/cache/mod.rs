@@ -276,6 +276,17 @@ pub trait DocumentStore: StoreBackend {
         attributes: Attributes,
         upserted_at: u64,
     ) -> CacheResult<bool>;
+    /// `upsert_document` with the attributes as JSON text (row-form upserts). Default: as a map.
+    async fn upsert_document_json(
+        &self,
+        namespace: &str,
+        id: &DocId,
+        attributes: AttributesJson,
+        upserted_at: u64,
+    ) -> CacheResult<bool> {
+        self.upsert_document(namespace, id, attributes.to_map(), upserted_at)
+            .await
+    }
     /// Merges into the document only when it is cached and not newer. True when merged.
     async fn patch_document(
         &self,

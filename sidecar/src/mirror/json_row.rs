@@ -74,7 +74,7 @@ impl<'de> Visitor<'de> for JsonRowSeed<'_, 'de> {
             if object.len() > 1 {
                 object.push(',');
             }
-            push_key(&mut object, &name);
+            push_key(&mut object, &name, matches!(name, Cow::Borrowed(_)));
             object.push(':');
             object.push_str(value.get());
             self.seen.push(name);
@@ -103,17 +103,16 @@ fn as_map(object: &str, vector: Option<String>) -> Result<RowAttributes, serde_j
     Ok(RowAttributes::Map { map, has_vector })
 }
 
-/// Appends `"name"`. A key borrowed from the body had no escape in it, and a string that needs
-/// none is written back as it was; any other is escaped again.
-fn push_key(object: &mut String, name: &Cow<'_, str>) {
-    match name {
-        Cow::Borrowed(name) => {
-            object.push('"');
-            object.push_str(name);
-            object.push('"');
-        }
+/// Appends `"name"`. A key borrowed from the body (`verbatim`) had no escape in it, and a string
+/// that needs none is written back as it was; any other is escaped again.
+fn push_key(object: &mut String, name: &str, verbatim: bool) {
+    if verbatim {
+        object.push('"');
+        object.push_str(name);
+        object.push('"');
+    } else {
         // Serialising a &str cannot fail.
-        Cow::Owned(name) => object.push_str(&serde_json::to_string(name).unwrap_or_default()),
+        object.push_str(&serde_json::to_string(name).unwrap_or_default());
     }
 }
 
