@@ -7,9 +7,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use bytes::Bytes;
-use hevlayer_sidecar_api::{
-    EvictRequest, MirrorBatchResponse, MirrorResponse, PurgeRequest, WatermarkRegistration,
-};
+use hevlayer_sidecar_api::{MirrorBatchResponse, MirrorResponse, PurgeRequest, WatermarkRegistration};
 use serde::Deserialize;
 
 use crate::cache::mirror::error_label;
@@ -161,6 +159,24 @@ pub async fn watermarks(
     json_response(StatusCode::OK, &answer)
 }
 
+/// An eviction callout: `hevlayer_sidecar_api::EvictRequest`, the one definition of the message,
+/// with each fence's ids read straight into document ids (a test keeps the two in step). An id
+/// that is neither a string nor an unsigned integer makes the body invalid (422).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvictCallout {
+    fences: Vec<FenceCallout>,
+}
+
+/// `hevlayer_sidecar_api::Fence`, its ids parsed.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FenceCallout {
+    namespace: String,
+    ids: Option<Vec<DocId>>,
+    stamp: u64,
+}
+
 /// Evicts documents a write changes: sent with the write (its eviction ahead, before its mirror
 /// goes after the response) and for what the filter could not mirror (a write whose mirror
 /// failed, timed out, or whose outcome it never saw). Each fence's ids, their tombstones refusing
@@ -168,24 +184,9 @@ pub async fn watermarks(
 /// until it gets a 2xx.
 pub async fn evict(
     State(state): State<SharedState>,
-    JsonBody(request): JsonBody<EvictRequest>,
+    JsonBody(request): JsonBody<EvictCallout>,
 ) -> Result<Response, ApiError> {
-    let mut plans = Vec::with_capacity(request.fences.len());
-    for fence in request.fences {
-        let ids = match fence.ids {
-            None => None,
-            Some(ids) => Some(
-                ids.into_iter()
-                    .map(|id| {
-                        DocId::from_json_owned(id).ok_or_else(|| {
-                            ApiError::validation("fence ids must be strings or unsigned integers")
-                        })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?,
-            ),
-        };
-        plans.push((fence.namespace, ids, fence.stamp));
-    }
+    let plans = request.fences.into_iter().map(|f| (f.namespace, f.ids, f.stamp));
     let mut applied = 0;
     for (namespace, ids, stamp) in plans {
         let outcome = match ids {
@@ -221,4 +222,42 @@ pub async fn evict(
     // (above) are counted and answered as errors.
     tracing::debug!(applied, "documents evicted");
     Ok(json_response(StatusCode::OK, &MirrorResponse { applied }))
+}
+
+#[cfg(test)]
+mod tests {
+    use hevlayer_sidecar_api::{evict_body, EvictRequest, Fence};
+
+    use super::*;
+
+    /// `EvictCallout` reads what the filter sends (`evict_body`) field for field; destructuring
+    /// `Fence` without `..` makes a field added there fail to compile here until the callout has it.
+    #[test]
+    fn the_evict_callout_parses_what_the_filter_sends() {
+        let ids: [&[u8]; 3] = [b"7", br#""a\"b""#, br#""\u0062""#];
+        let body = evict_body("ns", ids, 42);
+        let request: EvictRequest = serde_json::from_slice(&body).unwrap();
+        let callout: EvictCallout = serde_json::from_slice(&body).unwrap();
+        let [Fence {
+            namespace,
+            ids,
+            stamp,
+        }] = request.fences.as_slice()
+        else {
+            panic!("one fence");
+        };
+        let [fence] = callout.fences.as_slice() else {
+            panic!("one fence");
+        };
+        assert_eq!((&fence.namespace, fence.stamp), (namespace, *stamp));
+        let expected: Vec<DocId> = ids.iter().flatten().filter_map(DocId::from_json).collect();
+        assert_eq!(fence.ids.as_ref(), Some(&expected));
+        let purge = br#"{"fences":[{"namespace":"n","ids":null,"stamp":1}]}"#;
+        let callout: EvictCallout = serde_json::from_slice(purge).unwrap();
+        assert!(callout.fences[0].ids.is_none());
+        for bad in [r#"[-1]"#, r#"[1.5]"#, r#"[{"x":1}]"#, r#"[true]"#] {
+            let body = format!(r#"{{"fences":[{{"namespace":"n","ids":{bad},"stamp":1}}]}}"#);
+            assert!(serde_json::from_str::<EvictCallout>(&body).is_err(), "{bad}");
+        }
+    }
 }

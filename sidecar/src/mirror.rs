@@ -9,6 +9,8 @@
 //! moving every row's attributes (no copy); the handler hands them to the cache as one batch
 //! (`DocumentStore::apply_mirror`), which applies each document's ops in order.
 
+mod json_row;
+
 use std::collections::HashSet;
 use std::fmt;
 
@@ -16,11 +18,9 @@ use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor
 use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
+use self::json_row::{JsonRowSeed, RowAttributes, VECTOR_ATTRIBUTE};
 pub use crate::cache::MirrorOp;
-use crate::cache::{Attributes, DocId};
-
-/// The attribute holding a document's vector; cached only with `mirror_vectors`.
-const VECTOR_ATTRIBUTE: &str = "vector";
+use crate::cache::{Attributes, AttributesJson, DocId};
 
 /// A mirror callout: `hevlayer_sidecar_api::MirrorRequest`, the one definition of the
 /// message, parsed with the write as a `WriteBody` (a test keeps the two in step).
@@ -49,14 +49,12 @@ pub struct WriteBody {
     patch_by_filter: bool,
 }
 
-/// A row of `upsert_rows` or `patch_rows`: its id and every other attribute.
+/// A row of `upsert_rows` (read as text, `json_row`) or `patch_rows` (parsed into a map): its id
+/// and every other attribute.
 #[derive(Debug)]
 struct Row {
     id: DocId,
-    attributes: Attributes,
-    /// Whether `attributes` holds a `vector` (dropped unless `mirror_vectors`), noted while the
-    /// row was parsed so rows without one are not searched again.
-    has_vector: bool,
+    attributes: RowAttributes,
 }
 
 /// The write keys `WriteBody` keeps.
@@ -163,10 +161,21 @@ impl<'de> Visitor<'de> for RowsSeed {
         write!(f, "{} to be an array of row objects", self.0)
     }
 
+    /// Upserted rows are read as text (stored as they came); patched ones into maps (merged).
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Row>, A::Error> {
-        let mut rows = Vec::new();
-        while let Some(row) = seq.next_element_seed(RowSeed(self.0))? {
-            rows.push(row);
+        let mut rows = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        if self.0 == "upsert_rows" {
+            let mut seen = Vec::new();
+            while let Some((id, attributes)) = seq.next_element_seed(JsonRowSeed {
+                op: self.0,
+                seen: &mut seen,
+            })? {
+                rows.push(Row { id, attributes });
+            }
+        } else {
+            while let Some(row) = seq.next_element_seed(RowSeed(self.0))? {
+                rows.push(row);
+            }
         }
         Ok(rows)
     }
@@ -212,8 +221,10 @@ impl<'de> Visitor<'de> for RowSeed {
         })?;
         Ok(Row {
             id,
-            attributes,
-            has_vector,
+            attributes: RowAttributes::Map {
+                map: attributes,
+                has_vector,
+            },
         })
     }
 }
@@ -251,17 +262,51 @@ impl<'de> Deserialize<'de> for RowKey {
     }
 }
 
-/// A row's id and attributes (everything but `id`, and `vector` only with `mirror_vectors`).
-fn row_pair(row: Row, mirror_vectors: bool) -> (DocId, Attributes) {
-    let Row {
-        id,
-        mut attributes,
-        has_vector,
-    } = row;
-    if has_vector && !mirror_vectors {
-        attributes.remove(VECTOR_ATTRIBUTE);
+/// The attributes a write gives a document: a map, or the JSON text a row came as.
+enum Written {
+    Map(Attributes),
+    Json(AttributesJson),
+}
+
+impl Written {
+    fn upsert(self, id: DocId) -> MirrorOp {
+        match self {
+            Self::Map(map) => MirrorOp::Upsert(id, map),
+            Self::Json(json) => MirrorOp::UpsertJson(id, json),
+        }
     }
-    (id, attributes)
+
+    fn patch(self, id: DocId) -> MirrorOp {
+        match self {
+            Self::Map(map) => MirrorOp::Patch(id, map),
+            Self::Json(json) => MirrorOp::Patch(id, json.to_map()),
+        }
+    }
+}
+
+/// A row's id and attributes (everything but `id`, and `vector` only with `mirror_vectors`).
+fn row_pair(row: Row, mirror_vectors: bool) -> (DocId, Written) {
+    let written = match row.attributes {
+        RowAttributes::Map { mut map, has_vector } => {
+            if has_vector && !mirror_vectors {
+                map.remove(VECTOR_ATTRIBUTE);
+            }
+            Written::Map(map)
+        }
+        RowAttributes::Text { mut object, vector } => {
+            if let Some(vector) = vector.filter(|_| mirror_vectors) {
+                object.pop();
+                if object.len() > 1 {
+                    object.push(',');
+                }
+                object.push_str(r#""vector":"#);
+                object.push_str(&vector);
+                object.push('}');
+            }
+            Written::Json(AttributesJson::from_object_text(object))
+        }
+    };
+    (row.id, written)
 }
 
 /// Rows of a column-form operation (`upsert_columns`, `patch_columns`).
@@ -316,14 +361,15 @@ fn written_rows(
     columns: Option<Value>,
     columns_key: &str,
     mirror_vectors: bool,
-) -> Result<Vec<(DocId, Attributes)>, String> {
-    let mut out: Vec<(DocId, Attributes)> = rows
+) -> Result<Vec<(DocId, Written)>, String> {
+    let mut out: Vec<(DocId, Written)> = rows
         .unwrap_or_default()
         .into_iter()
         .map(|row| row_pair(row, mirror_vectors))
         .collect();
     if let Some(v) = columns {
-        out.extend(columns_of(columns_key, v, mirror_vectors)?);
+        let rows = columns_of(columns_key, v, mirror_vectors)?;
+        out.extend(rows.into_iter().map(|(id, map)| (id, Written::Map(map))));
     }
     Ok(out)
 }
@@ -359,8 +405,8 @@ pub fn plan(
     match response {
         None => {
             ops.extend(deletes.into_iter().map(MirrorOp::Evict));
-            ops.extend(patches.into_iter().map(|(id, a)| MirrorOp::Patch(id, a)));
-            ops.extend(upserts.into_iter().map(|(id, a)| MirrorOp::Upsert(id, a)));
+            ops.extend(patches.into_iter().map(|(id, a)| a.patch(id)));
+            ops.extend(upserts.into_iter().map(|(id, a)| a.upsert(id)));
         }
         Some(response) => {
             let listed = |key: &str| -> Result<Vec<DocId>, String> {
@@ -387,14 +433,14 @@ pub fn plan(
                     patches
                         .into_iter()
                         .filter(|(id, _)| patched.contains(id))
-                        .map(|(id, a)| MirrorOp::Patch(id, a)),
+                        .map(|(id, a)| a.patch(id)),
                 );
             }
             ops.extend(
                 upserts
                     .into_iter()
                     .filter(|(id, _)| upserted.contains(id))
-                    .map(|(id, a)| MirrorOp::Upsert(id, a)),
+                    .map(|(id, a)| a.upsert(id)),
             );
         }
     }
@@ -410,6 +456,53 @@ mod tests {
         v.as_object().cloned().unwrap()
     }
 
+    /// The ops with row-form upserts' text parsed into maps, to compare with expected maps.
+    fn maps(ops: Vec<MirrorOp>) -> Vec<MirrorOp> {
+        ops.into_iter()
+            .map(|op| match op {
+                MirrorOp::UpsertJson(id, json) => MirrorOp::Upsert(id, json.to_map()),
+                op => op,
+            })
+            .collect()
+    }
+
+    /// Upserted rows are kept as the text they came as (every member but `id`; `vector` only
+    /// with `mirror_vectors`, appended), an escaped key escaped again; a row with a repeated key
+    /// is parsed into a map (the last value wins); patched rows are maps.
+    #[test]
+    fn upserted_rows_are_kept_as_text() {
+        let text = r#"{"upsert_rows":[{"a" : [1, 2],"id":1,"vector":[0.5],"t\u0065xt":"\u00e9"},
+            {"id":"x"},{"id":2,"b":1,"b":2}],"patch_rows":[{"id":3,"p":1}]}"#;
+        let json = |vectors| -> Vec<String> {
+            let write: WriteBody = serde_json::from_str(text).unwrap();
+            plan(write, None, vectors)
+                .unwrap()
+                .into_iter()
+                .map(|op| match op {
+                    MirrorOp::UpsertJson(_, json) => json.as_str().to_owned(),
+                    MirrorOp::Upsert(_, map) => format!("map {}", Value::Object(map)),
+                    MirrorOp::Patch(_, map) => format!("patch {}", Value::Object(map)),
+                    op => format!("{op:?}"),
+                })
+                .collect()
+        };
+        assert_eq!(
+            json(false),
+            [
+                r#"patch {"p":1}"#,
+                r#"{"a":[1, 2],"text":"\u00e9"}"#,
+                "{}",
+                r#"map {"b":2}"#
+            ]
+        );
+        assert_eq!(json(true)[1], r#"{"a":[1, 2],"text":"\u00e9","vector":[0.5]}"#);
+        let write: WriteBody = serde_json::from_str(r#"{"upsert_rows":[{"vector":[1],"id":1}]}"#).unwrap();
+        assert_eq!(
+            maps(plan(write, None, true).unwrap()),
+            vec![MirrorOp::Upsert(DocId::Num(1), attrs(json!({"vector": [1]})))]
+        );
+    }
+
     /// Parses `write` as the callout handler does, then plans it; a parse error is an error too.
     fn plan_json(
         write: &Value,
@@ -418,7 +511,7 @@ mod tests {
     ) -> Result<Vec<MirrorOp>, String> {
         let text = write.to_string();
         let parsed: WriteBody = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-        plan(parsed, response, mirror_vectors)
+        plan(parsed, response, mirror_vectors).map(maps)
     }
 
     #[test]
@@ -541,12 +634,12 @@ mod tests {
             "distance_metric":"cosine_distance","unknown":[{"deep":[null]}]}"#;
         let write: WriteBody = serde_json::from_str(text).unwrap();
         assert_eq!(
-            plan(write, None, false).unwrap(),
+            plan(write, None, false).map(maps).unwrap(),
             vec![MirrorOp::Upsert(DocId::Str("u".into()), attrs(json!({"t": 2})))]
         );
         let write: WriteBody = serde_json::from_str(text).unwrap();
         assert_eq!(
-            plan(write, None, true).unwrap(),
+            plan(write, None, true).map(maps).unwrap(),
             vec![MirrorOp::Upsert(
                 DocId::Str("u".into()),
                 attrs(json!({"t": 2, "vector": [1.5]}))
@@ -555,7 +648,7 @@ mod tests {
         let escaped: WriteBody =
             serde_json::from_str(r#"{"patch_rows":[{"i\u0064":"\u00e9","x":1}]}"#).unwrap();
         assert_eq!(
-            plan(escaped, None, false).unwrap(),
+            plan(escaped, None, false).map(maps).unwrap(),
             vec![MirrorOp::Patch(DocId::Str("é".into()), attrs(json!({"x": 1})))]
         );
     }
@@ -583,7 +676,9 @@ mod tests {
         assert_eq!(callout.upserted_at, upserted_at);
         assert_eq!(callout.response, response);
         assert_eq!(
-            plan(callout.write, callout.response.as_ref(), false).unwrap(),
+            plan(callout.write, callout.response.as_ref(), false)
+                .map(maps)
+                .unwrap(),
             vec![MirrorOp::Upsert(DocId::Num(1), attrs(json!({"a": "x"})))]
         );
         let bare: MirrorCallout = serde_json::from_slice(&mirror_body("n", 1, b"{}", None)).unwrap();

@@ -23,8 +23,12 @@
 //! op takes effect: the 10,000-row upsert replaces 10,000 cached documents, the patch merges into
 //! them.
 //!
+//! The write callouts (`writes`): a 10,000-id eviction and a 10,000-row batch mirror, as the
+//! gateway sends them for one large write, with the sidecar's CPU time per callout (the sidecar
+//! runs on a runtime of its own, so its threads can be told apart from the load generator's).
+//!
 //! `cargo run --release -p hevlayer-sidecar --bin sidecar-bench -- [--seconds N] [--concurrency N]
-//! [--large N] [--strict]`
+//! [--large N] [--writes-only] [--strict]`
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +42,10 @@ use hevlayer_sidecar::cache::{PipelineMeta, PipelineStore, Stores};
 use hevlayer_sidecar::config::Config;
 use hevlayer_sidecar::RunningSidecar;
 use hevlayer_sidecar_api::{mirror_body, MIRROR_PATH, STAMP_ATTRIBUTE};
+use tokio::runtime::Handle;
+
+#[path = "sidecar-bench/writes.rs"]
+mod writes;
 
 #[derive(Parser)]
 struct Args {
@@ -53,6 +61,9 @@ struct Args {
     /// Exit non-zero when a target is missed.
     #[arg(long)]
     strict: bool,
+    /// Run only the write callouts (eviction and batch mirror): for before/after comparisons.
+    #[arg(long)]
+    writes_only: bool,
 }
 
 /// Rows of the large mirror scenarios.
@@ -430,11 +441,27 @@ struct Measured {
 /// Documents staged in the small pipeline.
 const SMALL: usize = 1_000;
 
-async fn bench(args: Args) -> Result<bool, String> {
+/// Starts the sidecar on the embedded store, on the runtime of `sidecar`.
+async fn start_sidecar(sidecar: &Handle) -> Result<(RunningSidecar, Arc<EmbeddedCache>), String> {
     let mut config = Config::defaults();
     config.embedded_cache_bytes = 64 << 30;
     let cache = Arc::new(EmbeddedCache::new(config.embedded_cache_bytes));
-    let server = RunningSidecar::start(&config, Stores::on(cache.clone())).await?;
+    let stores = Stores::on(cache.clone());
+    let server = sidecar
+        .spawn(async move { RunningSidecar::start(&config, stores).await })
+        .await
+        .map_err(|e| e.to_string())??;
+    Ok((server, cache))
+}
+
+async fn bench(args: Args, sidecar: Handle) -> Result<bool, String> {
+    let (server, cache) = start_sidecar(&sidecar).await?;
+    if args.writes_only {
+        let rows = writes::write_scenarios(&server.url(""), Duration::from_secs(args.seconds)).await?;
+        writes::print_writes(&rows);
+        server.stop().await.map_err(|e| e.to_string())?;
+        return Ok(true);
+    }
     let bench = Bench {
         base: server.url(""),
         concurrency: args.concurrency,
@@ -482,6 +509,7 @@ async fn measure(bench: &Bench, cache: &EmbeddedCache, args: &Args) -> Result<Me
     for stats in &mirrors {
         print_latency(stats);
     }
+    writes::print_writes(&writes::write_scenarios(&bench.base, bench.seconds).await?);
     let (per_doc_rss, per_doc_accounted) = stage_large(bench, cache, args.large).await?;
     // /healthz again: whether the process as a whole (a store holding a million documents, the
     // machine's load now) got slower, which no pipeline-size effect explains.
@@ -591,14 +619,21 @@ fn verdict(m: &Measured) -> bool {
 fn main() -> ExitCode {
     let args = Args::parse();
     let strict = args.strict;
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
+    // The sidecar on a runtime of its own, its threads named so its CPU time can be read apart.
+    let sidecar = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name(writes::SIDECAR_THREAD)
+        .thread_keep_alive(Duration::from_secs(3600))
+        .build();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
+    let (sidecar, runtime) = match (sidecar, runtime) {
+        (Ok(s), Ok(r)) => (s, r),
+        (Err(e), _) | (_, Err(e)) => {
             eprintln!("sidecar-bench: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(bench(args)) {
+    match runtime.block_on(bench(args, sidecar.handle().clone())) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) if !strict => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,

@@ -20,13 +20,15 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 
-use super::{Attributes, CacheError, CacheResult, DocId, DocumentStore};
+use super::{Attributes, AttributesJson, CacheError, CacheResult, DocId, DocumentStore};
 
 /// One effect on the cached document of `id`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MirrorOp {
     /// Replace the cached document (unless it is newer).
     Upsert(DocId, Attributes),
+    /// `Upsert` with the attributes as the JSON text they came as (row-form upserts).
+    UpsertJson(DocId, AttributesJson),
     /// Merge into the cached document if it is cached (and not newer).
     Patch(DocId, Attributes),
     /// Drop the cached document: it was deleted (a tombstone refuses copies up to this write).
@@ -39,14 +41,18 @@ pub enum MirrorOp {
 impl MirrorOp {
     pub fn id(&self) -> &DocId {
         match self {
-            Self::Upsert(id, _) | Self::Patch(id, _) | Self::Evict(id) | Self::Invalidate(id) => id,
+            Self::Upsert(id, _)
+            | Self::UpsertJson(id, _)
+            | Self::Patch(id, _)
+            | Self::Evict(id)
+            | Self::Invalidate(id) => id,
         }
     }
 
     /// The cache operation applying it, as metrics name it.
     pub fn cache_op(&self) -> &'static str {
         match self {
-            Self::Upsert(..) => "upsert_document",
+            Self::Upsert(..) | Self::UpsertJson(..) => "upsert_document",
             Self::Patch(..) => "patch_document",
             Self::Evict(_) | Self::Invalidate(_) => "evict_document",
         }
@@ -172,8 +178,10 @@ async fn run_lane<C: DocumentStore + ?Sized>(
     let mut report = LaneReport::default();
     let mut failed_ids = std::collections::HashSet::new();
     for (at, op) in lane {
-        let skipped =
-            matches!(op, MirrorOp::Upsert(..) | MirrorOp::Patch(..)) && failed_ids.contains(op.id());
+        let skipped = matches!(
+            op,
+            MirrorOp::Upsert(..) | MirrorOp::UpsertJson(..) | MirrorOp::Patch(..)
+        ) && failed_ids.contains(op.id());
         if skipped {
             continue;
         }
@@ -183,6 +191,12 @@ async fn run_lane<C: DocumentStore + ?Sized>(
         let (id, result) = match op {
             MirrorOp::Upsert(id, attrs) => {
                 let r = cache.upsert_document(namespace, &id, attrs, upserted_at).await;
+                (id, r)
+            }
+            MirrorOp::UpsertJson(id, json) => {
+                let r = cache
+                    .upsert_document_json(namespace, &id, json, upserted_at)
+                    .await;
                 (id, r)
             }
             MirrorOp::Patch(id, attrs) => {

@@ -27,6 +27,34 @@ pub use self::mirror::{MirrorOp, MirrorReport};
 /// Attribute map of a cached document (everything but `id`).
 pub type Attributes = serde_json::Map<String, Value>;
 
+/// A document's attributes as the JSON object text they came as in a write (row-form upserts:
+/// every member but `id`), kept as text so a store can hold them as they are instead of building
+/// and weighing a map. It holds a JSON object without a repeated key: only the mirror parser makes
+/// one (`from_object_text`), from text serde_json validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttributesJson(Box<str>);
+
+impl AttributesJson {
+    /// `text` must be a JSON object without a repeated key.
+    pub fn from_object_text(text: String) -> Self {
+        Self(text.into_boxed_str())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The attributes as a map (for a merge, a backend that stores maps, a fetch).
+    pub fn to_map(&self) -> Attributes {
+        serde_json::from_str(&self.0).unwrap_or_default()
+    }
+
+    /// The text, to be freed later (see the embedded store's garbage).
+    pub fn into_string(self) -> String {
+        self.0.into_string()
+    }
+}
+
 /// A Turbopuffer document id: unsigned integer or string (UUIDs are strings).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DocId {
@@ -66,6 +94,30 @@ impl DocId {
             Self::Num(_) => 8,
             Self::Str(s) => s.len(),
         }
+    }
+}
+
+/// A JSON id read straight into a `DocId` (no `Value` in between): a string, or an integer that
+/// fits a `u64`; anything else is an error naming what ids may be.
+impl<'de> Deserialize<'de> for DocId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct IdVisitor;
+        impl serde::de::Visitor<'_> for IdVisitor {
+            type Value = DocId;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a document id (a string or an unsigned integer)")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<DocId, E> {
+                Ok(DocId::Num(n))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<DocId, E> {
+                Ok(DocId::Str(s.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, s: String) -> Result<DocId, E> {
+                Ok(DocId::Str(s))
+            }
+        }
+        deserializer.deserialize_any(IdVisitor)
     }
 }
 
@@ -224,6 +276,17 @@ pub trait DocumentStore: StoreBackend {
         attributes: Attributes,
         upserted_at: u64,
     ) -> CacheResult<bool>;
+    /// `upsert_document` with the attributes as JSON text (row-form upserts). Default: as a map.
+    async fn upsert_document_json(
+        &self,
+        namespace: &str,
+        id: &DocId,
+        attributes: AttributesJson,
+        upserted_at: u64,
+    ) -> CacheResult<bool> {
+        self.upsert_document(namespace, id, attributes.to_map(), upserted_at)
+            .await
+    }
     /// Merges into the document only when it is cached and not newer. True when merged.
     async fn patch_document(
         &self,

@@ -7,7 +7,9 @@ use aerospike::{Bin, Bins, Value};
 use async_trait::async_trait;
 
 use super::{bin_int, bin_str, ms_i64, set_name, AerospikeCache, Cond, Written, MAX_RMW_ATTEMPTS};
-use crate::cache::{Attributes, CacheError, CacheResult, CachedDoc, DocId, DocumentStore, TOMBSTONE_MS};
+use crate::cache::{
+    Attributes, AttributesJson, CacheError, CacheResult, CachedDoc, DocId, DocumentStore, TOMBSTONE_MS,
+};
 
 /// A document's record key: its id (a `u64` beyond `i64` as a tagged string).
 fn doc_key_value(id: &DocId) -> Value {
@@ -53,6 +55,38 @@ impl AerospikeCache {
         ];
         self.put(set, doc_key_value(id), &bins, cond, None).await
     }
+
+    /// Replaces the document with the attributes' JSON `text` unless the cached one, or a
+    /// tombstone, carries a newer stamp (`DocumentStore::upsert_document`).
+    async fn upsert_text(
+        &self,
+        namespace: &str,
+        id: &DocId,
+        text: &str,
+        upserted_at: u64,
+    ) -> CacheResult<bool> {
+        let set = self.docs_set(namespace);
+        for _ in 0..MAX_RMW_ATTEMPTS {
+            let cond = match self
+                .get(&set, doc_key_value(id), Bins::from(["ts", "del"].as_slice()))
+                .await?
+            {
+                // A newer document, or a tombstone of a newer eviction, wins.
+                Some(rec) if Self::doc_header(&rec).1 > ms_i64(upserted_at) => return Ok(false),
+                Some(rec) => Cond::Gen(rec.generation),
+                None => Cond::Create,
+            };
+            if let Written::Yes = self
+                .write_cached(&set, id, text, upserted_at, crate::cache::now_ms(), cond)
+                .await?
+            {
+                return Ok(true);
+            }
+        }
+        Err(CacheError::Unavailable(
+            "too much contention on a cached document".into(),
+        ))
+    }
 }
 
 #[async_trait]
@@ -85,28 +119,20 @@ impl DocumentStore for AerospikeCache {
         attributes: Attributes,
         upserted_at: u64,
     ) -> CacheResult<bool> {
-        let set = self.docs_set(namespace);
         let text = serde_json::to_string(&attributes).unwrap_or_else(|_| "{}".into());
-        for _ in 0..MAX_RMW_ATTEMPTS {
-            let cond = match self
-                .get(&set, doc_key_value(id), Bins::from(["ts", "del"].as_slice()))
-                .await?
-            {
-                // A newer document, or a tombstone of a newer eviction, wins.
-                Some(rec) if Self::doc_header(&rec).1 > ms_i64(upserted_at) => return Ok(false),
-                Some(rec) => Cond::Gen(rec.generation),
-                None => Cond::Create,
-            };
-            if let Written::Yes = self
-                .write_cached(&set, id, &text, upserted_at, crate::cache::now_ms(), cond)
-                .await?
-            {
-                return Ok(true);
-            }
-        }
-        Err(CacheError::Unavailable(
-            "too much contention on a cached document".into(),
-        ))
+        self.upsert_text(namespace, id, &text, upserted_at).await
+    }
+
+    /// The text is stored as it is: no map to build and serialise again.
+    async fn upsert_document_json(
+        &self,
+        namespace: &str,
+        id: &DocId,
+        attributes: AttributesJson,
+        upserted_at: u64,
+    ) -> CacheResult<bool> {
+        self.upsert_text(namespace, id, attributes.as_str(), upserted_at)
+            .await
     }
 
     async fn backfill_document(

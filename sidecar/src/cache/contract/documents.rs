@@ -18,6 +18,7 @@ pub async fn run_all(factory: Factory<'_>) {
     evictions_refuse_older_copies(factory()).await;
     mirror_batch_keeps_the_single_document_rules(factory()).await;
     mirror_batch_keeps_each_documents_order(factory()).await;
+    text_upserts_keep_the_single_document_rules(factory()).await;
 }
 
 fn attrs(v: Value) -> Attributes {
@@ -344,4 +345,46 @@ async fn mirror_batch_keeps_each_documents_order(cache: Arc<dyn DocumentStore>) 
         };
         assert_eq!(got.map(|d| d.attributes), expected, "document {i}");
     }
+}
+
+/// Upserts carrying their attributes as JSON text (row-form writes) read back as the same
+/// attributes, merge a later patch, lose to a newer copy, are refused by a newer tombstone and
+/// replace an older tombstone's document, in a batch and one at a time.
+async fn text_upserts_keep_the_single_document_rules(cache: Arc<dyn DocumentStore>) {
+    let ns = "contract-text";
+    let text = |t: &str| AttributesJson::from_object_text(t.to_owned());
+    let get = |n: u64| {
+        let cache = cache.clone();
+        async move { cache.get_document(ns, &DocId::Num(n)).await.unwrap() }
+    };
+    assert!(cache
+        .upsert_document(ns, &DocId::Num(2), attrs(json!({"v": "newer"})), 9)
+        .await
+        .unwrap());
+    assert!(!cache.evict_document(ns, &DocId::Num(3), 9).await.unwrap());
+    assert!(!cache.evict_document(ns, &DocId::Num(4), 4).await.unwrap());
+    let ops = vec![
+        MirrorOp::UpsertJson(DocId::Num(1), text(r#"{"t" : "\u00e9", "n":[1, 2]}"#)),
+        MirrorOp::Patch(DocId::Num(1), attrs(json!({"p": true}))),
+        MirrorOp::UpsertJson(DocId::Num(2), text(r#"{"v":"older"}"#)),
+        MirrorOp::UpsertJson(DocId::Num(3), text(r#"{"v":"older"}"#)),
+        MirrorOp::UpsertJson(DocId::Num(4), text(r#"{}"#)),
+    ];
+    let report = cache.apply_mirror(ns, ops, 5).await;
+    assert_eq!((report.applied, report.failed), (3, 0), "{report:?}");
+    let one = get(1).await.unwrap();
+    assert_eq!(one.attributes, attrs(json!({"t": "é", "n": [1, 2], "p": true})));
+    assert_eq!(one.upserted_at, 5);
+    assert_eq!(get(2).await.unwrap().attributes, attrs(json!({"v": "newer"})));
+    assert!(get(3).await.is_none(), "the tombstone refuses stamp 5");
+    assert_eq!(get(4).await.unwrap().attributes, Attributes::new());
+    assert!(cache
+        .upsert_document_json(ns, &DocId::Num(1), text(r#"{"w":1}"#), 6)
+        .await
+        .unwrap());
+    assert!(!cache
+        .upsert_document_json(ns, &DocId::Num(2), text(r#"{"w":1}"#), 6)
+        .await
+        .unwrap());
+    assert_eq!(get(1).await.unwrap().attributes, attrs(json!({"w": 1})));
 }

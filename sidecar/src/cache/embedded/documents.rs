@@ -10,13 +10,13 @@
 //! stored next to what it paid for, and a release always gives back the stored figure, so the
 //! budget stays exact whatever the estimate's error.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet};
 
 use serde_json::Value;
 
 use super::{Budget, RECORD_OVERHEAD};
 use crate::cache::mirror::{refuse_up_to, MirrorOp, MirrorReport};
-use crate::cache::{Attributes, CacheError, CacheResult, CachedDoc, DocId, TOMBSTONE_MS};
+use crate::cache::{Attributes, AttributesJson, CacheError, CacheResult, CachedDoc, DocId, TOMBSTONE_MS};
 
 /// Bytes a float is charged: its shortest decimal form is 1 to 24 bytes, and typical
 /// non-round values (scores, coordinates) take 16 to 20.
@@ -25,6 +25,56 @@ const FLOAT_WEIGHT: usize = 18;
 /// Bytes charged for a cached document.
 pub(super) fn doc_weight(id: &DocId, attributes: &Attributes) -> usize {
     RECORD_OVERHEAD + id.weight() + attributes_weight(attributes)
+}
+
+/// A cached document's attributes: as the JSON text a row-form upsert sent (stored as it came:
+/// no map to build, weigh or free per attribute), or a map (backfills, column-form upserts, and a
+/// document once a patch merged into it).
+pub(super) enum Body {
+    Map(Attributes),
+    Json(AttributesJson),
+}
+
+impl Body {
+    /// The JSON length of the attributes: exact for text, estimated for a map (`value_weight`).
+    fn weight(&self) -> usize {
+        match self {
+            Self::Map(map) => attributes_weight(map),
+            Self::Json(json) => json.as_str().len(),
+        }
+    }
+
+    fn to_map(&self) -> Attributes {
+        match self {
+            Self::Map(map) => map.clone(),
+            Self::Json(json) => json.to_map(),
+        }
+    }
+
+    /// What is freed with it, as garbage.
+    fn into_value(self) -> Value {
+        match self {
+            Self::Map(map) => Value::Object(map),
+            Self::Json(json) => Value::String(json.into_string()),
+        }
+    }
+}
+
+/// A cached document in the store: `CachedDoc` with its attributes as stored.
+pub(super) struct StoredDoc {
+    body: Body,
+    upserted_at: u64,
+    cached_ms: u64,
+}
+
+impl StoredDoc {
+    fn to_cached(&self) -> CachedDoc {
+        CachedDoc {
+            attributes: self.body.to_map(),
+            upserted_at: self.upserted_at,
+            cached_ms: self.cached_ms,
+        }
+    }
 }
 
 /// The JSON length of an attribute map: braces and each member (`entry_weight`).
@@ -76,50 +126,89 @@ pub(super) struct Refused {
     pub error: CacheError,
 }
 
-/// One namespace's cached documents with the bytes each is charged. `dropped` is set when the
-/// namespace is purged, so a writer that looked the map up before the purge retries on a new one
-/// instead of writing into (and charging the budget for) a map nobody can reach.
+/// What a namespace holds for an id: its cached document or the tombstone of its eviction (never
+/// both: caching a document clears its tombstone, evicting it leaves one), with the bytes charged.
+pub(super) enum Entry {
+    Doc {
+        doc: StoredDoc,
+        charged: usize,
+    },
+    /// Refuses copies stamped up to `refuse_up_to` (see `NamespaceDocs::evict`) until `lapses`.
+    Tomb {
+        refuse_up_to: u64,
+        lapses: u64,
+        charged: usize,
+    },
+}
+
+/// An id's entry, and whether the id is in the lapse queue (`NamespaceDocs::lapse_queue`).
+pub(super) struct Slot {
+    entry: Entry,
+    queued: bool,
+}
+
+/// The map of a namespace's ids: foldhash, seeded per process (ids come from clients), several
+/// times faster than SipHash on a `DocId`.
+type SlotMap = std::collections::HashMap<DocId, Slot, foldhash::fast::RandomState>;
+
+/// One namespace's cached documents and eviction tombstones, one entry per id, so an eviction
+/// of a cached document, or the upsert that follows it, is one lookup that turns the entry into
+/// the other in place. `dropped` is set when the namespace is purged, so a writer that looked the
+/// map up before the purge retries on a new one instead of writing into (and charging the budget
+/// for) a map nobody can reach.
 #[derive(Default)]
 pub(super) struct NamespaceDocs {
-    pub docs: HashMap<DocId, (CachedDoc, usize)>,
-    /// Evictions' tombstones: id → (refuse_up_to, lapses at, bytes charged).
-    pub tombs: HashMap<DocId, (u64, u64, usize)>,
-    /// Tombstones by lapse time, oldest first (an entry whose tombstone was renewed is skipped).
-    pub tomb_order: VecDeque<(u64, DocId)>,
+    slots: SlotMap,
+    /// Ids that may hold a tombstone, by the time it lapses at the earliest: each id at most once
+    /// (`Slot::queued`), so writing the same ids again and again (evict, mirror, evict...) queues
+    /// nothing new. A tombstone renewed after it was queued is moved to its new lapse time when
+    /// its old one comes; an id whose tombstone gave way to a document leaves the queue then.
+    lapse_queue: BTreeMap<u64, Vec<DocId>>,
     pub dropped: bool,
 }
 
 impl NamespaceDocs {
+    /// A copy of the cached document of `id`.
+    pub fn doc(&self, id: &DocId) -> Option<CachedDoc> {
+        match self.slots.get(id).map(|s| &s.entry) {
+            Some(Entry::Doc { doc, .. }) => Some(doc.to_cached()),
+            _ => None,
+        }
+    }
+
     /// Drops lapsed tombstones; returns the bytes they were charged.
     pub fn prune_tombs(&mut self, now_ms: u64) -> usize {
         let mut freed = 0;
-        while self
-            .tomb_order
-            .front()
-            .is_some_and(|(lapses, _)| *lapses <= now_ms)
-        {
-            let Some((lapses, id)) = self.tomb_order.pop_front() else {
+        while let Some(entry) = self.lapse_queue.first_entry() {
+            if *entry.key() > now_ms {
                 break;
-            };
-            if self.tombs.get(&id).is_some_and(|t| t.1 == lapses) {
-                freed += self.tombs.remove(&id).map_or(0, |t| t.2);
+            }
+            for id in entry.remove() {
+                freed += self.lapse(id, now_ms);
             }
         }
         freed
     }
 
-    /// The stamp at or below which writes of `id` are refused, if a tombstone holds.
-    fn refused_up_to(&self, id: &DocId) -> Option<u64> {
-        self.tombs.get(id).map(|t| t.0)
-    }
-
-    /// Drops the tombstone of a document being cached again.
-    fn clear_tomb(&mut self, budget: &Budget, id: &DocId) {
-        if self.tombs.is_empty() {
-            return;
-        }
-        if let Some((_, _, w)) = self.tombs.remove(id) {
-            budget.release(w);
+    /// The queue reached `id`: drops its tombstone if it lapsed (returning its charge), queues it
+    /// again if it was renewed, or takes it out of the queue if it holds a document now.
+    fn lapse(&mut self, id: DocId, now_ms: u64) -> usize {
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return 0;
+        };
+        match slot.entry {
+            Entry::Tomb { lapses, charged, .. } if lapses <= now_ms => {
+                self.slots.remove(&id);
+                charged
+            }
+            Entry::Tomb { lapses, .. } => {
+                self.lapse_queue.entry(lapses).or_default().push(id);
+                0
+            }
+            Entry::Doc { .. } => {
+                slot.queued = false;
+                0
+            }
         }
     }
 
@@ -129,35 +218,46 @@ impl NamespaceDocs {
         &mut self,
         budget: &Budget,
         id: DocId,
-        attributes: Attributes,
+        body: Body,
         upserted_at: u64,
         now_ms: u64,
         garbage: &mut Garbage,
     ) -> Result<bool, Refused> {
-        if self.refused_up_to(&id).is_some_and(|t| t > upserted_at) {
-            garbage.push(Value::Object(attributes));
-            return Ok(false);
-        }
-        let weight = doc_weight(&id, &attributes);
-        let doc = CachedDoc {
-            attributes,
+        let weight = RECORD_OVERHEAD + id.weight() + body.weight();
+        let doc = StoredDoc {
+            body,
             upserted_at,
             cached_ms: now_ms,
         };
-        let old = match self.docs.get(&id) {
-            Some((cached, _)) if cached.upserted_at > upserted_at => {
-                garbage.push(Value::Object(doc.attributes));
+        let entry = Entry::Doc { doc, charged: weight };
+        let Some(slot) = self.slots.get_mut(&id) else {
+            if let Err(error) = budget.charge(weight, 0) {
+                return Err(Refused { id, error });
+            }
+            self.slots.insert(id, Slot { entry, queued: false });
+            return Ok(true);
+        };
+        // A tombstone refusing the stamp, or a newer document, wins.
+        let old = match &slot.entry {
+            Entry::Tomb {
+                refuse_up_to: newer, ..
+            }
+            | Entry::Doc {
+                doc: StoredDoc {
+                    upserted_at: newer, ..
+                },
+                ..
+            } if *newer > upserted_at => {
+                garbage.extend(entry.into_value());
                 return Ok(false);
             }
-            Some((_, w)) => *w,
-            None => 0,
+            Entry::Tomb { charged, .. } | Entry::Doc { charged, .. } => *charged,
         };
         if let Err(error) = budget.charge(weight, old) {
             return Err(Refused { id, error });
         }
-        self.clear_tomb(budget, &id);
-        if let Some((replaced, _)) = self.docs.insert(id, (doc, weight)) {
-            garbage.push(Value::Object(replaced.attributes));
+        if let Some(replaced) = std::mem::replace(&mut slot.entry, entry).into_value() {
+            garbage.push(replaced);
         }
         Ok(true)
     }
@@ -172,7 +272,11 @@ impl NamespaceDocs {
         upserted_at: u64,
         garbage: &mut Garbage,
     ) -> CacheResult<bool> {
-        let Some((cached, charged)) = self.docs.get_mut(id) else {
+        let Some(Slot {
+            entry: Entry::Doc { doc: cached, charged },
+            ..
+        }) = self.slots.get_mut(id)
+        else {
             garbage.push(Value::Object(patch));
             return Ok(false);
         };
@@ -181,17 +285,25 @@ impl NamespaceDocs {
             return Ok(false);
         }
         // Re-weigh only what changes (the weight is additive over attributes).
+        // Text is parsed into a map to merge into, once.
+        if let Body::Json(json) = &cached.body {
+            cached.body = Body::Map(json.to_map());
+        }
+        let Body::Map(attributes) = &mut cached.body else {
+            garbage.push(Value::Object(patch));
+            return Ok(false);
+        };
         let (mut grow, mut shrink) = (0, 0);
         for (k, v) in &patch {
             grow += entry_weight(k, v);
-            if let Some(prev) = cached.attributes.get(k) {
+            if let Some(prev) = attributes.get(k) {
                 shrink += entry_weight(k, prev);
             }
         }
         let weight = (*charged + grow).saturating_sub(shrink);
         budget.charge(weight, *charged)?;
         for (k, v) in patch {
-            if let Some(prev) = cached.attributes.insert(k, v) {
+            if let Some(prev) = attributes.insert(k, v) {
                 garbage.push(prev);
             }
         }
@@ -203,7 +315,7 @@ impl NamespaceDocs {
     /// Removes the document (true when one was cached) and leaves a tombstone refusing copies up
     /// to `refuse_up_to` (or the removed document's stamp, or an earlier tombstone's, if newer)
     /// until `now_ms + TOMBSTONE_MS`. Best effort: a full budget keeps the eviction but cannot
-    /// keep the tombstone.
+    /// keep the tombstone (a tombstone never costs more than the document it replaces).
     pub fn evict(
         &mut self,
         budget: &Budget,
@@ -212,20 +324,43 @@ impl NamespaceDocs {
         now_ms: u64,
         garbage: &mut Garbage,
     ) -> bool {
-        let removed = self.docs.remove(&id);
-        let was_cached = removed.is_some();
-        let newest = removed.as_ref().map_or(0, |(d, _)| d.upserted_at);
-        if let Some((doc, w)) = removed {
-            budget.release(w);
-            garbage.push(Value::Object(doc.attributes));
-        }
-        let stamp = refuse_up_to.max(newest).max(self.refused_up_to(&id).unwrap_or(0));
         let weight = RECORD_OVERHEAD + id.weight();
         let lapses = now_ms.saturating_add(TOMBSTONE_MS);
-        let old = self.tombs.get(&id).map_or(0, |t| t.2);
-        if budget.charge(weight, old).is_ok() {
-            self.tomb_order.push_back((lapses, id.clone()));
-            self.tombs.insert(id, (stamp, lapses, weight));
+        let Some(slot) = self.slots.get_mut(&id) else {
+            if budget.charge(weight, 0).is_ok() {
+                let entry = Entry::Tomb {
+                    refuse_up_to,
+                    lapses,
+                    charged: weight,
+                };
+                self.slots.insert(id.clone(), Slot { entry, queued: true });
+                self.lapse_queue.entry(lapses).or_default().push(id);
+            }
+            return false;
+        };
+        let (was_cached, newer, old) = match &slot.entry {
+            Entry::Doc { doc, charged } => (true, doc.upserted_at, *charged),
+            Entry::Tomb {
+                refuse_up_to,
+                charged,
+                ..
+            } => (false, *refuse_up_to, *charged),
+        };
+        // Never refused: the tombstone costs what the old one did, or less than the document.
+        if budget.charge(weight, old).is_err() {
+            return was_cached;
+        }
+        let tomb = Entry::Tomb {
+            refuse_up_to: refuse_up_to.max(newer),
+            lapses,
+            charged: weight,
+        };
+        if let Entry::Doc { doc, .. } = std::mem::replace(&mut slot.entry, tomb) {
+            garbage.push(doc.body.into_value());
+        }
+        if !slot.queued {
+            slot.queued = true;
+            self.lapse_queue.entry(lapses).or_default().push(id);
         }
         was_cached
     }
@@ -240,24 +375,56 @@ impl NamespaceDocs {
         upserted_at: u64,
         now_ms: u64,
     ) -> CacheResult<bool> {
-        if self.docs.contains_key(id) || self.refused_up_to(id).is_some_and(|t| t >= upserted_at) {
-            return Ok(false);
-        }
+        let old = match self.slots.get(id).map(|s| &s.entry) {
+            Some(Entry::Doc { .. }) => return Ok(false),
+            Some(Entry::Tomb { refuse_up_to, .. }) if *refuse_up_to >= upserted_at => return Ok(false),
+            Some(Entry::Tomb { charged, .. }) => *charged,
+            None => 0,
+        };
         let weight = doc_weight(id, &attributes);
-        budget.charge(weight, 0)?;
-        self.clear_tomb(budget, id);
-        self.docs.insert(
-            id.clone(),
-            (
-                CachedDoc {
-                    attributes,
-                    upserted_at,
-                    cached_ms: now_ms,
-                },
-                weight,
-            ),
-        );
+        budget.charge(weight, old)?;
+        let doc = StoredDoc {
+            body: Body::Map(attributes),
+            upserted_at,
+            cached_ms: now_ms,
+        };
+        let entry = Entry::Doc { doc, charged: weight };
+        match self.slots.get_mut(id) {
+            Some(slot) => slot.entry = entry,
+            None => {
+                self.slots.insert(id.clone(), Slot { entry, queued: false });
+            }
+        }
         Ok(true)
+    }
+
+    /// Empties the namespace; returns how many documents it held and the bytes everything held
+    /// was charged.
+    pub fn take_all(&mut self) -> (u64, usize) {
+        self.lapse_queue.clear();
+        let slots = std::mem::take(&mut self.slots);
+        let mut docs = 0;
+        let mut charged = 0;
+        for slot in slots.values() {
+            match slot.entry {
+                Entry::Doc { charged: c, .. } => {
+                    docs += 1;
+                    charged += c;
+                }
+                Entry::Tomb { charged: c, .. } => charged += c,
+            }
+        }
+        (docs, charged)
+    }
+}
+
+impl Entry {
+    /// What the entry held that is freed with it (a tombstone holds nothing).
+    fn into_value(self) -> Option<Value> {
+        match self {
+            Self::Doc { doc, .. } => Some(doc.body.into_value()),
+            Self::Tomb { .. } => None,
+        }
     }
 }
 
@@ -285,8 +452,10 @@ impl Batch {
     }
 
     fn skips(&self, op: &MirrorOp) -> bool {
-        matches!(op, MirrorOp::Upsert(..) | MirrorOp::Patch(..))
-            && !self.failed.is_empty()
+        matches!(
+            op,
+            MirrorOp::Upsert(..) | MirrorOp::UpsertJson(..) | MirrorOp::Patch(..)
+        ) && !self.failed.is_empty()
             && self.failed.contains(op.id())
     }
 
@@ -305,7 +474,10 @@ impl Batch {
         let refuse = refuse_up_to(&op, stamp);
         let outcome = match op {
             MirrorOp::Upsert(id, attrs) => docs
-                .upsert(budget, id, attrs, stamp, now_ms, garbage)
+                .upsert(budget, id, Body::Map(attrs), stamp, now_ms, garbage)
+                .map_err(|r| (r.id, r.error)),
+            MirrorOp::UpsertJson(id, json) => docs
+                .upsert(budget, id, Body::Json(json), stamp, now_ms, garbage)
                 .map_err(|r| (r.id, r.error)),
             MirrorOp::Patch(id, attrs) => match docs.patch(budget, &id, attrs, stamp, garbage) {
                 Ok(took) => Ok(took),
@@ -374,7 +546,7 @@ mod tests {
         let upserted = docs.upsert(
             &budget,
             id.clone(),
-            attrs(json!({"a": "xx", "b": [1, 2]})),
+            Body::Map(attrs(json!({"a": "xx", "b": [1, 2]}))),
             1,
             5,
             &mut garbage,
@@ -388,15 +560,65 @@ mod tests {
             assert!(docs
                 .patch(&budget, &id, attrs(patch), stamp, &mut garbage)
                 .unwrap());
-            let (doc, charged) = &docs.docs[&id];
-            assert_eq!(*charged, doc_weight(&id, &doc.attributes));
+            let Some(Slot {
+                entry: Entry::Doc { doc, charged },
+                ..
+            }) = docs.slots.get(&id)
+            else {
+                panic!("the document is cached");
+            };
+            let Body::Map(attributes) = &doc.body else {
+                panic!("a map upserted");
+            };
+            assert_eq!(*charged, doc_weight(&id, attributes));
             assert_eq!(doc.cached_ms, 5, "a patch keeps the copy's cache time");
             assert_eq!(budget.used.load(std::sync::atomic::Ordering::Acquire), *charged);
         }
-        assert!(docs.evict(&budget, id, 4, 10, &mut garbage));
-        let tomb = docs.tombs.values().map(|t| t.2).sum::<usize>();
+        assert!(docs.evict(&budget, id.clone(), 4, 10, &mut garbage));
+        let tomb = RECORD_OVERHEAD + id.weight();
         assert_eq!(budget.used.load(std::sync::atomic::Ordering::Acquire), tomb);
         budget.release(docs.prune_tombs(10 + TOMBSTONE_MS));
         assert_eq!(budget.used.load(std::sync::atomic::Ordering::Acquire), 0);
+    }
+
+    /// Writing the same ids again and again (evict, upsert, evict...) queues each id once, a
+    /// renewed tombstone refuses older copies until its own lapse (not its first one), and a
+    /// lapsed one gives its charge back.
+    #[test]
+    fn the_lapse_queue_holds_each_id_once() {
+        let budget = Budget {
+            limit: 1 << 20,
+            used: std::sync::atomic::AtomicUsize::new(0),
+        };
+        let mut docs = NamespaceDocs::default();
+        let mut garbage = Garbage::new();
+        let id = DocId::Num(7);
+        for write in 0..100u64 {
+            let now = 1_000 + write;
+            docs.prune_tombs(now);
+            docs.evict(&budget, id.clone(), write, now, &mut garbage);
+            let upserted = docs.upsert(
+                &budget,
+                id.clone(),
+                Body::Map(attrs(json!({"w": write}))),
+                write + 1,
+                now,
+                &mut garbage,
+            );
+            assert!(matches!(upserted, Ok(true)));
+        }
+        assert_eq!(docs.lapse_queue.values().map(Vec::len).sum::<usize>(), 1);
+        // Evicted at 2,000: the tombstone holds until 2,000 + TOMBSTONE_MS, past its queued time.
+        docs.evict(&budget, id.clone(), 200, 2_000, &mut garbage);
+        budget.release(docs.prune_tombs(1_000 + TOMBSTONE_MS));
+        assert!(docs
+            .backfill(&budget, &id, Attributes::new(), 150, 1_000 + TOMBSTONE_MS)
+            .is_ok_and(|w| !w));
+        budget.release(docs.prune_tombs(2_000 + TOMBSTONE_MS));
+        assert!(docs.slots.is_empty() && docs.lapse_queue.is_empty());
+        assert_eq!(budget.used.load(std::sync::atomic::Ordering::Acquire), 0);
+        assert!(docs
+            .backfill(&budget, &id, Attributes::new(), 150, 2_000 + TOMBSTONE_MS)
+            .is_ok_and(|w| w));
     }
 }

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 
-use super::documents::{Batch, Garbage, NamespaceDocs};
+use super::documents::{Batch, Body, Garbage, NamespaceDocs};
 use super::{lock, EmbeddedCache};
 use crate::cache::{Attributes, CacheResult, CachedDoc, DocId, DocumentStore, MirrorOp, MirrorReport};
 
@@ -82,9 +82,7 @@ impl EmbeddedCache {
 #[async_trait]
 impl DocumentStore for EmbeddedCache {
     async fn get_document(&self, namespace: &str, id: &DocId) -> CacheResult<Option<CachedDoc>> {
-        Ok(self
-            .namespace(namespace)
-            .and_then(|ns| lock(&ns).docs.get(id).map(|(doc, _)| doc.clone())))
+        Ok(self.namespace(namespace).and_then(|ns| lock(&ns).doc(id)))
     }
 
     async fn upsert_document(
@@ -99,7 +97,7 @@ impl DocumentStore for EmbeddedCache {
             docs.upsert(
                 &self.budget,
                 id.clone(),
-                attributes,
+                Body::Map(attributes),
                 upserted_at,
                 now,
                 &mut garbage,
@@ -181,11 +179,8 @@ impl DocumentStore for EmbeddedCache {
         let Some(ns) = removed else { return Ok(0) };
         let mut guard = lock(&ns);
         guard.dropped = true;
-        let docs = std::mem::take(&mut guard.docs);
-        let tombs = std::mem::take(&mut guard.tombs);
-        guard.tomb_order.clear();
-        self.budget.release(docs.values().map(|(_, w)| *w).sum());
-        self.budget.release(tombs.values().map(|t| t.2).sum());
-        Ok(docs.len() as u64)
+        let (docs, charged) = guard.take_all();
+        self.budget.release(charged);
+        Ok(docs)
     }
 }
