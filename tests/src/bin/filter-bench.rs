@@ -212,17 +212,22 @@ fn main() -> Result<()> {
         None => false,
         Some("--strict") => true,
         // For `perf record` (with `HEVLAYER_PERFMAP=1` for the filter's symbols): only the 1-row
-        // write with its callouts, 200,000 times.
-        Some("--profile-one-row") => {
+        // write with its callouts, 200,000 times, or the small-rows write 500 times.
+        Some(which @ ("--profile-one-row" | "--profile-small-rows")) => {
             let mut filter = FilterRun::new()?;
-            let body = one_row_body();
-            for _ in 0..200_000 {
+            let (body, times) = if which == "--profile-one-row" {
+                (one_row_body(), 200_000)
+            } else {
+                let small = fixtures().pop().map(|f| f.body);
+                (String::from_utf8(small.unwrap_or_default())?, 500)
+            };
+            for _ in 0..times {
                 filter.write(body.as_bytes(), true)?;
             }
             return Ok(());
         }
         Some(other) => {
-            bail!("unknown argument {other:?} (usage: filter-bench [--strict | --profile-one-row])")
+            bail!("unknown argument {other:?} (usage: filter-bench [--strict | --profile-one-row | --profile-small-rows])")
         }
     };
     let fixtures = fixtures();
