@@ -5,8 +5,9 @@
 //!
 //! - each document's ops take effect in plan order;
 //! - the single-document rules hold for every op: a newer `_hevlayer_upserted_at` wins, a
-//!   tombstone refuses older upserts, a patch merges only into a cached document, the embedded
-//!   byte budget refuses rather than evicts;
+//!   tombstone refuses older upserts, a patch merges only into a cached document (with none, it
+//!   leaves a tombstone refusing copies older than itself), the embedded byte budget refuses
+//!   rather than evicts;
 //! - an op that fails (unavailable, full) does not stop the batch: its document is evicted, best
 //!   effort, with a tombstone refusing copies older than this write (so no stale copy outlives
 //!   what Turbopuffer now holds), its later upserts and patches in the batch are skipped (its

@@ -287,7 +287,10 @@ pub trait DocumentStore: StoreBackend {
         self.upsert_document(namespace, id, attributes.to_map(), upserted_at)
             .await
     }
-    /// Merges into the document only when it is cached and not newer. True when merged.
+    /// Merges into the document only when it is cached and not newer. True when merged. When
+    /// nothing is cached (or only a tombstone), leaves a tombstone refusing copies older than the
+    /// patch (as `evict_document` with `refuse_up_to` one below its stamp): an earlier write's
+    /// mirror that arrives after the patch must not cache a version without it.
     async fn patch_document(
         &self,
         namespace: &str,

@@ -175,11 +175,19 @@ impl DocumentStore for AerospikeCache {
     ) -> CacheResult<bool> {
         let set = self.docs_set(namespace);
         for _ in 0..MAX_RMW_ATTEMPTS {
-            let Some(rec) = self.get(&set, doc_key_value(id), Bins::All).await? else {
+            let rec = self.get(&set, doc_key_value(id), Bins::All).await?;
+            let Some((rec, (gen, ts, false))) = rec.map(|r| {
+                let header = Self::doc_header(&r);
+                (r, header)
+            }) else {
+                // Nothing to merge into: a tombstone refuses copies older than the patch, so the
+                // mirror of an earlier write that arrives after it cannot cache a version
+                // without it.
+                self.evict_document(namespace, id, upserted_at.saturating_sub(1))
+                    .await?;
                 return Ok(false);
             };
-            let (gen, ts, tombstone) = Self::doc_header(&rec);
-            if tombstone || ts > ms_i64(upserted_at) {
+            if ts > ms_i64(upserted_at) {
                 return Ok(false);
             }
             let mut merged = bin_str(&rec, "attrs")

@@ -13,6 +13,7 @@ pub async fn run_all(factory: Factory<'_>) {
     documents_upsert_get_evict(factory()).await;
     documents_stamp_ordering(factory()).await;
     documents_patch_merges_only_cached(factory()).await;
+    a_patch_of_an_uncached_document_refuses_older_copies(factory()).await;
     documents_purge_is_per_namespace(factory()).await;
     documents_know_when_they_were_cached(factory()).await;
     evictions_refuse_older_copies(factory()).await;
@@ -111,6 +112,45 @@ async fn documents_patch_merges_only_cached(cache: Arc<dyn DocumentStore>) {
     let got = cache.get_document(ns, &id).await.unwrap().unwrap();
     assert_eq!(got.attributes, attrs(json!({"a": 1, "b": 3, "c": null})));
     assert_eq!(got.upserted_at, 20);
+}
+
+/// A patch's mirror can overtake the mirror of an earlier write (that one may wait in a batch
+/// after its response): with nothing cached to merge into, the patch leaves a tombstone, so the
+/// earlier write's version, which lacks the patch, is never cached after it.
+async fn a_patch_of_an_uncached_document_refuses_older_copies(cache: Arc<dyn DocumentStore>) {
+    let ns = "contract-patch-first";
+    let id = |s: &str| DocId::Str(s.into());
+    assert!(!cache
+        .patch_document(ns, &id("a"), attrs(json!({"p": 2})), 20)
+        .await
+        .unwrap());
+    assert!(!cache
+        .upsert_document(ns, &id("a"), attrs(json!({"p": 1})), 10)
+        .await
+        .unwrap());
+    let late = cache
+        .apply_mirror(ns, vec![MirrorOp::Upsert(id("a"), attrs(json!({"p": 1})))], 15)
+        .await;
+    assert_eq!(late.applied, 0);
+    assert!(!cache
+        .backfill_document(ns, &id("a"), attrs(json!({"p": 1})), 19)
+        .await
+        .unwrap());
+    assert!(cache.get_document(ns, &id("a")).await.unwrap().is_none());
+    // A later write is cached as usual.
+    assert!(cache
+        .upsert_document(ns, &id("a"), attrs(json!({"p": 3})), 30)
+        .await
+        .unwrap());
+    // The same through mirror batches, and over an older tombstone (which the patch extends).
+    assert!(!cache.evict_document(ns, &id("b"), 5).await.unwrap());
+    for doc in ["b", "c"] {
+        let patch = vec![MirrorOp::Patch(id(doc), attrs(json!({"p": 2})))];
+        assert_eq!(cache.apply_mirror(ns, patch, 20).await.applied, 0);
+        let earlier = vec![MirrorOp::Upsert(id(doc), attrs(json!({"p": 1})))];
+        assert_eq!(cache.apply_mirror(ns, earlier, 10).await.applied, 0, "{doc}");
+        assert!(cache.get_document(ns, &id(doc)).await.unwrap().is_none(), "{doc}");
+    }
 }
 
 async fn documents_purge_is_per_namespace(cache: Arc<dyn DocumentStore>) {

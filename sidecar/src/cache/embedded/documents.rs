@@ -263,13 +263,14 @@ impl NamespaceDocs {
     }
 
     /// Merges into the document only when it is cached and not newer. True when merged; a full
-    /// budget changes nothing.
+    /// budget changes nothing. With nothing cached, leaves a tombstone refusing older copies.
     pub fn patch(
         &mut self,
         budget: &Budget,
         id: &DocId,
         patch: Attributes,
         upserted_at: u64,
+        now_ms: u64,
         garbage: &mut Garbage,
     ) -> CacheResult<bool> {
         let Some(Slot {
@@ -277,7 +278,10 @@ impl NamespaceDocs {
             ..
         }) = self.slots.get_mut(id)
         else {
+            // Nothing to merge into: a tombstone refuses copies older than the patch, so the
+            // mirror of an earlier write that arrives after it cannot cache a version without it.
             garbage.push(Value::Object(patch));
+            self.evict(budget, id.clone(), upserted_at.saturating_sub(1), now_ms, garbage);
             return Ok(false);
         };
         if cached.upserted_at > upserted_at {
@@ -479,7 +483,7 @@ impl Batch {
             MirrorOp::UpsertJson(id, json) => docs
                 .upsert(budget, id, Body::Json(json), stamp, now_ms, garbage)
                 .map_err(|r| (r.id, r.error)),
-            MirrorOp::Patch(id, attrs) => match docs.patch(budget, &id, attrs, stamp, garbage) {
+            MirrorOp::Patch(id, attrs) => match docs.patch(budget, &id, attrs, stamp, now_ms, garbage) {
                 Ok(took) => Ok(took),
                 Err(error) => Err((id, error)),
             },
@@ -558,7 +562,7 @@ mod tests {
             (4, json!({"a": "", "d": -1})),
         ] {
             assert!(docs
-                .patch(&budget, &id, attrs(patch), stamp, &mut garbage)
+                .patch(&budget, &id, attrs(patch), stamp, 5, &mut garbage)
                 .unwrap());
             let Some(Slot {
                 entry: Entry::Doc { doc, charged },

@@ -114,8 +114,9 @@ impl DocumentStore for EmbeddedCache {
         upserted_at: u64,
     ) -> CacheResult<bool> {
         let mut garbage = Garbage::new();
-        self.with_docs(namespace, false, |docs, _| {
-            docs.patch(&self.budget, id, patch, upserted_at, &mut garbage)
+        // A patch of an uncached document leaves a tombstone (which may need the namespace).
+        self.with_docs(namespace, true, |docs, now| {
+            docs.patch(&self.budget, id, patch, upserted_at, now, &mut garbage)
         })
         .unwrap_or(Ok(false))
     }
@@ -150,8 +151,8 @@ impl DocumentStore for EmbeddedCache {
     /// The API runs a batch in a task of its own, so it is never cut between two chunks; a caller
     /// dropping the future directly stops it between two ops (each op is applied or not).
     async fn apply_mirror(&self, namespace: &str, ops: Vec<MirrorOp>, upserted_at: u64) -> MirrorReport {
-        // Patches alone never create anything: no namespace, nothing to merge into.
-        let create = ops.iter().any(|op| !matches!(op, MirrorOp::Patch(..)));
+        // Every op may leave something, a patch of an uncached document its tombstone.
+        let create = !ops.is_empty();
         let mut batch = Batch::new(upserted_at);
         let mut ops = ops.into_iter();
         let mut garbage = Garbage::new();
