@@ -13,9 +13,21 @@ def ns():
     return f"e2e-{uuid.uuid4().hex[:10]}"
 
 
+MIRROR_OUTCOMES = ("mirror_ok", "mirror_failed", "mirror_timeout", "mirror_skipped")
+
+
+def mirror_outcomes(gateway):
+    return sum(gateway.counter(f"hevlayer.{name}") for name in MIRROR_OUTCOMES)
+
+
 def write(stack, namespace, body):
-    r = httpx.post(f"{stack['main'].url}/v2/namespaces/{namespace}", headers=AUTH, json=body)
+    """A 2xx write, once its mirror had its outcome: mirrors go after the response (up to
+    `mirror_linger_ms` later), and these tests check what the cache then holds."""
+    main = stack["main"]
+    before = mirror_outcomes(main)
+    r = httpx.post(f"{main.url}/v2/namespaces/{namespace}", headers=AUTH, json=body)
     assert r.status_code == 200, r.text
+    wait_until(lambda: mirror_outcomes(main) > before, "the write's mirror outcome", seconds=10)
     return r
 
 
@@ -51,6 +63,26 @@ def test_patch_merges_and_delete_evicts(stack):
     r = fetch(stack, name, 1)
     assert r.status_code == 404
     assert r.json()["error"] == "not_found"
+
+
+def test_a_patch_right_after_an_upsert_is_never_lost_from_the_cache(stack):
+    """The upsert's mirror goes after its response, up to `mirror_linger_ms` later; the patch's
+    response waits for its own mirror, which can land first. Either way a fetch afterwards
+    shows the patch (from the cache, or from Turbopuffer when the patch left no copy to merge
+    into), never the upserted version without it."""
+    name, main = ns(), stack["main"]
+    before = mirror_outcomes(main)
+    # One connection, so that the patch follows the upsert's response as closely as it can.
+    with httpx.Client(base_url=main.url, headers=AUTH) as client:
+        for i in range(20):
+            r = client.post(f"/v2/namespaces/{name}", json={"upsert_rows": [{"id": i, "a": 1, "b": 1}]})
+            assert r.status_code == 200, r.text
+            r = client.post(f"/v2/namespaces/{name}", json={"patch_rows": [{"id": i, "b": 2}]})
+            assert r.status_code == 200, r.text
+    wait_until(lambda: mirror_outcomes(main) >= before + 40, "every mirror's outcome", seconds=10)
+    for i in range(20):
+        attrs = fetch(stack, name, i).json()["attributes"]
+        assert (attrs["a"], attrs["b"]) == (1, 2), i
 
 
 def test_a_miss_is_fetched_from_turbopuffer_and_backfilled(stack):

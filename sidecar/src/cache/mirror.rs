@@ -6,7 +6,7 @@
 //! - each document's ops take effect in plan order;
 //! - the single-document rules hold for every op: a newer `_hevlayer_upserted_at` wins, a
 //!   tombstone refuses older upserts, a patch merges only into a cached document (with none, it
-//!   leaves a tombstone refusing copies older than itself), the embedded byte budget refuses
+//!   leaves a tombstone refusing copies up to its own stamp), the embedded byte budget refuses
 //!   rather than evicts;
 //! - an op that fails (unavailable, full) does not stop the batch: its document is evicted, best
 //!   effort, with a tombstone refusing copies older than this write (so no stale copy outlives

@@ -288,9 +288,9 @@ pub trait DocumentStore: StoreBackend {
             .await
     }
     /// Merges into the document only when it is cached and not newer. True when merged. When
-    /// nothing is cached (or only a tombstone), leaves a tombstone refusing copies older than the
-    /// patch (as `evict_document` with `refuse_up_to` one below its stamp): an earlier write's
-    /// mirror that arrives after the patch must not cache a version without it.
+    /// nothing is cached (or only a tombstone), leaves a tombstone refusing copies up to the
+    /// patch's own stamp ([`patch_tombstone`]): an earlier write's mirror that arrives after the
+    /// patch must not cache a version without it.
     async fn patch_document(
         &self,
         namespace: &str,
@@ -405,3 +405,10 @@ pub fn now_ms() -> u64 {
 
 #[cfg(test)]
 pub mod contract;
+
+/// The `refuse_up_to` of the tombstone a patch leaves when it finds nothing cached: upserts up to
+/// and including its stamp are refused (an earlier write can carry the same millisecond), and so
+/// is a backfill of the patched version, until the tombstone lapses or a newer write is cached.
+pub fn patch_tombstone(upserted_at: u64) -> u64 {
+    upserted_at.saturating_add(1)
+}

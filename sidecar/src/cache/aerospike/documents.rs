@@ -180,10 +180,9 @@ impl DocumentStore for AerospikeCache {
                 let header = Self::doc_header(&r);
                 (r, header)
             }) else {
-                // Nothing to merge into: a tombstone refuses copies older than the patch, so the
-                // mirror of an earlier write that arrives after it cannot cache a version
-                // without it.
-                self.evict_document(namespace, id, upserted_at.saturating_sub(1))
+                // Nothing to merge into: a tombstone refuses copies up to the patch, so the mirror
+                // of an earlier write that arrives after it cannot cache a version without it.
+                self.evict_document(namespace, id, crate::cache::patch_tombstone(upserted_at))
                     .await?;
                 return Ok(false);
             };

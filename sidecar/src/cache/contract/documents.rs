@@ -101,8 +101,9 @@ async fn documents_patch_merges_only_cached(cache: Arc<dyn DocumentStore>) {
         .await
         .unwrap());
     assert!(cache.get_document(ns, &id).await.unwrap().is_none());
+    // (Its tombstone refuses copies up to its stamp: a later write is cached.)
     assert!(cache
-        .upsert_document(ns, &id, attrs(json!({"a": 1, "b": 2})), 10)
+        .upsert_document(ns, &id, attrs(json!({"a": 1, "b": 2})), 12)
         .await
         .unwrap());
     assert!(cache
@@ -116,7 +117,8 @@ async fn documents_patch_merges_only_cached(cache: Arc<dyn DocumentStore>) {
 
 /// A patch's mirror can overtake the mirror of an earlier write (that one may wait in a batch
 /// after its response): with nothing cached to merge into, the patch leaves a tombstone, so the
-/// earlier write's version, which lacks the patch, is never cached after it.
+/// earlier write's version, which lacks the patch, is never cached after it, even when both
+/// carry the same millisecond.
 async fn a_patch_of_an_uncached_document_refuses_older_copies(cache: Arc<dyn DocumentStore>) {
     let ns = "contract-patch-first";
     let id = |s: &str| DocId::Str(s.into());
@@ -128,12 +130,14 @@ async fn a_patch_of_an_uncached_document_refuses_older_copies(cache: Arc<dyn Doc
         .upsert_document(ns, &id("a"), attrs(json!({"p": 1})), 10)
         .await
         .unwrap());
-    let late = cache
-        .apply_mirror(ns, vec![MirrorOp::Upsert(id("a"), attrs(json!({"p": 1})))], 15)
-        .await;
-    assert_eq!(late.applied, 0);
+    for stamp in [15, 20] {
+        let late = cache
+            .apply_mirror(ns, vec![MirrorOp::Upsert(id("a"), attrs(json!({"p": 1})))], stamp)
+            .await;
+        assert_eq!(late.applied, 0, "{stamp}");
+    }
     assert!(!cache
-        .backfill_document(ns, &id("a"), attrs(json!({"p": 1})), 19)
+        .backfill_document(ns, &id("a"), attrs(json!({"p": 1})), 20)
         .await
         .unwrap());
     assert!(cache.get_document(ns, &id("a")).await.unwrap().is_none());

@@ -16,7 +16,9 @@ use serde_json::Value;
 
 use super::{Budget, RECORD_OVERHEAD};
 use crate::cache::mirror::{refuse_up_to, MirrorOp, MirrorReport};
-use crate::cache::{Attributes, AttributesJson, CacheError, CacheResult, CachedDoc, DocId, TOMBSTONE_MS};
+use crate::cache::{
+    patch_tombstone, Attributes, AttributesJson, CacheError, CacheResult, CachedDoc, DocId, TOMBSTONE_MS,
+};
 
 /// Bytes a float is charged: its shortest decimal form is 1 to 24 bytes, and typical
 /// non-round values (scores, coordinates) take 16 to 20.
@@ -278,10 +280,10 @@ impl NamespaceDocs {
             ..
         }) = self.slots.get_mut(id)
         else {
-            // Nothing to merge into: a tombstone refuses copies older than the patch, so the
-            // mirror of an earlier write that arrives after it cannot cache a version without it.
+            // Nothing to merge into: a tombstone refuses copies up to the patch, so the mirror of
+            // an earlier write that arrives after it cannot cache a version without it.
             garbage.push(Value::Object(patch));
-            self.evict(budget, id.clone(), upserted_at.saturating_sub(1), now_ms, garbage);
+            self.evict(budget, id.clone(), patch_tombstone(upserted_at), now_ms, garbage);
             return Ok(false);
         };
         if cached.upserted_at > upserted_at {
