@@ -124,7 +124,8 @@ pub struct Config {
     /// a mirror that does not fit is dropped (and counted): its documents were evicted already.
     pub mirror_queue_bytes: usize,
     /// How long the mirrors that go after their responses gather before one callout carries
-    /// them (a batch full of them goes at once); 0: each wake-up sends what is waiting.
+    /// them (a batch already full at the wake-up goes at once); 0: each wake-up sends what is
+    /// waiting.
     pub mirror_linger_ms: u64,
 }
 
