@@ -1,9 +1,11 @@
 //! The sidecar's request parsers on any bytes: the mirror callout (parsed and planned), the
-//! pipeline bodies, the filter's registration and eviction messages, and path ids. Errors are
-//! fine; panics are not.
+//! pipeline bodies, the filter's registration and eviction messages (as the filter defines them
+//! and as the sidecar's evict route reads them, ids straight into document ids), and path ids.
+//! Errors are fine; panics are not.
 #![no_main]
 
 use hevlayer_filter::sidecar_api::{EvictRequest, WatermarkRegistration};
+use hevlayer_sidecar::callouts::EvictCallout;
 use hevlayer_sidecar::extract::{check_id, parse_json};
 use hevlayer_sidecar::mirror::{plan, MirrorCallout};
 use hevlayer_sidecar::pipeline::{
@@ -28,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
         7 => {
             drop(parse_json::<WatermarkRegistration>(body));
             drop(parse_json::<EvictRequest>(body));
+            drop(parse_json::<EvictCallout>(body));
         }
         _ => drop(check_id("document id", &String::from_utf8_lossy(body))),
     }
