@@ -13,7 +13,8 @@ def ns():
     return f"e2e-{uuid.uuid4().hex[:10]}"
 
 
-MIRROR_OUTCOMES = ("mirror_ok", "mirror_failed", "mirror_timeout", "mirror_skipped")
+# The counters an accepted write ends in, exactly one each.
+MIRROR_OUTCOMES = ("mirror_ok", "mirror_failed", "mirror_timeout", "mirror_skipped", "writes_unanswered")
 
 
 def mirror_outcomes(gateway):

@@ -13,16 +13,10 @@ const JSON: (&str, &str) = ("content-type", "application/json");
 
 /// The sum of the counters an accepted write ends in (exactly one each).
 fn mirror_outcomes(vm: &Vm) -> i64 {
-    [
-        "mirror_ok",
-        "mirror_failed",
-        "mirror_timeout",
-        "mirror_skipped",
-        "writes_unanswered",
-    ]
-    .iter()
-    .map(|c| vm.counter(&format!("hevlayer.{c}")))
-    .sum()
+    hevlayer_tests::MIRROR_OUTCOMES
+        .iter()
+        .map(|c| vm.counter(c))
+        .sum()
 }
 
 /// Every write's response waits for its mirror (no eviction ahead).

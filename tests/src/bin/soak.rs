@@ -682,16 +682,7 @@ async fn main() -> Result<()> {
         failures.push(format!("{unexpected} unexpected statuses"));
     }
     let accepted = delta("hevlayer.writes_accepted");
-    let outcomes: i64 = [
-        "mirror_ok",
-        "mirror_failed",
-        "mirror_timeout",
-        "mirror_skipped",
-        "writes_unanswered",
-    ]
-    .iter()
-    .map(|c| delta(&format!("hevlayer.{c}")))
-    .sum();
+    let outcomes: i64 = hevlayer_tests::MIRROR_OUTCOMES.iter().map(|c| delta(c)).sum();
     println!("writes accepted by the filter {accepted}, reached the upstream {upstream_writes}; mirror outcomes {outcomes} (ok {}, failed {}, timeout {}, skipped {}, unanswered {})",
         delta("hevlayer.mirror_ok"), delta("hevlayer.mirror_failed"), delta("hevlayer.mirror_timeout"), delta("hevlayer.mirror_skipped"), delta("hevlayer.writes_unanswered"));
     if accepted != upstream_writes {
