@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 
 from conftest import ROOT, free_port, port_open, read_until, wait_until
 
@@ -116,3 +117,15 @@ def test_two_gateways_run_side_by_side_on_one_host():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(5)
+
+
+def test_render_validates_and_passes_the_mirror_linger(tmp_path):
+    render = [sys.executable, str(ROOT / "envoy" / "render.py"), "--profile", "local", "--out", str(tmp_path / "e.yaml")]
+    env = {k: v for k, v in os.environ.items() if k != "MIRROR_LINGER_MS"}
+    ok = subprocess.run(render, env={**env, "MIRROR_LINGER_MS": "5"}, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert '"mirror_linger_ms":5' in (tmp_path / "e.yaml").read_text()
+    for bad in ("1001", "-1", "soon"):
+        refused = subprocess.run(render, env={**env, "MIRROR_LINGER_MS": bad}, capture_output=True, text=True)
+        assert refused.returncode != 0, bad
+        assert "MIRROR_LINGER_MS must be an integer from 0 to 1000" in refused.stderr, refused.stderr
