@@ -380,14 +380,19 @@ impl Exchange {
 
     /// Records that this request used `namespace` (when the watermark is on).
     fn touch(&mut self, namespace: &str, written: bool) {
+        let touch = self.touch_of(namespace, written);
+        self.touches.extend(touch);
+    }
+
+    fn touch_of(&self, namespace: &str, written: bool) -> Option<Touch> {
         if self.config.read_watermark == ReadWatermark::Off {
-            return;
+            return None;
         }
-        self.touches.push(Touch {
+        Some(Touch {
             namespace: namespace.to_owned(),
             written,
             authorization: self.request.forward_authorization.clone(),
-        });
+        })
     }
 
     /// The counter for a body refused for its encoding, by route.
@@ -411,9 +416,10 @@ impl Exchange {
         if !matches!(self.phase, Phase::Start) {
             return (edits, Step::Continue);
         }
-        self.request.route = route::classify(head.method, head.path);
+        let (route, scope) = route::classify_with_scope(head.method, head.path);
+        self.request.route = route;
         self.request.method = head.method.to_owned();
-        if let Err(reply) = self.authenticate(head, &mut edits) {
+        if let Err(reply) = self.authenticate(head, scope, &mut edits) {
             return (edits, self.reply(reply));
         }
         self.request.request_id = head.request_id.to_owned();
@@ -429,8 +435,12 @@ impl Exchange {
 
     /// Checks the caller's credential for the route's scope; in keys mode the caller's key is
     /// replaced by the upstream key and never kept.
-    fn authenticate(&mut self, head: &RequestHead<'_>, edits: &mut HeaderEdits) -> Result<(), LocalReply> {
-        let scope = route::required_scope(head.method, head.path);
+    fn authenticate(
+        &mut self,
+        head: &RequestHead<'_>,
+        scope: Scope,
+        edits: &mut HeaderEdits,
+    ) -> Result<(), LocalReply> {
         self.request.mutates = scope != Scope::Read;
         match authenticate(&self.config, head.authorization, scope) {
             Ok(Credential::Keep) if self.config.auth_mode != AuthMode::Keys => {
@@ -463,12 +473,13 @@ impl Exchange {
                 fenced
             }
             Route::Query { namespace } if self.config.read_watermark != ReadWatermark::Off => {
-                let namespace = namespace.clone();
-                self.request.watermark = head
+                let watermark = head
                     .watermarks
-                    .and_then(|lookup| (lookup.0)(&namespace))
+                    .and_then(|lookup| (lookup.0)(namespace))
                     .filter(|w| w.is_fresh(head.now_ms, self.config.watermark_stale_ms));
-                self.touch(&namespace, false);
+                let touch = self.touch_of(namespace, false);
+                self.request.watermark = watermark;
+                self.touches.extend(touch);
                 false
             }
             _ => false,

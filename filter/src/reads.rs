@@ -9,7 +9,7 @@
 //! with the splices applied; every other byte reaches Turbopuffer unchanged.
 
 use crate::metrics::ReadReason;
-use crate::scan::{Cursor, Kind, Member, MemberCuts, SyntaxError};
+use crate::scan::{Cursor, Kind, Member, MemberCuts, StrToken, SyntaxError};
 use crate::write::{not_an_object, STAMP};
 
 const AS_OF: &str = "as_of";
@@ -142,27 +142,21 @@ impl Scan {
             ..QueryScan::default()
         };
         let mut cuts = MemberCuts::default();
-        let mut seen: Vec<&'static str> = Vec::new();
+        // Which of the fields below were seen (bit by position in `READ_FIELDS`).
+        let mut seen = 0u8;
         let close = cur.object(|cur, m| {
             q.members += 1;
             cuts.begin(&m);
-            let key = cur.text(m.key);
-            let field = match key.as_ref() {
-                AS_OF => Some(AS_OF),
-                BETWEEN => Some(BETWEEN),
-                FILTERS => Some(FILTERS),
-                CONSISTENCY => Some(CONSISTENCY),
-                QUERIES if top => Some(QUERIES),
-                _ => None,
-            };
+            let field = read_field(cur, m.key, top);
             if let Some(name) = field {
-                if seen.contains(&name) {
+                let bit = 1u8 << READ_FIELDS.iter().position(|f| *f == name).unwrap_or(0);
+                if seen & bit != 0 {
                     self.fail(format!(
                         "{label}{name} is given more than once (byte {})",
                         m.key_start
                     ));
                 }
-                seen.push(name);
+                seen |= bit;
             }
             let drop = matches!(field, Some(AS_OF | BETWEEN));
             match field {
@@ -287,6 +281,26 @@ impl Scan {
     }
 }
 
+/// The member names the rewrite reads.
+const READ_FIELDS: [&str; 5] = [AS_OF, BETWEEN, FILTERS, CONSISTENCY, QUERIES];
+
+/// Which of [`READ_FIELDS`] a member's name is (`queries` only at the top level). A name without
+/// escapes is compared as it is, with no decoding: this runs for every member of every query.
+fn read_field(cur: &Cursor<'_>, key: StrToken, top: bool) -> Option<&'static str> {
+    let decoded;
+    let name: &[u8] = if key.escaped {
+        decoded = cur.text(key);
+        decoded.as_bytes()
+    } else {
+        cur.bytes().get(key.start..key.end).unwrap_or_default()
+    };
+    READ_FIELDS
+        .iter()
+        .copied()
+        .find(|f| f.as_bytes() == name)
+        .filter(|f| top || *f != QUERIES)
+}
+
 /// `consistency.level`: Some(true) for "eventual", Some(false) for another string.
 fn consistency_level(cur: &mut Cursor<'_>) -> crate::scan::Result<Option<bool>> {
     if cur.peek_kind()? != Kind::Object {
@@ -307,14 +321,17 @@ fn consistency_level(cur: &mut Cursor<'_>) -> crate::scan::Result<Option<bool>> 
 
 /// A non-negative JSON integer no larger than [`MAX_BOUND`] (no sign, fraction or exponent).
 fn integer(kind: Kind, text: &[u8]) -> Option<u64> {
-    if kind != Kind::Number || !text.iter().all(u8::is_ascii_digit) {
+    if kind != Kind::Number || text.is_empty() {
         return None;
     }
-    std::str::from_utf8(text)
-        .ok()?
-        .parse::<u64>()
-        .ok()
-        .filter(|&n| n <= MAX_BOUND)
+    let mut n: u64 = 0;
+    for &b in text {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+    }
+    (n <= MAX_BOUND).then_some(n)
 }
 
 /// A value's text for a message, cut short if long.
@@ -328,56 +345,86 @@ fn shown(text: &[u8]) -> String {
     }
 }
 
-/// The predicate a window selects.
-fn window_predicate(window: Window) -> Vec<u8> {
+/// Appends the predicate a window selects.
+fn window_predicate(window: Window, out: &mut Vec<u8>) {
     match window {
-        Window::AsOf(t) => lte(t),
+        Window::AsOf(t) => condition("Lte", t, out),
         Window::Between(lo, hi) => {
-            let mut out = b"[\"And\",[".to_vec();
-            out.extend_from_slice(&condition("Gt", lo));
+            out.extend_from_slice(b"[\"And\",[");
+            condition("Gt", lo, out);
             out.push(b',');
-            out.extend_from_slice(&lte(hi));
+            condition("Lte", hi, out);
             out.extend_from_slice(b"]]");
-            out
         }
     }
 }
 
-fn lte(t: u64) -> Vec<u8> {
-    condition("Lte", t)
+/// Appends `["_hevlayer_upserted_at","<op>",<value>]`.
+fn condition(op: &str, value: u64, out: &mut Vec<u8>) {
+    out.reserve(STAMP.len() + op.len() + 28);
+    out.extend_from_slice(b"[\"");
+    out.extend_from_slice(STAMP.as_bytes());
+    out.extend_from_slice(b"\",\"");
+    out.extend_from_slice(op.as_bytes());
+    out.extend_from_slice(b"\",");
+    push_decimal(value, out);
+    out.push(b']');
 }
 
-fn condition(op: &str, value: u64) -> Vec<u8> {
-    format!("[\"{STAMP}\",\"{op}\",{value}]").into_bytes()
-}
-
-/// `["And",[a,b,..]]` of the given filters (the filter itself when there is one).
-fn and(parts: &[&[u8]]) -> Vec<u8> {
-    if let [one] = parts {
-        return one.to_vec();
-    }
-    let mut out = b"[\"And\",[".to_vec();
-    for (i, part) in parts.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
+/// Appends `n` in decimal.
+fn push_decimal(mut n: u64, out: &mut Vec<u8>) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
         }
-        out.extend_from_slice(part);
     }
-    out.extend_from_slice(b"]]");
-    out
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// A query object's predicates, comma-separated, and how many there are.
+#[derive(Default)]
+struct Predicates {
+    list: Vec<u8>,
+    count: usize,
+}
+
+impl Predicates {
+    /// Starts the next predicate (the caller appends it).
+    fn next(&mut self) -> &mut Vec<u8> {
+        if self.count > 0 {
+            self.list.push(b',');
+        }
+        self.count += 1;
+        &mut self.list
+    }
+
+    /// `["And",[a,b,..]]` of the predicates (the predicate itself when there is one).
+    fn and(&self, out: &mut Vec<u8>) {
+        if self.count == 1 {
+            out.extend_from_slice(&self.list);
+            return;
+        }
+        out.extend_from_slice(b"[\"And\",[");
+        out.extend_from_slice(&self.list);
+        out.extend_from_slice(b"]]");
+    }
 }
 
 /// Adds the edits of one query object: its cuts, and its predicates AND-ed into `filters`.
-fn rewrite(q: &QueryScan, predicates: &[Vec<u8>], edits: &mut Vec<Edit>) {
+fn rewrite(q: &QueryScan, predicates: &Predicates, edits: &mut Vec<Edit>) {
     edits.extend(q.cuts.iter().map(|&(start, end)| Edit {
         start,
         end,
         insert: Vec::new(),
     }));
-    if predicates.is_empty() {
+    if predicates.count == 0 {
         return;
     }
-    let parts: Vec<&[u8]> = predicates.iter().map(Vec::as_slice).collect();
     match q.filters {
         Some(f) if !f.null => {
             edits.push(Edit {
@@ -385,11 +432,9 @@ fn rewrite(q: &QueryScan, predicates: &[Vec<u8>], edits: &mut Vec<Edit>) {
                 end: f.start,
                 insert: b"[\"And\",[".to_vec(),
             });
-            let mut tail = Vec::new();
-            for part in &parts {
-                tail.push(b',');
-                tail.extend_from_slice(part);
-            }
+            let mut tail = Vec::with_capacity(predicates.list.len() + 3);
+            tail.push(b',');
+            tail.extend_from_slice(&predicates.list);
             tail.extend_from_slice(b"]]");
             edits.push(Edit {
                 start: f.end,
@@ -397,14 +442,19 @@ fn rewrite(q: &QueryScan, predicates: &[Vec<u8>], edits: &mut Vec<Edit>) {
                 insert: tail,
             });
         }
-        Some(f) => edits.push(Edit {
-            start: f.start,
-            end: f.end,
-            insert: and(&parts),
-        }),
+        Some(f) => {
+            let mut insert = Vec::with_capacity(predicates.list.len() + 10);
+            predicates.and(&mut insert);
+            edits.push(Edit {
+                start: f.start,
+                end: f.end,
+                insert,
+            });
+        }
         None => {
-            let mut member = b"\"filters\":".to_vec();
-            member.extend_from_slice(&and(&parts));
+            let mut member = Vec::with_capacity(predicates.list.len() + 22);
+            member.extend_from_slice(b"\"filters\":");
+            predicates.and(&mut member);
             if q.members > q.dropped {
                 member.push(b',');
             }
@@ -452,13 +502,13 @@ pub fn plan(body: &[u8], watermark: WatermarkRule) -> Result<ReadPlan, ReadRejec
             .filter(|_| watermark.always || q.eventual.or(inherited).unwrap_or(false))
     };
     let add = |q: &QueryScan, inherited: Option<bool>, plan: &mut ReadPlan| {
-        let mut predicates = Vec::new();
+        let mut predicates = Predicates::default();
         if let Some(window) = q.window {
-            predicates.push(window_predicate(window));
+            window_predicate(window, predicates.next());
             plan.temporal += 1;
         }
         if let Some(w) = watermarked(q, inherited) {
-            predicates.push(lte(w));
+            condition("Lte", w, predicates.next());
             plan.watermarked += 1;
         }
         rewrite(q, &predicates, &mut plan.edits);

@@ -181,7 +181,13 @@ impl Tracker {
 
     /// This worker's copy of a tracked namespace's watermark.
     pub fn watermark(&self, namespace: &str) -> Option<Watermark> {
-        self.entries.get(namespace).and_then(|t| t.watermark)
+        self.lookup(namespace).flatten()
+    }
+
+    /// `Some` when `namespace` is tracked here: its watermark as this worker last heard it (the
+    /// root refreshes every tracked namespace, so no other copy is newer); `None` otherwise.
+    pub fn lookup(&self, namespace: &str) -> Option<Option<Watermark>> {
+        self.entries.get(namespace).map(|t| t.watermark)
     }
 
     /// Keeps the sidecar's answer for the namespaces still tracked.
@@ -320,6 +326,8 @@ mod tests {
         let mut t = Tracker::new(10, 60_000);
         t.touch(touch("a", false, None), 0);
         assert_eq!(t.watermark("a"), None);
+        assert_eq!(t.lookup("a"), Some(None), "tracked, its watermark not heard yet");
+        assert_eq!(t.lookup("untracked"), None);
         let w = Watermark {
             at_ms: 5,
             updating: true,

@@ -392,6 +392,24 @@ fn expected(input: &Value, watermark: Option<u64>) -> Value {
 
 proptest! {
     #[test]
+    fn decimals_are_written_as_display_writes_them(n in any::<u64>()) {
+        let mut out = b"x".to_vec();
+        push_decimal(n, &mut out);
+        prop_assert_eq!(out, format!("x{n}").into_bytes());
+    }
+
+    #[test]
+    fn bounds_read_as_the_standard_parser_reads_them(text in "[0-9]{0,22}|[0-9.eE+-]{1,6}") {
+        let parsed = if text.bytes().all(|b| b.is_ascii_digit()) {
+            text.parse::<u64>().ok().filter(|&n| n <= MAX_BOUND)
+        } else {
+            None
+        };
+        prop_assert_eq!(integer(Kind::Number, text.as_bytes()), parsed);
+        prop_assert_eq!(integer(Kind::String, text.as_bytes()), None);
+    }
+
+    #[test]
     fn rewrites_keep_every_other_byte_and_mean_what_they_should(g in query(), watermark in prop::option::of(0u64..5_000)) {
         let body = text_of(&g);
         let input: Value = serde_json::from_str(&body).unwrap();

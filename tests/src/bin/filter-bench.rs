@@ -207,12 +207,32 @@ fn one_row_body() -> String {
     )
 }
 
+/// A 1 KB vector query with `as_of` (the gateway benchmark's).
+fn query_body() -> String {
+    let vector: Vec<String> = (0..110)
+        .map(|i| format!("{:.4}", (i as f32 * 0.37).sin()))
+        .collect();
+    format!(
+        r#"{{"rank_by":["vector","ANN",[{}]],"top_k":10,"include_attributes":["title"],"filters":["title","NotEq",null],"as_of":1795000000000}}"#,
+        vector.join(",")
+    )
+}
+
 fn main() -> Result<()> {
     let strict = match std::env::args().nth(1).as_deref() {
         None => false,
         Some("--strict") => true,
         // For `perf record` (with `HEVLAYER_PERFMAP=1` for the filter's symbols): only the 1-row
-        // write with its callouts, 200,000 times, or the small-rows write 500 times.
+        // write with its callouts, 200,000 times, the small-rows write 500 times, or the 1 KB
+        // as_of query 300,000 times.
+        Some("--profile-query") => {
+            let mut filter = FilterRun::new()?;
+            let query = query_body();
+            for _ in 0..300_000 {
+                filter.query(query.as_bytes())?;
+            }
+            return Ok(());
+        }
         Some(which @ ("--profile-one-row" | "--profile-small-rows")) => {
             let mut filter = FilterRun::new()?;
             let (body, times) = if which == "--profile-one-row" {
@@ -227,7 +247,7 @@ fn main() -> Result<()> {
             return Ok(());
         }
         Some(other) => {
-            bail!("unknown argument {other:?} (usage: filter-bench [--strict | --profile-one-row | --profile-small-rows])")
+            bail!("unknown argument {other:?} (usage: filter-bench [--strict | --profile-one-row | --profile-small-rows | --profile-query])")
         }
     };
     let fixtures = fixtures();
@@ -359,13 +379,7 @@ fn main() -> Result<()> {
     ));
 
     // A 1 KB vector query with as_of (the gateway benchmark's): the read rewrite per request.
-    let vector: Vec<String> = (0..110)
-        .map(|i| format!("{:.4}", (i as f32 * 0.37).sin()))
-        .collect();
-    let query = format!(
-        r#"{{"rank_by":["vector","ANN",[{}]],"top_k":10,"include_attributes":["title"],"filters":["title","NotEq",null],"as_of":1795000000000}}"#,
-        vector.join(",")
-    );
+    let query = query_body();
     let per_query = timer.best(|| filter.query(query.as_bytes()))?;
     println!(
         "1 KB query with as_of ({} bytes) through the whole filter in wasmtime: {:.1} us per request",

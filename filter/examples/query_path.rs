@@ -1,0 +1,66 @@
+//! Runs the gateway benchmark's 1 KB `as_of` query through the filter's core N times (default 1):
+//! request headers, body, response headers and the end of the stream, as the glue drives them,
+//! and the worker's namespace tracker. A native profile target for the per-query work
+//! (`valgrind --tool=callgrind`; instructions per query = (total at N) - (total at 1), / N-1).
+
+use hevlayer_filter::config::Config;
+use hevlayer_filter::exchange::{Exchange, RequestHead, Step, WatermarkLookup};
+use hevlayer_filter::watermark::Tracker;
+use std::rc::Rc;
+
+fn query_body() -> Vec<u8> {
+    let vector: Vec<String> = (0..110)
+        .map(|i| format!("{:.4}", (i as f32 * 0.37).sin()))
+        .collect();
+    format!(
+        r#"{{"rank_by":["vector","ANN",[{}]],"top_k":10,"include_attributes":["title"],"filters":["title","NotEq",null],"as_of":1795000000000}}"#,
+        vector.join(",")
+    )
+    .into_bytes()
+}
+
+fn main() {
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1);
+    let body = query_body();
+    let len = body.len().to_string();
+    let config = Rc::new(Config::default());
+    let mut tracker = Tracker::new(1_000, 60_000);
+    let now_ms = 1_795_000_000_000;
+    let mut forwarded = 0;
+    for _ in 0..n {
+        let mut exchange = Exchange::new(Rc::clone(&config));
+        let lookup = |namespace: &str| tracker.watermark(namespace);
+        let head = RequestHead {
+            method: "POST",
+            path: "/v2/namespaces/bench/query",
+            authorization: Some("Bearer bench"),
+            content_length: Some(&len),
+            content_encoding: None,
+            content_type: Some("application/json"),
+            request_id: "0123456789abcdef0123456789abcdef",
+            traceparent: None,
+            tracestate: None,
+            end_of_stream: false,
+            now_ms,
+            watermarks: Some(WatermarkLookup(&lookup)),
+            fences: None,
+        };
+        let _ = exchange.on_request_headers(&head);
+        let step = exchange.on_request_body(body.len(), true, 0, &mut |start, size| {
+            body.get(start..start + size).map(<[u8]>::to_vec)
+        });
+        if let Step::Forward(Some(rewritten)) = step {
+            forwarded += rewritten.len();
+        }
+        let _ = exchange.on_response_headers(200, None, false, 0);
+        exchange.on_stream_end();
+        let _ = exchange.take_counters();
+        for touch in exchange.take_touches() {
+            tracker.touch(touch, now_ms);
+        }
+    }
+    println!("{n} queries, {forwarded} bytes forwarded");
+}
