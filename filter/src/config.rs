@@ -17,6 +17,9 @@ pub const DEFAULT_EVICT_AHEAD_MAX_IDS: usize = 10_000;
 pub const DEFAULT_MIRROR_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 /// How long a worker lets mirrors gather before it sends them (after their responses).
 pub const DEFAULT_MIRROR_LINGER_MS: u64 = 2;
+/// Counter increments a worker adds up before it records them (each tick records them too).
+pub const DEFAULT_COUNTER_BATCH: u32 = 64;
+pub const MAX_COUNTER_BATCH: u32 = 10_000;
 /// The longest linger accepted: mirrors wait at most this long (their documents are evicted
 /// meanwhile, so fetches go to Turbopuffer).
 pub const MAX_MIRROR_LINGER_MS: u64 = 1_000;
@@ -80,6 +83,7 @@ struct RawConfig {
     evict_ahead_max_ids: Option<usize>,
     mirror_queue_bytes: Option<usize>,
     mirror_linger_ms: Option<u64>,
+    counter_batch: Option<u32>,
 }
 
 /// A gateway key: its SHA-256 digest and scope.
@@ -127,6 +131,10 @@ pub struct Config {
     /// them (a batch already full at the wake-up goes at once); 0: each wake-up sends what is
     /// waiting.
     pub mirror_linger_ms: u64,
+    /// How many counter increments a worker adds up before it records them in Envoy's stats (a
+    /// hostcall per counter); every tick of the root context records what is pending, so no
+    /// count is older than `watermark_refresh_ms`. 1: each is recorded at once.
+    pub counter_batch: u32,
 }
 
 impl Default for Config {
@@ -150,6 +158,7 @@ impl Default for Config {
             evict_ahead_max_ids: DEFAULT_EVICT_AHEAD_MAX_IDS,
             mirror_queue_bytes: DEFAULT_MIRROR_QUEUE_BYTES,
             mirror_linger_ms: DEFAULT_MIRROR_LINGER_MS,
+            counter_batch: DEFAULT_COUNTER_BATCH,
         }
     }
 }
@@ -203,6 +212,12 @@ impl Config {
                 "mirror_linger_ms ({mirror_linger_ms}) must be at most {MAX_MIRROR_LINGER_MS}"
             ));
         }
+        let counter_batch = raw.counter_batch.unwrap_or(DEFAULT_COUNTER_BATCH);
+        if !(1..=MAX_COUNTER_BATCH).contains(&counter_batch) {
+            return Err(format!(
+                "counter_batch ({counter_batch}) must be between 1 and {MAX_COUNTER_BATCH}"
+            ));
+        }
         if watermark_stale_ms <= watermark_refresh_ms {
             return Err(format!(
                 "watermark_stale_ms ({watermark_stale_ms}) must be greater than watermark_refresh_ms ({watermark_refresh_ms}), or every copy would be stale before the next refresh"
@@ -227,6 +242,7 @@ impl Config {
             evict_ahead_max_ids: raw.evict_ahead_max_ids.unwrap_or(DEFAULT_EVICT_AHEAD_MAX_IDS),
             mirror_queue_bytes,
             mirror_linger_ms,
+            counter_batch,
         })
     }
 }
@@ -343,6 +359,8 @@ mod tests {
             r#"{"fence_max_ids":0}"#,
             r#"{"mirror_queue_bytes":0}"#,
             r#"{"mirror_linger_ms":1001}"#,
+            r#"{"counter_batch":0}"#,
+            r#"{"counter_batch":10001}"#,
             r#"{"watermark_refresh_ms":1000,"watermark_stale_ms":1000}"#,
             "not json",
         ] {

@@ -27,6 +27,9 @@ ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ROOT / ".tools"
 ENVOY = TOOLS / "venv" / "bin" / "envoy"
 MINIFUGU = TOOLS / "bin" / "minifugu"
+# Longer than the filter's tick (`watermark_refresh_ms`, 500 ms by default), which records the
+# counter increments a worker added up (`counter_batch`).
+COUNTER_FLUSH_WAIT_S = 0.7
 SIDECAR = ROOT / "target" / "release" / "hevlayer-sidecar"
 FILTER = Path(os.environ.get("HEVLAYER_FILTER_WASM", ROOT / "target/wasm32-wasip1/release/hevlayer_filter.wasm"))
 AUTH = {"authorization": "Bearer e2e-key"}
@@ -116,7 +119,10 @@ class Gateway:
         wait_until(lambda: httpx.get(f"http://127.0.0.1:{self.admin}/ready").status_code == 200, f"envoy {name}")
 
     def counters(self):
-        """The filter's counters by name (`hevlayer.x`; Envoy lists them as `wasmcustom.hevlayer.x`)."""
+        """The filter's counters by name (`hevlayer.x`; Envoy lists them as `wasmcustom.hevlayer.x`).
+        Each worker adds its increments up and records them at its next tick (every
+        `watermark_refresh_ms`, 500 ms here), so this waits for one first."""
+        time.sleep(COUNTER_FLUSH_WAIT_S)
         text = httpx.get(f"http://127.0.0.1:{self.admin}/stats", params={"filter": r"^wasmcustom\.hevlayer\."}).text
         found = {}
         for line in text.splitlines():

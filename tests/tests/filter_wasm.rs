@@ -25,20 +25,28 @@ const WAITS_FOR_MIRROR: &str = r#"{"evict_ahead_max_ids":0}"#;
 /// A VM under `config`; mirrors after their responses go at each wake-up (`mirror_linger_ms: 0`)
 /// unless `config` says otherwise, so that a test sees them right after the stream.
 fn vm(config: &str) -> Vm {
-    let mut value: serde_json::Value = if config.trim().is_empty() {
+    lingering_vm(&with_default(config, "mirror_linger_ms", 0))
+}
+
+/// `config` (a JSON object) with `field` set to `value` unless it names one.
+fn with_default(config: &str, field: &str, value: u64) -> String {
+    let mut parsed: serde_json::Value = if config.trim().is_empty() {
         serde_json::json!({})
     } else {
         serde_json::from_str(config).unwrap()
     };
-    if let Some(object) = value.as_object_mut() {
-        object.entry("mirror_linger_ms").or_insert(serde_json::json!(0));
+    if let Some(object) = parsed.as_object_mut() {
+        object.entry(field).or_insert(serde_json::json!(value));
     }
-    lingering_vm(&value.to_string())
+    parsed.to_string()
 }
 
-/// A VM under exactly `config` (the default linger unless it names one).
+/// A VM under `config` (the default linger unless it names one); each counter increment is
+/// recorded at once (`counter_batch: 1`) unless `config` says otherwise, so that a test reads
+/// its counters right after the stream.
 fn lingering_vm(config: &str) -> Vm {
-    let mut vm = filter().unwrap().start(config).unwrap();
+    let config = with_default(config, "counter_batch", 1);
+    let mut vm = filter().unwrap().start(&config).unwrap();
     vm.set_time_ms(NOW_MS);
     vm
 }
@@ -1031,6 +1039,36 @@ fn a_query_with_as_of_reaches_turbopuffer_with_the_predicate_and_nothing_else_ch
         String::from_utf8_lossy(&outputs[0]),
         r#"{"filters":["_hevlayer_upserted_at","Lte",1795000000000],"rank_by": ["id", "asc"], "top_k": 5, "include_attributes": ["_hevlayer_upserted_at"]}"#
     );
+}
+
+/// With `counter_batch` above 1, increments are added up in the VM and recorded when that many
+/// are pending, or at the root context's next tick; nothing is lost or counted twice.
+#[test]
+fn counters_are_added_up_and_recorded_by_the_batch_or_at_the_tick() {
+    let body = br#"{"top_k": 1, "as_of": 5}"#;
+    let temporal = "hevlayer.queries_rewritten.temporal";
+    let unknown = "hevlayer.queries_without_watermark";
+    // Each query counts two increments (a temporal rewrite, no watermark known).
+    let mut vm = lingering_vm(r#"{"counter_batch":1000}"#);
+    for _ in 0..3 {
+        let mut s = send_query(&mut vm, body, body.len());
+        s.respond(200, &[JSON], b"{}", "via_upstream").unwrap();
+        s.finish().unwrap();
+    }
+    assert_eq!(vm.counter(temporal), 0, "pending until the tick");
+    vm.tick().unwrap();
+    assert_eq!((vm.counter(temporal), vm.counter(unknown)), (3, 3));
+    vm.tick().unwrap();
+    assert_eq!(vm.counter(temporal), 3, "recorded once");
+
+    let mut vm = lingering_vm(r#"{"counter_batch":4}"#);
+    for (query, recorded) in [(1, 0), (2, 2), (3, 2), (4, 4)] {
+        let mut s = send_query(&mut vm, body, body.len());
+        s.respond(200, &[JSON], b"{}", "via_upstream").unwrap();
+        s.finish().unwrap();
+        assert_eq!(vm.counter(temporal), recorded, "after query {query}");
+        assert_eq!(vm.counter(unknown), recorded, "after query {query}");
+    }
 }
 
 #[test]

@@ -255,6 +255,44 @@ impl Root {
         }
         Ok(answer.len())
     }
+
+    /// The timer's work: after a linger, send what gathered; each refresh period, the
+    /// housekeeping (memory gauge, lost wake-ups, expired flights, watermarks, evictions).
+    fn tick(&mut self, now: u64) {
+        if self.lingering {
+            // The linger is over: send what gathered, and back to the refresh period.
+            self.lingering = false;
+            self.set_tick_period(Duration::from_millis(self.config().watermark_refresh_ms));
+            if let Ok(mut q) = self.shared.mirrors.try_borrow_mut() {
+                q.woken();
+            }
+            self.send_mirrors(now);
+            if now.saturating_sub(self.housekept_ms) < self.config().watermark_refresh_ms {
+                return;
+            }
+        }
+        self.housekept_ms = now;
+        self.metrics().report_memory();
+        // Mirrors a failed or lost wake-up left behind (the next mirror wakes the root again),
+        // and flights no answer came for.
+        if let Ok(mut q) = self.shared.mirrors.try_borrow_mut() {
+            q.woken();
+        }
+        self.send_mirrors(now);
+        let limit = self.config().mirror_timeout_ms + CALLOUT_TIMEOUT_MS;
+        let expired = self
+            .shared
+            .mirrors
+            .try_borrow_mut()
+            .map_or(0, |mut q| q.expire(now, limit));
+        if expired > 0 {
+            self.metrics().record(vec![Counter::MirrorTimeout; expired]);
+        }
+        if self.config().read_watermark != ReadWatermark::Off {
+            self.register(now);
+        }
+        self.evict(now);
+    }
 }
 
 impl Context for Root {
@@ -361,8 +399,8 @@ impl RootContext for Root {
                 // The timer drives the watermark refresh and the evictions.
                 self.set_tick_period(Duration::from_millis(config.watermark_refresh_ms));
                 self.housekept_ms = now_ms();
+                self.shared.metrics = Rc::new(Metrics::define(config.counter_batch));
                 self.shared.config = Rc::new(config);
-                self.shared.metrics = Rc::new(Metrics::define());
                 true
             }
             Err(e) => {
@@ -394,39 +432,9 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         let now = now_ms();
         self.shared.tick_clock.set(now);
-        if self.lingering {
-            // The linger is over: send what gathered, and back to the refresh period.
-            self.lingering = false;
-            self.set_tick_period(Duration::from_millis(self.config().watermark_refresh_ms));
-            if let Ok(mut q) = self.shared.mirrors.try_borrow_mut() {
-                q.woken();
-            }
-            self.send_mirrors(now);
-            if now.saturating_sub(self.housekept_ms) < self.config().watermark_refresh_ms {
-                return;
-            }
-        }
-        self.housekept_ms = now;
-        self.metrics().report_memory();
-        // Mirrors a failed or lost wake-up left behind (the next mirror wakes the root again),
-        // and flights no answer came for.
-        if let Ok(mut q) = self.shared.mirrors.try_borrow_mut() {
-            q.woken();
-        }
-        self.send_mirrors(now);
-        let limit = self.config().mirror_timeout_ms + CALLOUT_TIMEOUT_MS;
-        let expired = self
-            .shared
-            .mirrors
-            .try_borrow_mut()
-            .map_or(0, |mut q| q.expire(now, limit));
-        if expired > 0 {
-            self.metrics().record(vec![Counter::MirrorTimeout; expired]);
-        }
-        if self.config().read_watermark != ReadWatermark::Off {
-            self.register(now);
-        }
-        self.evict(now);
+        self.tick(now);
+        // What the streams and this tick counted since the last one (see `Metrics`).
+        self.metrics().flush();
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
