@@ -158,10 +158,9 @@ pub struct NamespaceWatermark {
 pub fn mirror_body(namespace: &str, upserted_at: u64, write: &[u8], response: Option<&[u8]>) -> Vec<u8> {
     let mut out = Vec::with_capacity(write.len() + response.map_or(0, <[u8]>::len) + namespace.len() + 80);
     out.extend_from_slice(b"{\"namespace\":");
-    // Serialising a &str cannot fail.
-    out.extend_from_slice(serde_json::to_string(namespace).unwrap_or_default().as_bytes());
+    push_json_string(&mut out, namespace);
     out.extend_from_slice(b",\"upserted_at\":");
-    out.extend_from_slice(upserted_at.to_string().as_bytes());
+    push_decimal(&mut out, upserted_at);
     out.extend_from_slice(b",\"write\":");
     out.extend_from_slice(write);
     out.extend_from_slice(b",\"response\":");
@@ -183,8 +182,7 @@ pub fn push_fence<'a>(
     stamp: u64,
 ) {
     body.extend_from_slice(b"{\"namespace\":");
-    // Serialising a &str cannot fail.
-    body.extend_from_slice(serde_json::to_string(namespace).unwrap_or_default().as_bytes());
+    push_json_string(body, namespace);
     body.extend_from_slice(b",\"ids\":");
     match ids {
         None => body.extend_from_slice(b"null"),
@@ -200,13 +198,43 @@ pub fn push_fence<'a>(
         }
     }
     body.extend_from_slice(b",\"stamp\":");
-    body.extend_from_slice(stamp.to_string().as_bytes());
+    push_decimal(body, stamp);
     body.push(b'}');
+}
+
+/// Appends `text` as a JSON string (the callout bodies are built on every write).
+fn push_json_string(out: &mut Vec<u8>, text: &str) {
+    let plain = text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
+    if plain {
+        out.reserve(text.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(text.as_bytes());
+        out.push(b'"');
+    } else {
+        // Writing a &str into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, text);
+    }
+}
+
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// An [`EvictRequest`] body with the one fence of a write stamped `stamp` that names `ids`.
 pub fn evict_body<'a>(namespace: &str, ids: impl IntoIterator<Item = &'a [u8]>, stamp: u64) -> Vec<u8> {
-    let mut body = b"{\"fences\":[".to_vec();
+    let mut body = Vec::with_capacity(96 + namespace.len());
+    body.extend_from_slice(b"{\"fences\":[");
     push_fence(&mut body, namespace, Some(ids), stamp);
     body.extend_from_slice(b"]}");
     body
@@ -223,6 +251,33 @@ pub fn purge_body(namespace: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strings_and_numbers_are_written_as_serde_json_writes_them() {
+        for text in [
+            "",
+            "ns",
+            "a\"b",
+            "back\\slash",
+            "tab\there",
+            "\u{1}",
+            "é ünï €",
+            "\u{7f}/x",
+        ] {
+            let mut out = b"[".to_vec();
+            push_json_string(&mut out, text);
+            assert_eq!(
+                out,
+                format!("[{}", serde_json::to_string(text).unwrap()).into_bytes(),
+                "{text:?}"
+            );
+        }
+        for n in [0, 7, 10, 1_795_000_000_000, u64::MAX] {
+            let mut out = Vec::new();
+            push_decimal(&mut out, n);
+            assert_eq!(out, n.to_string().into_bytes());
+        }
+    }
 
     #[test]
     fn mirror_batches_carry_mirror_requests_in_order() {
