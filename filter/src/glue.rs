@@ -314,11 +314,9 @@ fn now_ms() -> u64 {
 /// A callout's answer: its status (`None` when it was reset, or when its body cannot be read:
 /// an answer the filter cannot see is no answer), headers and body.
 fn call_answer(body_size: usize) -> (Option<u16>, Vec<(String, String)>, Vec<u8>) {
-    let headers = host::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
-    let status = headers
-        .iter()
-        .find(|(k, _)| k == ":status")
-        .and_then(|(_, v)| v.parse::<u16>().ok());
+    let pairs = buffers::pairs(MapType::HttpCallResponseHeaders).unwrap_or_default();
+    let status = pairs.get(":status").and_then(|v| v.parse::<u16>().ok());
+    let headers = pairs.to_vec();
     match read_body(BufferType::HttpCallResponseBody, 0, body_size) {
         Some(body) => (status, headers, body),
         None => (None, headers, Vec::new()),
@@ -563,14 +561,9 @@ impl HttpContext for Filter {
 
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let map = MapType::HttpRequestHeaders;
-        // One hostcall for the whole map instead of one per header.
-        let headers = host::get_map(map).unwrap_or_default();
-        let get = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str())
-        };
+        // One hostcall for the whole map instead of one per header, read in place.
+        let headers = buffers::pairs(map).unwrap_or_default();
+        let get = |name: &str| headers.get(name);
         // A tracked namespace's watermark is in this worker's own copy (no hostcall); any
         // other's in shared data.
         let tracker = Rc::clone(&self.shared.tracker);

@@ -14,6 +14,7 @@ pub mod fence;
 pub mod metrics;
 pub mod mirrors;
 pub mod outcome;
+pub mod pairs;
 pub mod reads;
 pub mod response;
 pub mod route;

@@ -1,12 +1,14 @@
-//! The body-buffer hostcalls, with every status reported to the caller.
+//! The body-buffer and header-map hostcalls, with every status reported to the caller.
 //!
-//! The SDK's `hostcalls::get_buffer` and `hostcalls::set_buffer` panic on a status they do not
-//! expect (anything but Ok, and NotFound for reads). In the filter a panic is a trap that leaves
+//! The SDK's `hostcalls::get_buffer`, `hostcalls::set_buffer` and `hostcalls::get_map` panic on a
+//! status they do not expect (anything but Ok, and NotFound for reads), `get_map` also on a header
+//! value that is not UTF-8 (see [`crate::pairs`]). In the filter a panic is a trap that leaves
 //! the VM failed, and Envoy then fails every request on it; a body Envoy will not hand over or
 //! replace is a fault with its own answer (a 500 and a counter, or an undone mirror that is
 //! fenced). So these two calls go to the ABI directly, and any status comes back as an error.
 
-use proxy_wasm::types::BufferType;
+use crate::pairs::Pairs;
+use proxy_wasm::types::{BufferType, MapType};
 use std::ptr::null_mut;
 
 const OK: u32 = 0;
@@ -31,6 +33,25 @@ extern "C" {
         data: *const u8,
         data_size: usize,
     ) -> u32;
+    fn proxy_get_header_map_pairs(map_type: u32, return_data: *mut *mut u8, return_size: *mut usize) -> u32;
+}
+
+/// A whole header map in one hostcall, kept as the host serialized it; a map the host does not
+/// have (NotFound) is empty. `Err` carries the host's status.
+pub fn pairs(map: MapType) -> Result<Pairs, u32> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: as in `read`.
+    let status = unsafe { proxy_get_header_map_pairs(map as u32, &mut data, &mut size) };
+    match status {
+        OK if data.is_null() => Ok(Pairs::default()),
+        // SAFETY: as in `read`: `size` bytes allocated through the module's allocator.
+        OK => Ok(Pairs::from_serialized(unsafe {
+            Vec::from_raw_parts(data, size, size)
+        })),
+        NOT_FOUND => Ok(Pairs::default()),
+        status => Err(status),
+    }
 }
 
 /// Up to `max` bytes of `buffer` from `start`; a buffer Envoy does not have (NotFound) is empty.
