@@ -20,10 +20,7 @@ fn query_body() -> Vec<u8> {
 }
 
 fn main() {
-    let n: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(1);
+    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1);
     let body = query_body();
     let len = body.len().to_string();
     let config = Rc::new(Config::default());
