@@ -296,6 +296,12 @@ impl Root {
 }
 
 impl Context for Root {
+    /// The VM is shutting down (a new configuration, Envoy draining): record what is pending.
+    fn on_done(&mut self) -> bool {
+        self.metrics().flush();
+        true
+    }
+
     fn on_http_call_response(
         &mut self,
         token: u32,
