@@ -125,6 +125,13 @@ pub mod swar {
         }
     }
 
+    /// Which bytes of two blocks are equal.
+    pub fn same(x: &[u8; 16], y: &[u8; 16]) -> u16 {
+        let word = |s: &[u8]| u64::from_le_bytes(s.try_into().unwrap_or_default());
+        let half = |a: &[u8], b: &[u8]| gather(equal(word(a) ^ word(b), 0));
+        half(&x[..8], &y[..8]) | (half(&x[8..], &y[8..]) << 8)
+    }
+
     /// The specials of a block only (a string's plain run).
     pub fn special(bytes: &[u8; 16]) -> u16 {
         let (lo, hi) = bytes.split_at(8);
@@ -202,6 +209,10 @@ pub mod simd {
 
     pub fn special(bytes: &[u8; 16]) -> u16 {
         u8x16_bitmask(specials(load(bytes)))
+    }
+
+    pub fn same(x: &[u8; 16], y: &[u8; 16]) -> u16 {
+        u8x16_bitmask(u8x16_eq(load(x), load(y)))
     }
 
     /// The number classes of 64 bytes, without the string specials.
@@ -316,6 +327,11 @@ pub mod sse2 {
         specials(load(bytes))
     }
 
+    pub fn same(x: &[u8; 16], y: &[u8; 16]) -> u16 {
+        // SAFETY: SSE2 is part of x86_64.
+        mask(unsafe { _mm_cmpeq_epi8(load(x), load(y)) })
+    }
+
     /// The number classes of 64 bytes, without the string specials.
     #[inline]
     pub fn numbers(bytes: &[u8; 64]) -> super::Wide {
@@ -394,6 +410,15 @@ pub fn plain_run(b: &[u8], mut i: usize) -> usize {
         i += 16;
     }
     i
+}
+
+/// Whether `b[x..x + len]` and `b[y..y + len]` are the same bytes, for `len` up to 16 with 16
+/// bytes to read at both places: one compare of two blocks (`None` otherwise).
+#[inline]
+pub fn same_prefix(b: &[u8], x: usize, y: usize, len: usize) -> Option<bool> {
+    let block = |at: usize| b.get(at..at + 16).and_then(|c| <&[u8; 16]>::try_from(c).ok());
+    let wanted = u16::MAX.checked_shr(16 - len.min(16) as u32).unwrap_or(0);
+    Some(fast::same(block(x)?, block(y)?) & wanted == wanted)
 }
 
 /// Where the closing quote is when a string's content from `start` is plain up to it within
@@ -604,6 +629,11 @@ mod tests {
             prop_assert_eq!(fast::classify(&bytes), reference(&bytes));
             prop_assert_eq!(fast::special(&bytes), reference(&bytes).special);
             prop_assert_eq!(swar::special(&bytes), reference(&bytes).special);
+            let mut other = bytes;
+            other[usize::from(bytes[0] % 16)] ^= bytes[1] & 1;
+            let same: u16 = (0..16).filter(|&k| bytes[k] == other[k]).map(|k| 1 << k).sum();
+            prop_assert_eq!(fast::same(&bytes, &other), same);
+            prop_assert_eq!(swar::same(&bytes, &other), same);
         }
 
         #[test]
