@@ -246,16 +246,20 @@ pub mod simd {
         w
     }
 
-    /// Whether any of 64 bytes is special, with one test instead of four masks.
+    /// Whether any of `N` bytes (a multiple of 16) is special, with one test instead of a mask
+    /// per block.
     #[inline]
-    pub fn any_special(bytes: &[u8; 64]) -> bool {
-        let v = |k: usize| load_at(bytes, k);
-        // A byte below 0x20 (signed) anywhere is one below it in the lane-wise minimum.
-        let low = i8x16_min(i8x16_min(v(0), v(1)), i8x16_min(v(2), v(3)));
-        let marks = v128_or(
-            v128_or(quote_or_backslash(v(0)), quote_or_backslash(v(1))),
-            v128_or(quote_or_backslash(v(2)), quote_or_backslash(v(3))),
-        );
+    pub fn any_special<const N: usize>(bytes: &[u8; N]) -> bool {
+        let p = bytes.as_ptr();
+        // SAFETY: k * 16 + 16 <= N, so each load stays inside the array; no alignment needed.
+        let v = |k: usize| unsafe { core::ptr::read_unaligned(p.add(16 * k).cast::<v128>()) };
+        let mut low = v(0);
+        let mut marks = quote_or_backslash(low);
+        for k in 1..N / 16 {
+            // A byte below 0x20 (signed) anywhere is one below it in the lane-wise minimum.
+            low = i8x16_min(low, v(k));
+            marks = v128_or(marks, quote_or_backslash(v(k)));
+        }
         v128_any_true(v128_or(marks, control_or_high(low)))
     }
 }
@@ -396,11 +400,18 @@ pub fn classify(b: &[u8], at: usize) -> Option<Block> {
 #[inline]
 pub fn plain_run(b: &[u8], mut i: usize) -> usize {
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-    while let Some(chunk) = b.get(i..i + 64).and_then(|c| <&[u8; 64]>::try_from(c).ok()) {
-        if simd::any_special(chunk) {
-            break;
+    {
+        while let Some(chunk) = b.get(i..i + 128).and_then(|c| <&[u8; 128]>::try_from(c).ok()) {
+            if simd::any_special(chunk) {
+                break;
+            }
+            i += 128;
         }
-        i += 64;
+        if let Some(chunk) = b.get(i..i + 64).and_then(|c| <&[u8; 64]>::try_from(c).ok()) {
+            if !simd::any_special(chunk) {
+                i += 64;
+            }
+        }
     }
     while let Some(block) = b.get(i..i + 16).and_then(|c| <&[u8; 16]>::try_from(c).ok()) {
         let special = fast::special(block);
