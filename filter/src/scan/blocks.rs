@@ -116,6 +116,22 @@ pub mod swar {
         super::Wide::join([block(0), block(1), block(2), block(3)])
     }
 
+    /// [`numbers`] without the exponent classes (`e`, `E`, `+`), which stay empty.
+    pub fn plain_numbers(bytes: &[u8; 64]) -> super::Wide {
+        super::Wide {
+            exp: 0,
+            plus: 0,
+            ..numbers(bytes)
+        }
+    }
+
+    /// Which bytes of two blocks are equal.
+    pub fn same(x: &[u8; 16], y: &[u8; 16]) -> u16 {
+        let word = |s: &[u8]| u64::from_le_bytes(s.try_into().unwrap_or_default());
+        let half = |a: &[u8], b: &[u8]| gather(equal(word(a) ^ word(b), 0));
+        half(&x[..8], &y[..8]) | (half(&x[8..], &y[8..]) << 8)
+    }
+
     /// The specials of a block only (a string's plain run).
     pub fn special(bytes: &[u8; 16]) -> u16 {
         let (lo, hi) = bytes.split_at(8);
@@ -143,23 +159,45 @@ pub mod simd {
         u8x16_bitmask(u8x16_eq(v, u8x16_splat(c)))
     }
 
+    /// Bytes below 0x20 or from 0x80 up: one signed compare, as the bytes from 0x80 are the
+    /// negative ones. (Runtimes lower the signed byte compares to one x86 instruction; the
+    /// unsigned ones and a shift of bytes take four or five.)
+    #[inline]
+    fn control_or_high(v: v128) -> v128 {
+        i8x16_lt(v, i8x16_splat(0x20))
+    }
+
+    #[inline]
+    fn quote_or_backslash(v: v128) -> v128 {
+        v128_or(u8x16_eq(v, u8x16_splat(b'"')), u8x16_eq(v, u8x16_splat(b'\\')))
+    }
+
     #[inline]
     fn specials(v: v128) -> v128 {
-        let quote = u8x16_eq(v, u8x16_splat(b'"'));
-        let slash = u8x16_eq(v, u8x16_splat(b'\\'));
-        // Below 0x20 or from 0x80 up, as one unsigned compare after flipping the 0x80 bit
-        // would not do: two compares, signed for the high bit.
-        let control = u8x16_lt(v, u8x16_splat(0x20));
-        let high = i8x16_lt(v, i8x16_splat(0));
-        v128_or(v128_or(quote, slash), v128_or(control, high))
+        v128_or(quote_or_backslash(v), control_or_high(v))
+    }
+
+    /// Bytes from '0' to '9', by two signed compares (the bytes from 0x80 are negative).
+    #[inline]
+    fn digits(v: v128) -> v128 {
+        v128_and(
+            i8x16_gt(v, i8x16_splat(b'/' as i8)),
+            i8x16_lt(v, i8x16_splat(b':' as i8)),
+        )
+    }
+
+    #[inline]
+    fn load_at(bytes: &[u8; 64], k: usize) -> v128 {
+        // SAFETY: callers pass k < 4, so the 16 bytes read stay inside the 64-byte array; no
+        // alignment needed.
+        unsafe { core::ptr::read_unaligned(bytes.as_ptr().add(16 * k).cast::<v128>()) }
     }
 
     pub fn classify(bytes: &[u8; 16]) -> Block {
         let v = load(bytes);
-        let digit = u8x16_lt(u8x16_sub(v, u8x16_splat(b'0')), u8x16_splat(10));
         Block {
             special: u8x16_bitmask(specials(v)),
-            digit: u8x16_bitmask(digit),
+            digit: u8x16_bitmask(digits(v)),
             zero: eq(v, b'0'),
             dot: eq(v, b'.'),
             exp: eq(v128_or(v, u8x16_splat(0x20)), b'e'),
@@ -173,39 +211,56 @@ pub mod simd {
         u8x16_bitmask(specials(load(bytes)))
     }
 
+    pub fn same(x: &[u8; 16], y: &[u8; 16]) -> u16 {
+        u8x16_bitmask(u8x16_eq(load(x), load(y)))
+    }
+
     /// The number classes of 64 bytes, without the string specials.
     #[inline]
     pub fn numbers(bytes: &[u8; 64]) -> super::Wide {
-        let p = bytes.as_ptr();
-        let mut w = super::Wide::default();
+        let mut w = plain_numbers(bytes);
         for k in 0..4 {
-            // SAFETY: the load stays inside the 64-byte array; no alignment needed.
-            let v = unsafe { core::ptr::read_unaligned(p.add(16 * k).cast::<v128>()) };
-            let digit = u8x16_lt(u8x16_sub(v, u8x16_splat(b'0')), u8x16_splat(10));
+            let v = load_at(bytes, k);
             let shift = 16 * k as u32;
             let m = |x: u16| u64::from(x) << shift;
-            w.digit |= m(u8x16_bitmask(digit));
+            w.exp |= m(eq(v128_or(v, u8x16_splat(0x20)), b'e'));
+            w.plus |= m(eq(v, b'+'));
+        }
+        w
+    }
+
+    /// [`numbers`] without the exponent classes (`e`, `E`, `+`), which stay empty.
+    #[inline]
+    pub fn plain_numbers(bytes: &[u8; 64]) -> super::Wide {
+        let mut w = super::Wide::default();
+        for k in 0..4 {
+            let v = load_at(bytes, k);
+            let shift = 16 * k as u32;
+            let m = |x: u16| u64::from(x) << shift;
+            w.digit |= m(u8x16_bitmask(digits(v)));
             w.zero |= m(eq(v, b'0'));
             w.dot |= m(eq(v, b'.'));
-            w.exp |= m(eq(v128_or(v, u8x16_splat(0x20)), b'e'));
             w.minus |= m(eq(v, b'-'));
-            w.plus |= m(eq(v, b'+'));
             w.comma |= m(eq(v, b','));
         }
         w
     }
 
-    /// Whether any of 64 bytes is special, with one test instead of four masks.
+    /// Whether any of `N` bytes (a multiple of 16) is special, with one test instead of a mask
+    /// per block.
     #[inline]
-    pub fn any_special(bytes: &[u8; 64]) -> bool {
+    pub fn any_special<const N: usize>(bytes: &[u8; N]) -> bool {
         let p = bytes.as_ptr();
-        // SAFETY: the four 16-byte loads stay inside the 64-byte array; no alignment needed.
+        // SAFETY: k * 16 + 16 <= N, so each load stays inside the array; no alignment needed.
         let v = |k: usize| unsafe { core::ptr::read_unaligned(p.add(16 * k).cast::<v128>()) };
-        let any = v128_or(
-            v128_or(specials(v(0)), specials(v(1))),
-            v128_or(specials(v(2)), specials(v(3))),
-        );
-        v128_any_true(any)
+        let mut low = v(0);
+        let mut marks = quote_or_backslash(low);
+        for k in 1..N / 16 {
+            // A byte below 0x20 (signed) anywhere is one below it in the lane-wise minimum.
+            low = i8x16_min(low, v(k));
+            marks = v128_or(marks, quote_or_backslash(v(k)));
+        }
+        v128_any_true(v128_or(marks, control_or_high(low)))
     }
 }
 
@@ -233,32 +288,36 @@ pub mod sse2 {
         unsafe { _mm_cmpeq_epi8(v, _mm_set1_epi8(c as i8)) }
     }
 
-    /// Bytes at most `n` (unsigned).
-    #[inline]
-    fn at_most(v: __m128i, n: u8) -> __m128i {
-        // SAFETY: SSE2 is part of x86_64.
-        unsafe { _mm_cmpeq_epi8(_mm_min_epu8(v, _mm_set1_epi8(n as i8)), v) }
-    }
-
     #[inline]
     fn specials(v: __m128i) -> u16 {
+        // SAFETY: SSE2 is part of x86_64. Below 0x20 or from 0x80 up is one signed compare.
+        mask(unsafe {
+            _mm_or_si128(
+                _mm_or_si128(eq(v, b'"'), eq(v, b'\\')),
+                _mm_cmplt_epi8(v, _mm_set1_epi8(0x20)),
+            )
+        })
+    }
+
+    /// Bytes from '0' to '9', by two signed compares.
+    #[inline]
+    fn digits(v: __m128i) -> __m128i {
         // SAFETY: SSE2 is part of x86_64.
-        let low = unsafe { _mm_or_si128(_mm_or_si128(eq(v, b'"'), eq(v, b'\\')), at_most(v, 0x1F)) };
-        mask(low) | mask(v)
+        unsafe {
+            _mm_and_si128(
+                _mm_cmpgt_epi8(v, _mm_set1_epi8(b'/' as i8)),
+                _mm_cmplt_epi8(v, _mm_set1_epi8(b':' as i8)),
+            )
+        }
     }
 
     pub fn classify(bytes: &[u8; 16]) -> Block {
         let v = load(bytes);
         // SAFETY: SSE2 is part of x86_64.
-        let (digits, lower) = unsafe {
-            (
-                _mm_sub_epi8(v, _mm_set1_epi8(b'0' as i8)),
-                _mm_or_si128(v, _mm_set1_epi8(0x20)),
-            )
-        };
+        let lower = unsafe { _mm_or_si128(v, _mm_set1_epi8(0x20)) };
         Block {
             special: specials(v),
-            digit: mask(at_most(digits, 9)),
+            digit: mask(digits(v)),
             zero: mask(eq(v, b'0')),
             dot: mask(eq(v, b'.')),
             exp: mask(eq(lower, b'e')),
@@ -272,30 +331,45 @@ pub mod sse2 {
         specials(load(bytes))
     }
 
+    pub fn same(x: &[u8; 16], y: &[u8; 16]) -> u16 {
+        // SAFETY: SSE2 is part of x86_64.
+        mask(unsafe { _mm_cmpeq_epi8(load(x), load(y)) })
+    }
+
     /// The number classes of 64 bytes, without the string specials.
     #[inline]
     pub fn numbers(bytes: &[u8; 64]) -> super::Wide {
-        let mut w = super::Wide::default();
+        let mut w = plain_numbers(bytes);
         for (k, chunk) in bytes.chunks_exact(16).enumerate() {
             let Ok(block) = <&[u8; 16]>::try_from(chunk) else {
                 continue;
             };
             let v = load(block);
             // SAFETY: SSE2 is part of x86_64.
-            let (digits, lower) = unsafe {
-                (
-                    _mm_sub_epi8(v, _mm_set1_epi8(b'0' as i8)),
-                    _mm_or_si128(v, _mm_set1_epi8(0x20)),
-                )
-            };
+            let lower = unsafe { _mm_or_si128(v, _mm_set1_epi8(0x20)) };
             let shift = 16 * k as u32;
             let m = |x: __m128i| u64::from(mask(x)) << shift;
-            w.digit |= m(at_most(digits, 9));
+            w.exp |= m(eq(lower, b'e'));
+            w.plus |= m(eq(v, b'+'));
+        }
+        w
+    }
+
+    /// [`numbers`] without the exponent classes (`e`, `E`, `+`), which stay empty.
+    #[inline]
+    pub fn plain_numbers(bytes: &[u8; 64]) -> super::Wide {
+        let mut w = super::Wide::default();
+        for (k, chunk) in bytes.chunks_exact(16).enumerate() {
+            let Ok(block) = <&[u8; 16]>::try_from(chunk) else {
+                continue;
+            };
+            let v = load(block);
+            let shift = 16 * k as u32;
+            let m = |x: __m128i| u64::from(mask(x)) << shift;
+            w.digit |= m(digits(v));
             w.zero |= m(eq(v, b'0'));
             w.dot |= m(eq(v, b'.'));
-            w.exp |= m(eq(lower, b'e'));
             w.minus |= m(eq(v, b'-'));
-            w.plus |= m(eq(v, b'+'));
             w.comma |= m(eq(v, b','));
         }
         w
@@ -326,11 +400,18 @@ pub fn classify(b: &[u8], at: usize) -> Option<Block> {
 #[inline]
 pub fn plain_run(b: &[u8], mut i: usize) -> usize {
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-    while let Some(chunk) = b.get(i..i + 64).and_then(|c| <&[u8; 64]>::try_from(c).ok()) {
-        if simd::any_special(chunk) {
-            break;
+    {
+        while let Some(chunk) = b.get(i..i + 128).and_then(|c| <&[u8; 128]>::try_from(c).ok()) {
+            if simd::any_special(chunk) {
+                break;
+            }
+            i += 128;
         }
-        i += 64;
+        if let Some(chunk) = b.get(i..i + 64).and_then(|c| <&[u8; 64]>::try_from(c).ok()) {
+            if !simd::any_special(chunk) {
+                i += 64;
+            }
+        }
     }
     while let Some(block) = b.get(i..i + 16).and_then(|c| <&[u8; 16]>::try_from(c).ok()) {
         let special = fast::special(block);
@@ -340,6 +421,15 @@ pub fn plain_run(b: &[u8], mut i: usize) -> usize {
         i += 16;
     }
     i
+}
+
+/// Whether `b[x..x + len]` and `b[y..y + len]` are the same bytes, for `len` up to 16 with 16
+/// bytes to read at both places: one compare of two blocks (`None` otherwise).
+#[inline]
+pub fn same_prefix(b: &[u8], x: usize, y: usize, len: usize) -> Option<bool> {
+    let block = |at: usize| b.get(at..at + 16).and_then(|c| <&[u8; 16]>::try_from(c).ok());
+    let wanted = u16::MAX.checked_shr(16 - len.min(16) as u32).unwrap_or(0);
+    Some(fast::same(block(x)?, block(y)?) & wanted == wanted)
 }
 
 /// Where the closing quote is when a string's content from `start` is plain up to it within
@@ -404,10 +494,23 @@ pub fn wide(b: &[u8], at: usize) -> Option<Wide> {
 /// accepts, each followed directly by a comma, are skipped; anything else (whitespace, the closing
 /// bracket, an invalid or possibly out-of-range number) is left where it starts, for the cursor to
 /// judge and report exactly as before.
+///
+/// Most windows hold no exponent: their classes are found without the exponent ones, and
+/// [`valid_numbers`] is compiled a second time for them with those known to be empty. A window
+/// is one of them when the first byte that is none of digit, '.', '-' or ',' (where the valid
+/// prefix ends at the latest) is not an exponent's 'e', 'E' or '+'; what lies past that byte is
+/// never looked at, so both ways skip the same.
 #[inline]
 pub fn number_run(b: &[u8], mut i: usize) -> usize {
-    while let Some(w) = wide(b, i) {
-        let skipped = valid_numbers(&w);
+    while let Some(chunk) = b.get(i..i + 64).and_then(|c| <&[u8; 64]>::try_from(c).ok()) {
+        let plain = fast::plain_numbers(chunk);
+        let known = plain.digit | plain.dot | plain.minus | plain.comma;
+        let first_other = (!known).trailing_zeros() as usize;
+        let skipped = if matches!(chunk.get(first_other), Some(b'e' | b'E' | b'+')) {
+            valid_numbers(&fast::numbers(chunk))
+        } else {
+            valid_numbers(&plain)
+        };
         if skipped == 0 {
             break;
         }
@@ -418,7 +521,7 @@ pub fn number_run(b: &[u8], mut i: usize) -> usize {
 
 /// How many bytes of a 64-byte window that starts at an element are whole valid `number,`
 /// elements (0 if none).
-#[inline]
+#[inline(always)]
 fn valid_numbers(w: &Wide) -> usize {
     let known = w.digit | w.dot | w.exp | w.minus | w.plus | w.comma;
     // Up to the first byte that cannot be in a number array without whitespace.
@@ -537,6 +640,11 @@ mod tests {
             prop_assert_eq!(fast::classify(&bytes), reference(&bytes));
             prop_assert_eq!(fast::special(&bytes), reference(&bytes).special);
             prop_assert_eq!(swar::special(&bytes), reference(&bytes).special);
+            let mut other = bytes;
+            other[usize::from(bytes[0] % 16)] ^= bytes[1] & 1;
+            let same: u16 = (0..16).filter(|&k| bytes[k] == other[k]).map(|k| 1 << k).sum();
+            prop_assert_eq!(fast::same(&bytes, &other), same);
+            prop_assert_eq!(swar::same(&bytes, &other), same);
         }
 
         #[test]
@@ -545,6 +653,9 @@ mod tests {
             let chunk: [u8; 64] = bytes.try_into().unwrap();
             prop_assert_eq!(fast::numbers(&chunk), reference_wide(&chunk));
             prop_assert_eq!(swar::numbers(&chunk), reference_wide(&chunk));
+            let plain = Wide { exp: 0, plus: 0, ..reference_wide(&chunk) };
+            prop_assert_eq!(fast::plain_numbers(&chunk), plain);
+            prop_assert_eq!(swar::plain_numbers(&chunk), plain);
         }
 
         #[test]

@@ -59,17 +59,13 @@ pub struct Mark {
 }
 
 /// Whether `b[x..x + len]` and `b[y..y + len]` are the same bytes: a name of up to 16 bytes
-/// (quotes included) in two compares of 8.
+/// (quotes included) in one compare of two blocks.
 #[inline(always)]
 fn same_bytes(b: &[u8], x: usize, y: usize, len: usize) -> bool {
-    if (1..=16).contains(&len) && x.max(y) + 16 <= b.len() {
-        let word = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or_default());
-        let lo = word(x) ^ word(y);
-        return if len <= 8 {
-            lo & (u64::MAX >> (64 - 8 * len)) == 0
-        } else {
-            lo == 0 && (word(x + 8) ^ word(y + 8)) & (u64::MAX >> (128 - 8 * len)) == 0
-        };
+    if len <= 16 {
+        if let Some(same) = blocks::same_prefix(b, x, y, len) {
+            return same;
+        }
     }
     b.get(x..x + len).is_some_and(|p| b.get(y..y + len) == Some(p))
 }
