@@ -10,6 +10,7 @@
 
 use crate::metrics::ReadReason;
 use crate::scan::{Cursor, Kind, Member, MemberCuts, StrToken, SyntaxError};
+use crate::sidecar_api;
 use crate::write::{not_an_object, STAMP};
 
 const AS_OF: &str = "as_of";
@@ -367,23 +368,8 @@ fn condition(op: &str, value: u64, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\",\"");
     out.extend_from_slice(op.as_bytes());
     out.extend_from_slice(b"\",");
-    push_decimal(value, out);
+    sidecar_api::push_decimal(out, value);
     out.push(b']');
-}
-
-/// Appends `n` in decimal.
-fn push_decimal(mut n: u64, out: &mut Vec<u8>) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
 }
 
 /// A query object's predicates, comma-separated, and how many there are.

@@ -7,6 +7,7 @@
 
 use crate::metrics::WriteReason;
 use crate::scan::{Cursor, Kind, Member, MemberCuts, Names, StrToken, SyntaxError};
+use crate::sidecar_api;
 
 /// The stamp attribute.
 pub const STAMP: &str = crate::sidecar_api::STAMP_ATTRIBUTE;
@@ -225,7 +226,7 @@ fn apply(body: &[u8], edits: &[Edit], stamped_rows: u64, stamp: u64) -> Vec<u8> 
     // The stamp member is spelled once and copied whole at each row: one copy per splice (each
     // copy has a fixed cost in a wasm runtime) instead of one per piece.
     let mut digits = [0u8; 20];
-    let s = spell(stamp, &mut digits);
+    let s = sidecar_api::decimal(stamp, &mut digits);
     let mut member = Vec::with_capacity(STAMP.len() + s.len() + 4);
     member.push(b',');
     push_key(&mut member);
@@ -257,21 +258,6 @@ fn apply(body: &[u8], edits: &[Edit], stamped_rows: u64, stamp: u64) -> Vec<u8> 
     }
     out.extend_from_slice(body.get(at..).unwrap_or_default());
     out
-}
-
-/// The decimal digits of `n`, written at the end of `buf` (without `fmt` and an allocation, a
-/// noticeable part of rendering a small write).
-fn spell(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut first = buf.len();
-    for slot in buf.iter_mut().rev() {
-        *slot = b'0' + (n % 10) as u8;
-        first -= 1;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    buf.get(first..).unwrap_or_default()
 }
 
 fn push_key(out: &mut Vec<u8>) {

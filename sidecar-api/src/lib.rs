@@ -216,19 +216,24 @@ fn push_json_string(out: &mut Vec<u8>, text: &str) {
     }
 }
 
-/// Appends `n` in decimal.
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
+/// The decimal digits of `n`, written at the end of `buf` (no `fmt`, no allocation: the filter
+/// spells a stamp or a bound on every write and query).
+pub fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut first = buf.len();
+    for slot in buf.iter_mut().rev() {
+        *slot = b'0' + (n % 10) as u8;
+        first -= 1;
         n /= 10;
         if n == 0 {
             break;
         }
     }
-    out.extend_from_slice(&digits[at..]);
+    buf.get(first..).unwrap_or_default()
+}
+
+/// Appends `n` in decimal.
+pub fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(decimal(n, &mut [0; 20]));
 }
 
 /// An [`EvictRequest`] body with the one fence of a write stamped `stamp` that names `ids`.
@@ -272,10 +277,11 @@ mod tests {
                 "{text:?}"
             );
         }
-        for n in [0, 7, 10, 1_795_000_000_000, u64::MAX] {
-            let mut out = Vec::new();
+        for n in [0, 7, 10, 99, 1_795_000_000_000, u64::MAX] {
+            let mut out = b"x".to_vec();
             push_decimal(&mut out, n);
-            assert_eq!(out, n.to_string().into_bytes());
+            assert_eq!(out, format!("x{n}").into_bytes());
+            assert_eq!(decimal(n, &mut [0; 20]), n.to_string().as_bytes());
         }
     }
 

@@ -391,12 +391,6 @@ fn expected(input: &Value, watermark: Option<u64>) -> Value {
 }
 
 proptest! {
-    #[test]
-    fn decimals_are_written_as_display_writes_them(n in any::<u64>()) {
-        let mut out = b"x".to_vec();
-        push_decimal(n, &mut out);
-        prop_assert_eq!(out, format!("x{n}").into_bytes());
-    }
 
     #[test]
     fn bounds_read_as_the_standard_parser_reads_them(text in "[0-9]{0,22}|[0-9.eE+-]{1,6}") {

@@ -716,10 +716,3 @@ fn the_fast_row_path_takes_the_common_rows() {
     assert_eq!(scan.plan.mirror_drops.len(), 1);
     assert!(!scan.plain_row(&mut cur, true), "not a row: the closing bracket");
 }
-
-#[test]
-fn stamps_are_spelled_as_display_spells_them() {
-    for n in [0, 7, 10, 99, 1_732_400_000_123, u64::MAX] {
-        assert_eq!(spell(n, &mut [0; 20]), n.to_string().as_bytes());
-    }
-}
