@@ -121,9 +121,5 @@ INFO
 
 # Exit (and stop the rest) as soon as any of them dies.
 wait -n "${pids[@]}" 2>/dev/null || true
-# A Ctrl-C reaches every process of the group at once, and a child it stopped can be reaped
-# before this shell has run its INT trap: give the trap its turn (exit 130) before calling the
-# exit a failure.
-sleep 0.2
 echo "a gateway process exited; see $logs" >&2
 exit 1
