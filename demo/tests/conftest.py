@@ -46,7 +46,7 @@ def demo():
     # Quicker than the interactive pace, still several batches.
     env.update({"DEMO_STAGE_PAUSE": "0", "DEMO_EMBED_PAUSE": "0.05", "DEMO_BATCH_SIZE": "25"})
     proc = subprocess.Popen([str(DEMO / "run.sh")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=e2e.default_interrupts)
     try:
         banner = read_until(proc, "Ctrl-C stops everything.", 90)
         url = f"http://127.0.0.1:{ports['DEMO_PORT']}/"

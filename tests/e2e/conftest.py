@@ -10,6 +10,7 @@ import http.client
 import http.server
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -135,6 +136,14 @@ class Gateway:
         if name not in counters:
             raise KeyError(f"Envoy shows no counter {name!r}; it has {sorted(counters)}")
         return counters[name]
+
+
+def default_interrupts():
+    """`preexec_fn` for a script the tests stop with Ctrl-C: SIGINT and SIGQUIT at their defaults,
+    as a terminal's shell starts a job. A runner started in the background (`cmd &` without job
+    control) hands them down ignored, and a shell cannot trap a signal ignored when it starts."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 class Recorded(NamedTuple):

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 
-from conftest import ROOT, free_port, port_open, read_until, wait_until
+from conftest import ROOT, default_interrupts, free_port, port_open, read_until, wait_until
 
 RUN = ROOT / "envoy" / "run.sh"
 
@@ -26,16 +26,8 @@ def start_run(env):
         env={**base, **env},
         text=True,
         start_new_session=True,  # the test signals it like a terminal's Ctrl-C would
-        # ... to a job a terminal's shell starts with SIGINT at its default: a runner started in
-        # the background (`cmd &` without job control) hands down SIGINT ignored, and a shell
-        # cannot trap a signal ignored when it starts.
-        preexec_fn=_default_interrupts,
+        preexec_fn=default_interrupts,
     )
-
-
-def _default_interrupts():
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 def ports_env():
