@@ -4,9 +4,11 @@
 //! (`valgrind --tool=callgrind`; instructions per query = (total at N) - (total at 1), / N-1).
 
 use hevlayer_filter::config::Config;
-use hevlayer_filter::exchange::{Exchange, RequestHead, Step, WatermarkLookup};
+use hevlayer_filter::exchange::{Exchange, Step, WatermarkLookup};
 use hevlayer_filter::watermark::Tracker;
 use std::rc::Rc;
+
+mod common;
 
 fn query_body() -> Vec<u8> {
     let vector: Vec<String> = (0..110)
@@ -20,7 +22,7 @@ fn query_body() -> Vec<u8> {
 }
 
 fn main() {
-    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1);
+    let n = common::times();
     let body = query_body();
     let len = body.len().to_string();
     let config = Rc::new(Config::default());
@@ -30,21 +32,8 @@ fn main() {
     for _ in 0..n {
         let mut exchange = Exchange::new(Rc::clone(&config));
         let lookup = |namespace: &str| tracker.watermark(namespace);
-        let head = RequestHead {
-            method: "POST",
-            path: "/v2/namespaces/bench/query",
-            authorization: Some("Bearer bench"),
-            content_length: Some(&len),
-            content_encoding: None,
-            content_type: Some("application/json"),
-            request_id: "0123456789abcdef0123456789abcdef",
-            traceparent: None,
-            tracestate: None,
-            end_of_stream: false,
-            now_ms,
-            watermarks: Some(WatermarkLookup(&lookup)),
-            fences: None,
-        };
+        let mut head = common::post("/v2/namespaces/bench/query", &len, now_ms);
+        head.watermarks = Some(WatermarkLookup(&lookup));
         let _ = exchange.on_request_headers(&head);
         let step = exchange.on_request_body(body.len(), true, 0, &mut |start, size| {
             body.get(start..start + size).map(<[u8]>::to_vec)

@@ -1,8 +1,6 @@
 //! Plans and renders the filter-bench "10,000 small rows" body N times (default 1): a native
 //! profile target (`valgrind --tool=callgrind`) and a quick MB/s figure.
 
-use hevlayer_filter::write::{plan, render};
-
 fn small_rows() -> Vec<u8> {
     let mut small = String::from("{\"upsert_rows\":[");
     for i in 0..10_000 {
@@ -18,26 +16,15 @@ fn small_rows() -> Vec<u8> {
     small.into_bytes()
 }
 
-/// One request's work, out of line so that a profile can count it alone
-/// (`valgrind --tool=callgrind --toggle-collect='*plan_and_render*'`).
-#[inline(never)]
-fn plan_and_render(body: &[u8]) -> usize {
-    match plan(body) {
-        Ok(p) => render(body, &p, 1_732_400_000_000).len() + p.ids(body).len(),
-        Err(e) => {
-            eprintln!("{}", e.message());
-            std::process::exit(1);
-        }
-    }
-}
+mod common;
 
 fn main() {
-    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1);
+    let n = common::times();
     let body = small_rows();
     let mut total = 0;
     let start = std::time::Instant::now();
     for _ in 0..n {
-        total += plan_and_render(&body);
+        total += common::plan_and_render(&body);
     }
     let secs = start.elapsed().as_secs_f64();
     println!(

@@ -4,8 +4,6 @@
 //!
 //! `cargo run --release -p hevlayer-filter --example vectors -- base64 20`
 
-use hevlayer_filter::write::{plan, render};
-
 /// The filter-bench's pseudo-random stream, so the numbers are spelled alike.
 struct Lcg(u64);
 
@@ -52,18 +50,7 @@ fn body(base64: bool) -> Vec<u8> {
     text.into_bytes()
 }
 
-/// One request's work, out of line so that a profile can count it alone
-/// (`valgrind --tool=callgrind --toggle-collect='*plan_and_render*'`).
-#[inline(never)]
-fn plan_and_render(body: &[u8]) -> usize {
-    match plan(body) {
-        Ok(p) => render(body, &p, 1_732_400_000_000).len() + p.ids(body).len(),
-        Err(e) => {
-            eprintln!("{}", e.message());
-            std::process::exit(1);
-        }
-    }
-}
+mod common;
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -80,7 +67,7 @@ fn main() {
     let mut total = 0;
     let start = std::time::Instant::now();
     for _ in 0..n {
-        total += plan_and_render(&body);
+        total += common::plan_and_render(&body);
     }
     let secs = start.elapsed().as_secs_f64();
     println!(

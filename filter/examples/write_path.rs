@@ -6,8 +6,10 @@
 //! (total at 1), / N-1).
 
 use hevlayer_filter::config::Config;
-use hevlayer_filter::exchange::{Exchange, RequestHead, Step};
+use hevlayer_filter::exchange::{Exchange, Step};
 use std::rc::Rc;
+
+mod common;
 
 fn write_body() -> Vec<u8> {
     // 768 floats as base64 (3,072 bytes -> 4,096 characters), like the official clients send.
@@ -21,7 +23,7 @@ fn write_body() -> Vec<u8> {
 }
 
 fn main() {
-    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1);
+    let n = common::times();
     let body = write_body();
     let len = body.len().to_string();
     let config = Rc::new(Config::default());
@@ -29,21 +31,7 @@ fn main() {
     let mut mirrored = 0;
     for i in 0..n {
         let mut exchange = Exchange::new(Rc::clone(&config));
-        let head = RequestHead {
-            method: "POST",
-            path: "/v2/namespaces/bench",
-            authorization: Some("Bearer bench"),
-            content_length: Some(&len),
-            content_encoding: None,
-            content_type: Some("application/json"),
-            request_id: "0123456789abcdef0123456789abcdef",
-            traceparent: None,
-            tracestate: None,
-            end_of_stream: false,
-            now_ms: 1_795_000_000_000,
-            watermarks: None,
-            fences: None,
-        };
+        let head = common::post("/v2/namespaces/bench", &len, 1_795_000_000_000);
         let _ = exchange.on_request_headers(&head);
         let stamp = 1_795_000_000_000 + i as u64;
         let step = exchange.on_request_body(body.len(), true, stamp, &mut |start, size| {
