@@ -2,6 +2,10 @@
 //! request headers, body, response headers and the end of the stream, as the glue drives them,
 //! and the worker's namespace tracker. A native profile target for the per-query work
 //! (`valgrind --tool=callgrind`; instructions per query = (total at N) - (total at 1), / N-1).
+//! With `POLLUTE_MB=M` it touches M MiB between queries, so that each query starts with cold
+//! caches as in Envoy: `valgrind --tool=cachegrind --cache-sim=yes` then counts the cache lines
+//! of code and data a query brings in (its footprint, which costs more than its instructions
+//! there; see `filter-bench --cold`).
 
 use hevlayer_filter::config::Config;
 use hevlayer_filter::exchange::{Exchange, Step, WatermarkLookup};
@@ -29,7 +33,12 @@ fn main() {
     let mut tracker = Tracker::new(1_000, 60_000);
     let now_ms = 1_795_000_000_000;
     let mut forwarded = 0;
-    for _ in 0..n {
+    let pollute_mb = std::env::var("POLLUTE_MB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
+    let mut junk = vec![0u8; pollute_mb.unwrap_or(0) << 20];
+    for round in 0..n {
+        pollute(&mut junk, round);
         let mut exchange = Exchange::new(Rc::clone(&config));
         let lookup = |namespace: &str| tracker.watermark(namespace);
         let mut head = common::post("/v2/namespaces/bench/query", &len, now_ms);
@@ -49,4 +58,12 @@ fn main() {
         }
     }
     println!("{n} queries, {forwarded} bytes forwarded");
+}
+
+/// Evicts the caches between queries, as Envoy's own work does between a filter's callbacks.
+#[inline(never)]
+fn pollute(junk: &mut [u8], round: usize) {
+    for i in (0..junk.len()).step_by(64) {
+        junk[i] = junk[i].wrapping_add(round as u8);
+    }
 }

@@ -50,6 +50,18 @@ impl FilterRun {
         Self::with_config("{}")
     }
 
+    /// A run of another build (the empty filter, say) under a plugin configuration.
+    pub fn of_module(path: &std::path::Path, config: &str) -> Result<Self> {
+        let vm = crate::wasm_host::Plugin::load(path)?.start(config)?;
+        let refresh_ms = vm.tick_period_ms();
+        Ok(FilterRun { vm, refresh_ms })
+    }
+
+    /// The VM the run drives (to count its crossings, say).
+    pub fn vm_mut(&mut self) -> &mut crate::wasm_host::Vm {
+        &mut self.vm
+    }
+
     /// A run under a plugin configuration (JSON).
     pub fn with_config(config: &str) -> Result<Self> {
         let vm = crate::wasm_host::filter()?.start(config)?;

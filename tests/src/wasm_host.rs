@@ -113,6 +113,16 @@ impl Half {
     }
 }
 
+/// How often a run crossed between the host and the module, each way (every crossing costs far
+/// more in Envoy's V8 than in wasmtime: `gateway-bench --hostcall-cost`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Crossings {
+    /// Hostcalls: the module calling the host (`proxy_*`, WASI).
+    pub into_host: u64,
+    /// The host calling the module: callbacks, and the allocations of what hostcalls return.
+    pub into_module: u64,
+}
+
 /// Host state for one VM.
 #[derive(Default)]
 pub struct HostState {
@@ -142,6 +152,9 @@ pub struct HostState {
     refused_reads: Vec<u32>,
     /// Buffers whose writes (`proxy_set_buffer_bytes`) the host refuses.
     refused_writes: Vec<u32>,
+    /// Calls from the module into the host and from the host into the module, once
+    /// [`Vm::count_crossings`] is on.
+    crossings: Crossings,
     /// Shared queues by token - 1: name and items.
     queues: Vec<(String, std::collections::VecDeque<Vec<u8>>)>,
     /// Queues an item was enqueued on since the root last heard (Envoy posts `on_queue_ready` to
@@ -318,6 +331,25 @@ impl Vm {
         let f = self.instance.get_typed_func::<P, R>(&mut self.store, name)?;
         self.funcs.insert(name.to_owned(), Box::new(f.clone()));
         Ok(f)
+    }
+
+    /// Counts every crossing between host and module from now on (a hook on each call, which
+    /// costs a little: off unless asked for).
+    pub fn count_crossings(&mut self) {
+        self.store.call_hook(|mut store, hook| {
+            let crossings = &mut store.data_mut().crossings;
+            match hook {
+                wasmtime::CallHook::CallingHost => crossings.into_host += 1,
+                wasmtime::CallHook::CallingWasm => crossings.into_module += 1,
+                _ => {}
+            }
+            Ok(())
+        });
+    }
+
+    /// The crossings counted so far ([`Vm::count_crossings`]).
+    pub fn crossings(&self) -> Crossings {
+        self.store.data().crossings
     }
 
     /// Sets the host clock (epoch milliseconds).

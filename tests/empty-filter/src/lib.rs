@@ -3,7 +3,10 @@
 //! path costs, next to the hevlayer filter and no filter at all. With the plugin configuration
 //! `buffer` it also holds each request until the whole body is in (what validating a write before
 //! anything goes upstream requires), without looking at it. With `calls:N` it makes N cheap
-//! hostcalls (reading `:path`) on each request's headers: what one hostcall costs Envoy.
+//! hostcalls (reading `:path`) on each request's headers: what one hostcall costs Envoy. With
+//! `spin:N` it hashes a 1 KiB buffer N times (FNV-1a, byte by byte) on each request's headers:
+//! what a known amount of plain wasm work costs in Envoy's engine, to set against the same loop
+//! run natively (`spin_native` below, which the benchmark prints beside it).
 
 #[cfg(target_arch = "wasm32")]
 mod glue {
@@ -12,12 +15,13 @@ mod glue {
     use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
 
     proxy_wasm::main! {{
-        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { buffer: false, calls: 0 }) });
+        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { buffer: false, calls: 0, spin: 0 }) });
     }}
 
     struct Root {
         buffer: bool,
         calls: usize,
+        spin: usize,
     }
 
     impl Context for Root {}
@@ -32,6 +36,11 @@ mod glue {
                 .and_then(|c| c.strip_prefix("calls:"))
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(0);
+            self.spin = std::str::from_utf8(&config)
+                .ok()
+                .and_then(|c| c.strip_prefix("spin:"))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
             true
         }
 
@@ -39,6 +48,7 @@ mod glue {
             Some(Box::new(Stream {
                 buffer: self.buffer,
                 calls: self.calls,
+                spin: self.spin,
             }))
         }
 
@@ -50,6 +60,7 @@ mod glue {
     struct Stream {
         buffer: bool,
         calls: usize,
+        spin: usize,
     }
 
     impl Context for Stream {}
@@ -58,6 +69,9 @@ mod glue {
         fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
             for _ in 0..self.calls {
                 let _ = hostcalls::get_map_value(MapType::HttpRequestHeaders, ":path");
+            }
+            if self.spin > 0 {
+                std::hint::black_box(super::spin(self.spin));
             }
             if self.buffer && !end_of_stream {
                 Action::Pause
@@ -74,4 +88,30 @@ mod glue {
             }
         }
     }
+}
+
+/// FNV-1a over a 1 KiB buffer, `rounds` times: a fixed amount of plain work (loads, a multiply
+/// chain, a loop) whose cost per round can be compared between engines.
+pub fn spin(rounds: usize) -> u64 {
+    let buffer: [u8; 1024] = std::array::from_fn(|i| (i * 7 + 3) as u8);
+    let buffer = std::hint::black_box(buffer);
+    let mut hash = 0xcbf2_9ce4_8422_2325_u64;
+    for _ in 0..rounds {
+        for &byte in &buffer {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    hash
+}
+
+/// Nanoseconds per round of [`spin`] on this machine, natively (the best of a few timings).
+pub fn spin_native_ns() -> f64 {
+    let rounds = 20_000;
+    (0..5)
+        .map(|_| {
+            let started = std::time::Instant::now();
+            std::hint::black_box(spin(std::hint::black_box(rounds)));
+            started.elapsed().as_secs_f64() * 1e9 / rounds as f64
+        })
+        .fold(f64::INFINITY, f64::min)
 }

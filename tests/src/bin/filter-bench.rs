@@ -218,6 +218,59 @@ fn query_body() -> String {
     )
 }
 
+/// `--cold`: the 1 KB as_of query through the empty filter and through this one, in caches warm
+/// from the last query and in caches another program's data has just been through (as Envoy's
+/// own work between a filter's callbacks leaves them), with the crossings between host and
+/// module per query. In Envoy a query costs far more than its warm figure here: this shows how
+/// much of that the cold caches explain, and what any later change to the path's footprint does.
+fn cold_report() -> Result<()> {
+    let query = query_body();
+    let empty = workspace_file("target/wasm32-wasip1/release/hevlayer_empty_filter.wasm");
+    let mut runs = [
+        ("empty filter", FilterRun::of_module(&empty, "")?),
+        ("hevlayer filter", FilterRun::new()?),
+    ];
+    for (label, run) in &mut runs {
+        run.vm_mut().count_crossings();
+        run.query(query.as_bytes())?;
+        let before = run.vm_mut().crossings();
+        run.query(query.as_bytes())?;
+        let after = run.vm_mut().crossings();
+        println!(
+            "{label}: {} hostcalls and {} calls into the module per query",
+            after.into_host - before.into_host,
+            after.into_module - before.into_module
+        );
+    }
+    // 2 MiB: about this machine's L2 (the code and data then come from L3); 32 MiB: its L3 too.
+    let sizes = [0usize, 2 << 20, 32 << 20];
+    let mut junk = vec![0u8; 32 << 20];
+    let queries = 2000u32;
+    println!("us per query (best of 3) with the caches evicted by touching N MiB before each:");
+    for (label, run) in &mut runs {
+        let mut figures = Vec::new();
+        for &size in &sizes {
+            let mut best = f64::INFINITY;
+            for _ in 0..3 {
+                let mut took = std::time::Duration::ZERO;
+                for round in 0..queries {
+                    for i in (0..size).step_by(64) {
+                        junk[i] = junk[i].wrapping_add(round as u8);
+                    }
+                    let started = std::time::Instant::now();
+                    run.query(query.as_bytes())?;
+                    took += started.elapsed();
+                }
+                best = best.min(took.as_secs_f64() * 1e6 / f64::from(queries));
+            }
+            figures.push(format!("{} MiB {best:.1}", size >> 20));
+        }
+        println!("  {label}: {}", figures.join(", "));
+    }
+    std::hint::black_box(&junk);
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let strict = match std::env::args().nth(1).as_deref() {
         None => false,
@@ -246,8 +299,9 @@ fn main() -> Result<()> {
             }
             return Ok(());
         }
+        Some("--cold") => return cold_report(),
         Some(other) => {
-            bail!("unknown argument {other:?} (usage: filter-bench [--strict | --profile-one-row | --profile-small-rows | --profile-query])")
+            bail!("unknown argument {other:?} (usage: filter-bench [--strict | --cold | --profile-one-row | --profile-small-rows | --profile-query])")
         }
     };
     let fixtures = fixtures();

@@ -273,6 +273,27 @@ const ROUNDS: usize = 5;
 
 /// Requests per turn for small requests (see [`Turns::Of`]).
 const SHORT_TURN: usize = 20;
+/// KiB the `--spin-cost` Envoy's filter hashes per request.
+const SPIN_ROUNDS: usize = 16;
+
+/// The spinning Envoy's extra CPU per request over the empty filter's, per KiB hashed, beside
+/// the same loop run natively: how much slower plain wasm code runs in Envoy's engine.
+fn spin_report(setups: &[Setup], figures: &[Latency]) -> Result<()> {
+    let find = |prefix: &str| setups.iter().position(|s| s.label.starts_with(prefix));
+    let (Some(empty), Some(spin)) = (find("empty wasm filter"), find("empty, spin")) else {
+        bail!("the spin report needs the empty filter's Envoy and the spinning one");
+    };
+    let (Some(empty), Some(spin)) = (figures.get(empty), figures.get(spin)) else {
+        bail!("the spin report needs the 35 B query's figures of both Envoys");
+    };
+    let in_envoy = (spin.cpu_us - empty.cpu_us) * 1000.0 / SPIN_ROUNDS as f64;
+    let native = hevlayer_empty_filter::spin_native_ns();
+    println!(
+        "spin: {in_envoy:.0} ns of Envoy CPU per KiB hashed in wasm, {native:.0} ns natively ({:.1}x)",
+        in_envoy / native
+    );
+    Ok(())
+}
 
 /// One request; its latency.
 async fn one(client: &reqwest::Client, method: &str, url: &str, body: &Bytes) -> Result<Duration> {
@@ -467,6 +488,9 @@ async fn main() -> Result<()> {
     let queries_only = args.iter().any(|a| a == "--queries");
     // `--hostcall-cost`: one more Envoy, the empty filter making 20 hostcalls per request.
     let hostcall_cost = args.iter().any(|a| a == "--hostcall-cost");
+    // `--spin-cost`: one more Envoy, the empty filter hashing 16 KiB per request (plain wasm
+    // work): what a known loop costs in Envoy's engine against the same loop run natively.
+    let spin_cost = args.iter().any(|a| a == "--spin-cost");
     // `--quick`: the small requests only (1-row writes, the 5 ms-upstream row, the queries).
     let quick = args.iter().any(|a| a == "--quick");
     let variants: Vec<(String, PathBuf)> = args
@@ -484,6 +508,7 @@ async fn main() -> Result<()> {
         .filter(|w| w[0] == "--setting")
         .filter_map(|w| w[1].split_once('=').map(|(l, c)| (l.to_owned(), c.to_owned())))
         .collect();
+    let spin_config = format!("spin:{SPIN_ROUNDS}");
     let wasm = root().join("target/wasm32-wasip1/release/hevlayer_filter.wasm");
     let empty = root().join("target/wasm32-wasip1/release/hevlayer_empty_filter.wasm");
     for module in [&wasm, &empty] {
@@ -553,6 +578,13 @@ async fn main() -> Result<()> {
         all.push((
             "empty, 20 hostcalls".to_owned(),
             Filter::Wasm(&empty, Some("calls:20")),
+            stub,
+        ));
+    }
+    if spin_cost {
+        all.push((
+            format!("empty, spin {SPIN_ROUNDS}"),
+            Filter::Wasm(&empty, Some(&spin_config)),
             stub,
         ));
     }
@@ -701,6 +733,7 @@ async fn main() -> Result<()> {
         .map(|s| url(s, "/v2/namespaces/bench/query"))
         .collect();
     let small = br#"{"rank_by":["id","asc"],"top_k":1}"#.to_vec();
+    let mut figures_of_35b = Vec::new();
     for (name, body, limit) in [
         ("query, 35 B", small, f64::INFINITY),
         ("query 1 KB", query_body(false), f64::INFINITY),
@@ -717,6 +750,12 @@ async fn main() -> Result<()> {
         )
         .await?;
         print_row(name, body.len(), &figures, limit, &mut missed);
+        if figures_of_35b.is_empty() {
+            figures_of_35b = figures;
+        }
+    }
+    if spin_cost {
+        spin_report(&setups, &figures_of_35b)?;
     }
     if queries_only || quick {
         callout_stats(&client, &setups, &admins).await?;
