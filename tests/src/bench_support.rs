@@ -57,6 +57,13 @@ impl FilterRun {
         Ok(FilterRun { vm, refresh_ms })
     }
 
+    /// A run of this filter that counts its hostcalls by name (not for timings).
+    pub fn counting_hostcalls() -> Result<Self> {
+        let vm = crate::wasm_host::filter()?.start_counting_hostcalls("{}")?;
+        let refresh_ms = vm.tick_period_ms();
+        Ok(FilterRun { vm, refresh_ms })
+    }
+
     /// The VM the run drives (to count its crossings, say).
     pub fn vm_mut(&mut self) -> &mut crate::wasm_host::Vm {
         &mut self.vm

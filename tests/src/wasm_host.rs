@@ -155,6 +155,10 @@ pub struct HostState {
     /// Calls from the module into the host and from the host into the module, once
     /// [`Vm::count_crossings`] is on.
     crossings: Crossings,
+    /// The module's allocator, once instantiated (looked up by name otherwise).
+    allocate: Option<TypedFunc<u32, u32>>,
+    /// Calls of each import by name, when the VM was started counting them.
+    hostcalls: std::collections::BTreeMap<String, u64>,
     /// Shared queues by token - 1: name and items.
     queues: Vec<(String, std::collections::VecDeque<Vec<u8>>)>,
     /// Queues an item was enqueued on since the root last heard (Envoy posts `on_queue_ready` to
@@ -247,7 +251,17 @@ impl Plugin {
 
     /// Starts a VM and configures the plugin; `Err` if `proxy_on_configure` refuses the config.
     pub fn start(&self, config: &str) -> Result<Vm> {
-        let mut vm = self.instantiate(config)?;
+        self.start_with(config, false)
+    }
+
+    /// [`Plugin::start`], counting every hostcall by name ([`Vm::hostcalls`]; each then goes
+    /// through one more dynamic call, so not for timings).
+    pub fn start_counting_hostcalls(&self, config: &str) -> Result<Vm> {
+        self.start_with(config, true)
+    }
+
+    fn start_with(&self, config: &str, count_hostcalls: bool) -> Result<Vm> {
+        let mut vm = self.instantiate(config, count_hostcalls)?;
         let len = u32::try_from(config.len())?;
         let configured: TypedFunc<(u32, u32), u32> = vm.func("proxy_on_configure")?;
         if configured.call(&mut vm.store, (ROOT_ID, len))? == 0 {
@@ -259,7 +273,7 @@ impl Plugin {
         Ok(vm)
     }
 
-    fn instantiate(&self, config: &str) -> Result<Vm> {
+    fn instantiate(&self, config: &str, count_hostcalls: bool) -> Result<Vm> {
         let state = HostState {
             plugin_config: config.as_bytes().to_vec(),
             now_ns: 1_732_400_000_000 * 1_000_000,
@@ -271,11 +285,19 @@ impl Plugin {
         let mut linker = Linker::new(&self.engine);
         define_imports(&mut linker)?;
         define_unimplemented_imports(&mut linker, &self.module)?;
+        if count_hostcalls {
+            linker = counting(linker, &mut store, &self.module)?;
+        }
         let instance = linker.instantiate(&mut store, &self.module)?;
         let Some(memory) = instance.get_memory(&mut store, "memory") else {
             bail!("the module exports no memory")
         };
         store.data_mut().memory = Some(memory);
+        // Kept for the hostcalls that return data (a counted hostcall's caller is the host, so
+        // it cannot look the export up).
+        store.data_mut().allocate = instance
+            .get_typed_func::<u32, u32>(&mut store, "proxy_on_memory_allocate")
+            .ok();
         let mut vm = Vm {
             store,
             instance,
@@ -345,6 +367,11 @@ impl Vm {
             }
             Ok(())
         });
+    }
+
+    /// Calls of each import so far, by name (from [`Plugin::start_counting_hostcalls`]).
+    pub fn hostcalls(&self) -> std::collections::BTreeMap<String, u64> {
+        self.store.data().hostcalls.clone()
     }
 
     /// The crossings counted so far ([`Vm::count_crossings`]).
@@ -810,9 +837,12 @@ fn give(caller: &mut Caller<'_, HostState>, data: &[u8], ptr_out: u32, size_out:
     let ptr = if data.is_empty() {
         0
     } else {
-        let alloc = match caller.get_export("proxy_on_memory_allocate") {
-            Some(Extern::Func(f)) => f.typed::<u32, u32>(&*caller)?,
-            _ => bail!("no proxy_on_memory_allocate export"),
+        let alloc = match caller.data().allocate.clone() {
+            Some(f) => f,
+            None => match caller.get_export("proxy_on_memory_allocate") {
+                Some(Extern::Func(f)) => f.typed::<u32, u32>(&*caller)?,
+                _ => bail!("no proxy_on_memory_allocate export"),
+            },
         };
         let ptr = alloc.call(&mut *caller, len)?;
         write(caller, ptr, data)?;
@@ -874,6 +904,36 @@ const WASI_ENOSYS: i32 = 52;
 /// Any import the module needs that this host does not implement answers with an error status
 /// (or, when it returns nothing, does nothing) instead of trapping, like a host missing an ABI
 /// extension. The call is logged so a test can see it.
+/// A linker whose every import the module uses counts its calls by name, then calls the
+/// definition `linker` has for it.
+fn counting(
+    linker: Linker<HostState>,
+    store: &mut Store<HostState>,
+    module: &Module,
+) -> Result<Linker<HostState>> {
+    let mut counted: Linker<HostState> = Linker::new(module.engine());
+    for import in module.imports() {
+        let wasmtime::ExternType::Func(ty) = import.ty() else {
+            continue;
+        };
+        let Ok(wasmtime::Extern::Func(inner)) = linker.get(&mut *store, import.module(), import.name())
+        else {
+            bail!("no definition of {}.{}", import.module(), import.name());
+        };
+        let name = import.name().to_owned();
+        counted.func_new(
+            import.module(),
+            import.name(),
+            ty,
+            move |mut caller, params, results| {
+                *caller.data_mut().hostcalls.entry(name.clone()).or_default() += 1;
+                inner.call(&mut caller, params, results)
+            },
+        )?;
+    }
+    Ok(counted)
+}
+
 fn define_unimplemented_imports(linker: &mut Linker<HostState>, module: &Module) -> Result<()> {
     let mut scratch = Store::new(module.engine(), HostState::default());
     let defined: std::collections::HashSet<(String, String)> = linker

@@ -218,54 +218,84 @@ fn query_body() -> String {
     )
 }
 
-/// `--cold`: the 1 KB as_of query through the empty filter and through this one, in caches warm
-/// from the last query and in caches another program's data has just been through (as Envoy's
-/// own work between a filter's callbacks leaves them), with the crossings between host and
-/// module per query. In Envoy a query costs far more than its warm figure here: this shows how
-/// much of that the cold caches explain, and what any later change to the path's footprint does.
+/// `--cold`: the 1 KB as_of query and a 1-row write through the empty filter and through this
+/// one, in caches warm from the last request and in caches another program's data has just been
+/// through (as Envoy's own work between a filter's callbacks leaves them), with the crossings
+/// between host and module per request. In Envoy a request costs far more than its warm figure
+/// here: this shows how much of that cold caches explain, and what a change to the path's
+/// footprint does.
 fn cold_report() -> Result<()> {
     let query = query_body();
+    let write = one_row_body();
     let empty = workspace_file("target/wasm32-wasip1/release/hevlayer_empty_filter.wasm");
+    // (label, run, whether it is this filter: the empty one cannot answer a write's callouts).
     let mut runs = [
-        ("empty filter", FilterRun::of_module(&empty, "")?),
-        ("hevlayer filter", FilterRun::new()?),
+        ("empty filter", FilterRun::of_module(&empty, "")?, false),
+        ("hevlayer filter", FilterRun::new()?, true),
     ];
-    for (label, run) in &mut runs {
+    // The 1 KB as_of query, and the 1-row write answered 2xx with its callouts.
+    let request = |run: &mut FilterRun, ours: bool, kind: usize| -> Result<()> {
+        match kind {
+            0 => run.query(query.as_bytes()).map(drop),
+            _ => run.write(write.as_bytes(), ours).map(drop),
+        }
+    };
+    let kinds = ["1 KB as_of query", "1-row write (4 KB) with its callouts"];
+    for (label, run, ours) in &mut runs {
         run.vm_mut().count_crossings();
-        run.query(query.as_bytes())?;
-        let before = run.vm_mut().crossings();
-        run.query(query.as_bytes())?;
-        let after = run.vm_mut().crossings();
-        println!(
-            "{label}: {} hostcalls and {} calls into the module per query",
-            after.into_host - before.into_host,
-            after.into_module - before.into_module
-        );
+        for (kind, name) in kinds.iter().enumerate() {
+            request(run, *ours, kind)?;
+            let before = run.vm_mut().crossings();
+            request(run, *ours, kind)?;
+            let after = run.vm_mut().crossings();
+            println!(
+                "{label}, {name}: {} hostcalls and {} calls into the module",
+                after.into_host - before.into_host,
+                after.into_module - before.into_module
+            );
+        }
+    }
+    let mut counting = FilterRun::counting_hostcalls()?;
+    for (kind, name) in kinds.iter().enumerate() {
+        request(&mut counting, true, kind)?;
+        let before = counting.vm_mut().hostcalls();
+        request(&mut counting, true, kind)?;
+        let calls: Vec<String> = counting
+            .vm_mut()
+            .hostcalls()
+            .into_iter()
+            .map(|(import, n)| (import.clone(), n - before.get(&import).copied().unwrap_or(0)))
+            .filter(|(_, n)| *n > 0)
+            .map(|(import, n)| format!("{import} {n}"))
+            .collect();
+        println!("hevlayer filter, {name}, hostcalls: {}", calls.join(", "));
     }
     // 2 MiB: about this machine's L2 (the code and data then come from L3); 32 MiB: its L3 too.
     let sizes = [0usize, 2 << 20, 32 << 20];
     let mut junk = vec![0u8; 32 << 20];
-    let queries = 2000u32;
-    println!("us per query (best of 3) with the caches evicted by touching N MiB before each:");
-    for (label, run) in &mut runs {
-        let mut figures = Vec::new();
-        for &size in &sizes {
-            let mut best = f64::INFINITY;
-            for _ in 0..3 {
-                let mut took = std::time::Duration::ZERO;
-                for round in 0..queries {
-                    for i in (0..size).step_by(64) {
-                        junk[i] = junk[i].wrapping_add(round as u8);
+    let requests = 2000u32;
+    println!("us per request (best of 3) with the caches evicted by touching N MiB before each:");
+    for (kind, name) in kinds.iter().enumerate() {
+        for (label, run, ours) in &mut runs {
+            let mut figures = Vec::new();
+            for &size in &sizes {
+                let mut best = f64::INFINITY;
+                for _ in 0..3 {
+                    let mut took = std::time::Duration::ZERO;
+                    for round in 0..requests {
+                        for i in (0..size).step_by(64) {
+                            junk[i] = junk[i].wrapping_add(round as u8);
+                        }
+                        let started = std::time::Instant::now();
+                        request(run, *ours, kind)?;
+                        took += started.elapsed();
                     }
-                    let started = std::time::Instant::now();
-                    run.query(query.as_bytes())?;
-                    took += started.elapsed();
+                    best = best.min(took.as_secs_f64() * 1e6 / f64::from(requests));
                 }
-                best = best.min(took.as_secs_f64() * 1e6 / f64::from(queries));
+                figures.push(format!("{} MiB {best:.1}", size >> 20));
             }
-            figures.push(format!("{} MiB {best:.1}", size >> 20));
+            println!("  {name}, {label}: {}", figures.join(", "));
         }
-        println!("  {label}: {}", figures.join(", "));
     }
     std::hint::black_box(&junk);
     Ok(())

@@ -491,6 +491,9 @@ async fn main() -> Result<()> {
     // `--spin-cost`: one more Envoy, the empty filter hashing 16 KiB per request (plain wasm
     // work): what a known loop costs in Envoy's engine against the same loop run natively.
     let spin_cost = args.iter().any(|a| a == "--spin-cost");
+    // `--slow-breakdown`: the 5 ms-upstream row with the breakdown's Envoys too (empty filter,
+    // the filter without callouts, with callouts answered at once), not only the two ends.
+    let slow_breakdown = args.iter().any(|a| a == "--slow-breakdown");
     // `--quick`: the small requests only (1-row writes, the 5 ms-upstream row, the queries).
     let quick = args.iter().any(|a| a == "--quick");
     let variants: Vec<(String, PathBuf)> = args
@@ -620,22 +623,31 @@ async fn main() -> Result<()> {
     let product_sidecar = product.pids.sidecar;
     // The same two ends in front of an upstream that answers after 5 ms, nearer a real
     // Turbopuffer: how much of a write's time the gateway adds there.
+    let mut slow_plan = vec![("no filter", Filter::None, stub)];
+    if slow_breakdown {
+        slow_plan.extend(plan[1..plan.len() - 1].iter().copied());
+    }
+    slow_plan.push(("hevlayer", Filter::Wasm(&wasm, None), sidecar));
     let mut slow = Vec::new();
-    for (i, filter) in [Filter::None, Filter::Wasm(&wasm, None)].into_iter().enumerate() {
+    for (i, (label, filter, sidecar_port)) in slow_plan.into_iter().enumerate() {
         let (port, admin, pid) = start_envoy(
             &mut procs,
             &format!("envoy-slow-{i}"),
             filter,
             slow_upstream,
-            sidecar,
+            sidecar_port,
         )?;
         slow.push(Setup {
-            label: String::new(),
+            label: label.to_owned(),
             port,
             pids: Pids {
                 envoy: pid,
-                // The slow product shares the product's sidecar (measured at another time).
-                sidecar: if i == 1 { product_sidecar } else { 0 },
+                // The slow Envoys share the fast ones' sidecars (measured at another time).
+                sidecar: if sidecar_port == sidecar {
+                    product_sidecar
+                } else {
+                    0
+                },
             },
         });
         admins.push(admin);
@@ -717,11 +729,21 @@ async fn main() -> Result<()> {
             Turns::Of(SHORT_TURN),
         )
         .await?;
-        let ratio = f[1].p50_us / f[0].p50_us;
+        let last = f.len() - 1;
+        let ratio = f[last].p50_us / f[0].p50_us;
         println!(
             "1 row, upstream answering after 5 ms: p50 {:.0}us without the filter, {:.0}us hevlayer ({ratio:.3}x)",
-            f[0].p50_us, f[1].p50_us
+            f[0].p50_us, f[last].p50_us
         );
+        for (setup, figures) in slow.iter().zip(&f).skip(1).take(last.saturating_sub(1)) {
+            println!(
+                "  {}: p50 {:.0}us ({:.3}x), Envoy CPU {:.0}us per request",
+                setup.label,
+                figures.p50_us,
+                figures.p50_us / f[0].p50_us,
+                figures.cpu_us
+            );
+        }
         if ratio > 1.03 {
             missed.push(format!("1 row with a 5 ms upstream: p50 ratio {ratio:.3} > 1.03"));
         }
