@@ -1196,6 +1196,12 @@ impl Exchange {
         }
     }
 
+    /// Whether the callout outstanding is the write's eviction ahead (whose answer is read by
+    /// its status alone).
+    pub fn awaits_eviction(&self) -> bool {
+        self.eviction_started().is_some()
+    }
+
     /// When the write's eviction ahead went out, while it is outstanding.
     fn eviction_started(&self) -> Option<u64> {
         match &self.phase {

@@ -312,11 +312,15 @@ fn now_ms() -> u64 {
 }
 
 /// A callout's answer: its status (`None` when it was reset, or when its body cannot be read:
-/// an answer the filter cannot see is no answer), headers and body.
-fn call_answer(body_size: usize) -> (Option<u16>, Vec<(String, String)>, Vec<u8>) {
+/// an answer the filter cannot see is no answer), headers and body (empty unless `want_body`:
+/// reading it is a hostcall and an allocation the filter spares when the status is enough).
+fn call_answer(body_size: usize, want_body: bool) -> (Option<u16>, Vec<(String, String)>, Vec<u8>) {
     let pairs = buffers::pairs(MapType::HttpCallResponseHeaders).unwrap_or_default();
     let status = pairs.get(":status").and_then(|v| v.parse::<u16>().ok());
     let headers = pairs.to_vec();
+    if !want_body || body_size == 0 {
+        return (status, headers, Vec::new());
+    }
     match read_body(BufferType::HttpCallResponseBody, 0, body_size) {
         Some(body) => (status, headers, body),
         None => (None, headers, Vec::new()),
@@ -546,8 +550,16 @@ impl Context for Filter {
                 return;
             }
         }
-        let (status, headers, body) = call_answer(body_size);
-        let step = self.exchange.on_callout_answer(status, &headers, body, now_ms());
+        let eviction = self.exchange.awaits_eviction();
+        let (status, headers, body) = call_answer(body_size, !eviction);
+        // An eviction's time matters only when the sidecar did not answer it (was it the
+        // timeout?): the clock is a hostcall, spared otherwise.
+        let now = if eviction && sidecar_api::is_sidecar_answer(&headers) {
+            0
+        } else {
+            now_ms()
+        };
+        let step = self.exchange.on_callout_answer(status, &headers, body, now);
         self.execute(step, Site::Callout, 0);
     }
 }

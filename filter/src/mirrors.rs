@@ -83,6 +83,11 @@ impl MirrorQueue {
         self.wake_pending = false;
     }
 
+    /// Mirrors waiting to be sent.
+    pub fn queued(&self) -> usize {
+        self.waiting.len()
+    }
+
     /// Whether a whole batch is waiting (it goes at once rather than lingering for more).
     pub fn batch_full(&self) -> bool {
         self.waiting.len() >= BATCH_MIRRORS || self.bytes >= BATCH_BYTES

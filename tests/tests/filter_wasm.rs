@@ -1498,6 +1498,45 @@ fn write_ahead(vm: &mut Vm, body: &[u8], evict: Option<Answer<'_>>) {
 
 const APPLIED: Answer<'static> = (200, &[JSON], b"{\"applied\":1}");
 
+/// A write's hostcalls that add nothing: its eviction's answer is read by status and headers
+/// (its body says nothing more), and a linger's tick records no counters (they wait for the
+/// refresh period, or a full batch).
+#[test]
+fn a_write_spares_the_eviction_body_and_the_linger_tick_spares_the_counters() {
+    let mut vm = filter()
+        .unwrap()
+        .start_counting_hostcalls(r#"{"read_watermark":"off"}"#)
+        .unwrap();
+    vm.set_time_ms(NOW_MS);
+    let calls = |vm: &Vm, name: &str| vm.hostcalls().get(name).copied().unwrap_or(0);
+    // The refresh period's work once (the clock moved since the configuration).
+    vm.advance_time_and_tick(500).unwrap();
+    for round in 0..3 {
+        let (reads, increments) = (
+            calls(&vm, "proxy_get_buffer_bytes"),
+            calls(&vm, "proxy_increment_metric"),
+        );
+        write_ahead(
+            &mut vm,
+            format!(r#"{{"deletes":[{round}]}}"#).as_bytes(),
+            Some(APPLIED),
+        );
+        vm.advance_time_and_tick(2).unwrap();
+        apply_batches(&mut vm, round);
+        assert_eq!(root_mirrors(&vm).len(), round + 1, "one batch per linger");
+        assert_eq!(
+            calls(&vm, "proxy_get_buffer_bytes") - reads,
+            2,
+            "the request body and the mirror batch's answer, not the eviction's"
+        );
+        assert_eq!(calls(&vm, "proxy_increment_metric"), increments, "round {round}");
+    }
+    // The refresh period's tick records them.
+    vm.advance_time_and_tick(500).unwrap();
+    assert!(calls(&vm, "proxy_increment_metric") > 0);
+    assert_eq!(vm.counter("hevlayer.mirror_ok"), 3);
+}
+
 #[test]
 fn a_write_evicts_ahead_and_its_mirror_goes_after_the_response() {
     let mut vm = vm("{}");
@@ -1731,7 +1770,15 @@ fn at_most_four_batches_are_out_at_once_and_what_gathers_meanwhile_goes_as_one()
 
 #[test]
 fn by_default_mirrors_linger_and_the_next_tick_sends_them_as_one_batch() {
-    let mut vm = lingering_vm(r#"{"read_watermark":"off"}"#);
+    let config = with_default(r#"{"read_watermark":"off"}"#, "counter_batch", 1);
+    let mut vm = filter().unwrap().start_counting_hostcalls(&config).unwrap();
+    vm.set_time_ms(NOW_MS);
+    let wake_ups = |vm: &Vm| {
+        vm.hostcalls()
+            .get("proxy_enqueue_shared_queue")
+            .copied()
+            .unwrap_or(0)
+    };
     assert_eq!(vm.tick_period_ms(), 500, "the refresh period");
     for id in 0..3 {
         write_ahead(
@@ -1745,23 +1792,34 @@ fn by_default_mirrors_linger_and_the_next_tick_sends_them_as_one_batch() {
         "nothing goes before the linger ends"
     );
     assert_eq!(vm.tick_period_ms(), 2, "the timer runs at the linger");
+    assert_eq!(wake_ups(&vm), 1, "one wake-up for the three");
     assert_eq!(vm.counter("hevlayer.mirrors_queued"), 3);
-    // The linger's tick: one batch, and the timer back at the refresh period. Less than a
-    // refresh period since the last one: nothing else of the timer's work runs.
+    // The linger's tick: one batch. Less than a refresh period since the last one: nothing else
+    // of the timer's work runs. Mirrors may keep coming, so the timer stays at the linger.
     vm.advance_time_and_tick(2).unwrap();
     let out = root_mirrors(&vm);
     assert_eq!(out.len(), 1);
     assert_eq!(batch(&out[0]).len(), 3);
     assert_eq!(vm.root_callouts().len(), 1, "no other root callout");
-    assert_eq!(vm.tick_period_ms(), 500);
+    assert_eq!(vm.tick_period_ms(), 2);
     apply_batches(&mut vm, 0);
     assert_eq!(vm.counter("hevlayer.mirror_ok"), 3);
     assert_eq!(vm.counter("hevlayer.mirrors_queued"), 0);
-    // The next write lingers again.
+    // The next write's mirror goes at the next linger tick, without waking the root.
     write_ahead(&mut vm, br#"{"deletes":[9]}"#, Some(APPLIED));
-    assert_eq!(vm.tick_period_ms(), 2);
+    assert_eq!(wake_ups(&vm), 1);
     vm.advance_time_and_tick(2).unwrap();
     assert_eq!(root_mirrors(&vm).len(), 2);
+    assert_eq!(vm.tick_period_ms(), 2);
+    apply_batches(&mut vm, 1);
+    // A linger with nothing new: back to the refresh period, and the next write lingers again.
+    vm.advance_time_and_tick(2).unwrap();
+    assert_eq!(vm.tick_period_ms(), 500);
+    write_ahead(&mut vm, br#"{"deletes":[10]}"#, Some(APPLIED));
+    assert_eq!(wake_ups(&vm), 2);
+    assert_eq!(vm.tick_period_ms(), 2);
+    vm.advance_time_and_tick(2).unwrap();
+    assert_eq!(root_mirrors(&vm).len(), 3);
 }
 
 #[test]

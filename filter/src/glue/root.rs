@@ -179,8 +179,8 @@ impl Root {
     /// A batch's answer: each mirror's outcome. Only the sidecar's JSON 2xx answers for its
     /// mirrors (a mirror it does not list counts as failed); Envoy's 504 (or a reset at the
     /// timeout) is a timeout of every mirror in the batch.
-    fn mirrors_answered(&self, flight: Flight, status: Option<u16>, json: bool, body: &[u8]) {
-        let elapsed = now_ms().saturating_sub(flight.sent_ms);
+    fn mirrors_answered(&self, flight: Flight, status: Option<u16>, json: bool, body: &[u8], now: u64) {
+        let elapsed = now.saturating_sub(flight.sent_ms);
         let answered = json && status.is_some_and(|s| (200..300).contains(&s));
         let applied: Vec<bool> = if answered {
             serde_json::from_slice::<sidecar_api::MirrorBatchResponse>(body)
@@ -257,26 +257,39 @@ impl Root {
     }
 
     /// The timer's work: after a linger, send what gathered; each refresh period, the
-    /// housekeeping (memory gauge, lost wake-ups, expired flights, watermarks, evictions).
+    /// housekeeping (memory gauge, counters, lost wake-ups, expired flights, watermarks,
+    /// evictions).
     fn tick(&mut self, now: u64) {
         if self.lingering {
-            // The linger is over: send what gathered, and back to the refresh period.
-            self.lingering = false;
-            self.set_tick_period(Duration::from_millis(self.config().watermark_refresh_ms));
-            if let Ok(mut q) = self.shared.mirrors.try_borrow_mut() {
-                q.woken();
+            let gathered = self.shared.mirrors.try_borrow().is_ok_and(|q| q.queued() > 0);
+            if gathered {
+                // Send what gathered and keep the timer at the linger: while mirrors keep
+                // coming, streams need not wake the root (their wake-up stays pending) and the
+                // timer is not set twice per linger.
+                self.send_mirrors(now);
+            } else {
+                // A linger with nothing new: back to the refresh period; the next mirror
+                // wakes the root again.
+                self.lingering = false;
+                self.set_tick_period(Duration::from_millis(self.config().watermark_refresh_ms));
+                if let Ok(mut q) = self.shared.mirrors.try_borrow_mut() {
+                    q.woken();
+                }
             }
-            self.send_mirrors(now);
             if now.saturating_sub(self.housekept_ms) < self.config().watermark_refresh_ms {
                 return;
             }
         }
         self.housekept_ms = now;
         self.metrics().report_memory();
+        // What the streams and the root counted since the last refresh (see `Metrics`).
+        self.metrics().flush();
         // Mirrors a failed or lost wake-up left behind (the next mirror wakes the root again),
         // and flights no answer came for.
-        if let Ok(mut q) = self.shared.mirrors.try_borrow_mut() {
-            q.woken();
+        if !self.lingering {
+            if let Ok(mut q) = self.shared.mirrors.try_borrow_mut() {
+                q.woken();
+            }
         }
         self.send_mirrors(now);
         let limit = self.config().mirror_timeout_ms + CALLOUT_TIMEOUT_MS;
@@ -316,9 +329,16 @@ impl Context for Root {
             .ok()
             .and_then(|mut q| q.answered(token));
         if let Some(flight) = mirror {
-            let (status, headers, body) = super::call_answer(body_size);
-            self.mirrors_answered(flight, status, sidecar_api::is_sidecar_answer(&headers), &body);
-            self.send_mirrors(now_ms());
+            let (status, headers, body) = super::call_answer(body_size, true);
+            let now = now_ms();
+            self.mirrors_answered(
+                flight,
+                status,
+                sidecar_api::is_sidecar_answer(&headers),
+                &body,
+                now,
+            );
+            self.send_mirrors(now);
             return;
         }
         let in_flight = if let Some((_, what, _)) = self.registration.take_if(|r| r.0 == token) {
@@ -329,7 +349,9 @@ impl Context for Root {
             log::warn!("ignoring a callout answer with unknown token {token}");
             return;
         };
-        let (status, headers, body) = super::call_answer(body_size);
+        // An eviction's answer says all in its status (its body is not read).
+        let want_body = matches!(in_flight, InFlight::Registration { .. });
+        let (status, headers, body) = super::call_answer(body_size, want_body);
         // Only the sidecar's own JSON answer counts (Envoy answers timeouts and an unreachable
         // sidecar itself, in plain text).
         let ok = sidecar_api::is_sidecar_answer(&headers) && status.is_some_and(|s| (200..300).contains(&s));
@@ -439,8 +461,6 @@ impl RootContext for Root {
         let now = now_ms();
         self.shared.tick_clock.set(now);
         self.tick(now);
-        // What the streams and this tick counted since the last one (see `Metrics`).
-        self.metrics().flush();
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
