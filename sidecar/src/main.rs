@@ -36,8 +36,7 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let config = Config::parse();
     let valid = match config.validate() {
         Ok(valid) => valid,
@@ -46,6 +45,20 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.worker_threads > 0 {
+        runtime.worker_threads(config.worker_threads);
+    }
+    match runtime.enable_all().build() {
+        Ok(runtime) => runtime.block_on(run(config, valid)),
+        Err(err) => {
+            eprintln!("hevlayer-sidecar: cannot start the runtime: {err}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(config: Config, valid: hevlayer_sidecar::config::Validated) -> ExitCode {
     init_logs(&config, valid.log_level);
     let state = match hevlayer_sidecar::build_state(&config, &valid) {
         Ok(s) => s,
@@ -68,6 +81,7 @@ async fn main() -> ExitCode {
         budget_bytes = config.embedded_cache_bytes,
         gateway_url = %config.gateway_url,
         mirror_vectors = config.mirror_vectors,
+        worker_threads = config.worker_threads,
         "sidecar listening"
     );
     match hevlayer_sidecar::serve(listener, state, config.max_body_bytes, shutdown_signal()).await {

@@ -62,6 +62,39 @@ async fn an_empty_aerospike_hosts_means_the_embedded_store() {
     child.kill().await.unwrap();
 }
 
+/// The runtime's worker threads of a running sidecar (by their thread name).
+fn worker_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "tokio-rt-worker")
+        .count()
+}
+
+#[tokio::test]
+async fn sidecar_worker_threads_sets_the_runtime_threads() {
+    for (setting, expected) in [("1", 1), ("3", 3)] {
+        let (mut child, port) = start_sidecar(&[("SIDECAR_WORKER_THREADS", setting)]).await;
+        let a = Client::for_url(&format!("http://127.0.0.1:{port}"))
+            .get("/healthz")
+            .await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        assert_eq!(
+            worker_threads(child.id().unwrap()),
+            expected,
+            "SIDECAR_WORKER_THREADS={setting}"
+        );
+        child.kill().await.unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_hevlayer-sidecar"))
+        .env("SIDECAR_WORKER_THREADS", "5000")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SIDECAR_WORKER_THREADS"));
+}
+
 #[tokio::test]
 async fn sigterm_stops_the_sidecar_cleanly() {
     let (mut child, _port) = start_sidecar(&[]).await;

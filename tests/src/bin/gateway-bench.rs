@@ -139,7 +139,7 @@ fn start_envoy(
     Ok((port, admin, pid))
 }
 
-fn start_sidecar(procs: &mut Procs, port: u16, gateway: u16) -> Result<u32> {
+fn start_sidecar(procs: &mut Procs, port: u16, gateway: u16, worker_threads: usize) -> Result<u32> {
     let bin = root().join("target/release/hevlayer-sidecar");
     if !bin.exists() {
         bail!("{} is missing: run `make sidecar`", bin.display());
@@ -148,6 +148,7 @@ fn start_sidecar(procs: &mut Procs, port: u16, gateway: u16) -> Result<u32> {
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--gateway-url", &format!("http://127.0.0.1:{gateway}")])
         .args(["--log-level", "warn"])
+        .args(["--worker-threads", &worker_threads.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
@@ -494,6 +495,12 @@ async fn main() -> Result<()> {
     // `--slow-breakdown`: the 5 ms-upstream row with the breakdown's Envoys too (empty filter,
     // the filter without callouts, with callouts answered at once), not only the two ends.
     let slow_breakdown = args.iter().any(|a| a == "--slow-breakdown");
+    // `--sidecar-threads N`: one more Envoy running the product, whose sidecar serves with N
+    // threads (`SIDECAR_WORKER_THREADS`; the others have the default, one per core).
+    let sidecar_threads: Option<usize> = args
+        .windows(2)
+        .find(|w| w[0] == "--sidecar-threads")
+        .and_then(|w| w[1].parse().ok());
     // `--quick`: the small requests only (1-row writes, the 5 ms-upstream row, the queries).
     let quick = args.iter().any(|a| a == "--quick");
     let variants: Vec<(String, PathBuf)> = args
@@ -534,8 +541,12 @@ async fn main() -> Result<()> {
         .iter()
         .map(|_| free_port())
         .collect::<Result<Vec<u16>>>()?;
+    let threads_sidecar = free_port()?;
     let mut with_sidecar = vec![sidecar, waits_sidecar];
     with_sidecar.extend(&setting_sidecars);
+    if sidecar_threads.is_some() {
+        with_sidecar.push(threads_sidecar);
+    }
     let mut procs = Procs(Vec::new());
     // The first is the baseline, the last the product; the ones between show where the product's
     // extra time goes.
@@ -597,13 +608,25 @@ async fn main() -> Result<()> {
             .zip(&setting_sidecars)
             .map(|((label, config), port)| (label.clone(), Filter::Wasm(&wasm, Some(config)), *port)),
     );
+    if let Some(n) = sidecar_threads {
+        all.push((
+            format!("sidecar {n} thread(s)"),
+            Filter::Wasm(&wasm, None),
+            threads_sidecar,
+        ));
+    }
     all.extend(product_plan.map(|(label, filter, port)| ((*label).to_owned(), *filter, *port)));
     for (i, (label, filter, sidecar_port)) in all.into_iter().enumerate() {
         let (port, admin, pid) =
             start_envoy(&mut procs, &format!("envoy-{i}"), filter, upstream, sidecar_port)?;
         // The Envoys whose callouts go to a sidecar have one each.
         let sidecar_pid = if with_sidecar.contains(&sidecar_port) {
-            start_sidecar(&mut procs, sidecar_port, port)?
+            let threads = if sidecar_port == threads_sidecar {
+                sidecar_threads.unwrap_or(0)
+            } else {
+                0
+            };
+            start_sidecar(&mut procs, sidecar_port, port, threads)?
         } else {
             0
         };
