@@ -50,6 +50,8 @@ pub struct RequestHead<'a> {
     pub authorization: Option<&'a str>,
     pub content_length: Option<&'a str>,
     pub content_encoding: Option<&'a str>,
+    /// The client's `accept-encoding`: removed from writes (their responses are read).
+    pub accept_encoding: Option<&'a str>,
     pub content_type: Option<&'a str>,
     pub request_id: &'a str,
     /// The W3C `traceparent` and `tracestate` headers, passed on on every callout.
@@ -522,8 +524,11 @@ impl Exchange {
                 bypass,
             }),
             Route::Write { .. } => {
-                // The filter reads write responses (affected ids); keep them uncompressed.
-                edits.remove.push("accept-encoding");
+                // The filter reads write responses (affected ids); keep them uncompressed. (Only
+                // when sent: each removal is a hostcall.)
+                if head.accept_encoding.is_some() {
+                    edits.remove.push("accept-encoding");
+                }
                 None
             }
             _ => None,

@@ -604,6 +604,7 @@ impl HttpContext for Filter {
             authorization: get("authorization"),
             content_length: get("content-length"),
             content_encoding: get("content-encoding"),
+            accept_encoding: get("accept-encoding"),
             content_type: get("content-type"),
             request_id: &request_id,
             traceparent: get(sidecar_api::TRACEPARENT_HEADER),

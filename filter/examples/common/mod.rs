@@ -17,6 +17,7 @@ pub fn post<'a>(path: &'a str, content_length: &'a str, now_ms: u64) -> RequestH
         authorization: Some("Bearer bench"),
         content_length: Some(content_length),
         content_encoding: None,
+        accept_encoding: None,
         content_type: Some("application/json"),
         request_id: "0123456789abcdef0123456789abcdef",
         traceparent: None,

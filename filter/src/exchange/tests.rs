@@ -188,6 +188,22 @@ fn oversize_bodies_get_413_by_header_and_by_size() {
     assert_eq!(ex.take_counters(), vec![Counter::PayloadTooLarge]);
 }
 
+/// Write responses are read (affected ids): a client's `accept-encoding` is removed so they come
+/// uncompressed; none sent, nothing to remove (each removal is a hostcall). Queries keep it.
+#[test]
+fn writes_drop_accept_encoding_only_when_sent() {
+    let mut h = head("POST", "/v2/namespaces/ns");
+    let (edits, _) = Driver::new().headers(&Config::default(), &h);
+    assert!(edits.remove.is_empty(), "{edits:?}");
+    h.accept_encoding = Some("gzip, deflate");
+    let (edits, _) = Driver::new().headers(&Config::default(), &h);
+    assert_eq!(edits.remove, ["accept-encoding"]);
+    let mut q = head("POST", "/v2/namespaces/ns/query");
+    q.accept_encoding = Some("gzip");
+    let (edits, _) = Driver::new().headers(&Config::default(), &q);
+    assert!(edits.remove.is_empty(), "{edits:?}");
+}
+
 #[test]
 fn gzip_bodies_are_decoded_and_unknown_encodings_refused() {
     use std::io::Write;
