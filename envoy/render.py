@@ -80,6 +80,10 @@ def plugin_config(profile):
     if not linger.isdigit() or int(linger) > 1000:
         fail(f"MIRROR_LINGER_MS must be an integer from 0 to 1000, got {linger!r}")
     config["mirror_linger_ms"] = int(linger)
+    batch = env("COUNTER_BATCH", "64")
+    if not batch.isdigit() or not 1 <= int(batch) <= 10000:
+        fail(f"COUNTER_BATCH must be an integer from 1 to 10000, got {batch!r}")
+    config["counter_batch"] = int(batch)
     # Production means gateway keys unless passthrough is asked for by name.
     mode = env("AUTH_MODE", "keys" if profile == "production" else "passthrough")
     if mode not in ("passthrough", "keys"):

@@ -130,3 +130,18 @@ def test_render_validates_and_passes_the_mirror_linger(tmp_path):
         refused = subprocess.run(render, env={**env, "MIRROR_LINGER_MS": bad}, capture_output=True, text=True)
         assert refused.returncode != 0, bad
         assert "MIRROR_LINGER_MS must be an integer from 0 to 1000" in refused.stderr, refused.stderr
+
+
+def test_render_validates_and_passes_the_counter_batch(tmp_path):
+    render = [sys.executable, str(ROOT / "envoy" / "render.py"), "--profile", "local", "--out", str(tmp_path / "e.yaml")]
+    env = {k: v for k, v in os.environ.items() if k != "COUNTER_BATCH"}
+    ok = subprocess.run(render, env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert '"counter_batch":64' in (tmp_path / "e.yaml").read_text()
+    ok = subprocess.run(render, env={**env, "COUNTER_BATCH": "1"}, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert '"counter_batch":1' in (tmp_path / "e.yaml").read_text()
+    for bad in ("0", "10001", "-1", "many"):
+        refused = subprocess.run(render, env={**env, "COUNTER_BATCH": bad}, capture_output=True, text=True)
+        assert refused.returncode != 0, bad
+        assert "COUNTER_BATCH must be an integer from 1 to 10000" in refused.stderr, refused.stderr
