@@ -6,7 +6,11 @@
 //! hostcalls (reading `:path`) on each request's headers: what one hostcall costs Envoy. With
 //! `spin:N` it hashes a 1 KiB buffer N times (FNV-1a, byte by byte) on each request's headers:
 //! what a known amount of plain wasm work costs in Envoy's engine, to set against the same loop
-//! run natively (`spin_native` below, which the benchmark prints beside it).
+//! run natively (`spin_native` below, which the benchmark prints beside it). With `reads` it
+//! buffers each request and makes the reads any filter that looks at a query must make (the
+//! request headers, the whole body, the response status); with `rewrites` also the writes of a
+//! rewrite (the body replaced, `content-length` set; both to what they were): the floor of a
+//! query-rewriting filter, without any work of its own.
 
 #[cfg(target_arch = "wasm32")]
 mod glue {
@@ -15,13 +19,15 @@ mod glue {
     use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
 
     proxy_wasm::main! {{
-        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { buffer: false, calls: 0, spin: 0 }) });
+        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { buffer: false, calls: 0, spin: 0, touch: 0 }) });
     }}
 
     struct Root {
         buffer: bool,
         calls: usize,
         spin: usize,
+        /// 0: no reads; 1: `reads`; 2: `rewrites`.
+        touch: u8,
     }
 
     impl Context for Root {}
@@ -30,7 +36,12 @@ mod glue {
         fn on_configure(&mut self, _size: usize) -> bool {
             let config = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX);
             let config = config.ok().flatten().unwrap_or_default();
-            self.buffer = config == b"buffer";
+            self.touch = match config.as_slice() {
+                b"reads" => 1,
+                b"rewrites" => 2,
+                _ => 0,
+            };
+            self.buffer = config == b"buffer" || self.touch > 0;
             self.calls = std::str::from_utf8(&config)
                 .ok()
                 .and_then(|c| c.strip_prefix("calls:"))
@@ -49,6 +60,7 @@ mod glue {
                 buffer: self.buffer,
                 calls: self.calls,
                 spin: self.spin,
+                touch: self.touch,
             }))
         }
 
@@ -61,6 +73,7 @@ mod glue {
         buffer: bool,
         calls: usize,
         spin: usize,
+        touch: u8,
     }
 
     impl Context for Stream {}
@@ -73,6 +86,9 @@ mod glue {
             if self.spin > 0 {
                 std::hint::black_box(super::spin(self.spin));
             }
+            if self.touch > 0 {
+                std::hint::black_box(hostcalls::get_map(MapType::HttpRequestHeaders).ok());
+            }
             if self.buffer && !end_of_stream {
                 Action::Pause
             } else {
@@ -80,12 +96,31 @@ mod glue {
             }
         }
 
-        fn on_http_request_body(&mut self, _body_size: usize, end_of_stream: bool) -> Action {
+        fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
             if self.buffer && !end_of_stream {
-                Action::Pause
-            } else {
-                Action::Continue
+                return Action::Pause;
             }
+            if self.touch > 0 {
+                let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size);
+                let body = body.ok().flatten().unwrap_or_default();
+                if self.touch > 1 {
+                    let _ = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_size, &body);
+                    let length = body.len().to_string();
+                    let _ = hostcalls::set_map_value(
+                        MapType::HttpRequestHeaders,
+                        "content-length",
+                        Some(&length),
+                    );
+                }
+            }
+            Action::Continue
+        }
+
+        fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+            if self.touch > 0 {
+                std::hint::black_box(hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status").ok());
+            }
+            Action::Continue
         }
     }
 }

@@ -492,6 +492,9 @@ async fn main() -> Result<()> {
     // `--spin-cost`: one more Envoy, the empty filter hashing 16 KiB per request (plain wasm
     // work): what a known loop costs in Envoy's engine against the same loop run natively.
     let spin_cost = args.iter().any(|a| a == "--spin-cost");
+    // `--floor`: two more Envoys, the empty filter making the reads any query-reading filter
+    // must make (headers, body, status), and those plus a rewrite's writes (body, length).
+    let floor = args.iter().any(|a| a == "--floor");
     // `--slow-breakdown`: the 5 ms-upstream row with the breakdown's Envoys too (empty filter,
     // the filter without callouts, with callouts answered at once), not only the two ends.
     let slow_breakdown = args.iter().any(|a| a == "--slow-breakdown");
@@ -594,6 +597,11 @@ async fn main() -> Result<()> {
             Filter::Wasm(&empty, Some("calls:20")),
             stub,
         ));
+    }
+    if floor {
+        for mode in ["reads", "rewrites"] {
+            all.push((format!("empty, {mode}"), Filter::Wasm(&empty, Some(mode)), stub));
+        }
     }
     if spin_cost {
         all.push((
