@@ -426,6 +426,16 @@ impl Vm {
         result
     }
 
+    /// Tells the root context the VM is going away (`proxy_on_done`, as Envoy does on a new
+    /// configuration or when draining); returns whether it is done at once.
+    pub fn shut_down(&mut self) -> Result<bool> {
+        let f: TypedFunc<u32, u32> = self.func("proxy_on_done")?;
+        self.store.data_mut().in_root_callback = true;
+        let result = f.call(&mut self.store, ROOT_ID);
+        self.store.data_mut().in_root_callback = false;
+        Ok(result? != 0)
+    }
+
     /// Advances the host clock, then runs the timer callback once.
     pub fn advance_time_and_tick(&mut self, ms: u64) -> Result<()> {
         self.store.data_mut().now_ns += ms * 1_000_000;

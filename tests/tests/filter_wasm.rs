@@ -1069,6 +1069,15 @@ fn counters_are_added_up_and_recorded_by_the_batch_or_at_the_tick() {
         assert_eq!(vm.counter(temporal), recorded, "after query {query}");
         assert_eq!(vm.counter(unknown), recorded, "after query {query}");
     }
+
+    // A VM going away (a new configuration, Envoy draining) records what it added up.
+    let mut vm = lingering_vm(r#"{"counter_batch":1000}"#);
+    let mut s = send_query(&mut vm, body, body.len());
+    s.respond(200, &[JSON], b"{}", "via_upstream").unwrap();
+    s.finish().unwrap();
+    assert_eq!(vm.counter(temporal), 0);
+    assert!(vm.shut_down().unwrap(), "done at once");
+    assert_eq!((vm.counter(temporal), vm.counter(unknown)), (1, 1));
 }
 
 /// Every crossing between Envoy and the module costs far more in Envoy's V8 than its work here
