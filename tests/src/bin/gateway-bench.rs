@@ -500,10 +500,13 @@ async fn main() -> Result<()> {
     let slow_breakdown = args.iter().any(|a| a == "--slow-breakdown");
     // `--sidecar-threads N`: one more Envoy running the product, whose sidecar serves with N
     // threads (`SIDECAR_WORKER_THREADS`; the others have the default, one per core).
-    let sidecar_threads: Option<usize> = args
-        .windows(2)
-        .find(|w| w[0] == "--sidecar-threads")
-        .and_then(|w| w[1].parse().ok());
+    let sidecar_threads: Option<usize> = match args.windows(2).find(|w| w[0] == "--sidecar-threads") {
+        Some(w) => match w[1].parse() {
+            Ok(n) => Some(n),
+            Err(_) => bail!("--sidecar-threads takes a number of threads, got {:?}", w[1]),
+        },
+        None => None,
+    };
     // `--quick`: the small requests only (1-row writes, the 5 ms-upstream row, the queries).
     let quick = args.iter().any(|a| a == "--quick");
     let variants: Vec<(String, PathBuf)> = args
