@@ -69,12 +69,17 @@ def wait_for(check, what, seconds):
 
 @pytest.fixture(scope="session")
 def indexed(demo):
-    """The pipeline state once every product is indexed."""
+    """The pipeline state once every product is indexed and the namespace's read watermark is
+    known. The watermark trails the namespace's first write: the filter registers the namespace
+    at its next refresh, the sidecar polls the metadata until a poll sees the index up to date,
+    and the filter's next refresh brings the watermark in (here about 1.5 s after the first
+    probe). A fast run of the pipeline can finish before that (a clean-clone CI run did)."""
     http = demo["http"]
 
     def done():
         state = http.get("/api/pipeline").json()
         counts = state.get("counts") or {}
-        return state if counts.get("indexed") == state["products"] and not state["progress"]["running"] else None
+        finished = counts.get("indexed") == state["products"] and not state["progress"]["running"]
+        return state if finished and state["stable_as_of"] is not None else None
 
-    return wait_for(done, "the whole catalogue indexed", 60)
+    return wait_for(done, "the whole catalogue indexed and its watermark known", 60)
