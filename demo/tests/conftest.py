@@ -72,8 +72,9 @@ def indexed(demo):
     """The pipeline state once every product is indexed and the namespace's read watermark is
     known. The watermark trails the namespace's first write: the filter registers the namespace
     at its next refresh, the sidecar polls the metadata until a poll sees the index up to date,
-    and the filter's next refresh brings the watermark in (here about 1.5 s after the first
-    probe). A fast run of the pipeline can finish before that (a clean-clone CI run did)."""
+    and the filter's next refresh brings the watermark in (in a local run it was known 1.5 s
+    before the last document was indexed). A run where the pipeline outpaces that finishes
+    first (a clean-clone CI run did)."""
     http = demo["http"]
 
     def done():
