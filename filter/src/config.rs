@@ -17,7 +17,7 @@ pub const DEFAULT_EVICT_AHEAD_MAX_IDS: usize = 10_000;
 pub const DEFAULT_MIRROR_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 /// How long a worker lets mirrors gather before it sends them (after their responses).
 pub const DEFAULT_MIRROR_LINGER_MS: u64 = 2;
-/// Counter increments a worker adds up before it records them (each tick records them too).
+/// Counter increments a worker adds up before it records them (each refresh records them too).
 pub const DEFAULT_COUNTER_BATCH: u32 = 64;
 pub const MAX_COUNTER_BATCH: u32 = 10_000;
 /// The longest linger accepted: mirrors wait at most this long (their documents are evicted
@@ -132,8 +132,9 @@ pub struct Config {
     /// waiting.
     pub mirror_linger_ms: u64,
     /// How many counter increments a worker adds up before it records them in Envoy's stats (a
-    /// hostcall per counter); every tick of the root context records what is pending, so no
-    /// count is older than `watermark_refresh_ms`. 1: each is recorded at once.
+    /// hostcall per counter); the root context records what is pending every
+    /// `watermark_refresh_ms`, so no count is older than that plus one linger. 1: each is
+    /// recorded at once.
     pub counter_batch: u32,
 }
 

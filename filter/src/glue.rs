@@ -34,7 +34,8 @@ proxy_wasm::main! {{
 ///
 /// Each increment is a hostcall, and a hostcall costs Envoy about a microsecond: so with a
 /// `counter_batch` above 1, increments (gauges' too) are added up here and recorded once
-/// `counter_batch` of them are pending, and on every tick of the root context.
+/// `counter_batch` of them are pending, at the root context's refresh tick, and when the VM
+/// goes away.
 #[derive(Default)]
 struct Metrics {
     ids: HashMap<&'static str, u32>,

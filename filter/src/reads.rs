@@ -148,9 +148,10 @@ impl Scan {
         let close = cur.object(|cur, m| {
             q.members += 1;
             cuts.begin(&m);
-            let field = read_field(cur, m.key, top);
-            if let Some(name) = field {
-                let bit = 1u8 << READ_FIELDS.iter().position(|f| *f == name).unwrap_or(0);
+            let found = read_field(cur, m.key, top);
+            let field = found.map(|(_, name)| name);
+            if let Some((index, name)) = found {
+                let bit = 1u8 << index;
                 if seen & bit != 0 {
                     self.fail(format!(
                         "{label}{name} is given more than once (byte {})",
@@ -285,9 +286,10 @@ impl Scan {
 /// The member names the rewrite reads.
 const READ_FIELDS: [&str; 5] = [AS_OF, BETWEEN, FILTERS, CONSISTENCY, QUERIES];
 
-/// Which of [`READ_FIELDS`] a member's name is (`queries` only at the top level). A name without
-/// escapes is compared as it is, with no decoding: this runs for every member of every query.
-fn read_field(cur: &Cursor<'_>, key: StrToken, top: bool) -> Option<&'static str> {
+/// Which of [`READ_FIELDS`] a member's name is, by position and name (`queries` only at the top
+/// level). A name without escapes is compared as it is, with no decoding: this runs for every
+/// member of every query.
+fn read_field(cur: &Cursor<'_>, key: StrToken, top: bool) -> Option<(usize, &'static str)> {
     let decoded;
     let name: &[u8] = if key.escaped {
         decoded = cur.text(key);
@@ -298,8 +300,9 @@ fn read_field(cur: &Cursor<'_>, key: StrToken, top: bool) -> Option<&'static str
     READ_FIELDS
         .iter()
         .copied()
-        .find(|f| f.as_bytes() == name)
-        .filter(|f| top || *f != QUERIES)
+        .enumerate()
+        .find(|(_, f)| f.as_bytes() == name)
+        .filter(|(_, f)| top || *f != QUERIES)
 }
 
 /// `consistency.level`: Some(true) for "eventual", Some(false) for another string.

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ROOT / ".tools"
 ENVOY = TOOLS / "venv" / "bin" / "envoy"
 MINIFUGU = TOOLS / "bin" / "minifugu"
-# Longer than the filter's tick (`watermark_refresh_ms`, 500 ms by default), which records the
-# counter increments a worker added up (`counter_batch`).
+# Longer than the filter's refresh period (`watermark_refresh_ms`, 500 ms by default) plus a
+# linger (2 ms): the refresh tick records the counter increments a worker added up.
 COUNTER_FLUSH_WAIT_S = 0.7
 SIDECAR = ROOT / "target" / "release" / "hevlayer-sidecar"
 FILTER = Path(os.environ.get("HEVLAYER_FILTER_WASM", ROOT / "target/wasm32-wasip1/release/hevlayer_filter.wasm"))

@@ -38,6 +38,19 @@ impl Timer {
     }
 }
 
+/// The benchmarks' 1 KB vector query (110 numbers, a caller filter), with `as_of` or without.
+pub fn query_body(as_of: bool) -> Vec<u8> {
+    let vector: Vec<String> = (0..110)
+        .map(|i| format!("{:.4}", (i as f32 * 0.37).sin()))
+        .collect();
+    let as_of = if as_of { r#","as_of":1795000000000"# } else { "" };
+    format!(
+        r#"{{"rank_by":["vector","ANN",[{}]],"top_k":10,"include_attributes":["title"],"filters":["title","NotEq",null]{as_of}}}"#,
+        vector.join(",")
+    )
+    .into_bytes()
+}
+
 /// Pushes whole write requests through the built filter, as Envoy would deliver them.
 pub struct FilterRun {
     vm: crate::wasm_host::Vm,
@@ -50,18 +63,21 @@ impl FilterRun {
         Self::with_config("{}")
     }
 
+    fn of_vm(vm: crate::wasm_host::Vm) -> Self {
+        let refresh_ms = vm.tick_period_ms();
+        FilterRun { vm, refresh_ms }
+    }
+
     /// A run of another build (the empty filter, say) under a plugin configuration.
     pub fn of_module(path: &std::path::Path, config: &str) -> Result<Self> {
-        let vm = crate::wasm_host::Plugin::load(path)?.start(config)?;
-        let refresh_ms = vm.tick_period_ms();
-        Ok(FilterRun { vm, refresh_ms })
+        Ok(Self::of_vm(crate::wasm_host::Plugin::load(path)?.start(config)?))
     }
 
     /// A run of this filter that counts its hostcalls by name (not for timings).
     pub fn counting_hostcalls() -> Result<Self> {
-        let vm = crate::wasm_host::filter()?.start_counting_hostcalls("{}")?;
-        let refresh_ms = vm.tick_period_ms();
-        Ok(FilterRun { vm, refresh_ms })
+        Ok(Self::of_vm(
+            crate::wasm_host::filter()?.start_counting_hostcalls("{}")?,
+        ))
     }
 
     /// The VM the run drives (to count its crossings, say).
@@ -71,9 +87,7 @@ impl FilterRun {
 
     /// A run under a plugin configuration (JSON).
     pub fn with_config(config: &str) -> Result<Self> {
-        let vm = crate::wasm_host::filter()?.start(config)?;
-        let refresh_ms = vm.tick_period_ms();
-        Ok(FilterRun { vm, refresh_ms })
+        Ok(Self::of_vm(crate::wasm_host::filter()?.start(config)?))
     }
 
     /// One write: headers and the body in 64 KiB chunks until the stamped body goes upstream,

@@ -862,22 +862,11 @@ fn give(caller: &mut Caller<'_, HostState>, data: &[u8], ptr_out: u32, size_out:
     write_u32(caller, size_out, len)
 }
 
-/// The proxy-wasm map encoding: count, (key length, value length) pairs, then each key and value
-/// followed by a NUL.
+/// The proxy-wasm map encoding (count, (key length, value length) pairs, then each key and value
+/// followed by a NUL), written by the filter's own encoder, which its reader is tested against.
 pub fn encode_map(map: &[(String, String)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend_from_slice(&(map.len() as u32).to_le_bytes());
-    for (k, v) in map {
-        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    }
-    for (k, v) in map {
-        out.extend_from_slice(k.as_bytes());
-        out.push(0);
-        out.extend_from_slice(v.as_bytes());
-        out.push(0);
-    }
-    out
+    let pairs: Vec<(&[u8], &[u8])> = map.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())).collect();
+    hevlayer_filter::pairs::serialize(&pairs)
 }
 
 pub fn decode_map(bytes: &[u8]) -> Result<Headers> {

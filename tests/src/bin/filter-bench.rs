@@ -9,7 +9,7 @@
 //! on number arrays, flat linear memory) fail the run either way.
 
 use base64::Engine as _;
-use hevlayer_tests::bench_support::{FilterRun, Timer};
+use hevlayer_tests::bench_support::{query_body, FilterRun, Timer};
 use std::path::PathBuf;
 use wasmtime::error::Context;
 use wasmtime::{bail, Result};
@@ -207,17 +207,6 @@ fn one_row_body() -> String {
     )
 }
 
-/// A 1 KB vector query with `as_of` (the gateway benchmark's).
-fn query_body() -> String {
-    let vector: Vec<String> = (0..110)
-        .map(|i| format!("{:.4}", (i as f32 * 0.37).sin()))
-        .collect();
-    format!(
-        r#"{{"rank_by":["vector","ANN",[{}]],"top_k":10,"include_attributes":["title"],"filters":["title","NotEq",null],"as_of":1795000000000}}"#,
-        vector.join(",")
-    )
-}
-
 /// `--cold`: the 1 KB as_of query and a 1-row write through the empty filter and through this
 /// one, in caches warm from the last request and in caches another program's data has just been
 /// through (as Envoy's own work between a filter's callbacks leaves them), with the crossings
@@ -225,7 +214,7 @@ fn query_body() -> String {
 /// here: this shows how much of that cold caches explain, and what a change to the path's
 /// footprint does.
 fn cold_report() -> Result<()> {
-    let query = query_body();
+    let query = query_body(true);
     let write = one_row_body();
     let empty = workspace_file("target/wasm32-wasip1/release/hevlayer_empty_filter.wasm");
     // (label, run, whether it is this filter: the empty one cannot answer a write's callouts).
@@ -236,7 +225,7 @@ fn cold_report() -> Result<()> {
     // The 1 KB as_of query, and the 1-row write answered 2xx with its callouts.
     let request = |run: &mut FilterRun, ours: bool, kind: usize| -> Result<()> {
         match kind {
-            0 => run.query(query.as_bytes()).map(drop),
+            0 => run.query(&query).map(drop),
             _ => run.write(write.as_bytes(), ours).map(drop),
         }
     };
@@ -310,9 +299,9 @@ fn main() -> Result<()> {
         // as_of query 300,000 times.
         Some("--profile-query") => {
             let mut filter = FilterRun::new()?;
-            let query = query_body();
+            let query = query_body(true);
             for _ in 0..300_000 {
-                filter.query(query.as_bytes())?;
+                filter.query(&query)?;
             }
             return Ok(());
         }
@@ -463,8 +452,8 @@ fn main() -> Result<()> {
     ));
 
     // A 1 KB vector query with as_of (the gateway benchmark's): the read rewrite per request.
-    let query = query_body();
-    let per_query = timer.best(|| filter.query(query.as_bytes()))?;
+    let query = query_body(true);
+    let per_query = timer.best(|| filter.query(&query))?;
     println!(
         "1 KB query with as_of ({} bytes) through the whole filter in wasmtime: {:.1} us per request",
         query.len(),

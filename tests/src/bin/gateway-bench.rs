@@ -9,6 +9,7 @@ use axum::body::Bytes;
 use axum::routing::any;
 use axum::Router;
 use base64::Engine as _;
+use hevlayer_tests::bench_support::query_body;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -238,20 +239,6 @@ fn small_rows_body(rows: usize) -> Vec<u8> {
         .map(|i| format!(r#"{{"id":{i},"title":"row {i}","n":{i},"ok":true}}"#))
         .collect();
     format!(r#"{{"upsert_rows":[{}]}}"#, rows.join(",")).into_bytes()
-}
-
-/// A vector query of about 1 KB with `as_of` (what the read rewrite costs), or the same query
-/// without it (the filter reads it and forwards it unchanged).
-fn query_body(as_of: bool) -> Vec<u8> {
-    let vector: Vec<String> = (0..110)
-        .map(|i| format!("{:.4}", (i as f32 * 0.37).sin()))
-        .collect();
-    let as_of = if as_of { r#","as_of":1795000000000"# } else { "" };
-    format!(
-        r#"{{"rank_by":["vector","ANN",[{}]],"top_k":10,"include_attributes":["title"],"filters":["title","NotEq",null]{as_of}}}"#,
-        vector.join(",")
-    )
-    .into_bytes()
 }
 
 struct Latency {
