@@ -1508,8 +1508,8 @@ fn write_ahead(vm: &mut Vm, body: &[u8], evict: Option<Answer<'_>>) {
 const APPLIED: Answer<'static> = (200, &[JSON], b"{\"applied\":1}");
 
 /// A write's hostcalls that add nothing: its eviction's answer is read by status and headers
-/// (its body says nothing more), and a linger's tick records no counters (they wait for the
-/// refresh period, or a full batch).
+/// (its body says nothing more, and its time matters only when the sidecar did not answer), and
+/// a linger's tick records no counters (they wait for the refresh period, or a full batch).
 #[test]
 fn a_write_spares_the_eviction_body_and_the_linger_tick_spares_the_counters() {
     let mut vm = filter()
@@ -1521,9 +1521,10 @@ fn a_write_spares_the_eviction_body_and_the_linger_tick_spares_the_counters() {
     // The refresh period's work once (the clock moved since the configuration).
     vm.advance_time_and_tick(500).unwrap();
     for round in 0..3 {
-        let (reads, increments) = (
+        let (reads, increments, clocks) = (
             calls(&vm, "proxy_get_buffer_bytes"),
             calls(&vm, "proxy_increment_metric"),
+            calls(&vm, "proxy_get_current_time_nanoseconds"),
         );
         write_ahead(
             &mut vm,
@@ -1539,6 +1540,13 @@ fn a_write_spares_the_eviction_body_and_the_linger_tick_spares_the_counters() {
             "the request body and the mirror batch's answer, not the eviction's"
         );
         assert_eq!(calls(&vm, "proxy_increment_metric"), increments, "round {round}");
+        // The stamp, the response, the tick, the batch's answer: not the eviction's answer,
+        // which the sidecar gave (its time matters only for a timeout).
+        assert_eq!(
+            calls(&vm, "proxy_get_current_time_nanoseconds") - clocks,
+            4,
+            "round {round}"
+        );
     }
     // The refresh period's tick records them.
     vm.advance_time_and_tick(500).unwrap();
