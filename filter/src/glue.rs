@@ -576,7 +576,19 @@ impl HttpContext for Filter {
         let map = MapType::HttpRequestHeaders;
         // One hostcall for the whole map instead of one per header, read in place.
         let headers = buffers::pairs(map).unwrap_or_default();
-        let get = |name: &str| headers.get(name);
+        let [method, path, authorization, content_length, content_encoding, accept_encoding, content_type, request_id, traceparent, tracestate] =
+            headers.get_many([
+                ":method",
+                ":path",
+                "authorization",
+                "content-length",
+                "content-encoding",
+                "accept-encoding",
+                "content-type",
+                "x-request-id",
+                sidecar_api::TRACEPARENT_HEADER,
+                sidecar_api::TRACESTATE_HEADER,
+            ]);
         // A tracked namespace's watermark is in this worker's own copy (no hostcall); any
         // other's in shared data.
         let tracker = Rc::clone(&self.shared.tracker);
@@ -589,7 +601,7 @@ impl HttpContext for Filter {
         };
         let shared = self.shared.clone();
         let fenced = move |namespace: &str| shared.fenced(namespace);
-        let request_id = match get("x-request-id").filter(|v| !v.is_empty()) {
+        let request_id = match request_id.filter(|v| !v.is_empty()) {
             Some(id) => id.to_owned(),
             None => {
                 let id = new_request_id();
@@ -600,16 +612,16 @@ impl HttpContext for Filter {
             }
         };
         let head = RequestHead {
-            method: get(":method").unwrap_or_default(),
-            path: get(":path").unwrap_or_default(),
-            authorization: get("authorization"),
-            content_length: get("content-length"),
-            content_encoding: get("content-encoding"),
-            accept_encoding: get("accept-encoding"),
-            content_type: get("content-type"),
+            method: method.unwrap_or_default(),
+            path: path.unwrap_or_default(),
+            authorization,
+            content_length,
+            content_encoding,
+            accept_encoding,
+            content_type,
             request_id: &request_id,
-            traceparent: get(sidecar_api::TRACEPARENT_HEADER),
-            tracestate: get(sidecar_api::TRACESTATE_HEADER),
+            traceparent,
+            tracestate,
             end_of_stream,
             now_ms: self.shared.tick_clock.get(),
             watermarks: Some(WatermarkLookup(&lookup)),

@@ -20,6 +20,13 @@ impl Pairs {
     /// The pairs in order. The walk stops at the first length that runs past the end, so a
     /// malformed map shows what came before it.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.raw().filter_map(|(name, value)| {
+            Some((std::str::from_utf8(name).ok()?, std::str::from_utf8(value).ok()?))
+        })
+    }
+
+    /// The pairs' bytes in order, as [`Pairs::iter`] walks them, nothing validated.
+    fn raw(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         let bytes = self.bytes.as_slice();
         let word = move |at: usize| -> Option<usize> {
             let b = bytes.get(at..at.checked_add(4)?)?;
@@ -27,27 +34,44 @@ impl Pairs {
         };
         let count = word(0).unwrap_or(0);
         let mut data = count.checked_mul(8).and_then(|n| n.checked_add(4));
-        (0..count)
-            .map_while(move |i| {
-                let name_len = word(4 + i * 8)?;
-                let value_len = word(8 + i * 8)?;
-                let name_start = data?;
-                let name = bytes.get(name_start..name_start.checked_add(name_len)?)?;
-                let value_start = name_start + name_len + 1;
-                let value = bytes.get(value_start..value_start.checked_add(value_len)?)?;
-                data = value_start.checked_add(value_len + 1);
-                Some((name, value))
-            })
-            .filter_map(|(name, value)| {
-                Some((std::str::from_utf8(name).ok()?, std::str::from_utf8(value).ok()?))
-            })
+        (0..count).map_while(move |i| {
+            let name_len = word(4 + i * 8)?;
+            let value_len = word(8 + i * 8)?;
+            let name_start = data?;
+            let name = bytes.get(name_start..name_start.checked_add(name_len)?)?;
+            let value_start = name_start + name_len + 1;
+            let value = bytes.get(value_start..value_start.checked_add(value_len)?)?;
+            data = value_start.checked_add(value_len + 1);
+            Some((name, value))
+        })
     }
 
     /// The first value of `name` (compared ignoring ASCII case).
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
+        let [value] = self.get_many([name]);
+        value
+    }
+
+    /// The first value of each name (compared ignoring ASCII case), as [`Pairs::get`] gives it
+    /// for each, from one walk of the map: a name is compared as bytes, and only a matching
+    /// pair's value is checked for UTF-8 (a name that matches a `&str` is UTF-8 itself).
+    pub fn get_many<'a, const N: usize>(&'a self, names: [&str; N]) -> [Option<&'a str>; N] {
+        let mut found: [Option<&'a str>; N] = [None; N];
+        let mut missing = N;
+        for (name, value) in self.raw() {
+            for (i, wanted) in names.iter().enumerate() {
+                if found[i].is_none() && name.eq_ignore_ascii_case(wanted.as_bytes()) {
+                    if let Ok(value) = std::str::from_utf8(value) {
+                        found[i] = Some(value);
+                        missing -= 1;
+                    }
+                }
+            }
+            if missing == 0 {
+                break;
+            }
+        }
+        found
     }
 
     /// The pairs as owned strings (for the few places that keep them).
@@ -103,6 +127,20 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn one_walk_finds_what_a_search_per_name_finds(
+            pairs in prop::collection::vec(("[aAbB:-]{0,3}", prop::collection::vec(any::<u8>(), 0..4)), 0..10),
+            names in prop::array::uniform4("[aAbB:-]{0,3}"),
+        ) {
+            let raw: Vec<(&[u8], &[u8])> = pairs.iter().map(|(k, v)| (k.as_bytes(), v.as_slice())).collect();
+            let map = Pairs::from_serialized(serialize(&raw));
+            let wanted = [names[0].as_str(), names[1].as_str(), names[2].as_str(), names[3].as_str()];
+            let searched = wanted.map(|name| {
+                map.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v)
+            });
+            prop_assert_eq!(map.get_many(wanted), searched);
+        }
+
         #[test]
         fn any_map_reads_back_and_any_bytes_never_panic(
             pairs in prop::collection::vec(("[a-z:-]{0,12}", "[ -~]{0,20}"), 0..12),

@@ -108,8 +108,27 @@ impl Half {
         if self.sent_headers.is_none() {
             self.sent_headers = Some(self.headers.clone());
         }
-        self.sent_body.append(&mut self.buffered);
+        // Envoy passes its buffer on without copying it.
+        if self.sent_body.is_empty() {
+            std::mem::swap(&mut self.sent_body, &mut self.buffered);
+        } else {
+            self.sent_body.append(&mut self.buffered);
+        }
         self.paused = false;
+    }
+
+    /// Empty for the next stream, keeping the bodies' allocations (Envoy's buffers come from a
+    /// warm allocator: a benchmark should not time this host's fresh pages).
+    fn reset(&mut self) {
+        let mut buffered = std::mem::take(&mut self.buffered);
+        let mut sent_body = std::mem::take(&mut self.sent_body);
+        buffered.clear();
+        sent_body.clear();
+        *self = Half {
+            buffered,
+            sent_body,
+            ..Half::default()
+        };
     }
 }
 
@@ -532,8 +551,8 @@ impl Vm {
         self.next_context += 1;
         {
             let s = self.store.data_mut();
-            s.request = Half::default();
-            s.response = Half::default();
+            s.request.reset();
+            s.response.reset();
             s.local_reply = None;
             s.callouts.clear();
             s.call_response = None;
@@ -627,6 +646,8 @@ impl Stream<'_> {
 
     /// Sends a whole body in chunks of `chunk` bytes (at least one call, even for an empty body).
     pub fn request_body_chunked(&mut self, body: &[u8], chunk: usize) -> Result<Action> {
+        // Envoy's buffer is a chain of slices: appending a chunk never moves what came before.
+        self.state().request.buffered.reserve(body.len());
         let mut last = Action::Continue;
         let mut pieces: Vec<&[u8]> = body.chunks(chunk.max(1)).collect();
         if pieces.is_empty() {
@@ -822,10 +843,14 @@ fn memory(caller: &mut Caller<'_, HostState>) -> Result<Memory> {
     }
 }
 
+/// `len` bytes of guest memory at `ptr`, copied once (Envoy copies a body the module hands it).
 fn read(caller: &mut Caller<'_, HostState>, ptr: u32, len: u32) -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; len as usize];
-    memory(caller)?.read(&mut *caller, ptr as usize, &mut buf)?;
-    Ok(buf)
+    let memory = memory(caller)?;
+    let (start, len) = (ptr as usize, len as usize);
+    match memory.data(&*caller).get(start..start.saturating_add(len)) {
+        Some(bytes) => Ok(bytes.to_vec()),
+        None => bail!("{len} bytes at {start} are outside the module's memory"),
+    }
 }
 
 fn read_string(caller: &mut Caller<'_, HostState>, ptr: u32, len: u32) -> Result<String> {
@@ -843,8 +868,22 @@ fn write_u32(caller: &mut Caller<'_, HostState>, ptr: u32, v: u32) -> Result<()>
 
 /// Copies `data` into guest memory allocated by the module and stores pointer and size.
 fn give(caller: &mut Caller<'_, HostState>, data: &[u8], ptr_out: u32, size_out: u32) -> Result<()> {
-    let len = u32::try_from(data.len())?;
-    let ptr = if data.is_empty() {
+    give_with(caller, data.len(), ptr_out, size_out, |_, into| {
+        into.copy_from_slice(data)
+    })
+}
+
+/// Allocates `len` bytes in guest memory, lets `fill` write them from the host's state (one
+/// copy, as Envoy makes from its buffer into the module), and stores pointer and size.
+fn give_with(
+    caller: &mut Caller<'_, HostState>,
+    len: usize,
+    ptr_out: u32,
+    size_out: u32,
+    fill: impl FnOnce(&mut HostState, &mut [u8]),
+) -> Result<()> {
+    let size = u32::try_from(len)?;
+    let ptr = if len == 0 {
         0
     } else {
         let alloc = match caller.data().allocate.clone() {
@@ -854,12 +893,16 @@ fn give(caller: &mut Caller<'_, HostState>, data: &[u8], ptr_out: u32, size_out:
                 _ => bail!("no proxy_on_memory_allocate export"),
             },
         };
-        let ptr = alloc.call(&mut *caller, len)?;
-        write(caller, ptr, data)?;
+        let ptr = alloc.call(&mut *caller, size)?;
+        let (guest, state) = memory(caller)?.data_and_store_mut(&mut *caller);
+        match guest.get_mut(ptr as usize..ptr as usize + len) {
+            Some(into) => fill(state, into),
+            None => bail!("the module allocated {len} bytes outside its memory"),
+        }
         ptr
     };
     write_u32(caller, ptr_out, ptr)?;
-    write_u32(caller, size_out, len)
+    write_u32(caller, size_out, size)
 }
 
 /// The proxy-wasm map encoding (count, (key length, value length) pairs, then each key and value
@@ -1092,8 +1135,11 @@ fn define_imports(linker: &mut Linker<HostState>) -> Result<()> {
             };
             let start = (start as usize).min(buf.len());
             let end = start.saturating_add(max as usize).min(buf.len());
-            let data = buf[start..end].to_vec();
-            give(&mut c, &data, ptr_out, size_out)?;
+            give_with(&mut c, end - start, ptr_out, size_out, |state, into| {
+                if let Some(buf) = state.buffer(kind) {
+                    into.copy_from_slice(&buf[start..end]);
+                }
+            })?;
             Ok(OK)
         },
     )?;
@@ -1101,21 +1147,27 @@ fn define_imports(linker: &mut Linker<HostState>) -> Result<()> {
         "env",
         "proxy_set_buffer_bytes",
         |mut c: Caller<'_, HostState>, kind: u32, start: u32, size: u32, ptr: u32, len: u32| {
-            let data = read(&mut c, ptr, len)?;
             if c.data().refused_writes.contains(&kind) {
                 return Ok(INTERNAL_FAILURE);
             }
-            let Some(buf) = c.data_mut().buffer(kind) else {
+            let memory = memory(&mut c)?;
+            let (guest, state) = memory.data_and_store_mut(&mut c);
+            let Some(data) = guest.get(ptr as usize..(ptr as usize).saturating_add(len as usize)) else {
+                bail!("{len} bytes at {ptr} are outside the module's memory");
+            };
+            let Some(buf) = state.buffer(kind) else {
                 return Ok(NOT_FOUND);
             };
             let start = (start as usize).min(buf.len());
             let end = start.saturating_add(size as usize).min(buf.len());
             if start == 0 && end == buf.len() {
-                // The whole buffer (how the filter replaces a body): a move, not a byte-by-byte
-                // splice, so the benchmarks time the filter rather than this host.
-                *buf = data;
+                // The whole buffer (how the filter replaces a body): one copy into the buffer's
+                // own allocation, as Envoy drains and refills its buffer, so the benchmarks time
+                // the filter rather than this host.
+                buf.clear();
+                buf.extend_from_slice(data);
             } else {
-                buf.splice(start..end, data);
+                buf.splice(start..end, data.iter().copied());
             }
             Ok(OK)
         },

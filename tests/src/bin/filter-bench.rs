@@ -295,7 +295,8 @@ fn main() -> Result<()> {
         None => false,
         Some("--strict") => true,
         // For `perf record` (with `HEVLAYER_PERFMAP=1` for the filter's symbols): only the 1-row
-        // write with its callouts, 200,000 times, the small-rows write 500 times, or the 1 KB
+        // write with its callouts, 200,000 times, the small-rows write 500 times, the numbers write
+        // 4,000 times, the base64 write 10,000 times, or the 1 KB
         // as_of query 300,000 times.
         Some("--profile-query") => {
             let mut filter = FilterRun::new()?;
@@ -305,22 +306,25 @@ fn main() -> Result<()> {
             }
             return Ok(());
         }
-        Some(which @ ("--profile-one-row" | "--profile-small-rows")) => {
+        Some(
+            which @ ("--profile-one-row" | "--profile-small-rows" | "--profile-numbers" | "--profile-base64"),
+        ) => {
             let mut filter = FilterRun::new()?;
-            let (body, times) = if which == "--profile-one-row" {
-                (one_row_body(), 200_000)
-            } else {
-                let small = fixtures().pop().map(|f| f.body);
-                (String::from_utf8(small.unwrap_or_default())?, 500)
+            let mut fixtures = fixtures().into_iter().map(|f| f.body);
+            let (body, times) = match which {
+                "--profile-one-row" => (one_row_body().into_bytes(), 200_000),
+                "--profile-numbers" => (fixtures.next().unwrap_or_default(), 4000),
+                "--profile-base64" => (fixtures.nth(1).unwrap_or_default(), 10_000),
+                _ => (fixtures.last().unwrap_or_default(), 500),
             };
             for _ in 0..times {
-                filter.write(body.as_bytes(), true)?;
+                filter.write(&body, true)?;
             }
             return Ok(());
         }
         Some("--cold") => return cold_report(),
         Some(other) => {
-            bail!("unknown argument {other:?} (usage: filter-bench [--strict | --cold | --profile-one-row | --profile-small-rows | --profile-query])")
+            bail!("unknown argument {other:?} (usage: filter-bench [--strict | --cold | --profile-one-row | --profile-small-rows | --profile-numbers | --profile-base64 | --profile-query])")
         }
     };
     let fixtures = fixtures();
