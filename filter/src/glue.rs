@@ -21,7 +21,8 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType, MetricType, Status};
 use root::Root;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+// A fast hash (foldhash, seeded per process): these maps sit on every request's path.
+use foldhash::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -53,7 +54,7 @@ struct Metrics {
 
 impl Metrics {
     fn define(batch: u32) -> Metrics {
-        let mut ids = HashMap::new();
+        let mut ids = HashMap::default();
         for name in Counter::all_names() {
             match host::define_metric(MetricType::Counter, name) {
                 Ok(id) => {
@@ -313,13 +314,21 @@ fn now_ms() -> u64 {
 }
 
 /// A callout's answer: its status (`None` when it was reset, or when its body cannot be read:
-/// an answer the filter cannot see is no answer), headers and body (empty unless `want_body`:
-/// reading it is a hostcall and an allocation the filter spares when the status is enough).
+/// an answer the filter cannot see is no answer), headers and body. Unless `want_body` (an
+/// answer read for its status alone), the body stays unread (a hostcall and an allocation) and
+/// of the headers only `content-type` is kept, which tells the sidecar's answers from Envoy's.
 fn call_answer(body_size: usize, want_body: bool) -> (Option<u16>, Vec<(String, String)>, Vec<u8>) {
     let pairs = buffers::pairs(MapType::HttpCallResponseHeaders).unwrap_or_default();
+    if !want_body {
+        let [status, content_type] = pairs.get_many([":status", "content-type"]);
+        let headers = content_type
+            .map(|v| vec![("content-type".to_owned(), v.to_owned())])
+            .unwrap_or_default();
+        return (status.and_then(|v| v.parse::<u16>().ok()), headers, Vec::new());
+    }
     let status = pairs.get(":status").and_then(|v| v.parse::<u16>().ok());
     let headers = pairs.to_vec();
-    if !want_body || body_size == 0 {
+    if body_size == 0 {
         return (status, headers, Vec::new());
     }
     match read_body(BufferType::HttpCallResponseBody, 0, body_size) {
@@ -601,14 +610,15 @@ impl HttpContext for Filter {
         };
         let shared = self.shared.clone();
         let fenced = move |namespace: &str| shared.fenced(namespace);
+        let generated;
         let request_id = match request_id.filter(|v| !v.is_empty()) {
-            Some(id) => id.to_owned(),
+            Some(id) => id,
             None => {
-                let id = new_request_id();
-                if let Err(status) = host::set_map_value(map, "x-request-id", Some(&id)) {
+                generated = new_request_id();
+                if let Err(status) = host::set_map_value(map, "x-request-id", Some(&generated)) {
                     log::debug!("could not add x-request-id: {status:?}");
                 }
-                id
+                generated.as_str()
             }
         };
         let head = RequestHead {
@@ -619,7 +629,7 @@ impl HttpContext for Filter {
             content_encoding,
             accept_encoding,
             content_type,
-            request_id: &request_id,
+            request_id,
             traceparent,
             tracestate,
             end_of_stream,

@@ -5,7 +5,8 @@
 //! Plain data; the glue does the hostcalls.
 
 use crate::exchange::MirrorJob;
-use std::collections::{HashMap, VecDeque};
+use foldhash::HashMap;
+use std::collections::VecDeque;
 
 /// Most mirror callouts one worker has out at once.
 pub const MAX_IN_FLIGHT: usize = 4;
@@ -56,7 +57,7 @@ impl MirrorQueue {
             waiting: VecDeque::new(),
             bytes: 0,
             max_bytes,
-            in_flight: HashMap::new(),
+            in_flight: HashMap::default(),
             wake_pending: false,
         }
     }

@@ -11,7 +11,8 @@
 //! ([`Watermark::is_fresh`]).
 
 use crate::sidecar_api::{WatchedNamespace, WatermarkAnswer, WatermarkRegistration};
-use std::collections::HashMap;
+// foldhash (seeded per process) rather than SipHash: looked up on every query.
+use foldhash::HashMap;
 
 /// One namespace's watermark as the sidecar last reported it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,7 +106,7 @@ pub struct Tracker {
 impl Tracker {
     pub fn new(capacity: usize, idle_ms: u64) -> Self {
         Tracker {
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             capacity: capacity.max(1),
             idle_ms,
             seq: 0,
