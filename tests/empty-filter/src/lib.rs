@@ -11,26 +11,129 @@
 //! request headers, the whole body, the response status); with `rewrites` also the writes of a
 //! rewrite (the body replaced, `content-length` set; both to what they were): the floor of a
 //! query-rewriting filter, without any work of its own.
+//!
+//! Two more modes measure what batching a write's eviction through the root context would save
+//! (the group commit issue 11 suggests), with nothing else of the product's work: with `callout`
+//! each request, once its body is in, sends one callout to the sidecar cluster and goes on
+//! upstream, and its response waits for that callout's answer (a write's eviction ahead, as the
+//! product sends it today); with `grouped` the request instead hands its context id to the
+//! worker's root context (through a shared queue that wakes it), which sends one callout for all
+//! the requests waiting and, on its answer, resumes each request whose response waits
+//! (`proxy_set_effective_context`, then `proxy_continue_stream`).
 
 #[cfg(target_arch = "wasm32")]
 mod glue {
     use proxy_wasm::hostcalls;
     use proxy_wasm::traits::{Context, HttpContext, RootContext};
     use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
+    use std::cell::RefCell;
+    use std::collections::HashSet;
+    use std::time::Duration;
 
     proxy_wasm::main! {{
-        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { buffer: false, calls: 0, spin: 0, touch: 0 }) });
+        proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> {
+            Box::new(Root { id, buffer: false, calls: 0, spin: 0, touch: 0, eviction: Eviction::None, queue: None })
+        });
     }}
 
+    /// How a request's stand-in eviction goes (`callout`, `grouped`).
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Eviction {
+        None,
+        OwnCallout,
+        Grouped,
+    }
+
+    /// A worker's grouped evictions: requests waiting to be sent, the batch in flight, answers
+    /// not yet seen by their request, and requests whose response waits.
+    #[derive(Default)]
+    struct Group {
+        waiting: Vec<u32>,
+        in_flight: Option<(u32, Vec<u32>)>,
+        answered: HashSet<u32>,
+        parked: HashSet<u32>,
+    }
+
+    thread_local! {
+        static GROUP: RefCell<Group> = RefCell::new(Group::default());
+    }
+
+    const CLUSTER: &str = "layer_sidecar";
+
+    fn send_eviction() -> Option<u32> {
+        hostcalls::dispatch_http_call(
+            CLUSTER,
+            vec![
+                (":method", "POST"),
+                (":path", "/internal/v1/evict"),
+                (":authority", "layer-sidecar"),
+                ("content-type", "application/json"),
+            ],
+            Some(br#"{"fences":[]}"#),
+            Vec::new(),
+            Duration::from_secs(1),
+        )
+        .ok()
+    }
+
     struct Root {
+        id: u32,
         buffer: bool,
         calls: usize,
         spin: usize,
         /// 0: no reads; 1: `reads`; 2: `rewrites`.
         touch: u8,
+        eviction: Eviction,
+        queue: Option<u32>,
     }
 
-    impl Context for Root {}
+    impl Root {
+        /// Sends one callout for every request waiting, unless one is in flight.
+        fn send_group(&self) {
+            GROUP.with(|g| {
+                let mut g = g.borrow_mut();
+                if g.in_flight.is_some() || g.waiting.is_empty() {
+                    return;
+                }
+                let ids = std::mem::take(&mut g.waiting);
+                match send_eviction() {
+                    Some(token) => g.in_flight = Some((token, ids)),
+                    // Not sent: count them answered, so that no response waits forever.
+                    None => g.answered.extend(ids),
+                }
+            });
+        }
+    }
+
+    impl Context for Root {
+        fn on_http_call_response(&mut self, token: u32, _headers: usize, _body: usize, _trailers: usize) {
+            let ids = GROUP.with(|g| {
+                let mut g = g.borrow_mut();
+                match g.in_flight.take() {
+                    Some((t, ids)) if t == token => ids,
+                    other => {
+                        g.in_flight = other;
+                        Vec::new()
+                    }
+                }
+            });
+            for id in ids {
+                let parked = GROUP.with(|g| {
+                    let mut g = g.borrow_mut();
+                    let parked = g.parked.remove(&id);
+                    if !parked {
+                        g.answered.insert(id);
+                    }
+                    parked
+                });
+                if parked && hostcalls::set_effective_context(id).is_ok() {
+                    let _ = hostcalls::resume_http_response();
+                }
+            }
+            let _ = hostcalls::set_effective_context(self.id);
+            self.send_group();
+        }
+    }
 
     impl RootContext for Root {
         fn on_configure(&mut self, _size: usize) -> bool {
@@ -52,15 +155,42 @@ mod glue {
                 .and_then(|c| c.strip_prefix("spin:"))
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(0);
+            self.eviction = match config.as_slice() {
+                b"callout" => Eviction::OwnCallout,
+                b"grouped" => Eviction::Grouped,
+                _ => Eviction::None,
+            };
+            self.buffer |= self.eviction != Eviction::None;
+            if self.eviction == Eviction::Grouped {
+                // One queue per worker: a name of its own (the clock's nanoseconds).
+                let nanos = hostcalls::get_current_time()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                self.queue =
+                    hostcalls::register_shared_queue(&format!("empty.group.{nanos}.{}", self.id)).ok();
+            }
             true
         }
 
-        fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        fn on_queue_ready(&mut self, queue_id: u32) {
+            while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
+            self.send_group();
+        }
+
+        fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
             Some(Box::new(Stream {
+                id: context_id,
                 buffer: self.buffer,
                 calls: self.calls,
                 spin: self.spin,
                 touch: self.touch,
+                eviction: self.eviction,
+                queue: self.queue,
+                started: false,
+                token: None,
+                answered: false,
+                parked: false,
             }))
         }
 
@@ -70,13 +200,67 @@ mod glue {
     }
 
     struct Stream {
+        id: u32,
         buffer: bool,
         calls: usize,
         spin: usize,
         touch: u8,
+        eviction: Eviction,
+        queue: Option<u32>,
+        /// Whether this request's stand-in eviction went out (to the sidecar or the root).
+        started: bool,
+        /// `callout`: the request's own callout, its answer, whether its response waits.
+        token: Option<u32>,
+        answered: bool,
+        parked: bool,
     }
 
-    impl Context for Stream {}
+    impl Stream {
+        /// The body is in: the stand-in eviction goes out (or to the root), the request goes on.
+        fn evict(&mut self) {
+            self.started = self.eviction != Eviction::None;
+            match self.eviction {
+                Eviction::None => {}
+                Eviction::OwnCallout => {
+                    self.token = send_eviction();
+                    self.answered = self.token.is_none();
+                }
+                Eviction::Grouped => {
+                    GROUP.with(|g| g.borrow_mut().waiting.push(self.id));
+                    let woken = self
+                        .queue
+                        .is_some_and(|q| hostcalls::enqueue_shared_queue(q, Some(&[1u8])).is_ok());
+                    if !woken {
+                        GROUP.with(|g| g.borrow_mut().answered.insert(self.id));
+                    }
+                }
+            }
+        }
+    }
+
+    impl Context for Stream {
+        fn on_http_call_response(&mut self, token: u32, _headers: usize, _body: usize, _trailers: usize) {
+            if self.token != Some(token) {
+                return;
+            }
+            self.answered = true;
+            if self.parked {
+                self.parked = false;
+                let _ = hostcalls::resume_http_response();
+            }
+        }
+
+        fn on_done(&mut self) -> bool {
+            if self.eviction == Eviction::Grouped {
+                GROUP.with(|g| {
+                    let mut g = g.borrow_mut();
+                    g.answered.remove(&self.id);
+                    g.parked.remove(&self.id);
+                });
+            }
+            true
+        }
+    }
 
     impl HttpContext for Stream {
         fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
@@ -100,6 +284,7 @@ mod glue {
             if self.buffer && !end_of_stream {
                 return Action::Pause;
             }
+            self.evict();
             if self.touch > 0 {
                 let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size);
                 let body = body.ok().flatten().unwrap_or_default();
@@ -120,7 +305,25 @@ mod glue {
             if self.touch > 0 {
                 std::hint::black_box(hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status").ok());
             }
-            Action::Continue
+            let waits = match self.eviction {
+                _ if !self.started => false,
+                Eviction::None => false,
+                Eviction::OwnCallout => !self.answered,
+                Eviction::Grouped => GROUP.with(|g| {
+                    let mut g = g.borrow_mut();
+                    let waits = !g.answered.remove(&self.id);
+                    if waits {
+                        g.parked.insert(self.id);
+                    }
+                    waits
+                }),
+            };
+            self.parked = waits;
+            if waits {
+                Action::Pause
+            } else {
+                Action::Continue
+            }
         }
     }
 }
