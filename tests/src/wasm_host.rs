@@ -1136,8 +1136,10 @@ fn define_imports(linker: &mut Linker<HostState>) -> Result<()> {
             let start = (start as usize).min(buf.len());
             let end = start.saturating_add(max as usize).min(buf.len());
             give_with(&mut c, end - start, ptr_out, size_out, |state, into| {
-                if let Some(buf) = state.buffer(kind) {
-                    into.copy_from_slice(&buf[start..end]);
+                // The module's allocator ran in between; the buffer cannot have changed, but a
+                // range that no longer fits copies nothing rather than panicking.
+                if let Some(bytes) = state.buffer(kind).and_then(|b| b.get(start..end)) {
+                    into.copy_from_slice(bytes);
                 }
             })?;
             Ok(OK)

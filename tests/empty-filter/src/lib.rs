@@ -44,12 +44,14 @@ mod glue {
         Grouped,
     }
 
-    /// A worker's grouped evictions: requests waiting to be sent, the batch in flight, answers
-    /// not yet seen by their request, and requests whose response waits.
+    /// A worker's grouped evictions: requests waiting to be sent, the batch in flight, the
+    /// requests whose eviction is out and that have not ended, answers not yet seen by their
+    /// request, and requests whose response waits.
     #[derive(Default)]
     struct Group {
         waiting: Vec<u32>,
         in_flight: Option<(u32, Vec<u32>)>,
+        live: HashSet<u32>,
         answered: HashSet<u32>,
         parked: HashSet<u32>,
     }
@@ -90,18 +92,45 @@ mod glue {
     impl Root {
         /// Sends one callout for every request waiting, unless one is in flight.
         fn send_group(&self) {
-            GROUP.with(|g| {
+            let unsent = GROUP.with(|g| {
                 let mut g = g.borrow_mut();
                 if g.in_flight.is_some() || g.waiting.is_empty() {
-                    return;
+                    return Vec::new();
                 }
                 let ids = std::mem::take(&mut g.waiting);
                 match send_eviction() {
-                    Some(token) => g.in_flight = Some((token, ids)),
-                    // Not sent: count them answered, so that no response waits forever.
-                    None => g.answered.extend(ids),
+                    Some(token) => {
+                        g.in_flight = Some((token, ids));
+                        Vec::new()
+                    }
+                    None => ids,
                 }
             });
+            // Not sent: settled at once, so that no response waits forever.
+            self.settle(unsent);
+        }
+
+        /// Tells each request its eviction is done: a waiting response is resumed, any other
+        /// request finds it so when its response comes.
+        fn settle(&self, ids: Vec<u32>) {
+            if ids.is_empty() {
+                return;
+            }
+            for id in ids {
+                let parked = GROUP.with(|g| {
+                    let mut g = g.borrow_mut();
+                    let parked = g.parked.remove(&id);
+                    // A request that already ended has nobody to tell.
+                    if !parked && g.live.contains(&id) {
+                        g.answered.insert(id);
+                    }
+                    parked
+                });
+                if parked && hostcalls::set_effective_context(id).is_ok() {
+                    let _ = hostcalls::resume_http_response();
+                }
+            }
+            let _ = hostcalls::set_effective_context(self.id);
         }
     }
 
@@ -117,20 +146,7 @@ mod glue {
                     }
                 }
             });
-            for id in ids {
-                let parked = GROUP.with(|g| {
-                    let mut g = g.borrow_mut();
-                    let parked = g.parked.remove(&id);
-                    if !parked {
-                        g.answered.insert(id);
-                    }
-                    parked
-                });
-                if parked && hostcalls::set_effective_context(id).is_ok() {
-                    let _ = hostcalls::resume_http_response();
-                }
-            }
-            let _ = hostcalls::set_effective_context(self.id);
+            self.settle(ids);
             self.send_group();
         }
     }
@@ -226,7 +242,11 @@ mod glue {
                     self.answered = self.token.is_none();
                 }
                 Eviction::Grouped => {
-                    GROUP.with(|g| g.borrow_mut().waiting.push(self.id));
+                    GROUP.with(|g| {
+                        let mut g = g.borrow_mut();
+                        g.waiting.push(self.id);
+                        g.live.insert(self.id);
+                    });
                     let woken = self
                         .queue
                         .is_some_and(|q| hostcalls::enqueue_shared_queue(q, Some(&[1u8])).is_ok());
@@ -254,6 +274,7 @@ mod glue {
             if self.eviction == Eviction::Grouped {
                 GROUP.with(|g| {
                     let mut g = g.borrow_mut();
+                    g.live.remove(&self.id);
                     g.answered.remove(&self.id);
                     g.parked.remove(&self.id);
                 });
