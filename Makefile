@@ -36,6 +36,11 @@ wasm-target:
 $(FILTER_WASM): wasm-target FORCE
 	cargo build --release --target $(WASM_TARGET) -p hevlayer-filter
 
+# The benchmark's empty filter (its eviction modes are tested in the wasmtime host).
+.PHONY: wasm-empty
+wasm-empty: wasm-target
+	cargo build --release --target $(WASM_TARGET) -p hevlayer-empty-filter
+
 .PHONY: fmt-check
 fmt-check:
 	cargo fmt --all --check
@@ -54,7 +59,7 @@ ifneq ($(strip $(AEROSPIKE_HOSTS)),)
 endif
 
 .PHONY: test-wasm
-test-wasm: wasm
+test-wasm: wasm wasm-empty
 	cargo test -p hevlayer-tests
 
 # Extra checks appended by the sections below (Envoy validation, end-to-end tests, ...).

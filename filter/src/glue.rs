@@ -319,14 +319,14 @@ fn now_ms() -> u64 {
 /// of the headers only `content-type` is kept, which tells the sidecar's answers from Envoy's.
 fn call_answer(body_size: usize, want_body: bool) -> (Option<u16>, Vec<(String, String)>, Vec<u8>) {
     let pairs = buffers::pairs(MapType::HttpCallResponseHeaders).unwrap_or_default();
+    let [status, content_type] = pairs.get_many([":status", "content-type"]);
+    let status = status.and_then(|v| v.parse::<u16>().ok());
     if !want_body {
-        let [status, content_type] = pairs.get_many([":status", "content-type"]);
         let headers = content_type
             .map(|v| vec![("content-type".to_owned(), v.to_owned())])
             .unwrap_or_default();
-        return (status.and_then(|v| v.parse::<u16>().ok()), headers, Vec::new());
+        return (status, headers, Vec::new());
     }
-    let status = pairs.get(":status").and_then(|v| v.parse::<u16>().ok());
     let headers = pairs.to_vec();
     if body_size == 0 {
         return (status, headers, Vec::new());

@@ -225,7 +225,7 @@ mod glue {
         queue: Option<u32>,
         /// Whether this request's stand-in eviction went out (to the sidecar or the root).
         started: bool,
-        /// `callout`: the request's own callout, its answer, whether its response waits.
+        /// `callout`: the request's own callout, its answer, whether its response waits for it.
         token: Option<u32>,
         answered: bool,
         parked: bool,
@@ -329,7 +329,11 @@ mod glue {
             let waits = match self.eviction {
                 _ if !self.started => false,
                 Eviction::None => false,
-                Eviction::OwnCallout => !self.answered,
+                Eviction::OwnCallout => {
+                    self.parked = !self.answered;
+                    self.parked
+                }
+                // The root keeps the grouped requests that wait (it resumes them).
                 Eviction::Grouped => GROUP.with(|g| {
                     let mut g = g.borrow_mut();
                     let waits = !g.answered.remove(&self.id);
@@ -339,7 +343,6 @@ mod glue {
                     waits
                 }),
             };
-            self.parked = waits;
             if waits {
                 Action::Pause
             } else {
