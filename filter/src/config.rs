@@ -50,6 +50,21 @@ pub enum ReadWatermark {
     Off,
 }
 
+/// Whether a write's eviction ahead goes in its own callout or with other writes' in one callout
+/// from the worker's root context (group commit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupEvictions {
+    /// A write sends its own eviction when no other is out on its worker; one that comes while
+    /// some are out joins the next group, which the root sends as soon as it runs.
+    #[default]
+    Adaptive,
+    /// Every write's eviction goes in a group (one more hop at low load).
+    Always,
+    /// Every write sends its own eviction.
+    Off,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawKey {
@@ -81,6 +96,8 @@ struct RawConfig {
     fence_namespaces: Option<usize>,
     fence_max_ids: Option<usize>,
     evict_ahead_max_ids: Option<usize>,
+    #[serde(default)]
+    group_evictions: GroupEvictions,
     mirror_queue_bytes: Option<usize>,
     mirror_linger_ms: Option<u64>,
     counter_batch: Option<u32>,
@@ -124,6 +141,8 @@ pub struct Config {
     /// documents evicted while Turbopuffer applies it, and its mirror goes after the response;
     /// 0: every write's response waits for its mirror.
     pub evict_ahead_max_ids: usize,
+    /// Whether evictions ahead of writes are grouped into one callout per worker.
+    pub group_evictions: GroupEvictions,
     /// Most bytes of mirrors one worker holds while they wait to be sent after their responses;
     /// a mirror that does not fit is dropped (and counted): its documents were evicted already.
     pub mirror_queue_bytes: usize,
@@ -157,6 +176,7 @@ impl Default for Config {
             fence_namespaces: DEFAULT_FENCE_NAMESPACES,
             fence_max_ids: DEFAULT_FENCE_MAX_IDS,
             evict_ahead_max_ids: DEFAULT_EVICT_AHEAD_MAX_IDS,
+            group_evictions: GroupEvictions::Adaptive,
             mirror_queue_bytes: DEFAULT_MIRROR_QUEUE_BYTES,
             mirror_linger_ms: DEFAULT_MIRROR_LINGER_MS,
             counter_batch: DEFAULT_COUNTER_BATCH,
@@ -241,6 +261,7 @@ impl Config {
             fence_namespaces,
             fence_max_ids,
             evict_ahead_max_ids: raw.evict_ahead_max_ids.unwrap_or(DEFAULT_EVICT_AHEAD_MAX_IDS),
+            group_evictions: raw.group_evictions,
             mirror_queue_bytes,
             mirror_linger_ms,
             counter_batch,
@@ -341,6 +362,19 @@ mod tests {
     }
 
     #[test]
+    fn eviction_grouping_modes() {
+        assert_eq!(Config::default().group_evictions, GroupEvictions::Adaptive);
+        for (text, mode) in [
+            ("adaptive", GroupEvictions::Adaptive),
+            ("always", GroupEvictions::Always),
+            ("off", GroupEvictions::Off),
+        ] {
+            let c = Config::parse(format!(r#"{{"group_evictions":"{text}"}}"#).as_bytes()).unwrap();
+            assert_eq!(c.group_evictions, mode);
+        }
+    }
+
+    #[test]
     fn bad_configs_fail_loudly() {
         for bad in [
             r#"{"unknown":1}"#,
@@ -355,6 +389,8 @@ mod tests {
             r#"{"mirror_timeout_ms":0}"#,
             r#"{"sidecar_cluster":""}"#,
             r#"{"read_watermark":"sometimes"}"#,
+            r#"{"group_evictions":"never"}"#,
+            r#"{"group_evictions":true}"#,
             r#"{"watermark_refresh_ms":0}"#,
             r#"{"watermark_namespaces":0}"#,
             r#"{"fence_max_ids":0}"#,

@@ -181,6 +181,10 @@ enum Phase {
         started_ms: u64,
         sent: Option<Sent>,
     },
+    /// The write's response waits for an eviction that travels in the worker's group: the write
+    /// itself went to the root context (see [`Exchange::park`]); this exchange only holds the
+    /// response until the stream is resumed.
+    Parked,
     /// A local reply was sent; nothing else happens.
     Replied,
     Done,
@@ -972,8 +976,38 @@ impl Exchange {
     pub fn holds_response(&self) -> bool {
         matches!(
             self.phase,
-            Phase::ResponseBuffering(_) | Phase::AwaitingMirror { .. } | Phase::AwaitingEviction { .. }
+            Phase::ResponseBuffering(_)
+                | Phase::AwaitingMirror { .. }
+                | Phase::AwaitingEviction { .. }
+                | Phase::Parked
         )
+    }
+
+    /// Whether the write went to the root context to wait for its group's eviction.
+    pub fn is_parked(&self) -> bool {
+        matches!(self.phase, Phase::Parked)
+    }
+
+    /// A write whose response waits for its eviction ahead, sent in the worker's group, goes to
+    /// the root context, which settles it ([`Exchange::eviction_settled`]) when the group is
+    /// answered, even if the stream is gone by then (Envoy calls no stream callback after the
+    /// root resumes a response that had ended). Returns the write's exchange; this one stays
+    /// behind, parked, and holds the response. `None` when the response is not waiting.
+    pub fn park(&mut self) -> Option<Exchange> {
+        if !matches!(self.phase, Phase::AwaitingEviction { .. }) {
+            return None;
+        }
+        let mut stub = Exchange::new(Rc::clone(&self.config));
+        stub.request.request_id = self.request.request_id.clone();
+        stub.request.mutates = self.request.mutates;
+        stub.phase = Phase::Parked;
+        Some(std::mem::replace(self, stub))
+    }
+
+    /// The write's eviction ahead, sent in a group, was answered (`ok`) or not. Returns the
+    /// step when the response was waiting for it (resume it), `None` otherwise.
+    pub fn eviction_settled(&mut self, ok: bool, timed_out: bool) -> Option<Step> {
+        self.eviction_answered(ok, timed_out)
     }
 
     /// The whole response body once the stream ended (`None`: Envoy would not hand it over).

@@ -7,9 +7,10 @@ mod root;
 
 use crate::config::Config;
 use crate::error::LocalReply;
+use crate::evict_group::{joins_group, Groups, Member, Slot};
 use crate::exchange::{
-    request_id_from, Callout, Exchange, FenceLookup, Half, HeaderEdits, MirrorJob, RequestHead, Step,
-    WatermarkLookup,
+    request_id_from, Callout, Exchange, FenceLookup, Half, HeaderEdits, MirrorJob, Purpose, RequestHead,
+    Step, WatermarkLookup,
 };
 use crate::fence::{Added, FenceNote, Fences};
 use crate::metrics::{Counter, EVICTIONS_PENDING, MIRRORS_QUEUED, NAMESPACES_TRACKED, VM_MEMORY_BYTES};
@@ -28,7 +29,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> { Box::new(Root::new(id)) });
 }}
 
 /// Counter ids and the gauges, defined once per VM at configure time.
@@ -183,6 +184,28 @@ struct Shared {
     wake_queue: Rc<Cell<Option<u32>>>,
     /// The clock at the last tick: coarse (one refresh interval), but free for streams to read.
     tick_clock: Rc<Cell<u64>>,
+    /// Writes whose evictions ahead travel in groups from the root context (group commit), and
+    /// the writes parked on them.
+    evictions: Rc<RefCell<Groups<Exchange>>>,
+    /// Evictions ahead that streams sent themselves, outstanding on this worker.
+    evictions_own: Rc<Cell<usize>>,
+}
+
+/// A stream's own eviction ahead, outstanding: counted in [`Shared::evictions_own`] until it is
+/// answered or the stream goes away.
+struct OwnEviction(Rc<Cell<usize>>);
+
+impl OwnEviction {
+    fn new(count: &Rc<Cell<usize>>) -> Self {
+        count.set(count.get() + 1);
+        OwnEviction(Rc::clone(count))
+    }
+}
+
+impl Drop for OwnEviction {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
+    }
 }
 
 impl Shared {
@@ -239,6 +262,44 @@ impl Shared {
             }
             self.metrics.add_queued(1);
         }
+    }
+
+    /// Takes what an exchange produced since the last call: counters, fences, mirrors, the
+    /// namespaces it used.
+    fn record(&self, exchange: &mut Exchange) {
+        self.metrics.record(exchange.take_counters());
+        let fences = exchange.take_fences();
+        if !fences.is_empty() {
+            self.fence(fences);
+        }
+        let mirrors = exchange.take_mirrors();
+        if !mirrors.is_empty() {
+            self.queue_mirrors(mirrors);
+        }
+        let touches = exchange.take_touches();
+        if touches.is_empty() {
+            return;
+        }
+        if let Ok(mut tracker) = self.tracker.try_borrow_mut() {
+            if let Some(tracker) = tracker.as_mut() {
+                let now = self.tick_clock.get();
+                for touch in touches {
+                    tracker.touch(touch, now);
+                }
+            }
+        }
+    }
+
+    /// Whether a write's eviction ahead joins the worker's group rather than going alone: by
+    /// configuration, and adaptively when another eviction is already out on this worker (at
+    /// low load a write never waits for the root's extra hop). Only with a queue to wake the
+    /// root.
+    fn groups_eviction(&self) -> bool {
+        if self.wake_queue.get().is_none() {
+            return false;
+        }
+        let groups_out = self.evictions.try_borrow().map_or(0, |g| g.in_flight());
+        joins_group(self.config.group_evictions, self.evictions_own.get(), groups_out)
     }
 
     /// Whether fetches of `namespace` must bypass the cache: this worker fences it, or another.
@@ -300,11 +361,16 @@ fn shared_fence_add(namespace: &str, delta: i64) {
 
 struct Filter {
     shared: Shared,
+    context_id: u32,
     exchange: Exchange,
     /// Request body bytes Envoy has buffered (reported cumulatively while the filter pauses).
     request_seen: usize,
     /// The outstanding callout's token.
     callout: Option<u32>,
+    /// The write's eviction ahead, sent by the stream itself and not answered yet.
+    own_eviction: Option<OwnEviction>,
+    /// The write's eviction ahead went in the worker's group: the root puts its outcome here.
+    grouped: Option<Slot>,
 }
 
 fn now_ms() -> u64 {
@@ -418,26 +484,70 @@ fn send_reply(reply: &LocalReply) {
 
 impl Filter {
     fn record(&mut self) {
-        self.shared.metrics.record(self.exchange.take_counters());
-        let fences = self.exchange.take_fences();
-        if !fences.is_empty() {
-            self.shared.fence(fences);
+        self.shared.record(&mut self.exchange);
+    }
+
+    /// Sends the write's eviction ahead: in the worker's group when it should and the root
+    /// could be woken, else alone. False when it could not be dispatched.
+    fn send_eviction(&mut self, call: &Callout) -> bool {
+        if self.shared.groups_eviction() {
+            let slot = Slot::default();
+            let member = Member {
+                context_id: self.context_id,
+                body: call.body.clone(),
+                headers: call.headers.clone(),
+                slot: Rc::clone(&slot),
+            };
+            let joined = self.shared.evictions.try_borrow_mut().map(|mut g| g.join(member));
+            let woke = match joined {
+                Ok(true) => self.shared.wake_queue.get().map(queue::wake),
+                Ok(false) => Some(Ok(())),
+                Err(_) => None,
+            };
+            if matches!(woke, Some(Ok(()))) {
+                self.grouped = Some(slot);
+                self.shared.metrics.record(vec![Counter::EvictAheadGrouped]);
+                return true;
+            }
+            // Nobody would send the group now: the eviction goes alone.
+            log::debug!("could not wake the root context ({woke:?}); the eviction goes alone");
+            if let Ok(mut g) = self.shared.evictions.try_borrow_mut() {
+                g.leave(self.context_id);
+            }
         }
-        let mirrors = self.exchange.take_mirrors();
-        if !mirrors.is_empty() {
-            self.shared.queue_mirrors(mirrors);
+        if self.dispatch(call).is_err() {
+            return false;
         }
-        let touches = self.exchange.take_touches();
-        if touches.is_empty() {
+        self.own_eviction = Some(OwnEviction::new(&self.shared.evictions_own));
+        true
+    }
+
+    /// The group's outcome, once the root has put it in the slot: the exchange learns it (a
+    /// failed eviction fences the write).
+    fn settle_grouped(&mut self) {
+        let Some(outcome) = self.grouped.as_ref().and_then(|slot| slot.get()) else {
+            return;
+        };
+        self.grouped = None;
+        if self.exchange.is_parked() {
+            // The root settled the write itself.
             return;
         }
-        if let Ok(mut tracker) = self.shared.tracker.try_borrow_mut() {
-            if let Some(tracker) = tracker.as_mut() {
-                let now = self.shared.tick_clock.get();
-                for touch in touches {
-                    tracker.touch(touch, now);
-                }
-            }
+        let _ = self.exchange.eviction_settled(outcome.ok, outcome.timed_out);
+        self.record();
+    }
+
+    /// A response that waits for a grouped eviction still out: the write goes to the root,
+    /// which finishes it and resumes the stream when the group is answered.
+    fn park(&mut self) {
+        if self.grouped.is_none() {
+            return;
+        }
+        let Ok(mut groups) = self.shared.evictions.try_borrow_mut() else {
+            return;
+        };
+        if let Some(write) = self.exchange.park() {
+            groups.park(self.context_id, write);
         }
     }
 
@@ -525,7 +635,12 @@ impl Filter {
                 if !self.replace_body(body, site, body_len) {
                     return Action::Pause;
                 }
-                if self.dispatch(&call).is_err() {
+                let sent = if call.purpose == Purpose::EvictAhead {
+                    self.send_eviction(&call)
+                } else {
+                    self.dispatch(&call).is_ok()
+                };
+                if !sent {
                     // The exchange fences the write instead; the request goes on either way.
                     let _ = self.exchange.on_callout_dispatch_failed();
                 }
@@ -560,6 +675,8 @@ impl Context for Filter {
                 return;
             }
         }
+        // A stream has one callout out at a time: an own eviction is answered now, if any.
+        self.own_eviction = None;
         let eviction = self.exchange.awaits_eviction();
         let (status, headers, body) = call_answer(body_size, !eviction);
         // An eviction's time matters only when the sidecar did not answer it (was it the
@@ -577,6 +694,7 @@ impl Context for Filter {
 impl HttpContext for Filter {
     /// The stream is over: a write whose outcome never came is fenced.
     fn on_log(&mut self) {
+        self.settle_grouped();
         self.exchange.on_stream_end();
         self.record();
     }
@@ -673,14 +791,24 @@ impl HttpContext for Filter {
                 .flatten()
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
         };
+        self.settle_grouped();
         let (edits, step) =
             self.exchange
                 .on_response_headers(status, details.as_deref(), end_of_stream, self.clock());
         apply(map, &edits);
-        self.execute(step, Site::ResponseHeaders, 0)
+        let action = self.execute(step, Site::ResponseHeaders, 0);
+        if action == Action::Pause {
+            self.park();
+        }
+        action
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.exchange.is_parked() {
+            // Held until the root resumes the stream; after that, body goes on.
+            let settled = self.grouped.as_ref().is_none_or(|slot| slot.get().is_some());
+            return if settled { Action::Continue } else { Action::Pause };
+        }
         if !self.exchange.wants_response_body() {
             // Returning Continue here would release headers paused for a mirror callout.
             return if self.exchange.holds_response() {

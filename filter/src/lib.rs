@@ -9,6 +9,7 @@ pub mod auth;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod evict_group;
 pub mod exchange;
 pub mod fence;
 pub mod metrics;

@@ -96,6 +96,10 @@ pub enum Counter {
     /// mirror then goes after the response): answered, or failed (the documents are fenced).
     EvictAheadOk,
     EvictAheadFailed,
+    /// A write's eviction ahead that went in its worker's group (group commit), and the group
+    /// callouts the root contexts sent.
+    EvictAheadGrouped,
+    EvictionGroups,
     /// A mirror that would go after its response found the worker's mirror queue full: dropped
     /// (and counted as `MirrorFailed` too); its documents were evicted already.
     MirrorQueueFull,
@@ -157,6 +161,8 @@ impl Counter {
             Counter::WritesUnanswered => "hevlayer.writes_unanswered",
             Counter::EvictAheadOk => "hevlayer.evict_ahead_ok",
             Counter::EvictAheadFailed => "hevlayer.evict_ahead_failed",
+            Counter::EvictAheadGrouped => "hevlayer.evict_ahead_grouped",
+            Counter::EvictionGroups => "hevlayer.eviction_groups",
             Counter::MirrorQueueFull => "hevlayer.mirror_queue_full",
             Counter::FetchesBypassed => "hevlayer.fetches_bypassed",
             Counter::EvictionsRetried => "hevlayer.evictions_retried",
@@ -217,6 +223,8 @@ impl Counter {
                 Counter::WritesUnanswered,
                 Counter::EvictAheadOk,
                 Counter::EvictAheadFailed,
+                Counter::EvictAheadGrouped,
+                Counter::EvictionGroups,
                 Counter::MirrorQueueFull,
                 Counter::FetchesBypassed,
                 Counter::EvictionsRetried,

@@ -239,10 +239,29 @@ pub fn push_decimal(out: &mut Vec<u8>, n: u64) {
 /// An [`EvictRequest`] body with the one fence of a write stamped `stamp` that names `ids`.
 pub fn evict_body<'a>(namespace: &str, ids: impl IntoIterator<Item = &'a [u8]>, stamp: u64) -> Vec<u8> {
     let mut body = Vec::with_capacity(96 + namespace.len());
-    body.extend_from_slice(b"{\"fences\":[");
+    body.extend_from_slice(EVICT_HEAD);
     push_fence(&mut body, namespace, Some(ids), stamp);
-    body.extend_from_slice(b"]}");
+    body.extend_from_slice(EVICT_TAIL);
     body
+}
+
+const EVICT_HEAD: &[u8] = b"{\"fences\":[";
+const EVICT_TAIL: &[u8] = b"]}";
+
+/// One [`EvictRequest`] body with the fences of several [`evict_body`] bodies: a worker's group
+/// of writes' evictions, sent in one callout. `None` when a body is not an `evict_body` one (a
+/// fence must never be dropped silently: the caller counts the group as failed).
+pub fn evict_group_body<'a>(bodies: impl IntoIterator<Item = &'a [u8]>) -> Option<Vec<u8>> {
+    let mut out = EVICT_HEAD.to_vec();
+    for body in bodies {
+        let fences = body.strip_prefix(EVICT_HEAD)?.strip_suffix(EVICT_TAIL)?;
+        if out.len() > EVICT_HEAD.len() {
+            out.push(b',');
+        }
+        out.extend_from_slice(fences);
+    }
+    out.extend_from_slice(EVICT_TAIL);
+    Some(out)
 }
 
 /// Body of `POST PURGE_PATH`.
@@ -302,6 +321,25 @@ mod tests {
             .collect();
         assert_eq!(names, vec![("a", 1), ("b", 2)]);
         assert_eq!(mirror_batch_body(std::iter::empty()), br#"{"mirrors":[]}"#);
+    }
+
+    #[test]
+    fn grouped_evict_bodies_keep_every_fence() {
+        let a = evict_body("a", [b"1".as_slice(), b"\"x\""], 5);
+        let b = evict_body("b \"q\"", [b"2".as_slice()], 6);
+        let group = evict_group_body([a.as_slice(), b.as_slice()]).unwrap();
+        let parsed: EvictRequest = serde_json::from_slice(&group).unwrap();
+        let one_by_one: Vec<Fence> = [a, b]
+            .iter()
+            .flat_map(|body| serde_json::from_slice::<EvictRequest>(body).unwrap().fences)
+            .collect();
+        assert_eq!(parsed.fences, one_by_one);
+        assert_eq!(parsed.fences.len(), 2);
+        assert_eq!(evict_group_body([b"{}".as_slice()]), None);
+        assert_eq!(
+            evict_group_body(Vec::<&[u8]>::new()).as_deref(),
+            Some(b"{\"fences\":[]}".as_slice())
+        );
     }
 
     #[test]

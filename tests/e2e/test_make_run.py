@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, default_interrupts, free_port, port_open, read_until, wait_until
 
 RUN = ROOT / "envoy" / "run.sh"
@@ -120,28 +122,27 @@ def test_two_gateways_run_side_by_side_on_one_host():
                 proc.wait(5)
 
 
-def test_render_validates_and_passes_the_mirror_linger(tmp_path):
+@pytest.mark.parametrize(
+    "var, default, good, bads, message",
+    [
+        ("MIRROR_LINGER_MS", '"mirror_linger_ms":2', ("5", '"mirror_linger_ms":5'),
+         ("1001", "-1", "soon"), "MIRROR_LINGER_MS must be an integer from 0 to 1000"),
+        ("COUNTER_BATCH", '"counter_batch":64', ("1", '"counter_batch":1'),
+         ("0", "10001", "-1", "many"), "COUNTER_BATCH must be an integer from 1 to 10000"),
+        ("GROUP_EVICTIONS", '"group_evictions":"adaptive"', ("off", '"group_evictions":"off"'),
+         ("never", "ALWAYS", "1"), "GROUP_EVICTIONS must be adaptive, always or off"),
+    ],
+)
+def test_render_validates_and_passes_a_filter_setting(tmp_path, var, default, good, bads, message):
     render = [sys.executable, str(ROOT / "envoy" / "render.py"), "--profile", "local", "--out", str(tmp_path / "e.yaml")]
-    env = {k: v for k, v in os.environ.items() if k != "MIRROR_LINGER_MS"}
-    ok = subprocess.run(render, env={**env, "MIRROR_LINGER_MS": "5"}, capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
-    assert '"mirror_linger_ms":5' in (tmp_path / "e.yaml").read_text()
-    for bad in ("1001", "-1", "soon"):
-        refused = subprocess.run(render, env={**env, "MIRROR_LINGER_MS": bad}, capture_output=True, text=True)
-        assert refused.returncode != 0, bad
-        assert "MIRROR_LINGER_MS must be an integer from 0 to 1000" in refused.stderr, refused.stderr
-
-
-def test_render_validates_and_passes_the_counter_batch(tmp_path):
-    render = [sys.executable, str(ROOT / "envoy" / "render.py"), "--profile", "local", "--out", str(tmp_path / "e.yaml")]
-    env = {k: v for k, v in os.environ.items() if k != "COUNTER_BATCH"}
+    env = {k: v for k, v in os.environ.items() if k != var}
     ok = subprocess.run(render, env=env, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    assert '"counter_batch":64' in (tmp_path / "e.yaml").read_text()
-    ok = subprocess.run(render, env={**env, "COUNTER_BATCH": "1"}, capture_output=True, text=True)
+    assert default in (tmp_path / "e.yaml").read_text()
+    ok = subprocess.run(render, env={**env, var: good[0]}, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    assert '"counter_batch":1' in (tmp_path / "e.yaml").read_text()
-    for bad in ("0", "10001", "-1", "many"):
-        refused = subprocess.run(render, env={**env, "COUNTER_BATCH": bad}, capture_output=True, text=True)
+    assert good[1] in (tmp_path / "e.yaml").read_text()
+    for bad in bads:
+        refused = subprocess.run(render, env={**env, var: bad}, capture_output=True, text=True)
         assert refused.returncode != 0, bad
-        assert "COUNTER_BATCH must be an integer from 1 to 10000" in refused.stderr, refused.stderr
+        assert message in refused.stderr, refused.stderr

@@ -158,6 +158,11 @@ pub struct HostState {
     root_callouts: Vec<Callout>,
     /// The host is running a root-context callback: callouts go to `root_callouts`.
     in_root_callback: bool,
+    /// The stream a test drives, from its creation until it ends.
+    open_stream: Option<u32>,
+    /// The stream a root callback made its effective context (`proxy_set_effective_context`):
+    /// its `proxy_continue_stream` acts on that stream.
+    effective: Option<u32>,
     tick_period_ms: u32,
     shared_data: HashMap<String, (Vec<u8>, u32)>,
     next_token: u32,
@@ -185,6 +190,14 @@ pub struct HostState {
     queue_ready: std::collections::VecDeque<u32>,
     /// Hold `on_queue_ready` until [`Vm::deliver_queues`] (a test of what happens meanwhile).
     hold_queues: bool,
+}
+
+impl HostState {
+    /// A root-context callback starts: callouts are the root's, and no stream is effective.
+    fn enter_root(&mut self) {
+        self.in_root_callback = true;
+        self.effective = None;
+    }
 }
 
 /// A stream body buffer, for [`Vm::refuse_reads`] and [`Vm::refuse_writes`].
@@ -439,7 +452,7 @@ impl Vm {
     /// Runs the root context's timer callback once (as Envoy does every tick period).
     pub fn tick(&mut self) -> Result<()> {
         let f: TypedFunc<u32, ()> = self.func("proxy_on_tick")?;
-        self.store.data_mut().in_root_callback = true;
+        self.store.data_mut().enter_root();
         let result = f.call(&mut self.store, ROOT_ID);
         self.store.data_mut().in_root_callback = false;
         result
@@ -449,7 +462,7 @@ impl Vm {
     /// configuration or when draining); returns whether it is done at once.
     pub fn shut_down(&mut self) -> Result<bool> {
         let f: TypedFunc<u32, u32> = self.func("proxy_on_done")?;
-        self.store.data_mut().in_root_callback = true;
+        self.store.data_mut().enter_root();
         let result = f.call(&mut self.store, ROOT_ID);
         self.store.data_mut().in_root_callback = false;
         Ok(result? != 0)
@@ -491,7 +504,7 @@ impl Vm {
     pub fn deliver_queues(&mut self) -> Result<()> {
         while let Some(token) = self.store.data_mut().queue_ready.pop_front() {
             let f: TypedFunc<(u32, u32), ()> = self.func("proxy_on_queue_ready")?;
-            self.store.data_mut().in_root_callback = true;
+            self.store.data_mut().enter_root();
             let result = f.call(&mut self.store, (ROOT_ID, token));
             self.store.data_mut().in_root_callback = false;
             result?;
@@ -536,7 +549,10 @@ impl Vm {
         self.store.data_mut().call_response = Some((headers, body));
         let f: TypedFunc<(u32, u32, u32, u32, u32), ()> = self.func("proxy_on_http_call_response")?;
         let root = self.store.data().root_callouts.iter().any(|c| c.token == token);
-        self.store.data_mut().in_root_callback = root;
+        self.store.data_mut().in_root_callback = false;
+        if root {
+            self.store.data_mut().enter_root();
+        }
         let result = f.call(&mut self.store, (ROOT_ID, token, n, size, 0));
         let state = self.store.data_mut();
         state.in_root_callback = false;
@@ -560,6 +576,7 @@ impl Vm {
         }
         let create: TypedFunc<(u32, u32), ()> = self.func("proxy_on_context_create")?;
         create.call(&mut self.store, (id, ROOT_ID))?;
+        self.store.data_mut().open_stream = Some(id);
         Ok(Stream {
             vm: self,
             id,
@@ -738,6 +755,12 @@ impl Stream<'_> {
         self.vm
     }
 
+    /// The VM, to act as Envoy does between this stream's callbacks (run the root's queue
+    /// wake-ups, tick the timer).
+    pub fn vm_mut(&mut self) -> &mut Vm {
+        self.vm
+    }
+
     /// Callouts the root context dispatched so far (they outlive this stream).
     pub fn root_callouts(&self) -> &[Callout] {
         self.vm.root_callouts()
@@ -820,6 +843,7 @@ impl Stream<'_> {
         log.call(&mut self.vm.store, self.id)?;
         let delete: TypedFunc<u32, ()> = self.vm.func("proxy_on_delete")?;
         delete.call(&mut self.vm.store, self.id)?;
+        self.vm.store.data_mut().open_stream = None;
         self.vm.deliver_unless_held()
     }
 }
@@ -1120,7 +1144,18 @@ fn define_imports(linker: &mut Linker<HostState>) -> Result<()> {
     linker.func_wrap(
         "env",
         "proxy_set_effective_context",
-        |_: Caller<'_, HostState>, _ctx: u32| Ok(OK),
+        |mut c: Caller<'_, HostState>, ctx: u32| {
+            let state = c.data_mut();
+            if ctx == ROOT_ID {
+                state.effective = None;
+            } else if state.open_stream == Some(ctx) {
+                state.effective = Some(ctx);
+            } else {
+                // No such context (the stream ended).
+                return Ok(BAD_ARGUMENT);
+            }
+            Ok(OK)
+        },
     )?;
     linker.func_wrap("env", "proxy_done", |_: Caller<'_, HostState>| Ok(OK))?;
     linker.func_wrap(
@@ -1333,6 +1368,10 @@ fn define_imports(linker: &mut Linker<HostState>) -> Result<()> {
         "proxy_continue_stream",
         |mut c: Caller<'_, HostState>, stream: u32| {
             let state = c.data_mut();
+            if state.in_root_callback && state.effective.is_none() {
+                // The root context is no stream.
+                return Ok(BAD_ARGUMENT);
+            }
             match stream {
                 0 => state.request.release(),
                 1 => state.response.release(),

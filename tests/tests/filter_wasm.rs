@@ -1677,6 +1677,168 @@ fn a_failed_eviction_ahead_fences_the_write_and_the_2xx_still_goes_out() {
     assert_eq!(vm.counter("hevlayer.mirror_failed"), 1);
 }
 
+// ---- group commit: evictions ahead sent by the root for many writes ----
+
+/// Every write's eviction ahead goes in its worker's group (the host runs one stream at a time,
+/// so the adaptive mode, which groups only while another eviction is out, would never group).
+const GROUPED: &str = r#"{"read_watermark":"off","group_evictions":"always"}"#;
+
+/// The root's eviction callouts (groups of writes, or fences).
+fn root_evictions(vm: &Vm) -> Vec<wasm_host::Callout> {
+    vm.root_callouts()
+        .iter()
+        .filter(|c| c.header(":path") == Some("/internal/v1/evict"))
+        .cloned()
+        .collect()
+}
+
+/// The ids of each fence an eviction callout carries.
+fn fenced_ids(call: &wasm_host::Callout) -> Vec<Value> {
+    let body: Value = serde_json::from_slice(&call.body).unwrap();
+    let fences = body["fences"].as_array().unwrap();
+    fences.iter().map(|f| f["ids"].clone()).collect()
+}
+
+#[test]
+fn grouped_evictions_go_in_one_root_callout_and_the_root_resumes_a_waiting_response() {
+    let mut vm = vm(GROUPED);
+    vm.hold_queues(true);
+    // Two writes whose clients left while their 2xx waited for the group: the root still
+    // finishes them (their writes applied).
+    for id in [1, 2] {
+        let mut s = send_write(&mut vm, format!(r#"{{"deletes":[{id}]}}"#).as_bytes(), 100);
+        assert!(s.reached_upstream(), "the write goes on while its eviction waits");
+        assert!(s.callouts().is_empty(), "the stream sends nothing itself");
+        s.response_headers(200, &[JSON], false, "via_upstream").unwrap();
+        assert_eq!(s.response_body(b"{}", true).unwrap(), Action::Pause);
+        assert!(
+            s.client_headers().is_none(),
+            "read-your-writes: not before the eviction"
+        );
+        s.finish().unwrap();
+    }
+    assert_eq!(vm.queue_names().len(), 1);
+    let mut s = send_write(&mut vm, br#"{"upsert_rows":[{"id":3,"a":1}]}"#, 100);
+    assert!(s.reached_upstream());
+    // The root runs once for all three: one callout.
+    s.vm_mut().deliver_queues().unwrap();
+    let groups = root_evictions(s.vm());
+    assert_eq!(groups.len(), 1);
+    assert_eq!(fenced_ids(&groups[0]), [json!([1]), json!([2]), json!([3])]);
+    assert_eq!(groups[0].timeout_ms, 200);
+    assert!(groups[0].header("x-request-id").is_some_and(|v| !v.is_empty()));
+    s.response_headers(200, &[JSON], false, "via_upstream").unwrap();
+    assert_eq!(
+        s.response_body(br#"{"status":"OK"}"#, true).unwrap(),
+        Action::Pause
+    );
+    assert!(s.client_headers().is_none());
+    s.answer_callout(groups[0].token, Some(APPLIED)).unwrap();
+    assert_eq!(s.client_status(), Some(200), "the root resumed it");
+    assert_eq!(s.client_body(), br#"{"status":"OK"}"#);
+    s.finish().unwrap();
+    assert_eq!(
+        (
+            vm.counter("hevlayer.evict_ahead_grouped"),
+            vm.counter("hevlayer.eviction_groups"),
+            vm.counter("hevlayer.evict_ahead_ok"),
+            vm.counter("hevlayer.evictions_pending"),
+        ),
+        (3, 1, 3, 0)
+    );
+    // All three mirrors go after their responses, in one batch.
+    vm.deliver_queues().unwrap();
+    let mirrors = root_mirrors(&vm);
+    assert_eq!(mirrors.len(), 1);
+    assert_eq!(batch(&mirrors[0]).len(), 3);
+    apply_batches(&mut vm, 0);
+    assert_eq!(vm.counter("hevlayer.mirror_ok"), 3);
+    assert_eq!(vm.counter("hevlayer.writes_unanswered"), 0);
+    assert_eq!(mirror_outcomes(&vm), 3, "one outcome per write");
+}
+
+#[test]
+fn a_group_answered_before_the_response_lets_it_go_at_once() {
+    let mut vm = vm(GROUPED);
+    let mut s = send_write(&mut vm, br#"{"deletes":[5]}"#, 100);
+    let group = root_evictions(s.vm())[0].clone();
+    s.answer_callout(group.token, Some(APPLIED)).unwrap();
+    s.respond(200, &[JSON], br#"{"status":"OK"}"#, "via_upstream")
+        .unwrap();
+    assert_eq!(s.client_status(), Some(200));
+    s.finish().unwrap();
+    assert_eq!(vm.counter("hevlayer.evict_ahead_ok"), 1);
+    assert_eq!(root_mirrors(&vm).len(), 1);
+}
+
+#[test]
+fn a_failed_or_lost_group_fences_its_writes_and_still_resumes_them() {
+    let plain_503: Answer<'_> = (503, &[("content-type", "text/plain")], b"upstream connect error");
+    for answer in [Some(Some(plain_503)), Some(None), None] {
+        let mut vm = vm(GROUPED);
+        let mut s = send_write(&mut vm, br#"{"upsert_rows":[{"id":9,"x":1}]}"#, 100);
+        let group = root_evictions(s.vm())[0].clone();
+        s.respond(200, &[JSON], br#"{"status":"OK"}"#, "via_upstream")
+            .unwrap();
+        assert!(s.client_headers().is_none());
+        match answer {
+            Some(answer) => s.answer_callout(group.token, answer).unwrap(),
+            // No answer at all: the timer gives up on it.
+            None => {
+                s.vm_mut().advance_time_and_tick(199).unwrap();
+                assert!(s.client_headers().is_none(), "not before the limit");
+                s.vm_mut().advance_time_and_tick(2_001).unwrap();
+            }
+        }
+        assert_eq!(s.client_status(), Some(200), "{answer:?}");
+        s.finish().unwrap();
+        assert_eq!(vm.counter("hevlayer.evict_ahead_failed"), 1, "{answer:?}");
+        assert_eq!(vm.counter("hevlayer.evictions_pending"), 1, "{answer:?}");
+        assert_eq!(root_mirrors(&vm).len(), 1, "the mirror still goes");
+        let late = vm.root_callouts().len();
+        if answer.is_none() {
+            // The late answer of a group given up on changes nothing.
+            vm.answer_callout(group.token, Some(APPLIED)).unwrap();
+            assert_eq!(vm.counter("hevlayer.evict_ahead_ok"), 0);
+            assert_eq!(vm.root_callouts().len(), late);
+        }
+    }
+    // A group that cannot be dispatched: the same, at once.
+    let mut vm = vm(GROUPED);
+    vm.hold_queues(true);
+    let mut s = send_write(&mut vm, br#"{"deletes":[4]}"#, 100);
+    s.vm_mut().remove_cluster("layer_sidecar");
+    s.vm_mut().deliver_queues().unwrap();
+    s.respond(200, &[JSON], br#"{"status":"OK"}"#, "via_upstream")
+        .unwrap();
+    assert_eq!(s.client_status(), Some(200));
+    s.finish().unwrap();
+    assert_eq!(vm.counter("hevlayer.evict_ahead_failed"), 1);
+    assert_eq!(vm.counter("hevlayer.evictions_pending"), 1);
+}
+
+#[test]
+fn without_a_wake_up_the_eviction_goes_alone_or_with_the_next_tick() {
+    // Adaptive (the default) with nothing else out on the worker: the write sends its own.
+    let mut alone = vm(r#"{"read_watermark":"off"}"#);
+    let s = send_write(&mut alone, br#"{"deletes":[1]}"#, 100);
+    assert_eq!(s.callouts().len(), 1);
+    assert!(root_evictions(s.vm()).is_empty());
+    drop(s);
+    // A lost wake-up: the tick sends the group.
+    let mut grouped = vm(GROUPED);
+    grouped.hold_queues(true);
+    let mut s = send_write(&mut grouped, br#"{"deletes":[2]}"#, 100);
+    s.vm_mut().lose_queue_wakeups();
+    s.vm_mut().hold_queues(false);
+    assert!(root_evictions(s.vm()).is_empty());
+    s.vm_mut().advance_time_and_tick(500).unwrap();
+    let group = root_evictions(s.vm())[0].clone();
+    s.answer_callout(group.token, Some(APPLIED)).unwrap();
+    s.respond(200, &[JSON], b"{}", "via_upstream").unwrap();
+    assert_eq!(s.client_status(), Some(200));
+}
+
 #[test]
 fn one_wake_up_sends_every_mirror_queued_before_the_root_ran_and_the_timer_is_the_fallback() {
     let mut vm = vm(r#"{"read_watermark":"off"}"#);

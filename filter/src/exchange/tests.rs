@@ -1262,7 +1262,7 @@ fn write_ahead(body: &[u8]) -> (Driver, Callout) {
 }
 
 /// The one mirror an exchange handed to the worker's queue.
-fn handed_off(ex: &mut Driver) -> sidecar_api::MirrorRequest {
+fn handed_off(ex: &mut Exchange) -> sidecar_api::MirrorRequest {
     let jobs = ex.take_mirrors();
     assert_eq!(jobs.len(), 1, "one mirror per write");
     assert_eq!(jobs[0].request_id, "rid");
@@ -1380,6 +1380,43 @@ fn a_failed_eviction_ahead_fences_the_write_and_still_mirrors_it() {
         Step::Continue
     );
     handed_off(&mut ex);
+}
+
+#[test]
+fn a_write_waiting_for_its_grouped_eviction_is_parked_and_settled_by_whoever_holds_it() {
+    // Settled before the response: the response goes on at once.
+    let (mut ex, _) = write_ahead(br#"{"upsert_rows":[{"id":1}]}"#);
+    assert_eq!(ex.eviction_settled(true, false), Some(Step::Continue));
+    assert!(ex.park().is_none(), "nothing waits yet");
+    let (_, step) = ex.on_response_headers(200, Some("via_upstream"), false, NOW + 1);
+    assert_eq!(step, Step::Continue);
+    assert!(ex.take_counters().contains(&Counter::EvictAheadOk));
+    handed_off(&mut ex);
+
+    // The response came first: the write moves out, the stream's exchange only holds the
+    // response, and the write is finished where it went.
+    let (mut ex, _) = write_ahead(br#"{"upsert_rows":[{"id":1}]}"#);
+    let (_, step) = ex.on_response_headers(200, Some("via_upstream"), false, NOW + 1);
+    assert_eq!(step, Step::Pause);
+    ex.take_counters();
+    let mut parked = ex.park().expect("the response waits");
+    assert!(ex.is_parked() && ex.holds_response() && !ex.wants_response_body());
+    assert!(ex.park().is_none(), "parked once");
+    assert_eq!(
+        parked.eviction_settled(false, true),
+        Some(Step::Resume(Half::Response))
+    );
+    assert_eq!(
+        parked.take_fences().len(),
+        1,
+        "a failed eviction fences the write"
+    );
+    assert!(parked.take_counters().contains(&Counter::EvictAheadFailed));
+    assert_eq!(handed_off(&mut parked).upserted_at, NOW);
+    assert_eq!(parked.eviction_settled(true, false), None, "settled once");
+    // The stream ending leaves nothing to fence or count: the write is the root's.
+    ex.on_stream_end();
+    assert!(ex.take_fences().is_empty() && ex.take_counters().is_empty() && ex.take_mirrors().is_empty());
 }
 
 #[test]

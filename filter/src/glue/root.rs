@@ -5,7 +5,8 @@
 
 use super::{new_request_id, now_ms, queue, shared_fence_add, Metrics, Shared};
 use crate::config::{Config, ReadWatermark};
-use crate::exchange::Exchange;
+use crate::evict_group::{Outcome, Slot};
+use crate::exchange::{Exchange, Half, Step};
 use crate::fence::Fences;
 use crate::metrics::Counter;
 use crate::mirrors::{Flight, MirrorQueue};
@@ -30,6 +31,8 @@ enum InFlight {
 
 #[derive(Default)]
 pub(super) struct Root {
+    /// This root context's id (set back as the effective context after resuming a stream).
+    id: u32,
     shared: Shared,
     /// At most one callout of each kind at a time: (token, what, sent at).
     registration: Option<(u32, InFlight, u64)>,
@@ -41,6 +44,13 @@ pub(super) struct Root {
 }
 
 impl Root {
+    pub(super) fn new(id: u32) -> Root {
+        Root {
+            id,
+            ..Root::default()
+        }
+    }
+
     fn config(&self) -> &Config {
         &self.shared.config
     }
@@ -129,6 +139,81 @@ impl Root {
                 self.metrics().record(vec![Counter::CalloutDispatchFailed]);
                 self.evictions_failed(&batch.covers, now);
             }
+        }
+    }
+
+    /// Sends the writes' evictions ahead gathered since the last group, in one callout.
+    fn send_evictions(&self) {
+        let group = self
+            .shared
+            .evictions
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut g| g.take());
+        let Some(group) = group else {
+            return;
+        };
+        let n = group.members.len();
+        let sent = match sidecar_api::evict_group_body(group.bodies.iter().map(Vec::as_slice)) {
+            Some(body) => {
+                let headers: Vec<(&str, &str)> = group
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                let timeout = Duration::from_millis(self.config().mirror_timeout_ms);
+                let cluster = self.config().sidecar_cluster.as_str();
+                self.dispatch_http_call(cluster, headers, Some(&body), Vec::new(), timeout)
+                    .map_err(|status| format!("{status:?}"))
+            }
+            None => Err("a member's body is not an eviction".to_owned()),
+        };
+        match sent {
+            Ok(token) => {
+                let now = now_ms();
+                if let Ok(mut g) = self.shared.evictions.try_borrow_mut() {
+                    g.sent(token, group.members, now);
+                }
+                self.metrics().record(vec![Counter::EvictionGroups]);
+            }
+            Err(why) => {
+                log::warn!("could not dispatch a group of {n} evictions ahead: {why}; fencing their writes");
+                self.metrics().record(vec![Counter::CalloutDispatchFailed]);
+                let failed = Outcome {
+                    ok: false,
+                    timed_out: false,
+                };
+                self.settle_group(&group.members, failed);
+            }
+        }
+    }
+
+    /// A group's outcome: each member learns it, and the writes parked on it are finished here
+    /// (mirror queued, a failure fenced) and their responses resumed.
+    fn settle_group(&self, members: &[(u32, Slot)], outcome: Outcome) {
+        let finish = self
+            .shared
+            .evictions
+            .try_borrow_mut()
+            .map(|mut g| g.settle(members, outcome))
+            .unwrap_or_default();
+        if finish.is_empty() {
+            return;
+        }
+        for (context_id, mut write) in finish {
+            let step = write.eviction_settled(outcome.ok, outcome.timed_out);
+            self.shared.record(&mut write);
+            if step != Some(Step::Resume(Half::Response)) {
+                continue;
+            }
+            let resumed = host::set_effective_context(context_id).and_then(|()| host::resume_http_response());
+            if let Err(status) = resumed {
+                // The stream is gone (the client hung up): its write was still mirrored.
+                log::debug!("could not resume stream {context_id}: {status:?}");
+            }
+        }
+        if let Err(status) = host::set_effective_context(self.id) {
+            log::warn!("could not return to the root context: {status:?}");
         }
     }
 
@@ -305,6 +390,23 @@ impl Root {
             self.register(now);
         }
         self.evict(now);
+        // A group a lost wake-up left behind, and groups no answer came for.
+        self.send_evictions();
+        let limit = self.config().mirror_timeout_ms + CALLOUT_TIMEOUT_MS;
+        let lost = self
+            .shared
+            .evictions
+            .try_borrow_mut()
+            .map(|mut g| g.expire(now, limit))
+            .unwrap_or_default();
+        let timed_out = Outcome {
+            ok: false,
+            timed_out: true,
+        };
+        for flight in lost {
+            log::warn!("a group of evictions ahead got no answer in {limit} ms; fencing its writes");
+            self.settle_group(&flight.members, timed_out);
+        }
     }
 }
 
@@ -328,6 +430,29 @@ impl Context for Root {
             .try_borrow_mut()
             .ok()
             .and_then(|mut q| q.answered(token));
+        let group = self
+            .shared
+            .evictions
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut g| g.answered(token));
+        if let Some(flight) = group {
+            // An eviction's answer says all in its status (its body is not read).
+            let (status, headers, _) = super::call_answer(body_size, false);
+            let json = sidecar_api::is_sidecar_answer(&headers);
+            let ok = json && status.is_some_and(|s| (200..300).contains(&s));
+            let timed_out = !json
+                && (status == Some(504)
+                    || now_ms().saturating_sub(flight.sent_ms) >= self.config().mirror_timeout_ms);
+            if !ok {
+                log::warn!(
+                    "a group of {} evictions ahead failed (status {status:?}); fencing their writes",
+                    flight.members.len()
+                );
+            }
+            self.settle_group(&flight.members, Outcome { ok, timed_out });
+            return;
+        }
         if let Some(flight) = mirror {
             let (status, headers, body) = super::call_answer(body_size, true);
             let now = now_ms();
@@ -440,6 +565,18 @@ impl RootContext for Root {
 
     fn on_queue_ready(&mut self, queue_id: u32) {
         queue::drain(queue_id);
+        self.send_evictions();
+        let queued = self.shared.mirrors.try_borrow().is_ok_and(|q| q.queued() > 0);
+        if !queued {
+            // Woken for evictions only (or the mirrors went out meanwhile, after an answer): the
+            // next mirror wakes the root again (a linger's tick does that itself).
+            if !self.lingering {
+                if let Ok(mut q) = self.shared.mirrors.try_borrow_mut() {
+                    q.woken();
+                }
+            }
+            return;
+        }
         let linger = self.config().mirror_linger_ms;
         let full = self.shared.mirrors.try_borrow().is_ok_and(|q| q.batch_full());
         if linger > 0 && !full {
@@ -463,12 +600,15 @@ impl RootContext for Root {
         self.tick(now);
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(super::Filter {
             shared: self.shared.clone(),
+            context_id,
             exchange: Exchange::new(Rc::clone(&self.shared.config)),
             request_seen: 0,
             callout: None,
+            own_eviction: None,
+            grouped: None,
         }))
     }
 

@@ -879,7 +879,7 @@ async fn callout_stats(client: &reqwest::Client, setups: &[Setup], admins: &[u16
     for (setup, admin) in setups.iter().zip(admins) {
         let stats = client
             .get(format!(
-                "http://127.0.0.1:{admin}/stats?filter=^(cluster\\.layer_sidecar\\.upstream_(cx|rq)_total|wasmcustom\\.hevlayer\\.(mirror|evict_ahead)_.*)$"
+                "http://127.0.0.1:{admin}/stats?filter=^(cluster\\.layer_sidecar\\.upstream_(cx|rq)_total|wasmcustom\\.hevlayer\\.((mirror|evict_ahead)_.*|eviction_groups))$"
             ))
             .send()
             .await?
