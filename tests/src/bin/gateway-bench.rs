@@ -498,6 +498,16 @@ async fn main() -> Result<()> {
         },
         None => None,
     };
+    // `--profile-throughput SECONDS`: only the product, 16 clients sending 1-row writes for that
+    // long, its Envoy's and sidecar's pids written to `target/gateway-bench.pids` first (for
+    // `perf record -p`).
+    let profile_seconds: Option<u64> = match args.windows(2).find(|w| w[0] == "--profile-throughput") {
+        Some(w) => match w[1].parse() {
+            Ok(n) => Some(n),
+            Err(_) => bail!("--profile-throughput takes seconds, got {:?}", w[1]),
+        },
+        None => None,
+    };
     // `--quick`: the small requests only (1-row writes, the 5 ms-upstream row, the queries, the
     // 1-row throughput).
     let quick = args.iter().any(|a| a == "--quick");
@@ -693,6 +703,15 @@ async fn main() -> Result<()> {
         wait_ready(&client, &format!("http://127.0.0.1:{port}/healthz")).await?;
     }
 
+    if let Some(seconds) = profile_seconds {
+        let pids = format!("{} {}\n", product.pids.envoy, product_sidecar);
+        std::fs::write(root().join("target/gateway-bench.pids"), pids)?;
+        let url = format!("http://127.0.0.1:{}/v2/namespaces/bench", product.port);
+        let (n, elapsed) = throughput(&client, &url, &write_body(1, 768), 16, seconds).await?;
+        println!("{}: {:.0} writes/s", product.label, n / elapsed);
+        drop(procs);
+        return Ok(());
+    }
     println!("gateway benchmark: Envoy 1.40, one worker each, in front of an upstream that answers at once;");
     println!("vectors as base64 like the official clients send them. p50 (and p99) per Envoy, and the ratio");
     println!("to the Envoy without a filter measured in the same run:");
