@@ -7,7 +7,11 @@ Each writer owns some ids. For each write it first fetches the document through 
 and as soon as it holds the 2xx fetches through the other one: that fetch must return the new
 version (from the cache, once the mirror landed, or from the stand-in Turbopuffer). The mirror
 goes to the sidecar after the response, so without the eviction that the write carries, the
-second fetch would race the mirror and read the old copy."""
+second fetch would race the mirror and read the old copy.
+
+It runs twice: with the evictions grouped adaptively (the default: a write's eviction joins its
+worker's group while another is out) and always grouped, where every write's 2xx waits for a
+group the worker's root context sends, and the root resumes the responses that wait for it."""
 
 import json
 import random
@@ -26,8 +30,8 @@ WRITES_PER_WRITER = 150
 IDS_PER_WRITER = 10
 
 
-@pytest.fixture()
-def two_replicas(tmp_path):
+@pytest.fixture(params=["adaptive", "always"])
+def two_replicas(tmp_path, request):
     if not DOUBLE.exists():
         pytest.exit(f"{DOUBLE} is missing: run `make test-e2e` (it builds it)", 2)
     procs = Processes(tmp_path)
@@ -48,8 +52,8 @@ def two_replicas(tmp_path):
             wait_until(lambda p=sidecar_port: httpx.get(f"http://127.0.0.1:{p}/healthz").status_code == 200,
                        f"sidecar {name}")
             gateways.append(Gateway(procs, f"envoy-{name}", truth.url, sidecar_port, port=gateway_port,
-                                    ROUTE_TIMEOUT="5s"))
-        yield gateways, truth
+                                    ROUTE_TIMEOUT="5s", GROUP_EVICTIONS=request.param))
+        yield gateways, truth, request.param
     finally:
         procs.stop_all()
         stop_server(truth)
@@ -64,7 +68,7 @@ def fetch_version(client, url, doc):
 
 
 def test_a_write_acknowledged_by_one_replica_is_read_through_the_other(two_replicas):
-    (a, b), truth = two_replicas
+    (a, b), truth, group = two_replicas
     stale, errors = [], []
     labels = {"before": {}, "after": {}}
     lock = threading.Lock()
@@ -118,3 +122,6 @@ def test_a_write_acknowledged_by_one_replica_is_read_through_the_other(two_repli
     for c in counters:
         assert c["hevlayer.evict_ahead_ok"] == c["hevlayer.writes_accepted"] == total // 2, c
         assert c["hevlayer.mirror_ok"] == total // 2, c
+        if group == "always":
+            assert c["hevlayer.evict_ahead_grouped"] == total // 2, c
+            assert 0 < c["hevlayer.eviction_groups"] <= total // 2, c
