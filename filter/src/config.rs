@@ -223,16 +223,7 @@ impl Config {
         if fence_namespaces == 0 || fence_max_ids == 0 {
             return Err("fence_namespaces and fence_max_ids must be positive".to_owned());
         }
-        let mirror_queue_bytes = raw.mirror_queue_bytes.unwrap_or(DEFAULT_MIRROR_QUEUE_BYTES);
-        if mirror_queue_bytes == 0 {
-            return Err("mirror_queue_bytes must be positive".to_owned());
-        }
-        let mirror_linger_ms = raw.mirror_linger_ms.unwrap_or(DEFAULT_MIRROR_LINGER_MS);
-        if mirror_linger_ms > MAX_MIRROR_LINGER_MS {
-            return Err(format!(
-                "mirror_linger_ms ({mirror_linger_ms}) must be at most {MAX_MIRROR_LINGER_MS}"
-            ));
-        }
+        let (mirror_queue_bytes, mirror_linger_ms) = mirror_queue(raw.mirror_queue_bytes, raw.mirror_linger_ms)?;
         let counter_batch = raw.counter_batch.unwrap_or(DEFAULT_COUNTER_BATCH);
         if !(1..=MAX_COUNTER_BATCH).contains(&counter_batch) {
             return Err(format!(
@@ -267,6 +258,21 @@ impl Config {
             counter_batch,
         })
     }
+}
+
+/// The mirror queue's bound and linger, checked.
+fn mirror_queue(bytes: Option<usize>, linger_ms: Option<u64>) -> Result<(usize, u64), String> {
+    let mirror_queue_bytes = bytes.unwrap_or(DEFAULT_MIRROR_QUEUE_BYTES);
+    if mirror_queue_bytes == 0 {
+        return Err("mirror_queue_bytes must be positive".to_owned());
+    }
+    let mirror_linger_ms = linger_ms.unwrap_or(DEFAULT_MIRROR_LINGER_MS);
+    if mirror_linger_ms > MAX_MIRROR_LINGER_MS {
+        return Err(format!(
+            "mirror_linger_ms ({mirror_linger_ms}) must be at most {MAX_MIRROR_LINGER_MS}"
+        ));
+    }
+    Ok((mirror_queue_bytes, mirror_linger_ms))
 }
 
 /// The gateway keys and the upstream key, checked against the auth mode.

@@ -5,7 +5,7 @@
 
 use super::{new_request_id, now_ms, queue, shared_fence_add, Metrics, Shared};
 use crate::config::{Config, ReadWatermark};
-use crate::evict_group::{Outcome, Slot};
+use crate::evict_group::{Flight as GroupFlight, Outcome, Slot};
 use crate::exchange::{Exchange, Half, Step};
 use crate::fence::Fences;
 use crate::metrics::Counter;
@@ -215,6 +215,24 @@ impl Root {
         if let Err(status) = host::set_effective_context(self.id) {
             log::warn!("could not return to the root context: {status:?}");
         }
+    }
+
+    /// A group's answer (the callout's, being delivered): its outcome for every member.
+    fn group_answered(&self, flight: &GroupFlight) {
+        // An eviction's answer says all in its status (its body is not read).
+        let (status, headers, _) = super::call_answer(0, false);
+        let json = sidecar_api::is_sidecar_answer(&headers);
+        let ok = json && status.is_some_and(|s| (200..300).contains(&s));
+        let timed_out = !json
+            && (status == Some(504)
+                || now_ms().saturating_sub(flight.sent_ms) >= self.config().mirror_timeout_ms);
+        if !ok {
+            log::warn!(
+                "a group of {} evictions ahead failed (status {status:?}); fencing their writes",
+                flight.members.len()
+            );
+        }
+        self.settle_group(&flight.members, Outcome { ok, timed_out });
     }
 
     /// Sends the queued mirrors, in batches, while there is room in flight.
@@ -437,20 +455,7 @@ impl Context for Root {
             .ok()
             .and_then(|mut g| g.answered(token));
         if let Some(flight) = group {
-            // An eviction's answer says all in its status (its body is not read).
-            let (status, headers, _) = super::call_answer(body_size, false);
-            let json = sidecar_api::is_sidecar_answer(&headers);
-            let ok = json && status.is_some_and(|s| (200..300).contains(&s));
-            let timed_out = !json
-                && (status == Some(504)
-                    || now_ms().saturating_sub(flight.sent_ms) >= self.config().mirror_timeout_ms);
-            if !ok {
-                log::warn!(
-                    "a group of {} evictions ahead failed (status {status:?}); fencing their writes",
-                    flight.members.len()
-                );
-            }
-            self.settle_group(&flight.members, Outcome { ok, timed_out });
+            self.group_answered(&flight);
             return;
         }
         if let Some(flight) = mirror {
