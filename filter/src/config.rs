@@ -223,7 +223,8 @@ impl Config {
         if fence_namespaces == 0 || fence_max_ids == 0 {
             return Err("fence_namespaces and fence_max_ids must be positive".to_owned());
         }
-        let (mirror_queue_bytes, mirror_linger_ms) = mirror_queue(raw.mirror_queue_bytes, raw.mirror_linger_ms)?;
+        let (mirror_queue_bytes, mirror_linger_ms) =
+            mirror_queue(raw.mirror_queue_bytes, raw.mirror_linger_ms)?;
         let counter_batch = raw.counter_batch.unwrap_or(DEFAULT_COUNTER_BATCH);
         if !(1..=MAX_COUNTER_BATCH).contains(&counter_batch) {
             return Err(format!(

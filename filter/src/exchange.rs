@@ -314,6 +314,17 @@ impl Exchange {
         !matches!(self.request.route, Route::Query { .. } | Route::Passthrough)
     }
 
+    /// Whether the response headers' step needs the clock: to time the mirror or purge callout
+    /// the response will wait for. A write evicted ahead hands its mirror off untimed, and
+    /// other responses start no callout.
+    pub fn response_needs_clock(&self) -> bool {
+        match (&self.request.route, &self.phase) {
+            (Route::DeleteNamespace { .. }, _) => true,
+            (Route::Write { .. }, Phase::Upstream { sent: Some(sent) }) => sent.ahead == Ahead::Off,
+            _ => false,
+        }
+    }
+
     /// What writes could not mirror since the last call, for the worker's fences.
     pub fn take_fences(&mut self) -> Vec<FenceNote> {
         std::mem::take(&mut self.fences)

@@ -792,9 +792,14 @@ impl HttpContext for Filter {
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
         };
         self.settle_grouped();
-        let (edits, step) =
-            self.exchange
-                .on_response_headers(status, details.as_deref(), end_of_stream, self.clock());
+        let now = if self.exchange.response_needs_clock() {
+            now_ms()
+        } else {
+            0
+        };
+        let (edits, step) = self
+            .exchange
+            .on_response_headers(status, details.as_deref(), end_of_stream, now);
         apply(map, &edits);
         let action = self.execute(step, Site::ResponseHeaders, 0);
         if action == Action::Pause {

@@ -1369,7 +1369,9 @@ fn define_imports(linker: &mut Linker<HostState>) -> Result<()> {
         |mut c: Caller<'_, HostState>, stream: u32| {
             let state = c.data_mut();
             if state.in_root_callback && state.effective.is_none() {
-                // The root context is no stream.
+                // The root context is no stream: Envoy answers Ok and resumes nothing, which
+                // would leave a stream held. The host refuses instead (the SDK then traps), so a
+                // filter that forgets to switch to the stream fails its test loudly.
                 return Ok(BAD_ARGUMENT);
             }
             match stream {

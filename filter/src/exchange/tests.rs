@@ -1308,6 +1308,21 @@ fn a_write_evicts_the_ids_it_names_while_turbopuffer_applies_it() {
 }
 
 #[test]
+fn the_response_needs_the_clock_only_to_time_a_callout_it_waits_for() {
+    let body = br#"{"upsert_rows":[{"id":1}]}"#;
+    // Evicted ahead: the mirror is handed off untimed.
+    let (ex, _) = write_ahead(body);
+    assert!(!ex.response_needs_clock());
+    // Waiting for its mirror: the callout is timed.
+    let mut ex = start_write(&waits_for_mirror());
+    assert!(matches!(ex.feed(body, true, NOW), Step::Forward(_)));
+    assert!(ex.response_needs_clock());
+    // A query starts no callout.
+    let ex = start_query(&Config::default(), None, NOW);
+    assert!(!ex.response_needs_clock());
+}
+
+#[test]
 fn a_2xx_waits_for_an_eviction_still_out() {
     let (mut ex, _) = write_ahead(br#"{"upsert_rows":[{"id":1}]}"#);
     let (_, step) = ex.on_response_headers(200, Some("via_upstream"), false, NOW + 1);

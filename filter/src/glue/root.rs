@@ -235,8 +235,9 @@ impl Root {
         self.settle_group(&flight.members, Outcome { ok, timed_out });
     }
 
-    /// Sends the queued mirrors, in batches, while there is room in flight.
-    fn send_mirrors(&self, now: u64) {
+    /// Sends the queued mirrors, in batches, while there is room in flight. `now` is the clock if
+    /// the caller has read it (else it is read once there is a batch to send).
+    fn send_mirrors(&self, mut now: Option<u64>) {
         let cluster = self.config().sidecar_cluster.as_str();
         let timeout = Duration::from_millis(self.config().mirror_timeout_ms);
         loop {
@@ -265,8 +266,9 @@ impl Root {
             headers.extend(first.trace.headers());
             match self.dispatch_http_call(cluster, headers, Some(&body), Vec::new(), timeout) {
                 Ok(token) => {
+                    let sent_at = *now.get_or_insert_with(now_ms);
                     if let Ok(mut q) = self.shared.mirrors.try_borrow_mut() {
-                        q.sent(token, n, now);
+                        q.sent(token, n, sent_at);
                     }
                 }
                 Err(status) => {
@@ -282,8 +284,16 @@ impl Root {
     /// A batch's answer: each mirror's outcome. Only the sidecar's JSON 2xx answers for its
     /// mirrors (a mirror it does not list counts as failed); Envoy's 504 (or a reset at the
     /// timeout) is a timeout of every mirror in the batch.
-    fn mirrors_answered(&self, flight: Flight, status: Option<u16>, json: bool, body: &[u8], now: u64) {
-        let elapsed = now.saturating_sub(flight.sent_ms);
+    /// `now` is needed only for an answer that is not the sidecar's (was it the timeout?).
+    fn mirrors_answered(
+        &self,
+        flight: Flight,
+        status: Option<u16>,
+        json: bool,
+        body: &[u8],
+        now: Option<u64>,
+    ) {
+        let elapsed = now.map_or(0, |now| now.saturating_sub(flight.sent_ms));
         let answered = json && status.is_some_and(|s| (200..300).contains(&s));
         let applied: Vec<bool> = if answered {
             serde_json::from_slice::<sidecar_api::MirrorBatchResponse>(body)
@@ -369,7 +379,7 @@ impl Root {
                 // Send what gathered and keep the timer at the linger: while mirrors keep
                 // coming, streams need not wake the root (their wake-up stays pending) and the
                 // timer is not set twice per linger.
-                self.send_mirrors(now);
+                self.send_mirrors(Some(now));
             } else {
                 // A linger with nothing new: back to the refresh period; the next mirror
                 // wakes the root again.
@@ -394,7 +404,7 @@ impl Root {
                 q.woken();
             }
         }
-        self.send_mirrors(now);
+        self.send_mirrors(Some(now));
         let limit = self.config().mirror_timeout_ms + CALLOUT_TIMEOUT_MS;
         let expired = self
             .shared
@@ -460,14 +470,11 @@ impl Context for Root {
         }
         if let Some(flight) = mirror {
             let (status, headers, body) = super::call_answer(body_size, true);
-            let now = now_ms();
-            self.mirrors_answered(
-                flight,
-                status,
-                sidecar_api::is_sidecar_answer(&headers),
-                &body,
-                now,
-            );
+            // The clock matters only when the sidecar did not answer (a hostcall spared
+            // otherwise; the next batch reads it if there is one).
+            let json = sidecar_api::is_sidecar_answer(&headers);
+            let now = if json { None } else { Some(now_ms()) };
+            self.mirrors_answered(flight, status, json, &body, now);
             self.send_mirrors(now);
             return;
         }
@@ -596,7 +603,7 @@ impl RootContext for Root {
         if let Ok(mut q) = self.shared.mirrors.try_borrow_mut() {
             q.woken();
         }
-        self.send_mirrors(now_ms());
+        self.send_mirrors(None);
     }
 
     fn on_tick(&mut self) {
