@@ -118,6 +118,8 @@ NEEDED_PANELS = {
     "upstream 502/504": {"hevlayer_upstream_error", "hevlayer_gateway_timeout"},
     "mirror outcomes": {"hevlayer_mirror_ok", "hevlayer_mirror_failed", "hevlayer_mirror_timeout"},
     "evictions pending": {"hevlayer_evictions_pending"},
+    "evictions ahead and their grouping": {"hevlayer_evict_ahead_failed", "hevlayer_evict_ahead_grouped",
+                                           "hevlayer_eviction_groups"},
     "cache hit ratio": {"hevlayer_sidecar_mirror_total"},
     "pipeline stages": {"hevlayer_sidecar_pipeline_documents"},
     "sidecar latency": {"hevlayer_sidecar_cache_op_seconds_bucket"},
