@@ -84,10 +84,6 @@ def plugin_config(profile):
     if group not in ("adaptive", "always", "off"):
         fail(f"GROUP_EVICTIONS must be adaptive, always or off, got {group!r}")
     config["group_evictions"] = group
-    group = env("GROUP_EVICTIONS", "adaptive")
-    if group not in ("adaptive", "always", "off"):
-        fail(f"GROUP_EVICTIONS must be adaptive, always or off, got {group!r}")
-    config["group_evictions"] = group
     batch = env("COUNTER_BATCH", "64")
     if not batch.isdigit() or not 1 <= int(batch) <= 10000:
         fail(f"COUNTER_BATCH must be an integer from 1 to 10000, got {batch!r}")

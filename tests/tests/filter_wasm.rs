@@ -9,6 +9,8 @@ use serde_json::{json, Value};
 use std::io::Write;
 
 const NOW_MS: u64 = 1_795_000_000_123;
+/// The filter's `mirror_linger_ms` when a configuration names none.
+const DEFAULT_LINGER_MS: u64 = 2;
 const JSON: (&str, &str) = ("content-type", "application/json");
 
 /// The sum of the counters an accepted write ends in (exactly one each).
@@ -1531,7 +1533,7 @@ fn a_write_spares_the_eviction_body_and_the_linger_tick_spares_the_counters() {
             format!(r#"{{"deletes":[{round}]}}"#).as_bytes(),
             Some(APPLIED),
         );
-        vm.advance_time_and_tick(2).unwrap();
+        vm.advance_time_and_tick(DEFAULT_LINGER_MS).unwrap();
         apply_batches(&mut vm, round);
         assert_eq!(root_mirrors(&vm).len(), round + 1, "one batch per linger");
         assert_eq!(
@@ -1971,34 +1973,38 @@ fn by_default_mirrors_linger_and_the_next_tick_sends_them_as_one_batch() {
         root_mirrors(&vm).is_empty(),
         "nothing goes before the linger ends"
     );
-    assert_eq!(vm.tick_period_ms(), 2, "the timer runs at the linger");
+    assert_eq!(
+        u64::from(vm.tick_period_ms()),
+        DEFAULT_LINGER_MS,
+        "the timer runs at the linger"
+    );
     assert_eq!(wake_ups(&vm), 1, "one wake-up for the three");
     assert_eq!(vm.counter("hevlayer.mirrors_queued"), 3);
     // The linger's tick: one batch. Less than a refresh period since the last one: nothing else
     // of the timer's work runs. Mirrors may keep coming, so the timer stays at the linger.
-    vm.advance_time_and_tick(2).unwrap();
+    vm.advance_time_and_tick(DEFAULT_LINGER_MS).unwrap();
     let out = root_mirrors(&vm);
     assert_eq!(out.len(), 1);
     assert_eq!(batch(&out[0]).len(), 3);
     assert_eq!(vm.root_callouts().len(), 1, "no other root callout");
-    assert_eq!(vm.tick_period_ms(), 2);
+    assert_eq!(u64::from(vm.tick_period_ms()), DEFAULT_LINGER_MS);
     apply_batches(&mut vm, 0);
     assert_eq!(vm.counter("hevlayer.mirror_ok"), 3);
     assert_eq!(vm.counter("hevlayer.mirrors_queued"), 0);
     // The next write's mirror goes at the next linger tick, without waking the root.
     write_ahead(&mut vm, br#"{"deletes":[9]}"#, Some(APPLIED));
     assert_eq!(wake_ups(&vm), 1);
-    vm.advance_time_and_tick(2).unwrap();
+    vm.advance_time_and_tick(DEFAULT_LINGER_MS).unwrap();
     assert_eq!(root_mirrors(&vm).len(), 2);
-    assert_eq!(vm.tick_period_ms(), 2);
+    assert_eq!(u64::from(vm.tick_period_ms()), DEFAULT_LINGER_MS);
     apply_batches(&mut vm, 1);
     // A linger with nothing new: back to the refresh period, and the next write lingers again.
-    vm.advance_time_and_tick(2).unwrap();
+    vm.advance_time_and_tick(DEFAULT_LINGER_MS).unwrap();
     assert_eq!(vm.tick_period_ms(), 500);
     write_ahead(&mut vm, br#"{"deletes":[10]}"#, Some(APPLIED));
     assert_eq!(wake_ups(&vm), 2);
-    assert_eq!(vm.tick_period_ms(), 2);
-    vm.advance_time_and_tick(2).unwrap();
+    assert_eq!(u64::from(vm.tick_period_ms()), DEFAULT_LINGER_MS);
+    vm.advance_time_and_tick(DEFAULT_LINGER_MS).unwrap();
     assert_eq!(root_mirrors(&vm).len(), 3);
 }
 
