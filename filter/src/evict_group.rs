@@ -11,6 +11,7 @@
 //! No proxy-wasm here (the glue sends and resumes); `P` is what a parked write leaves behind.
 
 use crate::config::GroupEvictions;
+use crate::exchange::Callout;
 // The glue keys these maps by context id on every grouped write: a fast hash.
 use foldhash::HashMap;
 use std::cell::Cell;
@@ -44,10 +45,9 @@ pub type Slot = Rc<Cell<Option<Outcome>>>;
 #[derive(Debug)]
 pub struct Member {
     pub context_id: u32,
-    /// The write's own `EvictRequest` body (one fence).
-    pub body: Vec<u8>,
-    /// The write's callout headers (the group goes with its first member's).
-    pub headers: Vec<(String, String)>,
+    /// The write's own eviction callout: its body is one fence, and the group goes with its
+    /// first member's headers.
+    pub call: Callout,
     pub slot: Slot,
 }
 
@@ -102,12 +102,15 @@ impl<P> Groups<P> {
         if self.waiting.is_empty() {
             return None;
         }
-        let waiting = std::mem::take(&mut self.waiting);
-        let headers = waiting.first().map(|m| m.headers.clone()).unwrap_or_default();
+        let mut waiting = std::mem::take(&mut self.waiting);
+        let headers = waiting
+            .first_mut()
+            .map(|m| std::mem::take(&mut m.call.headers))
+            .unwrap_or_default();
         let mut bodies = Vec::with_capacity(waiting.len());
         let mut members = Vec::with_capacity(waiting.len());
         for m in waiting {
-            bodies.push(m.body);
+            bodies.push(m.call.body);
             members.push((m.context_id, m.slot));
         }
         Some(Group {
@@ -181,8 +184,12 @@ mod tests {
         let slot = Slot::default();
         let m = Member {
             context_id: id,
-            body: format!("body{id}").into_bytes(),
-            headers: vec![("x-request-id".to_owned(), format!("r{id}"))],
+            call: Callout {
+                purpose: crate::exchange::Purpose::EvictAhead,
+                headers: vec![("x-request-id".to_owned(), format!("r{id}"))],
+                body: format!("body{id}").into_bytes(),
+                timeout_ms: 200,
+            },
             slot: Rc::clone(&slot),
         };
         (m, slot)

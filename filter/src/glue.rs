@@ -489,33 +489,38 @@ impl Filter {
 
     /// Sends the write's eviction ahead: in the worker's group when it should and the root
     /// could be woken, else alone. False when it could not be dispatched.
-    fn send_eviction(&mut self, call: &Callout) -> bool {
-        if self.shared.groups_eviction() {
-            let slot = Slot::default();
-            let member = Member {
-                context_id: self.context_id,
-                body: call.body.clone(),
-                headers: call.headers.clone(),
-                slot: Rc::clone(&slot),
-            };
-            let joined = self.shared.evictions.try_borrow_mut().map(|mut g| g.join(member));
-            let woke = match joined {
-                Ok(true) => self.shared.wake_queue.get().map(queue::wake),
-                Ok(false) => Some(Ok(())),
-                Err(_) => None,
-            };
-            if matches!(woke, Some(Ok(()))) {
-                self.grouped = Some(slot);
-                self.shared.metrics.record(vec![Counter::EvictAheadGrouped]);
-                return true;
+    fn send_eviction(&mut self, call: Callout) -> bool {
+        let call = match (
+            self.shared.groups_eviction(),
+            self.shared.evictions.try_borrow_mut(),
+        ) {
+            (true, Ok(mut groups)) => {
+                let slot = Slot::default();
+                let member = Member {
+                    context_id: self.context_id,
+                    call,
+                    slot: Rc::clone(&slot),
+                };
+                let woke = if groups.join(member) {
+                    self.shared.wake_queue.get().map(queue::wake)
+                } else {
+                    Some(Ok(()))
+                };
+                if matches!(woke, Some(Ok(()))) {
+                    self.grouped = Some(slot);
+                    self.shared.metrics.record(vec![Counter::EvictAheadGrouped]);
+                    return true;
+                }
+                // Nobody would send the group now: the eviction goes alone.
+                log::debug!("could not wake the root context ({woke:?}); the eviction goes alone");
+                match groups.leave(self.context_id) {
+                    Some(member) => member.call,
+                    None => return false,
+                }
             }
-            // Nobody would send the group now: the eviction goes alone.
-            log::debug!("could not wake the root context ({woke:?}); the eviction goes alone");
-            if let Ok(mut g) = self.shared.evictions.try_borrow_mut() {
-                g.leave(self.context_id);
-            }
-        }
-        if self.dispatch(call).is_err() {
+            _ => call,
+        };
+        if self.dispatch(&call).is_err() {
             return false;
         }
         self.own_eviction = Some(OwnEviction::new(&self.shared.evictions_own));
@@ -636,7 +641,7 @@ impl Filter {
                     return Action::Pause;
                 }
                 let sent = if call.purpose == Purpose::EvictAhead {
-                    self.send_eviction(&call)
+                    self.send_eviction(call)
                 } else {
                     self.dispatch(&call).is_ok()
                 };

@@ -1464,9 +1464,14 @@ fn a_write_response_the_host_will_not_hand_over_leaves_the_mirror_undone_and_fen
 
 /// The root context's mirror batches so far.
 fn root_mirrors(vm: &Vm) -> Vec<wasm_host::Callout> {
+    root_calls(vm, "/internal/v1/mirrors")
+}
+
+/// The root context's callouts to `path`.
+fn root_calls(vm: &Vm, path: &str) -> Vec<wasm_host::Callout> {
     vm.root_callouts()
         .iter()
-        .filter(|c| c.header(":path") == Some("/internal/v1/mirrors"))
+        .filter(|c| c.header(":path") == Some(path))
         .cloned()
         .collect()
 }
@@ -1688,11 +1693,7 @@ const GROUPED: &str = r#"{"read_watermark":"off","group_evictions":"always"}"#;
 
 /// The root's eviction callouts (groups of writes, or fences).
 fn root_evictions(vm: &Vm) -> Vec<wasm_host::Callout> {
-    vm.root_callouts()
-        .iter()
-        .filter(|c| c.header(":path") == Some("/internal/v1/evict"))
-        .cloned()
-        .collect()
+    root_calls(vm, "/internal/v1/evict")
 }
 
 /// The ids of each fence an eviction callout carries.
