@@ -166,6 +166,24 @@ struct Store {
     delay_us: AtomicU64,
     /// The cut `cut_after` arranged, if any.
     cut: Mutex<Option<Cut>>,
+    /// Messages read whose fate is not decided yet (held by a stall or a delay).
+    undecided: AtomicU64,
+}
+
+/// Counts one message as undecided until dropped.
+struct Undecided<'a>(&'a AtomicU64);
+
+impl<'a> Undecided<'a> {
+    fn new(count: &'a AtomicU64) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Undecided(count)
+    }
+}
+
+impl Drop for Undecided<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A failure after `left` more commands.
@@ -218,6 +236,7 @@ impl Double {
             stalled: AtomicBool::new(false),
             delay_us: AtomicU64::new(0),
             cut: Mutex::new(None),
+            undecided: AtomicU64::new(0),
         });
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
         let accept_store = store.clone();
@@ -312,6 +331,20 @@ impl Double {
     pub fn commands_served(&self) -> u64 {
         self.store.commands.load(Ordering::Relaxed)
     }
+
+    /// Waits (at most `limit`) until every message the node has read has had its fate decided:
+    /// after a stall, the commands a client gave up on are still served once it ends, and a test
+    /// that arranges a cut next must not have them count against it. True when settled.
+    pub async fn settled(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.store.undecided.load(Ordering::SeqCst) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        true
+    }
 }
 
 impl Drop for Double {
@@ -363,6 +396,7 @@ async fn serve_connection(mut stream: TcpStream, store: Arc<Store>, addr: Socket
         }
         let mut body = vec![0u8; size];
         stream.read_exact(&mut body).await?;
+        let undecided = Undecided::new(&store.undecided);
         wait_while_stalled(&store).await;
         let reply = match header[1] {
             TYPE_INFO => frame(TYPE_INFO, &info_reply(&body, &store, addr)),
@@ -399,6 +433,7 @@ async fn serve_connection(mut stream: TcpStream, store: Arc<Store>, addr: Socket
                 ));
             }
         };
+        drop(undecided);
         stream.write_all(&reply).await?;
     }
 }
