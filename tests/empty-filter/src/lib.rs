@@ -19,7 +19,13 @@
 //! product sends it today); with `grouped` the request instead hands its context id to the
 //! worker's root context (through a shared queue that wakes it), which sends one callout for all
 //! the requests waiting and, on its answer, resumes each request whose response waits
-//! (`proxy_set_effective_context`, then `proxy_continue_stream`).
+//! (`proxy_set_effective_context`, then `proxy_continue_stream`). With `streamed` the root sends
+//! the same group as one message on a gRPC stream it keeps open to the cluster `layer_stream`
+//! (opened when first needed, again after it closes), and the answer is the stand-in's next
+//! message: what a group costs when it is not an HTTP callout of its own. With `direct` the root
+//! only keeps that stream open (from its tick), and each request sends its own message on it
+//! (with the root as its effective context for that one hostcall), no queue or wake-up between:
+//! the answers come to the root in order, which settles the requests as with `grouped`.
 
 #[cfg(target_arch = "wasm32")]
 mod glue {
@@ -42,6 +48,8 @@ mod glue {
         None,
         OwnCallout,
         Grouped,
+        Streamed,
+        Direct,
     }
 
     /// A worker's grouped evictions: requests waiting to be sent, the batch in flight, the
@@ -54,6 +62,10 @@ mod glue {
         live: HashSet<u32>,
         answered: HashSet<u32>,
         parked: HashSet<u32>,
+        /// `streamed`, `direct`: the open gRPC stream's token.
+        stream: Option<u32>,
+        /// `direct`: the requests whose message is out, in the order sent.
+        sent: std::collections::VecDeque<u32>,
     }
 
     thread_local! {
@@ -61,6 +73,30 @@ mod glue {
     }
 
     const CLUSTER: &str = "layer_sidecar";
+    const STREAM_CLUSTER: &str = "layer_stream";
+
+    /// Sends one message on the worker's stream (opening it first if need be); the token it went
+    /// on, to match the answer.
+    fn send_on_stream(g: &mut Group, ids: &[u32]) -> Option<u32> {
+        let token = match g.stream {
+            Some(token) => token,
+            None => {
+                let token =
+                    hostcalls::open_grpc_stream(STREAM_CLUSTER, "hevlayer.Bench", "Evict", Vec::new())
+                        .ok()?;
+                g.stream = Some(token);
+                token
+            }
+        };
+        let message: Vec<u8> = ids.iter().flat_map(|id| id.to_le_bytes()).collect();
+        match hostcalls::send_grpc_stream_message(token, Some(&message), false) {
+            Ok(()) => Some(token),
+            Err(_) => {
+                g.stream = None;
+                None
+            }
+        }
+    }
 
     fn send_eviction() -> Option<u32> {
         hostcalls::dispatch_http_call(
@@ -98,7 +134,12 @@ mod glue {
                     return Vec::new();
                 }
                 let ids = std::mem::take(&mut g.waiting);
-                match send_eviction() {
+                let sent = if self.eviction == Eviction::Streamed {
+                    send_on_stream(&mut g, &ids)
+                } else {
+                    send_eviction()
+                };
+                match sent {
                     Some(token) => {
                         g.in_flight = Some((token, ids));
                         Vec::new()
@@ -134,8 +175,9 @@ mod glue {
         }
     }
 
-    impl Context for Root {
-        fn on_http_call_response(&mut self, token: u32, _headers: usize, _body: usize, _trailers: usize) {
+    impl Root {
+        /// The answer to the group in flight on `token` came (or can no longer come).
+        fn group_done(&self, token: u32) {
             let ids = GROUP.with(|g| {
                 let mut g = g.borrow_mut();
                 match g.in_flight.take() {
@@ -148,6 +190,33 @@ mod glue {
             });
             self.settle(ids);
             self.send_group();
+        }
+    }
+
+    impl Context for Root {
+        fn on_http_call_response(&mut self, token: u32, _headers: usize, _body: usize, _trailers: usize) {
+            self.group_done(token);
+        }
+
+        fn on_grpc_stream_message(&mut self, token: u32, _message_size: usize) {
+            if self.eviction == Eviction::Direct {
+                let id = GROUP.with(|g| g.borrow_mut().sent.pop_front());
+                self.settle(id.into_iter().collect());
+            } else {
+                self.group_done(token);
+            }
+        }
+
+        fn on_grpc_stream_close(&mut self, token: u32, _status_code: u32) {
+            let sent = GROUP.with(|g| {
+                let mut g = g.borrow_mut();
+                if g.stream == Some(token) {
+                    g.stream = None;
+                }
+                g.sent.drain(..).collect()
+            });
+            self.settle(sent);
+            self.group_done(token);
         }
     }
 
@@ -174,10 +243,15 @@ mod glue {
             self.eviction = match config.as_slice() {
                 b"callout" => Eviction::OwnCallout,
                 b"grouped" => Eviction::Grouped,
+                b"streamed" => Eviction::Streamed,
+                b"direct" => Eviction::Direct,
                 _ => Eviction::None,
             };
             self.buffer |= self.eviction != Eviction::None;
-            if self.eviction == Eviction::Grouped {
+            if self.eviction == Eviction::Direct {
+                hostcalls::set_tick_period(Duration::from_millis(100)).ok();
+            }
+            if matches!(self.eviction, Eviction::Grouped | Eviction::Streamed) {
                 // One queue per worker: a name of its own (the clock's nanoseconds).
                 let nanos = hostcalls::get_current_time()
                     .ok()
@@ -189,6 +263,18 @@ mod glue {
             true
         }
 
+        fn on_tick(&mut self) {
+            // `direct`: the stream is opened by the root, so that its answers come to the root.
+            GROUP.with(|g| {
+                let mut g = g.borrow_mut();
+                if g.stream.is_none() {
+                    g.stream =
+                        hostcalls::open_grpc_stream(STREAM_CLUSTER, "hevlayer.Bench", "Evict", Vec::new())
+                            .ok();
+                }
+            });
+        }
+
         fn on_queue_ready(&mut self, queue_id: u32) {
             while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
             self.send_group();
@@ -197,6 +283,7 @@ mod glue {
         fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
             Some(Box::new(Stream {
                 id: context_id,
+                root: self.id,
                 buffer: self.buffer,
                 calls: self.calls,
                 spin: self.spin,
@@ -217,6 +304,7 @@ mod glue {
 
     struct Stream {
         id: u32,
+        root: u32,
         buffer: bool,
         calls: usize,
         spin: usize,
@@ -241,7 +329,25 @@ mod glue {
                     self.token = send_eviction();
                     self.answered = self.token.is_none();
                 }
-                Eviction::Grouped => {
+                Eviction::Direct => {
+                    let sent = GROUP.with(|g| {
+                        let mut g = g.borrow_mut();
+                        let token = g.stream?;
+                        hostcalls::set_effective_context(self.root).ok()?;
+                        let sent =
+                            hostcalls::send_grpc_stream_message(token, Some(&self.id.to_le_bytes()), false);
+                        let _ = hostcalls::set_effective_context(self.id);
+                        sent.ok()?;
+                        g.sent.push_back(self.id);
+                        g.live.insert(self.id);
+                        Some(())
+                    });
+                    if sent.is_none() {
+                        GROUP.with(|g| g.borrow_mut().answered.insert(self.id));
+                        GROUP.with(|g| g.borrow_mut().live.insert(self.id));
+                    }
+                }
+                Eviction::Grouped | Eviction::Streamed => {
                     GROUP.with(|g| {
                         let mut g = g.borrow_mut();
                         g.waiting.push(self.id);
@@ -271,7 +377,10 @@ mod glue {
         }
 
         fn on_done(&mut self) -> bool {
-            if self.eviction == Eviction::Grouped {
+            if matches!(
+                self.eviction,
+                Eviction::Grouped | Eviction::Streamed | Eviction::Direct
+            ) {
                 GROUP.with(|g| {
                     let mut g = g.borrow_mut();
                     g.live.remove(&self.id);
@@ -334,7 +443,7 @@ mod glue {
                     self.parked
                 }
                 // The root keeps the grouped requests that wait (it resumes them).
-                Eviction::Grouped => GROUP.with(|g| {
+                Eviction::Grouped | Eviction::Streamed | Eviction::Direct => GROUP.with(|g| {
                     let mut g = g.borrow_mut();
                     let waits = !g.answered.remove(&self.id);
                     if waits {

@@ -77,6 +77,7 @@ fn start_envoy(
     filter: Filter<'_>,
     upstream: u16,
     sidecar: u16,
+    link: Link,
 ) -> Result<(u16, u16, u32)> {
     let (port, admin) = (free_port()?, free_port()?);
     let dir = root().join(".run/bench");
@@ -116,6 +117,11 @@ fn start_envoy(
             .collect();
         std::fs::write(&config, replaced.join("\n"))?;
     }
+    match link {
+        Link::Http1 => {}
+        Link::Http2 => speak_h2_to_sidecar(&config)?,
+        Link::Stream(port) => add_stream_cluster(&config, port)?,
+    }
     let envoy = root().join(".tools/venv/bin/envoy");
     if !envoy.exists() {
         bail!("{} is missing: run `make tools`", envoy.display());
@@ -138,6 +144,74 @@ fn start_envoy(
     let pid = child.id();
     procs.0.push(child);
     Ok((port, admin, pid))
+}
+
+/// How an Envoy reaches its sidecar, beyond the rendered configuration.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// As rendered: HTTP/1.1 callouts to `layer_sidecar`.
+    Http1,
+    /// `layer_sidecar` over HTTP/2.
+    Http2,
+    /// One more cluster, `layer_stream`, an HTTP/2 one to the gRPC stand-in on this port.
+    Stream(u16),
+}
+
+/// Adds the cluster `layer_stream` (HTTP/2, for gRPC) to a rendered configuration, ahead of
+/// `layer_sidecar`.
+fn add_stream_cluster(config: &Path, port: u16) -> Result<()> {
+    let rendered = std::fs::read_to_string(config)?;
+    let cluster = format!(
+        "  - name: layer_stream
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+    load_assignment:
+      cluster_name: layer_stream
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}
+  - name: layer_sidecar"
+    );
+    if !rendered.contains("\n  - name: layer_sidecar\n") {
+        bail!("no layer_sidecar cluster in {}", config.display());
+    }
+    std::fs::write(config, rendered.replacen("  - name: layer_sidecar", &cluster, 1))?;
+    Ok(())
+}
+
+/// Makes the rendered configuration's `layer_sidecar` cluster speak HTTP/2 (h2c, one connection
+/// for all callouts) instead of HTTP/1.1 (a connection per concurrent callout).
+fn speak_h2_to_sidecar(config: &Path) -> Result<()> {
+    let rendered = std::fs::read_to_string(config)?;
+    let mut out = Vec::new();
+    let mut in_cluster = false;
+    let mut done = false;
+    for line in rendered.lines() {
+        out.push(line.to_owned());
+        if line.trim() == "- name: layer_sidecar" {
+            in_cluster = true;
+        } else if in_cluster && !done && line.trim_start().starts_with("connect_timeout:") {
+            let indent = &line[..line.len() - line.trim_start().len()];
+            for extra in [
+                "typed_extension_protocol_options:",
+                "  envoy.extensions.upstreams.http.v3.HttpProtocolOptions:",
+                "    \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "    explicit_http_config: { http2_protocol_options: {} }",
+            ] {
+                out.push(format!("{indent}{extra}"));
+            }
+            done = true;
+        }
+    }
+    if !done {
+        bail!("no layer_sidecar cluster in {}", config.display());
+    }
+    std::fs::write(config, out.join("\n"))?;
+    Ok(())
 }
 
 fn start_sidecar(procs: &mut Procs, port: u16, gateway: u16, worker_threads: usize) -> Result<u32> {
@@ -185,6 +259,53 @@ async fn start_upstream(delay: Duration) -> Result<u16> {
             format!(r#"{{"status":"OK","message":"read {n} bytes","rows_affected":1,"billing":{{}}}}"#)
         };
         ([("content-type", "application/json")], text)
+    };
+    serve(Router::new().fallback(any(answer))).await
+}
+
+/// Messages each gRPC stand-in has answered (`streamed`, `direct`).
+static STREAM_MESSAGES: [std::sync::atomic::AtomicU64; 2] = [
+    std::sync::atomic::AtomicU64::new(0),
+    std::sync::atomic::AtomicU64::new(0),
+];
+
+/// A gRPC stand-in for `--group-commit`'s `streamed` mode: each stream it is opened answers every
+/// message (a 5-byte frame header, then the message) with a short one, at once and in order.
+async fn start_stream_stub(answered: &'static std::sync::atomic::AtomicU64) -> Result<u16> {
+    use axum::response::IntoResponse;
+    use http_body_util::BodyExt;
+    let answer = move |mut body: axum::body::Body| async move {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1024);
+        tokio::spawn(async move {
+            let mut pending = Vec::new();
+            while let Some(Ok(frame)) = body.frame().await {
+                let Ok(data) = frame.into_data() else { continue };
+                pending.extend_from_slice(&data);
+                while pending.len() >= 5 {
+                    let len = u32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]);
+                    let end = 5 + len as usize;
+                    if pending.len() < end {
+                        break;
+                    }
+                    pending.drain(..end);
+                    answered.fetch_add(1, Ordering::Relaxed);
+                    let reply = Bytes::from_static(&[0, 0, 0, 0, 2, b'o', b'k']);
+                    if tx.send(reply).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let replies = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+        });
+        (
+            [("content-type", "application/grpc")],
+            axum::body::Body::from_stream(replies),
+        )
+            .into_response()
     };
     serve(Router::new().fallback(any(answer))).await
 }
@@ -498,6 +619,9 @@ async fn main() -> Result<()> {
         },
         None => None,
     };
+    // `--sidecar-h2`: one more Envoy running the product, whose callouts reach its sidecar over
+    // HTTP/2 (one h2c connection) instead of HTTP/1.1.
+    let sidecar_h2 = args.iter().any(|a| a == "--sidecar-h2");
     // `--profile-throughput SECONDS`: only the product, 16 clients sending 1-row writes for that
     // long, its Envoy's and sidecar's pids written to `target/gateway-bench.pids` first (for
     // `perf record -p`).
@@ -541,6 +665,14 @@ async fn main() -> Result<()> {
     let upstream = start_upstream(Duration::ZERO).await?;
     let slow_upstream = start_upstream(Duration::from_millis(5)).await?;
     let stub = start_mirror_stub().await?;
+    let stream_stubs = if group_commit {
+        [
+            start_stream_stub(&STREAM_MESSAGES[0]).await?,
+            start_stream_stub(&STREAM_MESSAGES[1]).await?,
+        ]
+    } else {
+        [0, 0]
+    };
     let sidecar = free_port()?;
     // "mirror waits" has a sidecar of its own, so that each sidecar's CPU is one Envoy's; so
     // does each `--setting`.
@@ -550,10 +682,14 @@ async fn main() -> Result<()> {
         .map(|_| free_port())
         .collect::<Result<Vec<u16>>>()?;
     let threads_sidecar = free_port()?;
+    let h2_sidecar = free_port()?;
     let mut with_sidecar = vec![sidecar, waits_sidecar];
     with_sidecar.extend(&setting_sidecars);
     if sidecar_threads.is_some() {
         with_sidecar.push(threads_sidecar);
+    }
+    if sidecar_h2 {
+        with_sidecar.push(h2_sidecar);
     }
     let mut procs = Procs(Vec::new());
     // The first is the baseline, the last the product; the ones between show where the product's
@@ -600,6 +736,8 @@ async fn main() -> Result<()> {
         for (label, mode) in [
             ("empty, own callout", "callout"),
             ("empty, grouped callout", "grouped"),
+            ("empty, grouped on a stream", "streamed"),
+            ("empty, own message on a stream", "direct"),
         ] {
             all.push((label.to_owned(), Filter::Wasm(&empty, Some(mode)), stub));
         }
@@ -636,10 +774,32 @@ async fn main() -> Result<()> {
             threads_sidecar,
         ));
     }
+    if sidecar_h2 {
+        all.push((
+            "sidecar over h2".to_owned(),
+            Filter::Wasm(&wasm, None),
+            h2_sidecar,
+        ));
+    }
     all.extend(product_plan.map(|(label, filter, port)| ((*label).to_owned(), *filter, *port)));
     for (i, (label, filter, sidecar_port)) in all.into_iter().enumerate() {
-        let (port, admin, pid) =
-            start_envoy(&mut procs, &format!("envoy-{i}"), filter, upstream, sidecar_port)?;
+        let link = if sidecar_port == h2_sidecar {
+            Link::Http2
+        } else if matches!(filter, Filter::Wasm(_, Some("streamed"))) {
+            Link::Stream(stream_stubs[0])
+        } else if matches!(filter, Filter::Wasm(_, Some("direct"))) {
+            Link::Stream(stream_stubs[1])
+        } else {
+            Link::Http1
+        };
+        let (port, admin, pid) = start_envoy(
+            &mut procs,
+            &format!("envoy-{i}"),
+            filter,
+            upstream,
+            sidecar_port,
+            link,
+        )?;
         // The Envoys whose callouts go to a sidecar have one each.
         let sidecar_pid = if with_sidecar.contains(&sidecar_port) {
             let threads = if sidecar_port == threads_sidecar {
@@ -680,6 +840,7 @@ async fn main() -> Result<()> {
             filter,
             slow_upstream,
             sidecar_port,
+            Link::Http1,
         )?;
         slow.push(Setup {
             label: label.to_owned(),
@@ -898,7 +1059,7 @@ async fn callout_stats(client: &reqwest::Client, setups: &[Setup], admins: &[u16
     for (setup, admin) in setups.iter().zip(admins) {
         let stats = client
             .get(format!(
-                "http://127.0.0.1:{admin}/stats?filter=^(cluster\\.layer_sidecar\\.upstream_(cx|rq)_total|wasmcustom\\.hevlayer\\.((mirror|evict_ahead)_.*|eviction_groups))$"
+                "http://127.0.0.1:{admin}/stats?filter=^(cluster\\.layer_(sidecar|stream)\\.upstream_(cx|rq)_total|wasmcustom\\.hevlayer\\.((mirror|evict_ahead)_.*|eviction_groups))$"
             ))
             .send()
             .await?
@@ -906,6 +1067,12 @@ async fn callout_stats(client: &reqwest::Client, setups: &[Setup], admins: &[u16
             .await?;
         let figures: Vec<&str> = stats.lines().map(str::trim).collect();
         println!("{}: {}", setup.label, figures.join(", "));
+    }
+    for (mode, answered) in ["streamed", "direct"].iter().zip(&STREAM_MESSAGES) {
+        let n = answered.load(Ordering::Relaxed);
+        if n > 0 {
+            println!("gRPC stand-in ({mode}): {n} messages answered");
+        }
     }
     Ok(())
 }
