@@ -23,6 +23,8 @@ pub const MAX_COUNTER_BATCH: u32 = 10_000;
 /// The longest linger accepted: mirrors wait at most this long (their documents are evicted
 /// meanwhile, so fetches go to Turbopuffer).
 pub const MAX_MIRROR_LINGER_MS: u64 = 1_000;
+/// Most bytes of mirrors that may ride one eviction ahead (a response may wait for that callout).
+pub const MAX_MIRROR_RIDE_BYTES: usize = 1024 * 1024;
 
 /// How callers authenticate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -100,6 +102,7 @@ struct RawConfig {
     group_evictions: GroupEvictions,
     mirror_queue_bytes: Option<usize>,
     mirror_linger_ms: Option<u64>,
+    mirror_ride_bytes: Option<usize>,
     counter_batch: Option<u32>,
 }
 
@@ -150,6 +153,10 @@ pub struct Config {
     /// them (a batch already full at the wake-up goes at once); 0: each wake-up sends what is
     /// waiting.
     pub mirror_linger_ms: u64,
+    /// Most bytes of waiting mirrors a group of evictions ahead takes along (one callout instead
+    /// of two); while groups keep going out, a linger's mirrors wait for the next one instead of
+    /// a batch. 0: mirrors always go in batches of their own.
+    pub mirror_ride_bytes: usize,
     /// How many counter increments a worker adds up before it records them in Envoy's stats (a
     /// hostcall per counter); the root context records what is pending every
     /// `watermark_refresh_ms`, so no count is older than that plus one linger. 1: each is
@@ -179,6 +186,7 @@ impl Default for Config {
             group_evictions: GroupEvictions::Adaptive,
             mirror_queue_bytes: DEFAULT_MIRROR_QUEUE_BYTES,
             mirror_linger_ms: DEFAULT_MIRROR_LINGER_MS,
+            mirror_ride_bytes: crate::sidecar_api::RIDE_BYTES,
             counter_batch: DEFAULT_COUNTER_BATCH,
         }
     }
@@ -225,6 +233,12 @@ impl Config {
         }
         let (mirror_queue_bytes, mirror_linger_ms) =
             mirror_queue(raw.mirror_queue_bytes, raw.mirror_linger_ms)?;
+        let mirror_ride_bytes = raw.mirror_ride_bytes.unwrap_or(crate::sidecar_api::RIDE_BYTES);
+        if mirror_ride_bytes > MAX_MIRROR_RIDE_BYTES {
+            return Err(format!(
+                "mirror_ride_bytes ({mirror_ride_bytes}) must be at most {MAX_MIRROR_RIDE_BYTES}"
+            ));
+        }
         let counter_batch = raw.counter_batch.unwrap_or(DEFAULT_COUNTER_BATCH);
         if !(1..=MAX_COUNTER_BATCH).contains(&counter_batch) {
             return Err(format!(
@@ -256,6 +270,7 @@ impl Config {
             group_evictions: raw.group_evictions,
             mirror_queue_bytes,
             mirror_linger_ms,
+            mirror_ride_bytes,
             counter_batch,
         })
     }
@@ -382,6 +397,18 @@ mod tests {
     }
 
     #[test]
+    fn mirrors_ride_evictions_up_to_a_bound_or_not_at_all() {
+        assert_eq!(
+            Config::default().mirror_ride_bytes,
+            crate::sidecar_api::RIDE_BYTES
+        );
+        for n in [0, 1, MAX_MIRROR_RIDE_BYTES] {
+            let c = Config::parse(format!(r#"{{"mirror_ride_bytes":{n}}}"#).as_bytes()).unwrap();
+            assert_eq!(c.mirror_ride_bytes, n);
+        }
+    }
+
+    #[test]
     fn bad_configs_fail_loudly() {
         for bad in [
             r#"{"unknown":1}"#,
@@ -403,6 +430,8 @@ mod tests {
             r#"{"fence_max_ids":0}"#,
             r#"{"mirror_queue_bytes":0}"#,
             r#"{"mirror_linger_ms":1001}"#,
+            r#"{"mirror_ride_bytes":1048577}"#,
+            r#"{"mirror_ride_bytes":-1}"#,
             r#"{"counter_batch":0}"#,
             r#"{"counter_batch":10001}"#,
             r#"{"watermark_refresh_ms":1000,"watermark_stale_ms":1000}"#,

@@ -3,6 +3,7 @@
 
 mod buffers;
 mod queue;
+mod ride;
 mod root;
 
 use crate::config::Config;
@@ -189,6 +190,9 @@ struct Shared {
     evictions: Rc<RefCell<Groups<Exchange>>>,
     /// Evictions ahead that streams sent themselves, outstanding on this worker.
     evictions_own: Rc<Cell<usize>>,
+    /// Group callouts of evictions ahead this worker has sent: while they keep going, waiting
+    /// mirrors ride them rather than lingering into a batch of their own.
+    evictions_sent: Rc<Cell<u64>>,
 }
 
 /// A stream's own eviction ahead, outstanding: counted in [`Shared::evictions_own`] until it is

@@ -100,6 +100,8 @@ pub enum Counter {
     /// callouts the root contexts sent.
     EvictAheadGrouped,
     EvictionGroups,
+    /// A mirror that rode an eviction ahead instead of waiting for a batch of its own.
+    MirrorRode,
     /// A mirror that would go after its response found the worker's mirror queue full: dropped
     /// (and counted as `MirrorFailed` too); its documents were evicted already.
     MirrorQueueFull,
@@ -163,6 +165,7 @@ impl Counter {
             Counter::EvictAheadFailed => "hevlayer.evict_ahead_failed",
             Counter::EvictAheadGrouped => "hevlayer.evict_ahead_grouped",
             Counter::EvictionGroups => "hevlayer.eviction_groups",
+            Counter::MirrorRode => "hevlayer.mirror_rode",
             Counter::MirrorQueueFull => "hevlayer.mirror_queue_full",
             Counter::FetchesBypassed => "hevlayer.fetches_bypassed",
             Counter::EvictionsRetried => "hevlayer.evictions_retried",
@@ -225,6 +228,7 @@ impl Counter {
                 Counter::EvictAheadFailed,
                 Counter::EvictAheadGrouped,
                 Counter::EvictionGroups,
+                Counter::MirrorRode,
                 Counter::MirrorQueueFull,
                 Counter::FetchesBypassed,
                 Counter::EvictionsRetried,

@@ -2,6 +2,8 @@
 //! in, the root context sends them in batches (group commit: one callout carries every mirror
 //! waiting, up to `BATCH_MIRRORS` and `BATCH_BYTES`; at most `MAX_IN_FLIGHT` callouts at a time,
 //! so under load mirrors gather while earlier batches are out) and records each one's outcome.
+//! A group of evictions ahead that goes out anyway takes the oldest waiting mirrors along, up to
+//! a few bytes (`take_riders`): one callout then does the work of two.
 //! Plain data; the glue does the hostcalls.
 
 use crate::exchange::MirrorJob;
@@ -30,6 +32,9 @@ pub struct MirrorQueue {
     bytes: usize,
     max_bytes: usize,
     in_flight: HashMap<u32, Flight>,
+    /// Mirrors riding evictions ahead, by the eviction's callout (not bounded by
+    /// `MAX_IN_FLIGHT`: the evictions go out anyway).
+    riding: HashMap<u32, Flight>,
     /// A wake-up is on its way to the root context (one is enough for any number of mirrors).
     wake_pending: bool,
 }
@@ -58,6 +63,7 @@ impl MirrorQueue {
             bytes: 0,
             max_bytes,
             in_flight: HashMap::default(),
+            riding: HashMap::default(),
             wake_pending: false,
         }
     }
@@ -89,6 +95,11 @@ impl MirrorQueue {
         self.waiting.len()
     }
 
+    /// Bytes of the mirrors waiting to be sent.
+    pub fn queued_bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// Whether a whole batch is waiting (it goes at once rather than lingering for more).
     pub fn batch_full(&self) -> bool {
         self.waiting.len() >= BATCH_MIRRORS || self.bytes >= BATCH_BYTES
@@ -114,6 +125,42 @@ impl MirrorQueue {
         batch
     }
 
+    /// The oldest waiting mirrors whose bodies come to at most `max_bytes` together, to ride an
+    /// eviction ahead; empty when the first alone is larger (it waits for a batch).
+    pub fn take_riders(&mut self, max_bytes: usize) -> Vec<MirrorJob> {
+        let mut riders = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(next) = self.waiting.front() {
+            let size = next.body.len();
+            if bytes + size > max_bytes || riders.len() == BATCH_MIRRORS {
+                break;
+            }
+            bytes += size;
+            self.bytes -= size;
+            riders.extend(self.waiting.pop_front());
+        }
+        riders
+    }
+
+    /// Riders whose eviction could not be sent: back at the front, in their order.
+    pub fn put_back(&mut self, riders: Vec<MirrorJob>) {
+        for job in riders.into_iter().rev() {
+            self.bytes += job.body.len();
+            self.waiting.push_front(job);
+        }
+    }
+
+    /// `mirrors` riders went out with the eviction sent as callout `token`.
+    pub fn rode(&mut self, token: u32, mirrors: usize, now_ms: u64) {
+        self.riding.insert(
+            token,
+            Flight {
+                sent_ms: now_ms,
+                mirrors,
+            },
+        );
+    }
+
     /// A batch of `mirrors` went out as callout `token`.
     pub fn sent(&mut self, token: u32, mirrors: usize, now_ms: u64) {
         self.in_flight.insert(
@@ -125,9 +172,11 @@ impl MirrorQueue {
         );
     }
 
-    /// A callout was answered: its flight, when it was a mirror's.
+    /// A callout was answered: its flight, when it was a mirror batch's or carried riders.
     pub fn answered(&mut self, token: u32) -> Option<Flight> {
-        self.in_flight.remove(&token)
+        self.in_flight
+            .remove(&token)
+            .or_else(|| self.riding.remove(&token))
     }
 
     /// Flights with no answer `limit_ms` after they went out (Envoy answers every callout, with
@@ -135,13 +184,15 @@ impl MirrorQueue {
     /// Returns the mirrors they carried.
     pub fn expire(&mut self, now_ms: u64, limit_ms: u64) -> usize {
         let mut mirrors = 0;
-        self.in_flight.retain(|_, f| {
-            let keep = now_ms.saturating_sub(f.sent_ms) < limit_ms;
-            if !keep {
-                mirrors += f.mirrors;
-            }
-            keep
-        });
+        for flights in [&mut self.in_flight, &mut self.riding] {
+            flights.retain(|_, f| {
+                let keep = now_ms.saturating_sub(f.sent_ms) < limit_ms;
+                if !keep {
+                    mirrors += f.mirrors;
+                }
+                keep
+            });
+        }
         mirrors
     }
 
@@ -215,8 +266,9 @@ mod tests {
         assert!(q.take_batch().is_empty());
     }
 
-    #[test]
-    fn at_most_max_in_flight_batches_go_out_and_answers_free_room() {
+    /// A queue with `MAX_IN_FLIGHT` one-mirror batches out (tokens from 0, sent at 1,000 ms)
+    /// and two mirrors waiting.
+    fn flights_full() -> MirrorQueue {
         let mut q = MirrorQueue::new(usize::MAX);
         for token in 0..MAX_IN_FLIGHT as u32 {
             q.push(job(1));
@@ -225,6 +277,12 @@ mod tests {
         }
         q.push(job(1));
         q.push(job(1));
+        q
+    }
+
+    #[test]
+    fn at_most_max_in_flight_batches_go_out_and_answers_free_room() {
+        let mut q = flights_full();
         assert!(q.take_batch().is_empty(), "no room");
         assert_eq!((q.in_flight(), q.waiting()), (MAX_IN_FLIGHT, 2));
         assert_eq!(
@@ -237,6 +295,55 @@ mod tests {
         assert_eq!(q.answered(0), None, "one answer per flight");
         assert_eq!(q.answered(999), None, "not a mirror's");
         assert_eq!(q.take_batch().len(), 2, "what gathered meanwhile goes as one");
+    }
+
+    #[test]
+    fn riders_are_the_oldest_within_the_bound_and_can_come_back() {
+        let mut q = MirrorQueue::new(usize::MAX);
+        for n in [10, 20, 30, 5] {
+            q.push(job(n));
+        }
+        assert!(q.take_riders(0).is_empty());
+        assert!(
+            q.take_riders(9).is_empty(),
+            "the oldest does not fit: none jumps the queue"
+        );
+        let riders = q.take_riders(35);
+        let names: Vec<&str> = riders.iter().map(|j| j.request_id.as_str()).collect();
+        assert_eq!(names, ["r10", "r20"]);
+        assert_eq!(q.waiting(), 2);
+        q.put_back(riders);
+        let all: Vec<String> = q.take_batch().into_iter().map(|j| j.request_id).collect();
+        assert_eq!(all, ["r10", "r20", "r30", "r5"], "put back in front, in order");
+        // The byte count follows: an empty queue after taking everything.
+        q.push(job(7));
+        assert_eq!(q.take_riders(7).len(), 1);
+        assert_eq!(q.push(job(1)), Accepted::Queued);
+        assert_eq!(q.bytes, 1);
+    }
+
+    #[test]
+    fn riding_flights_are_answered_and_expire_apart_from_batches() {
+        let mut q = flights_full();
+        let riders = q.take_riders(100);
+        q.rode(50, riders.len(), 1_000);
+        assert_eq!(q.in_flight(), MAX_IN_FLIGHT, "riders take no batch's room");
+        assert_eq!(
+            q.answered(50),
+            Some(Flight {
+                sent_ms: 1_000,
+                mirrors: 2
+            })
+        );
+        assert_eq!(q.answered(50), None);
+        q.push(job(1));
+        let riders = q.take_riders(100);
+        q.rode(51, riders.len(), 1_000);
+        assert_eq!(
+            q.expire(5_000, 1_000),
+            MAX_IN_FLIGHT + 1,
+            "batches and riders expire"
+        );
     }
 
     #[test]

@@ -18,6 +18,14 @@ pub const PURGE_PATH: &str = "/internal/v1/purge";
 pub const WATERMARKS_PATH: &str = "/internal/v1/watermarks";
 /// Evict what writes could not mirror (the filter's root context, until acknowledged).
 pub const EVICT_PATH: &str = "/internal/v1/evict";
+/// Evictions ahead with mirrors riding along (`{"fences":[...],"mirrors":[<MirrorRequest>...]}`,
+/// see [`evict_mirrors_body`]): the sidecar answers 2xx only when every fence was evicted, with
+/// each mirror's outcome (a [`MirrorBatchResponse`]). A worker's mirrors that wait for a batch
+/// go this way when a group of evictions goes out anyway, which spares the batch its callout.
+pub const EVICT_MIRRORS_PATH: &str = "/internal/v1/evict-mirrors";
+/// Most bytes of mirror bodies that ride one eviction by default (a larger backlog waits for its
+/// own batch, so that an eviction responses wait for never carries a large mirror).
+pub const RIDE_BYTES: usize = 64 * 1024;
 /// On a document-fetch callout: leave the cache alone (neither read nor backfill), because an
 /// eviction for the namespace is pending. The sidecar answers `x-layer-cache: bypass`.
 pub const BYPASS_HEADER: &str = "x-hevlayer-cache-bypass";
@@ -102,6 +110,14 @@ pub struct MirrorResponse {
 #[serde(deny_unknown_fields)]
 pub struct EvictRequest {
     pub fences: Vec<Fence>,
+}
+
+/// Body of `POST EVICT_MIRRORS_PATH`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvictMirrorsRequest {
+    pub fences: Vec<Fence>,
+    pub mirrors: Vec<MirrorRequest>,
 }
 
 /// One namespace's documents to evict.
@@ -264,6 +280,24 @@ pub fn evict_group_body<'a>(bodies: impl IntoIterator<Item = &'a [u8]>) -> Optio
     Some(out)
 }
 
+/// An `EVICT_MIRRORS_PATH` body: an [`evict_body`] or [`evict_group_body`] body with
+/// `MirrorRequest` bodies (see [`mirror_body`]) added. `None` when `evict` is not such a body.
+pub fn evict_mirrors_body<'a>(evict: &[u8], mirrors: impl IntoIterator<Item = &'a [u8]>) -> Option<Vec<u8>> {
+    let fences = evict.strip_prefix(EVICT_HEAD)?.strip_suffix(EVICT_TAIL)?;
+    let mut out = Vec::with_capacity(evict.len() + 16);
+    out.extend_from_slice(EVICT_HEAD);
+    out.extend_from_slice(fences);
+    out.extend_from_slice(b"],\"mirrors\":[");
+    for (i, mirror) in mirrors.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(mirror);
+    }
+    out.extend_from_slice(EVICT_TAIL);
+    Some(out)
+}
+
 /// Body of `POST PURGE_PATH`.
 pub fn purge_body(namespace: &str) -> Vec<u8> {
     serde_json::to_vec(&PurgeRequest {
@@ -340,6 +374,28 @@ mod tests {
             evict_group_body(Vec::<&[u8]>::new()).as_deref(),
             Some(b"{\"fences\":[]}".as_slice())
         );
+    }
+
+    #[test]
+    fn mirrors_ride_an_eviction_body_whole() {
+        let a = evict_body("a", [b"1".as_slice()], 5);
+        let b = evict_body("b", [b"2".as_slice()], 6);
+        let group = evict_group_body([a.as_slice(), b.as_slice()]).unwrap();
+        let m1 = mirror_body("m", 3, br#"{"upsert_rows":[{"id":1}]}"#, None);
+        let m2 = mirror_body("n \"q\"", 4, br#"{"deletes":[2]}"#, Some(br#"{"ok":true}"#));
+        let body = evict_mirrors_body(&group, [m1.as_slice(), m2.as_slice()]).unwrap();
+        let parsed: EvictMirrorsRequest = serde_json::from_slice(&body).unwrap();
+        let alone: EvictRequest = serde_json::from_slice(&group).unwrap();
+        assert_eq!(parsed.fences, alone.fences);
+        let mirrors: Vec<MirrorRequest> = [m1, m2]
+            .iter()
+            .map(|m| serde_json::from_slice(m).unwrap())
+            .collect();
+        assert_eq!(parsed.mirrors, mirrors);
+        let none = evict_mirrors_body(&a, std::iter::empty()).unwrap();
+        let parsed: EvictMirrorsRequest = serde_json::from_slice(&none).unwrap();
+        assert!(parsed.mirrors.is_empty());
+        assert_eq!(evict_mirrors_body(b"{}", std::iter::empty()), None);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
 use hevlayer_sidecar_api::{
-    EVICT_PATH, MIRRORS_PATH, MIRROR_PATH, PURGE_PATH, REQUEST_ID_HEADER, WATERMARKS_PATH,
+    EVICT_MIRRORS_PATH, EVICT_PATH, MIRRORS_PATH, MIRROR_PATH, PURGE_PATH, REQUEST_ID_HEADER, WATERMARKS_PATH,
 };
 use tracing::field::Empty;
 use tracing::{Instrument, Span};
@@ -28,6 +28,7 @@ pub fn router(state: SharedState, max_body_bytes: usize) -> Router {
         .route(PURGE_PATH, post(callouts::purge))
         .route(WATERMARKS_PATH, post(callouts::watermarks))
         .route(EVICT_PATH, post(callouts::evict))
+        .route(EVICT_MIRRORS_PATH, post(callouts::evict_mirrors))
         .route("/v2/namespaces/{namespace}/documents/{id}", get(documents::fetch))
         .route("/v2/pipelines", post(pipeline::create).get(pipeline::list))
         .route(

@@ -186,7 +186,54 @@ pub async fn evict(
     State(state): State<SharedState>,
     JsonBody(request): JsonBody<EvictCallout>,
 ) -> Result<Response, ApiError> {
-    let plans = request.fences.into_iter().map(|f| (f.namespace, f.ids, f.stamp));
+    let applied = run_evictions(&state, request.fences).await?;
+    Ok(json_response(StatusCode::OK, &MirrorResponse { applied }))
+}
+
+/// `hevlayer_sidecar_api::EvictMirrorsRequest`: evictions ahead with mirrors riding along.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EvictMirrorsCallout {
+    fences: Vec<FenceCallout>,
+    mirrors: Vec<MirrorCallout>,
+}
+
+/// Evictions ahead with the mirrors of earlier writes riding along: the evictions and the
+/// mirrors run side by side (the answer, which a client's response may wait for, takes the
+/// longer of the two, not their sum), the mirrors in their order. The answer is 2xx only when
+/// every fence was evicted (else the error, and the filter fences those writes and counts the
+/// mirrors failed), with each mirror's outcome like a batch's. Detached like a mirror. Running
+/// them together is safe for freshness, as two callouts in flight at once always were: a mirror
+/// of a document that one of the fences evicts is older than that fence's write, so either it
+/// lands first and is evicted, or the fence's tombstone refuses it.
+pub async fn evict_mirrors(
+    State(state): State<SharedState>,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    detached(async move {
+        let request: EvictMirrorsCallout = parse_mirror(&state, &body)?;
+        drop(body);
+        let mirror_state = state.clone();
+        let mirrors = tokio::spawn(async move {
+            let mut applied = Vec::with_capacity(request.mirrors.len());
+            for callout in request.mirrors {
+                applied.push(apply_callout(&mirror_state, callout).await.is_ok());
+            }
+            applied
+        });
+        let evicted = run_evictions(&state, request.fences).await;
+        let applied = mirrors
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e.to_string()))?;
+        evicted?;
+        Ok(json_response(StatusCode::OK, &MirrorBatchResponse { applied }))
+    })
+    .await
+}
+
+/// Carries out an eviction callout's fences, in order; the first failure ends it.
+async fn run_evictions(state: &SharedState, fences: Vec<FenceCallout>) -> Result<u64, ApiError> {
+    let plans = fences.into_iter().map(|f| (f.namespace, f.ids, f.stamp));
     let mut applied = 0;
     for (namespace, ids, stamp) in plans {
         let outcome = match ids {
@@ -221,7 +268,7 @@ pub async fn evict(
     // Every write that evicts ahead sends one of these, so they log at debug level; failures
     // (above) are counted and answered as errors.
     tracing::debug!(applied, "documents evicted");
-    Ok(json_response(StatusCode::OK, &MirrorResponse { applied }))
+    Ok(applied)
 }
 
 #[cfg(test)]

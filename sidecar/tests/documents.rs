@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use common::{dead_url, sidecar_on, Backend, Client, FakeGateway};
 use hevlayer_sidecar_api::{
-    mirror_batch_body, mirror_body, purge_body, BYPASS_HEADER, EVICT_PATH, MIRRORS_PATH, MIRROR_PATH,
-    PURGE_PATH,
+    evict_body, evict_mirrors_body, mirror_batch_body, mirror_body, purge_body, BYPASS_HEADER,
+    EVICT_MIRRORS_PATH, EVICT_PATH, MIRRORS_PATH, MIRROR_PATH, PURGE_PATH,
 };
 use serde_json::{json, Value};
 
@@ -632,6 +632,61 @@ async fn a_batch_of_mirrors_is_applied_mirror_by_mirror(backend: Backend) {
 }
 
 both_backends!(a_batch_of_mirrors_is_applied_mirror_by_mirror);
+
+/// Mirrors riding evictions: the fences are evicted first (a mirror older than a fence's write
+/// is refused by its tombstone), then the mirrors are applied and answered one by one.
+async fn mirrors_ride_evictions(backend: Backend) {
+    let s = sidecar_on(backend, &dead_url().await, &[]).await;
+    let c = Client::new(&s);
+    let row = |id: u32, v: &str, stamp: u64| {
+        let write = format!(r#"{{"upsert_rows":[{{"id":{id},"v":"{v}","_hevlayer_upserted_at":{stamp}}}]}}"#);
+        mirror_body("ns", stamp, write.as_bytes(), None)
+    };
+    for id in [1, 5] {
+        let body = row(id, "a", 10);
+        let a = c.post(MIRROR_PATH, std::str::from_utf8(&body).unwrap()).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+    }
+    // Write 20 names document 5 (its eviction ahead); writes 12 and 15 answered earlier and
+    // their mirrors ride along; 15's copy of document 5 is older than the fence.
+    let fence = evict_body("ns", [b"5".as_slice()], 20);
+    let (one, five) = (row(1, "b", 12), row(5, "old", 15));
+    let body = evict_mirrors_body(&fence, [one.as_slice(), five.as_slice()]).unwrap();
+    let a = c
+        .post(EVICT_MIRRORS_PATH, std::str::from_utf8(&body).unwrap())
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(
+        a.json()["applied"].as_array().map(Vec::len),
+        Some(2),
+        "{}",
+        a.text
+    );
+    assert_eq!(a.json()["applied"][0], true);
+    let doc = c.get("/v2/namespaces/ns/documents/1").await;
+    assert_eq!(doc.headers.get("x-layer-cache").unwrap(), "hit");
+    assert_eq!(doc.json()["attributes"]["v"], "b");
+    let doc = c.get("/v2/namespaces/ns/documents/5").await;
+    assert_ne!(
+        doc.headers.get("x-layer-cache").map(|v| v.to_str().unwrap()),
+        Some("hit"),
+        "evicted, and the older copy riding along refused: {}",
+        doc.text
+    );
+    // A body the sidecar cannot use is refused whole, nothing applied.
+    for bad in [
+        r#"{"fences":[],"mirrors":[],"extra":1}"#,
+        r#"{"fences":[]}"#,
+        r#"{"fences":[{"namespace":"ns","ids":[-1],"stamp":1}],"mirrors":[]}"#,
+    ] {
+        let a = c.post(EVICT_MIRRORS_PATH, bad).await;
+        assert_eq!(a.status, 422, "{bad}: {}", a.text);
+    }
+    let a = c.post(EVICT_MIRRORS_PATH, r#"{"fences":[],"mirrors":[]}"#).await;
+    assert_eq!(a.json(), json!({"applied": []}));
+}
+
+both_backends!(mirrors_ride_evictions);
 both_backends!(mirrored_writes_are_served_from_the_cache);
 both_backends!(mirror_vectors_when_configured);
 both_backends!(a_miss_is_fetched_through_the_gateway_and_backfilled);

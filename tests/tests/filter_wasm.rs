@@ -23,6 +23,8 @@ fn mirror_outcomes(vm: &Vm) -> i64 {
 
 /// Every write's response waits for its mirror (no eviction ahead).
 const WAITS_FOR_MIRROR: &str = r#"{"evict_ahead_max_ids":0}"#;
+/// Mirrors never ride evictions: the tests of the batches alone.
+const NO_RIDE: &str = r#"{"read_watermark":"off","mirror_ride_bytes":0}"#;
 
 /// A VM under `config`; mirrors after their responses go at each wake-up (`mirror_linger_ms: 0`)
 /// unless `config` says otherwise, so that a test sees them right after the stream.
@@ -1519,10 +1521,7 @@ const APPLIED: Answer<'static> = (200, &[JSON], b"{\"applied\":1}");
 /// a linger's tick records no counters (they wait for the refresh period, or a full batch).
 #[test]
 fn a_write_spares_the_eviction_body_and_the_linger_tick_spares_the_counters() {
-    let mut vm = filter()
-        .unwrap()
-        .start_counting_hostcalls(r#"{"read_watermark":"off"}"#)
-        .unwrap();
+    let mut vm = filter().unwrap().start_counting_hostcalls(NO_RIDE).unwrap();
     vm.set_time_ms(NOW_MS);
     let calls = |vm: &Vm, name: &str| vm.hostcalls().get(name).copied().unwrap_or(0);
     // The refresh period's work once (the clock moved since the configuration).
@@ -1845,7 +1844,7 @@ fn without_a_wake_up_the_eviction_goes_alone_or_with_the_next_tick() {
 
 #[test]
 fn one_wake_up_sends_every_mirror_queued_before_the_root_ran_and_the_timer_is_the_fallback() {
-    let mut vm = vm(r#"{"read_watermark":"off"}"#);
+    let mut vm = vm(NO_RIDE);
     vm.hold_queues(true);
     for id in 0..3 {
         write_ahead(
@@ -1913,7 +1912,7 @@ fn vm_without_queue_delivery() -> Vm {
 
 #[test]
 fn the_mirror_queue_is_bounded_and_a_dropped_mirror_is_counted() {
-    let mut vm = vm(r#"{"read_watermark":"off","mirror_queue_bytes":100}"#);
+    let mut vm = vm(r#"{"read_watermark":"off","mirror_queue_bytes":100,"mirror_ride_bytes":0}"#);
     vm.hold_queues(true);
     write_ahead(&mut vm, br#"{"deletes":[1]}"#, Some(APPLIED));
     write_ahead(&mut vm, br#"{"deletes":[2]}"#, Some(APPLIED));
@@ -1925,7 +1924,7 @@ fn the_mirror_queue_is_bounded_and_a_dropped_mirror_is_counted() {
 
 #[test]
 fn at_most_four_batches_are_out_at_once_and_what_gathers_meanwhile_goes_as_one() {
-    let mut vm = vm(r#"{"read_watermark":"off"}"#);
+    let mut vm = vm(NO_RIDE);
     for id in 0..10 {
         write_ahead(
             &mut vm,
@@ -1953,7 +1952,7 @@ fn at_most_four_batches_are_out_at_once_and_what_gathers_meanwhile_goes_as_one()
 
 #[test]
 fn by_default_mirrors_linger_and_the_next_tick_sends_them_as_one_batch() {
-    let config = with_default(r#"{"read_watermark":"off"}"#, "counter_batch", 1);
+    let config = with_default(NO_RIDE, "counter_batch", 1);
     let mut vm = filter().unwrap().start_counting_hostcalls(&config).unwrap();
     vm.set_time_ms(NOW_MS);
     let wake_ups = |vm: &Vm| {
@@ -2117,7 +2116,7 @@ fn traced_write_ahead(vm: &mut Vm, n: u8) -> wasm_host::Callout {
 
 #[test]
 fn every_callout_carries_the_request_id_and_trace_context_and_a_batch_its_first_mirrors() {
-    let mut vm = vm(r#"{"read_watermark":"off"}"#);
+    let mut vm = vm(NO_RIDE);
     vm.hold_queues(true);
     let evicts: Vec<_> = (1..=3).map(|n| traced_write_ahead(&mut vm, n)).collect();
     for (n, evict) in (1..=3).zip(&evicts) {
@@ -2151,4 +2150,183 @@ fn every_callout_carries_the_request_id_and_trace_context_and_a_batch_its_first_
         assert_eq!(call.header("traceparent"), expected);
         assert_eq!(call.header("tracestate"), None);
     }
+}
+
+/// The mirrors an eviction callout carries along (none for a plain eviction).
+fn riders(call: &wasm_host::Callout) -> Vec<Value> {
+    let body: Value = serde_json::from_slice(&call.body).unwrap();
+    body["mirrors"].as_array().cloned().unwrap_or_default()
+}
+
+const EVICT_MIRRORS: &str = "/internal/v1/evict-mirrors";
+
+/// The root's group callouts, with mirrors riding or not, in the order sent.
+fn groups_sent(vm: &Vm) -> Vec<wasm_host::Callout> {
+    vm.root_callouts()
+        .iter()
+        .filter(|c| matches!(c.header(":path"), Some("/internal/v1/evict" | EVICT_MIRRORS)))
+        .cloned()
+        .collect()
+}
+
+/// Sends grouped write `id` (its group goes when the root runs) and holds it there.
+fn grouped_write(vm: &mut Vm, id: u32) -> Stream<'_> {
+    let mut s = send_write(vm, format!(r#"{{"deletes":[{id}]}}"#).as_bytes(), 100);
+    assert!(s.reached_upstream());
+    assert!(s.callouts().is_empty(), "the eviction went to the group");
+    s.vm_mut().deliver_queues().unwrap();
+    s
+}
+
+/// Answers the stream's group `answer` and its upstream 200: the client gets its 2xx.
+fn finish_grouped(mut s: Stream<'_>, answer: Option<Answer<'_>>) {
+    let group = groups_sent(s.vm()).last().cloned().unwrap();
+    s.answer_callout(group.token, answer).unwrap();
+    s.respond(200, &[JSON], br#"{"status":"OK"}"#, "via_upstream")
+        .unwrap();
+    assert_eq!(s.client_status(), Some(200), "the 2xx goes out either way");
+    s.finish().unwrap();
+}
+
+#[test]
+fn a_group_of_evictions_carries_the_waiting_mirrors_and_one_answer_settles_both() {
+    let mut vm = vm(GROUPED);
+    vm.hold_queues(true);
+    let s = grouped_write(&mut vm, 1);
+    finish_grouped(s, Some(APPLIED));
+    assert_eq!(vm.counter("hevlayer.mirrors_queued"), 1);
+    let s = grouped_write(&mut vm, 2);
+    let group = groups_sent(s.vm());
+    assert_eq!(group.len(), 2);
+    assert_eq!(group[1].header(":path"), Some(EVICT_MIRRORS));
+    assert_eq!(fenced_ids(&group[1]), vec![json!([2])], "the write's own fence");
+    let rode = riders(&group[1]);
+    assert_eq!(rode.len(), 1);
+    assert_eq!(
+        rode[0]["write"]["deletes"],
+        json!([1]),
+        "the earlier write's mirror"
+    );
+    assert!(root_mirrors(s.vm()).is_empty(), "no batch of its own");
+    assert_eq!(s.counter("hevlayer.mirrors_queued"), 0);
+    assert_eq!(s.counter("hevlayer.mirror_rode"), 1);
+    let answer = batch_answer(&[true]);
+    finish_grouped(s, Some((200, &[JSON], &answer)));
+    assert_eq!(vm.counter("hevlayer.mirror_ok"), 1);
+    assert_eq!(vm.counter("hevlayer.evict_ahead_ok"), 2);
+    assert_eq!(vm.counter("hevlayer.evict_ahead_failed"), 0);
+    // The second write's mirror waits for the next group, or a batch.
+    vm.deliver_queues().unwrap();
+    let out = root_mirrors(&vm);
+    assert_eq!(out.len(), 1, "one batch: the first mirror went already");
+    assert_eq!(batch(&out[0])[0]["write"]["deletes"], json!([2]));
+}
+
+#[test]
+fn a_stream_alone_sends_its_eviction_without_riders() {
+    let mut vm = vm(r#"{"read_watermark":"off"}"#);
+    vm.hold_queues(true);
+    write_ahead(&mut vm, br#"{"deletes":[1]}"#, Some(APPLIED));
+    write_ahead(&mut vm, br#"{"deletes":[2]}"#, Some(APPLIED));
+    assert_eq!(vm.counter("hevlayer.mirrors_queued"), 2, "both wait for a batch");
+    assert_eq!(vm.counter("hevlayer.mirror_rode"), 0);
+}
+
+#[test]
+fn when_the_group_fails_its_writes_are_fenced_and_its_riders_fail() {
+    for (answer, counter) in [
+        (
+            Some((500, &[JSON][..], &br#"{"error":"x"}"#[..])),
+            "hevlayer.mirror_failed",
+        ),
+        (
+            Some((
+                504,
+                &[("content-type", "text/plain")][..],
+                &b"upstream request timeout"[..],
+            )),
+            "hevlayer.mirror_timeout",
+        ),
+        (None, "hevlayer.mirror_failed"),
+    ] {
+        let mut vm = vm(GROUPED);
+        vm.hold_queues(true);
+        let s = grouped_write(&mut vm, 1);
+        finish_grouped(s, Some(APPLIED));
+        let s = grouped_write(&mut vm, 2);
+        assert_eq!(groups_sent(s.vm())[1].header(":path"), Some(EVICT_MIRRORS));
+        finish_grouped(s, answer);
+        assert_eq!(vm.counter("hevlayer.evict_ahead_failed"), 1, "{answer:?}");
+        assert_eq!(vm.counter(counter), 1, "{answer:?}");
+        assert_eq!(vm.counter("hevlayer.mirror_ok"), 0);
+        // The failed write is fenced: the root evicts its documents until acknowledged.
+        vm.advance_time_and_tick(500).unwrap();
+        let fence = root_evictions(&vm);
+        assert_eq!(fence.len(), 2, "the first group and the fence: {answer:?}");
+        assert_eq!(fenced_ids(&fence[1]), vec![json!([2])]);
+    }
+}
+
+#[test]
+fn riders_stay_within_their_bytes_and_wait_when_the_group_cannot_go() {
+    // A mirror larger than the bound waits for its batch.
+    let mut small = vm(r#"{"read_watermark":"off","group_evictions":"always","mirror_ride_bytes":60}"#);
+    small.hold_queues(true);
+    let s = grouped_write(&mut small, 1);
+    finish_grouped(s, Some(APPLIED));
+    let s = grouped_write(&mut small, 2);
+    assert_eq!(groups_sent(s.vm())[1].header(":path"), Some("/internal/v1/evict"));
+    assert_eq!(root_mirrors(s.vm()).len(), 1, "it went in a batch of its own");
+    assert_eq!(s.counter("hevlayer.mirror_rode"), 0);
+    drop(s);
+
+    // A group that cannot be dispatched gives its riders back (they linger for a batch).
+    let mut vm = lingering_vm(GROUPED);
+    vm.hold_queues(true);
+    let s = grouped_write(&mut vm, 1);
+    finish_grouped(s, Some(APPLIED));
+    vm.remove_cluster("layer_sidecar");
+    let mut s = grouped_write(&mut vm, 2);
+    assert_eq!(groups_sent(s.vm()).len(), 1, "nothing more could be sent");
+    assert_eq!(s.counter("hevlayer.mirror_rode"), 0);
+    assert_eq!(s.counter("hevlayer.mirrors_queued"), 1, "back in the queue");
+    assert_eq!(s.counter("hevlayer.mirror_failed"), 0, "not lost");
+    s.respond(200, &[JSON], br#"{"status":"OK"}"#, "via_upstream")
+        .unwrap();
+    assert_eq!(s.client_status(), Some(200));
+    s.finish().unwrap();
+    assert_eq!(vm.counter("hevlayer.evict_ahead_failed"), 1);
+}
+
+#[test]
+fn while_groups_go_out_the_linger_leaves_the_mirrors_to_ride_them() {
+    let mut vm = lingering_vm(GROUPED);
+    let s = grouped_write(&mut vm, 1);
+    finish_grouped(s, Some(APPLIED));
+    // The first linger: no group went since it began, so the mirror goes in a batch.
+    vm.advance_time_and_tick(DEFAULT_LINGER_MS).unwrap();
+    assert_eq!(root_mirrors(&vm).len(), 1);
+    apply_batches(&mut vm, 0);
+    let s = grouped_write(&mut vm, 2);
+    finish_grouped(s, Some(APPLIED));
+    // A group went during this linger: the mirror waits for the next one.
+    vm.advance_time_and_tick(DEFAULT_LINGER_MS).unwrap();
+    assert_eq!(root_mirrors(&vm).len(), 1, "no batch while groups go out");
+    assert_eq!(vm.counter("hevlayer.mirrors_queued"), 1);
+    let s = grouped_write(&mut vm, 3);
+    let group = groups_sent(s.vm()).last().cloned().unwrap();
+    assert_eq!(group.header(":path"), Some(EVICT_MIRRORS));
+    assert_eq!(riders(&group)[0]["write"]["deletes"], json!([2]));
+    let answer = batch_answer(&[true]);
+    finish_grouped(s, Some((200, &[JSON], &answer)));
+    // The writes stop: the first linger without a group sends the last mirror.
+    vm.advance_time_and_tick(DEFAULT_LINGER_MS).unwrap();
+    assert_eq!(root_mirrors(&vm).len(), 1, "a group went during that linger");
+    vm.advance_time_and_tick(DEFAULT_LINGER_MS).unwrap();
+    let out = root_mirrors(&vm);
+    assert_eq!(out.len(), 2, "at most two lingers late");
+    assert_eq!(batch(&out[1])[0]["write"]["deletes"], json!([3]));
+    apply_batches(&mut vm, 1);
+    assert_eq!(vm.counter("hevlayer.mirror_ok"), 3);
+    assert_eq!(vm.counter("hevlayer.mirror_rode"), 1);
 }

@@ -119,7 +119,7 @@ NEEDED_PANELS = {
     "mirror outcomes": {"hevlayer_mirror_ok", "hevlayer_mirror_failed", "hevlayer_mirror_timeout"},
     "evictions pending": {"hevlayer_evictions_pending"},
     "evictions ahead and their grouping": {"hevlayer_evict_ahead_failed", "hevlayer_evict_ahead_grouped",
-                                           "hevlayer_eviction_groups"},
+                                           "hevlayer_eviction_groups", "hevlayer_mirror_rode"},
     "cache hit ratio": {"hevlayer_sidecar_mirror_total"},
     "pipeline stages": {"hevlayer_sidecar_pipeline_documents"},
     "sidecar latency": {"hevlayer_sidecar_cache_op_seconds_bucket"},

@@ -3,13 +3,13 @@
 //! what writes could not mirror to the sidecar until it acknowledges; when a stream wakes it
 //! (and on the timer), sending the mirrors that go after their responses.
 
-use super::{new_request_id, now_ms, queue, shared_fence_add, Metrics, Shared};
+use super::{new_request_id, now_ms, queue, ride, shared_fence_add, Metrics, Shared};
 use crate::config::{Config, ReadWatermark};
 use crate::evict_group::{Flight as GroupFlight, Outcome, Slot};
 use crate::exchange::{Exchange, Half, Step};
 use crate::fence::Fences;
 use crate::metrics::Counter;
-use crate::mirrors::{Flight, MirrorQueue};
+use crate::mirrors::MirrorQueue;
 use crate::sidecar_api;
 use crate::watermark::{self, Tracker};
 use proxy_wasm::hostcalls as host;
@@ -41,6 +41,8 @@ pub(super) struct Root {
     lingering: bool,
     /// When the timer's periodic work (refresh, evictions, expiry) last ran.
     housekept_ms: u64,
+    /// `Shared::evictions_sent` when the linger last looked: evictions went since when it moved.
+    evictions_seen: u64,
 }
 
 impl Root {
@@ -154,23 +156,35 @@ impl Root {
             return;
         };
         let n = group.members.len();
+        let mut group_headers = group.headers;
         let sent = match sidecar_api::evict_group_body(group.bodies.iter().map(Vec::as_slice)) {
-            Some(body) => {
-                let headers: Vec<(&str, &str)> = group
-                    .headers
+            Some(mut body) => {
+                let riders = self.shared.ride(&mut group_headers, &mut body);
+                let headers: Vec<(&str, &str)> = group_headers
                     .iter()
                     .map(|(k, v)| (k.as_str(), v.as_str()))
                     .collect();
                 let timeout = Duration::from_millis(self.config().mirror_timeout_ms);
                 let cluster = self.config().sidecar_cluster.as_str();
-                self.dispatch_http_call(cluster, headers, Some(&body), Vec::new(), timeout)
-                    .map_err(|status| format!("{status:?}"))
+                match self.dispatch_http_call(cluster, headers, Some(&body), Vec::new(), timeout) {
+                    Ok(token) => {
+                        let now = now_ms();
+                        self.shared.rode(token, riders, now);
+                        Ok((token, now))
+                    }
+                    Err(status) => {
+                        self.shared.unride(riders);
+                        Err(format!("{status:?}"))
+                    }
+                }
             }
             None => Err("a member's body is not an eviction".to_owned()),
         };
         match sent {
-            Ok(token) => {
-                let now = now_ms();
+            Ok((token, now)) => {
+                self.shared
+                    .evictions_sent
+                    .set(self.shared.evictions_sent.get() + 1);
                 if let Ok(mut g) = self.shared.evictions.try_borrow_mut() {
                     g.sent(token, group.members, now);
                 }
@@ -218,10 +232,7 @@ impl Root {
     }
 
     /// A group's answer (the callout's, being delivered): its outcome for every member.
-    fn group_answered(&self, flight: &GroupFlight) {
-        // An eviction's answer says all in its status (its body is not read).
-        let (status, headers, _) = super::call_answer(0, false);
-        let json = sidecar_api::is_sidecar_answer(&headers);
+    fn group_answered(&self, flight: &GroupFlight, status: Option<u16>, json: bool) {
         let ok = json && status.is_some_and(|s| (200..300).contains(&s));
         let timed_out = !json
             && (status == Some(504)
@@ -281,47 +292,6 @@ impl Root {
         }
     }
 
-    /// A batch's answer: each mirror's outcome. Only the sidecar's JSON 2xx answers for its
-    /// mirrors (a mirror it does not list counts as failed); Envoy's 504 (or a reset at the
-    /// timeout) is a timeout of every mirror in the batch.
-    /// `now` is needed only for an answer that is not the sidecar's (was it the timeout?).
-    fn mirrors_answered(
-        &self,
-        flight: Flight,
-        status: Option<u16>,
-        json: bool,
-        body: &[u8],
-        now: Option<u64>,
-    ) {
-        let elapsed = now.map_or(0, |now| now.saturating_sub(flight.sent_ms));
-        let answered = json && status.is_some_and(|s| (200..300).contains(&s));
-        let applied: Vec<bool> = if answered {
-            serde_json::from_slice::<sidecar_api::MirrorBatchResponse>(body)
-                .map(|r| r.applied)
-                .unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        let ok = applied.iter().take(flight.mirrors).filter(|a| **a).count();
-        let not_ok =
-            if !answered && !json && (status == Some(504) || elapsed >= self.config().mirror_timeout_ms) {
-                Counter::MirrorTimeout
-            } else {
-                Counter::MirrorFailed
-            };
-        if ok < flight.mirrors {
-            // Nothing stale: the writes' documents were evicted before their responses.
-            log::warn!(
-                "{} of {} mirrors after their responses did not happen (status {status:?})",
-                flight.mirrors - ok,
-                flight.mirrors
-            );
-        }
-        let mut counters = vec![Counter::MirrorOk; ok];
-        counters.extend(std::iter::repeat_n(not_ok, flight.mirrors - ok));
-        self.metrics().record(counters);
-    }
-
     fn evictions_failed(&self, covers: &[(String, u64)], now: u64) {
         if let Ok(mut fences) = self.shared.fences.try_borrow_mut() {
             fences.failed(covers, now);
@@ -369,13 +339,32 @@ impl Root {
         Ok(answer.len())
     }
 
+    /// Whether evictions went out since the linger last looked (so more are likely to come,
+    /// for waiting mirrors to ride). Always false when mirrors do not ride. Notes what it saw.
+    fn evictions_moved(&mut self) -> bool {
+        let sent = self.shared.evictions_sent.get();
+        let moved = sent != self.evictions_seen;
+        self.evictions_seen = sent;
+        moved && self.config().mirror_ride_bytes > 0
+    }
+
     /// The timer's work: after a linger, send what gathered; each refresh period, the
     /// housekeeping (memory gauge, counters, lost wake-ups, expired flights, watermarks,
     /// evictions).
     fn tick(&mut self, now: u64) {
         if self.lingering {
-            let gathered = self.shared.mirrors.try_borrow().is_ok_and(|q| q.queued() > 0);
-            if gathered {
+            let (gathered, fits) = self.shared.mirrors.try_borrow().map_or((false, false), |q| {
+                (
+                    q.queued() > 0,
+                    q.queued_bytes() <= self.config().mirror_ride_bytes,
+                )
+            });
+            let moved = self.evictions_moved();
+            if moved && (fits || !gathered) {
+                // Evictions are going out: what gathered rides the next one rather than a batch,
+                // and the timer stays at the linger (the streams' wake-up stays pending) so that
+                // a steady flow of writes does not wake the root for each mirror.
+            } else if gathered {
                 // Send what gathered and keep the timer at the linger: while mirrors keep
                 // coming, streams need not wake the root (their wake-up stays pending) and the
                 // timer is not set twice per linger.
@@ -452,30 +441,30 @@ impl Context for Root {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        let mirror = self
-            .shared
-            .mirrors
-            .try_borrow_mut()
-            .ok()
-            .and_then(|mut q| q.answered(token));
+        let mirror = self.shared.mirror_flight(token);
         let group = self
             .shared
             .evictions
             .try_borrow_mut()
             .ok()
             .and_then(|mut g| g.answered(token));
-        if let Some(flight) = group {
-            self.group_answered(&flight);
-            return;
-        }
-        if let Some(flight) = mirror {
-            let (status, headers, body) = super::call_answer(body_size, true);
-            // The clock matters only when the sidecar did not answer (a hostcall spared
-            // otherwise; the next batch reads it if there is one).
+        if group.is_some() || mirror.is_some() {
+            // An eviction's answer says all in its status: the body is read for mirrors only.
+            let (status, headers, body) = super::call_answer(body_size, mirror.is_some());
             let json = sidecar_api::is_sidecar_answer(&headers);
-            let now = if json { None } else { Some(now_ms()) };
-            self.mirrors_answered(flight, status, json, &body, now);
-            self.send_mirrors(now);
+            if let Some(flight) = group {
+                self.group_answered(&flight, status, json);
+            }
+            if let Some(flight) = mirror {
+                // The clock matters only when the sidecar did not answer (a hostcall spared
+                // otherwise; the next batch reads it if there is one).
+                let now = ride::clock_unless_answered(json);
+                self.shared.mirrors_answered(flight, status, json, &body, now);
+                // While lingering, the linger's tick decides (the mirrors may ride instead).
+                if !self.lingering {
+                    self.send_mirrors(now);
+                }
+            }
             return;
         }
         let in_flight = if let Some((_, what, _)) = self.registration.take_if(|r| r.0 == token) {
@@ -596,6 +585,8 @@ impl RootContext for Root {
             // again) until the tick that sends them.
             if !self.lingering {
                 self.lingering = true;
+                // Only evictions from now on count as a ride coming (see `rides_soon`).
+                self.evictions_seen = self.shared.evictions_sent.get();
                 self.set_tick_period(Duration::from_millis(linger));
             }
             return;
