@@ -17,6 +17,8 @@ pub const DEFAULT_EVICT_AHEAD_MAX_IDS: usize = 10_000;
 pub const DEFAULT_MIRROR_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 /// How long a worker lets mirrors gather before it sends them (after their responses).
 pub const DEFAULT_MIRROR_LINGER_MS: u64 = 2;
+/// While writes keep coming, mirrors gather up to this long (see `Config::mirror_linger_max_ms`).
+pub const DEFAULT_MIRROR_LINGER_MAX_MS: u64 = 20;
 /// Counter increments a worker adds up before it records them (each refresh records them too).
 pub const DEFAULT_COUNTER_BATCH: u32 = 64;
 pub const MAX_COUNTER_BATCH: u32 = 10_000;
@@ -102,6 +104,7 @@ struct RawConfig {
     group_evictions: GroupEvictions,
     mirror_queue_bytes: Option<usize>,
     mirror_linger_ms: Option<u64>,
+    mirror_linger_max_ms: Option<u64>,
     mirror_ride_bytes: Option<usize>,
     counter_batch: Option<u32>,
 }
@@ -153,6 +156,11 @@ pub struct Config {
     /// them (a batch already full at the wake-up goes at once); 0: each wake-up sends what is
     /// waiting.
     pub mirror_linger_ms: u64,
+    /// While writes keep coming on a worker (an eviction went out during a linger), its mirrors
+    /// keep gathering, linger after linger, up to this long in all before a batch goes (a lone
+    /// write's mirror goes after one linger; a full batch at once). At most `mirror_linger_ms`:
+    /// one linger only.
+    pub mirror_linger_max_ms: u64,
     /// Most bytes of waiting mirrors a group of evictions ahead takes along (one callout instead
     /// of two); while groups keep going out, a linger's mirrors wait for the next one instead of
     /// a batch. 0: mirrors always go in batches of their own.
@@ -186,6 +194,7 @@ impl Default for Config {
             group_evictions: GroupEvictions::Adaptive,
             mirror_queue_bytes: DEFAULT_MIRROR_QUEUE_BYTES,
             mirror_linger_ms: DEFAULT_MIRROR_LINGER_MS,
+            mirror_linger_max_ms: DEFAULT_MIRROR_LINGER_MAX_MS,
             mirror_ride_bytes: crate::sidecar_api::RIDE_BYTES,
             counter_batch: DEFAULT_COUNTER_BATCH,
         }
@@ -201,6 +210,7 @@ impl Config {
             serde_json::from_slice(bytes).map_err(|e| format!("invalid plugin configuration: {e}"))?
         };
         let (keys, upstream_api_key) = auth(&raw)?;
+        let mirrors = mirror_tuning(&raw)?;
         let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
         if max_body_bytes == 0 {
             return Err("max_body_bytes must be positive".to_owned());
@@ -231,14 +241,6 @@ impl Config {
         if fence_namespaces == 0 || fence_max_ids == 0 {
             return Err("fence_namespaces and fence_max_ids must be positive".to_owned());
         }
-        let (mirror_queue_bytes, mirror_linger_ms) =
-            mirror_queue(raw.mirror_queue_bytes, raw.mirror_linger_ms)?;
-        let mirror_ride_bytes = raw.mirror_ride_bytes.unwrap_or(crate::sidecar_api::RIDE_BYTES);
-        if mirror_ride_bytes > MAX_MIRROR_RIDE_BYTES {
-            return Err(format!(
-                "mirror_ride_bytes ({mirror_ride_bytes}) must be at most {MAX_MIRROR_RIDE_BYTES}"
-            ));
-        }
         let counter_batch = raw.counter_batch.unwrap_or(DEFAULT_COUNTER_BATCH);
         if !(1..=MAX_COUNTER_BATCH).contains(&counter_batch) {
             return Err(format!(
@@ -268,27 +270,51 @@ impl Config {
             fence_max_ids,
             evict_ahead_max_ids: raw.evict_ahead_max_ids.unwrap_or(DEFAULT_EVICT_AHEAD_MAX_IDS),
             group_evictions: raw.group_evictions,
-            mirror_queue_bytes,
-            mirror_linger_ms,
-            mirror_ride_bytes,
+            mirror_queue_bytes: mirrors.queue_bytes,
+            mirror_linger_ms: mirrors.linger_ms,
+            mirror_linger_max_ms: mirrors.linger_max_ms,
+            mirror_ride_bytes: mirrors.ride_bytes,
             counter_batch,
         })
     }
 }
 
-/// The mirror queue's bound and linger, checked.
-fn mirror_queue(bytes: Option<usize>, linger_ms: Option<u64>) -> Result<(usize, u64), String> {
-    let mirror_queue_bytes = bytes.unwrap_or(DEFAULT_MIRROR_QUEUE_BYTES);
-    if mirror_queue_bytes == 0 {
+/// How the mirrors that go after their responses travel (`Config`'s `mirror_*` fields).
+struct MirrorTuning {
+    queue_bytes: usize,
+    linger_ms: u64,
+    linger_max_ms: u64,
+    ride_bytes: usize,
+}
+
+/// The mirror queue's bound, its lingers and the riders' bytes, checked.
+fn mirror_tuning(raw: &RawConfig) -> Result<MirrorTuning, String> {
+    let queue_bytes = raw.mirror_queue_bytes.unwrap_or(DEFAULT_MIRROR_QUEUE_BYTES);
+    if queue_bytes == 0 {
         return Err("mirror_queue_bytes must be positive".to_owned());
     }
-    let mirror_linger_ms = linger_ms.unwrap_or(DEFAULT_MIRROR_LINGER_MS);
-    if mirror_linger_ms > MAX_MIRROR_LINGER_MS {
+    let linger_ms = raw.mirror_linger_ms.unwrap_or(DEFAULT_MIRROR_LINGER_MS);
+    let linger_max_ms = raw.mirror_linger_max_ms.unwrap_or(DEFAULT_MIRROR_LINGER_MAX_MS);
+    for (name, value) in [
+        ("mirror_linger_ms", linger_ms),
+        ("mirror_linger_max_ms", linger_max_ms),
+    ] {
+        if value > MAX_MIRROR_LINGER_MS {
+            return Err(format!("{name} ({value}) must be at most {MAX_MIRROR_LINGER_MS}"));
+        }
+    }
+    let ride_bytes = raw.mirror_ride_bytes.unwrap_or(crate::sidecar_api::RIDE_BYTES);
+    if ride_bytes > MAX_MIRROR_RIDE_BYTES {
         return Err(format!(
-            "mirror_linger_ms ({mirror_linger_ms}) must be at most {MAX_MIRROR_LINGER_MS}"
+            "mirror_ride_bytes ({ride_bytes}) must be at most {MAX_MIRROR_RIDE_BYTES}"
         ));
     }
-    Ok((mirror_queue_bytes, mirror_linger_ms))
+    Ok(MirrorTuning {
+        queue_bytes,
+        linger_ms,
+        linger_max_ms,
+        ride_bytes,
+    })
 }
 
 /// The gateway keys and the upstream key, checked against the auth mode.
@@ -409,6 +435,18 @@ mod tests {
     }
 
     #[test]
+    fn mirrors_gather_up_to_the_longest_linger_while_writes_keep_coming() {
+        assert_eq!(
+            Config::default().mirror_linger_max_ms,
+            DEFAULT_MIRROR_LINGER_MAX_MS
+        );
+        for n in [0, 2, MAX_MIRROR_LINGER_MS] {
+            let c = Config::parse(format!(r#"{{"mirror_linger_max_ms":{n}}}"#).as_bytes()).unwrap();
+            assert_eq!(c.mirror_linger_max_ms, n);
+        }
+    }
+
+    #[test]
     fn bad_configs_fail_loudly() {
         for bad in [
             r#"{"unknown":1}"#,
@@ -431,6 +469,7 @@ mod tests {
             r#"{"mirror_queue_bytes":0}"#,
             r#"{"mirror_linger_ms":1001}"#,
             r#"{"mirror_ride_bytes":1048577}"#,
+            r#"{"mirror_linger_max_ms":1001}"#,
             r#"{"mirror_ride_bytes":-1}"#,
             r#"{"counter_batch":0}"#,
             r#"{"counter_batch":10001}"#,

@@ -190,8 +190,8 @@ struct Shared {
     evictions: Rc<RefCell<Groups<Exchange>>>,
     /// Evictions ahead that streams sent themselves, outstanding on this worker.
     evictions_own: Rc<Cell<usize>>,
-    /// Group callouts of evictions ahead this worker has sent: while they keep going, waiting
-    /// mirrors ride them rather than lingering into a batch of their own.
+    /// Eviction callouts this worker has sent (a stream's own, or a group): while they keep
+    /// going, writes keep coming, and a linger's mirrors keep gathering (or ride the groups).
     evictions_sent: Rc<Cell<u64>>,
 }
 
@@ -527,6 +527,9 @@ impl Filter {
         if self.dispatch(&call).is_err() {
             return false;
         }
+        self.shared
+            .evictions_sent
+            .set(self.shared.evictions_sent.get() + 1);
         self.own_eviction = Some(OwnEviction::new(&self.shared.evictions_own));
         true
     }

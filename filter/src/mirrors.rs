@@ -95,11 +95,6 @@ impl MirrorQueue {
         self.waiting.len()
     }
 
-    /// Bytes of the mirrors waiting to be sent.
-    pub fn queued_bytes(&self) -> usize {
-        self.bytes
-    }
-
     /// Whether a whole batch is waiting (it goes at once rather than lingering for more).
     pub fn batch_full(&self) -> bool {
         self.waiting.len() >= BATCH_MIRRORS || self.bytes >= BATCH_BYTES

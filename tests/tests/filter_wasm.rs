@@ -23,8 +23,9 @@ fn mirror_outcomes(vm: &Vm) -> i64 {
 
 /// Every write's response waits for its mirror (no eviction ahead).
 const WAITS_FOR_MIRROR: &str = r#"{"evict_ahead_max_ids":0}"#;
-/// Mirrors never ride evictions: the tests of the batches alone.
-const NO_RIDE: &str = r#"{"read_watermark":"off","mirror_ride_bytes":0}"#;
+/// Mirrors go in batches only (they neither ride groups nor keep gathering while writes keep
+/// coming): the tests of the batches alone.
+const BATCHES_ONLY: &str = r#"{"read_watermark":"off","mirror_ride_bytes":0,"mirror_linger_max_ms":0}"#;
 
 /// A VM under `config`; mirrors after their responses go at each wake-up (`mirror_linger_ms: 0`)
 /// unless `config` says otherwise, so that a test sees them right after the stream.
@@ -1521,7 +1522,7 @@ const APPLIED: Answer<'static> = (200, &[JSON], b"{\"applied\":1}");
 /// a linger's tick records no counters (they wait for the refresh period, or a full batch).
 #[test]
 fn a_write_spares_the_eviction_body_and_the_linger_tick_spares_the_counters() {
-    let mut vm = filter().unwrap().start_counting_hostcalls(NO_RIDE).unwrap();
+    let mut vm = filter().unwrap().start_counting_hostcalls(BATCHES_ONLY).unwrap();
     vm.set_time_ms(NOW_MS);
     let calls = |vm: &Vm, name: &str| vm.hostcalls().get(name).copied().unwrap_or(0);
     // The refresh period's work once (the clock moved since the configuration).
@@ -1844,7 +1845,7 @@ fn without_a_wake_up_the_eviction_goes_alone_or_with_the_next_tick() {
 
 #[test]
 fn one_wake_up_sends_every_mirror_queued_before_the_root_ran_and_the_timer_is_the_fallback() {
-    let mut vm = vm(NO_RIDE);
+    let mut vm = vm(BATCHES_ONLY);
     vm.hold_queues(true);
     for id in 0..3 {
         write_ahead(
@@ -1924,7 +1925,7 @@ fn the_mirror_queue_is_bounded_and_a_dropped_mirror_is_counted() {
 
 #[test]
 fn at_most_four_batches_are_out_at_once_and_what_gathers_meanwhile_goes_as_one() {
-    let mut vm = vm(NO_RIDE);
+    let mut vm = vm(BATCHES_ONLY);
     for id in 0..10 {
         write_ahead(
             &mut vm,
@@ -1952,7 +1953,7 @@ fn at_most_four_batches_are_out_at_once_and_what_gathers_meanwhile_goes_as_one()
 
 #[test]
 fn by_default_mirrors_linger_and_the_next_tick_sends_them_as_one_batch() {
-    let config = with_default(NO_RIDE, "counter_batch", 1);
+    let config = with_default(BATCHES_ONLY, "counter_batch", 1);
     let mut vm = filter().unwrap().start_counting_hostcalls(&config).unwrap();
     vm.set_time_ms(NOW_MS);
     let wake_ups = |vm: &Vm| {
@@ -2116,7 +2117,7 @@ fn traced_write_ahead(vm: &mut Vm, n: u8) -> wasm_host::Callout {
 
 #[test]
 fn every_callout_carries_the_request_id_and_trace_context_and_a_batch_its_first_mirrors() {
-    let mut vm = vm(NO_RIDE);
+    let mut vm = vm(BATCHES_ONLY);
     vm.hold_queues(true);
     let evicts: Vec<_> = (1..=3).map(|n| traced_write_ahead(&mut vm, n)).collect();
     for (n, evict) in (1..=3).zip(&evicts) {
@@ -2329,4 +2330,46 @@ fn while_groups_go_out_the_linger_leaves_the_mirrors_to_ride_them() {
     apply_batches(&mut vm, 1);
     assert_eq!(vm.counter("hevlayer.mirror_ok"), 3);
     assert_eq!(vm.counter("hevlayer.mirror_rode"), 1);
+}
+
+#[test]
+fn while_writes_keep_coming_mirrors_keep_gathering_up_to_the_longest_linger() {
+    let mut vm = lingering_vm(r#"{"read_watermark":"off"}"#);
+    // A lone write: its mirror goes after one linger.
+    write_ahead(&mut vm, br#"{"deletes":[0]}"#, Some(APPLIED));
+    vm.advance_time_and_tick(DEFAULT_LINGER_MS).unwrap();
+    assert_eq!(root_mirrors(&vm).len(), 1);
+    apply_batches(&mut vm, 0);
+    // A steady flow, one write per linger: the mirrors keep gathering, at most 20 ms (ten
+    // lingers) for the oldest, then go as one batch.
+    for id in 1..=9 {
+        write_ahead(
+            &mut vm,
+            format!(r#"{{"deletes":[{id}]}}"#).as_bytes(),
+            Some(APPLIED),
+        );
+        vm.advance_time_and_tick(DEFAULT_LINGER_MS).unwrap();
+        assert_eq!(root_mirrors(&vm).len(), 1, "write {id}: still gathering");
+    }
+    write_ahead(&mut vm, br#"{"deletes":[10]}"#, Some(APPLIED));
+    vm.advance_time_and_tick(DEFAULT_LINGER_MS).unwrap();
+    let out = root_mirrors(&vm);
+    assert_eq!(out.len(), 2);
+    assert_eq!(batch(&out[1]).len(), 10, "the ten mirrors in one callout");
+    apply_batches(&mut vm, 1);
+    assert_eq!(vm.counter("hevlayer.mirror_ok"), 11);
+    // The writes stop: the timer goes back to the refresh period.
+    vm.advance_time_and_tick(DEFAULT_LINGER_MS).unwrap();
+    assert_eq!(vm.tick_period_ms(), 500);
+    // With the longest linger at one linger, each linger's mirrors go at once.
+    let mut short = lingering_vm(r#"{"read_watermark":"off","mirror_linger_max_ms":2}"#);
+    for id in 0..3 {
+        write_ahead(
+            &mut short,
+            format!(r#"{{"deletes":[{id}]}}"#).as_bytes(),
+            Some(APPLIED),
+        );
+        short.advance_time_and_tick(DEFAULT_LINGER_MS).unwrap();
+        assert_eq!(root_mirrors(&short).len(), id + 1);
+    }
 }

@@ -43,6 +43,8 @@ pub(super) struct Root {
     housekept_ms: u64,
     /// `Shared::evictions_sent` when the linger last looked: evictions went since when it moved.
     evictions_seen: u64,
+    /// Lingers in a row that kept gathered mirrors waiting because writes kept coming.
+    held: u64,
 }
 
 impl Root {
@@ -339,13 +341,49 @@ impl Root {
         Ok(answer.len())
     }
 
-    /// Whether evictions went out since the linger last looked (so more are likely to come,
-    /// for waiting mirrors to ride). Always false when mirrors do not ride. Notes what it saw.
+    /// Whether evictions went out since the linger last looked: writes keep coming on this
+    /// worker, so their mirrors will follow (and groups for mirrors to ride). Notes what it saw.
     fn evictions_moved(&mut self) -> bool {
         let sent = self.shared.evictions_sent.get();
         let moved = sent != self.evictions_seen;
         self.evictions_seen = sent;
-        moved && self.config().mirror_ride_bytes > 0
+        moved
+    }
+
+    /// A linger's tick: what gathered goes in a batch, unless writes keep coming (an eviction
+    /// went out during the linger), when it keeps gathering (or rides a group) for up to
+    /// `mirror_linger_max_ms` in all; a full batch goes at once. With nothing gathered the timer
+    /// stays at the linger while writes keep coming (a steady flow does not wake the root for
+    /// each mirror), else it goes back to the refresh period.
+    fn linger_tick(&mut self, now: u64) {
+        let (gathered, full) = self
+            .shared
+            .mirrors
+            .try_borrow()
+            .map_or((false, false), |q| (q.queued() > 0, q.batch_full()));
+        let moved = self.evictions_moved();
+        let linger = self.config().mirror_linger_ms.max(1);
+        let max_holds = (self.config().mirror_linger_max_ms / linger).saturating_sub(1);
+        if moved && !gathered {
+            self.held = 0;
+        } else if moved && !full && self.held < max_holds {
+            self.held += 1;
+        } else if gathered {
+            // Send what gathered and keep the timer at the linger: while mirrors keep coming,
+            // streams need not wake the root (their wake-up stays pending) and the timer is not
+            // set twice per linger.
+            self.held = 0;
+            self.send_mirrors(Some(now));
+        } else {
+            // A linger with nothing new: back to the refresh period; the next mirror wakes the
+            // root again.
+            self.held = 0;
+            self.lingering = false;
+            self.set_tick_period(Duration::from_millis(self.config().watermark_refresh_ms));
+            if let Ok(mut q) = self.shared.mirrors.try_borrow_mut() {
+                q.woken();
+            }
+        }
     }
 
     /// The timer's work: after a linger, send what gathered; each refresh period, the
@@ -353,31 +391,7 @@ impl Root {
     /// evictions).
     fn tick(&mut self, now: u64) {
         if self.lingering {
-            let (gathered, fits) = self.shared.mirrors.try_borrow().map_or((false, false), |q| {
-                (
-                    q.queued() > 0,
-                    q.queued_bytes() <= self.config().mirror_ride_bytes,
-                )
-            });
-            let moved = self.evictions_moved();
-            if moved && (fits || !gathered) {
-                // Evictions are going out: what gathered rides the next one rather than a batch,
-                // and the timer stays at the linger (the streams' wake-up stays pending) so that
-                // a steady flow of writes does not wake the root for each mirror.
-            } else if gathered {
-                // Send what gathered and keep the timer at the linger: while mirrors keep
-                // coming, streams need not wake the root (their wake-up stays pending) and the
-                // timer is not set twice per linger.
-                self.send_mirrors(Some(now));
-            } else {
-                // A linger with nothing new: back to the refresh period; the next mirror
-                // wakes the root again.
-                self.lingering = false;
-                self.set_tick_period(Duration::from_millis(self.config().watermark_refresh_ms));
-                if let Ok(mut q) = self.shared.mirrors.try_borrow_mut() {
-                    q.woken();
-                }
-            }
+            self.linger_tick(now);
             if now.saturating_sub(self.housekept_ms) < self.config().watermark_refresh_ms {
                 return;
             }
@@ -585,7 +599,8 @@ impl RootContext for Root {
             // again) until the tick that sends them.
             if !self.lingering {
                 self.lingering = true;
-                // Only evictions from now on count as a ride coming (see `rides_soon`).
+                // Only evictions from now on count as writes still coming (`linger_tick`).
+                self.held = 0;
                 self.evictions_seen = self.shared.evictions_sent.get();
                 self.set_tick_period(Duration::from_millis(linger));
             }
