@@ -23,7 +23,7 @@ def mirror_outcomes(gateway):
 
 def write(stack, namespace, body):
     """A 2xx write, once its mirror had its outcome: mirrors go after the response (up to
-    `mirror_linger_ms` later), and these tests check what the cache then holds."""
+    `mirror_linger_max_ms` later while writes keep coming), and these tests check what the cache then holds."""
     main = stack["main"]
     before = mirror_outcomes(main)
     r = httpx.post(f"{main.url}/v2/namespaces/{namespace}", headers=AUTH, json=body)
@@ -67,7 +67,7 @@ def test_patch_merges_and_delete_evicts(stack):
 
 
 def test_a_patch_right_after_an_upsert_is_never_lost_from_the_cache(stack):
-    """The upsert's mirror goes after its response, up to `mirror_linger_ms` later; the patch's
+    """The upsert's mirror goes after its response, up to `mirror_linger_max_ms` later; the patch's
     response waits for its own mirror, which can land first. Either way a fetch afterwards
     shows the patch (from the cache, or from Turbopuffer when the patch left no copy to merge
     into), never the upserted version without it."""
