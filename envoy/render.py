@@ -80,6 +80,14 @@ def plugin_config(profile):
     if not linger.isdigit() or int(linger) > 1000:
         fail(f"MIRROR_LINGER_MS must be an integer from 0 to 1000, got {linger!r}")
     config["mirror_linger_ms"] = int(linger)
+    linger_max = env("MIRROR_LINGER_MAX_MS", "20")
+    if not linger_max.isdigit() or int(linger_max) > 1000:
+        fail(f"MIRROR_LINGER_MAX_MS must be an integer from 0 to 1000, got {linger_max!r}")
+    config["mirror_linger_max_ms"] = int(linger_max)
+    ride = env("MIRROR_RIDE_BYTES", "65536")
+    if not ride.isdigit() or int(ride) > 1048576:
+        fail(f"MIRROR_RIDE_BYTES must be an integer from 0 to 1048576, got {ride!r}")
+    config["mirror_ride_bytes"] = int(ride)
     group = env("GROUP_EVICTIONS", "adaptive")
     if group not in ("adaptive", "always", "off"):
         fail(f"GROUP_EVICTIONS must be adaptive, always or off, got {group!r}")

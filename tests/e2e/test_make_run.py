@@ -127,6 +127,10 @@ def test_two_gateways_run_side_by_side_on_one_host():
     [
         ("MIRROR_LINGER_MS", '"mirror_linger_ms":2', ("5", '"mirror_linger_ms":5'),
          ("1001", "-1", "soon"), "MIRROR_LINGER_MS must be an integer from 0 to 1000"),
+        ("MIRROR_LINGER_MAX_MS", '"mirror_linger_max_ms":20', ("0", '"mirror_linger_max_ms":0'),
+         ("1001", "-1", "long"), "MIRROR_LINGER_MAX_MS must be an integer from 0 to 1000"),
+        ("MIRROR_RIDE_BYTES", '"mirror_ride_bytes":65536', ("0", '"mirror_ride_bytes":0'),
+         ("1048577", "-1", "lots"), "MIRROR_RIDE_BYTES must be an integer from 0 to 1048576"),
         ("COUNTER_BATCH", '"counter_batch":64', ("1", '"counter_batch":1'),
          ("0", "10001", "-1", "many"), "COUNTER_BATCH must be an integer from 1 to 10000"),
         ("GROUP_EVICTIONS", '"group_evictions":"adaptive"', ("off", '"group_evictions":"off"'),
