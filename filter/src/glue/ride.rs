@@ -38,8 +38,10 @@ impl Shared {
         }
         let combined = sidecar_api::evict_mirrors_body(body, riders.iter().map(|j| j.body.as_slice()));
         let Some(combined) = combined else {
-            // Not an eviction body: the mirrors wait for a batch.
-            self.unride(Riders(riders));
+            // Not an eviction body: the mirrors wait for a batch (still counted as queued).
+            if let Ok(mut q) = self.mirrors.try_borrow_mut() {
+                q.put_back(riders);
+            }
             return Riders(Vec::new());
         };
         *body = combined;
