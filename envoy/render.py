@@ -57,6 +57,13 @@ def positive(name, default):
     return int(value)
 
 
+def bounded(name, default, low, high):
+    value = env(name, str(default))
+    if not value.isdigit() or not low <= int(value) <= high:
+        fail(f"{name} must be an integer from {low} to {high}, got {value!r}")
+    return int(value)
+
+
 def plugin_config(profile):
     config = {
         "max_body_bytes": positive("MAX_BODY_BYTES", 268435456),
@@ -76,26 +83,14 @@ def plugin_config(profile):
     if not evict_ahead.isdigit():
         fail(f"EVICT_AHEAD_MAX_IDS must be a non-negative integer, got {evict_ahead!r}")
     config["evict_ahead_max_ids"] = int(evict_ahead)
-    linger = env("MIRROR_LINGER_MS", "2")
-    if not linger.isdigit() or int(linger) > 1000:
-        fail(f"MIRROR_LINGER_MS must be an integer from 0 to 1000, got {linger!r}")
-    config["mirror_linger_ms"] = int(linger)
-    linger_max = env("MIRROR_LINGER_MAX_MS", "20")
-    if not linger_max.isdigit() or int(linger_max) > 1000:
-        fail(f"MIRROR_LINGER_MAX_MS must be an integer from 0 to 1000, got {linger_max!r}")
-    config["mirror_linger_max_ms"] = int(linger_max)
-    ride = env("MIRROR_RIDE_BYTES", "65536")
-    if not ride.isdigit() or int(ride) > 1048576:
-        fail(f"MIRROR_RIDE_BYTES must be an integer from 0 to 1048576, got {ride!r}")
-    config["mirror_ride_bytes"] = int(ride)
+    config["mirror_linger_ms"] = bounded("MIRROR_LINGER_MS", 2, 0, 1000)
+    config["mirror_linger_max_ms"] = bounded("MIRROR_LINGER_MAX_MS", 20, 0, 1000)
+    config["mirror_ride_bytes"] = bounded("MIRROR_RIDE_BYTES", 65536, 0, 1048576)
     group = env("GROUP_EVICTIONS", "adaptive")
     if group not in ("adaptive", "always", "off"):
         fail(f"GROUP_EVICTIONS must be adaptive, always or off, got {group!r}")
     config["group_evictions"] = group
-    batch = env("COUNTER_BATCH", "64")
-    if not batch.isdigit() or not 1 <= int(batch) <= 10000:
-        fail(f"COUNTER_BATCH must be an integer from 1 to 10000, got {batch!r}")
-    config["counter_batch"] = int(batch)
+    config["counter_batch"] = bounded("COUNTER_BATCH", 64, 1, 10000)
     # Production means gateway keys unless passthrough is asked for by name.
     mode = env("AUTH_MODE", "keys" if profile == "production" else "passthrough")
     if mode not in ("passthrough", "keys"):

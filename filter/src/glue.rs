@@ -306,6 +306,11 @@ impl Shared {
         joins_group(self.config.group_evictions, self.evictions_own.get(), groups_out)
     }
 
+    /// An eviction callout (a stream's own or a group) went out: writes keep coming.
+    fn eviction_sent(&self) {
+        self.evictions_sent.set(self.evictions_sent.get() + 1);
+    }
+
     /// Whether fetches of `namespace` must bypass the cache: this worker fences it, or another.
     fn fenced(&self, namespace: &str) -> bool {
         let local = self.fences.try_borrow().is_ok_and(|f| f.contains(namespace));
@@ -527,9 +532,7 @@ impl Filter {
         if self.dispatch(&call).is_err() {
             return false;
         }
-        self.shared
-            .evictions_sent
-            .set(self.shared.evictions_sent.get() + 1);
+        self.shared.eviction_sent();
         self.own_eviction = Some(OwnEviction::new(&self.shared.evictions_own));
         true
     }

@@ -103,38 +103,34 @@ impl MirrorQueue {
     /// The next batch to send, oldest first, while fewer than `MAX_IN_FLIGHT` are out; empty
     /// when none may go or none is waiting.
     pub fn take_batch(&mut self) -> Vec<MirrorJob> {
-        let mut batch = Vec::new();
         if self.in_flight.len() >= MAX_IN_FLIGHT {
-            return batch;
+            return Vec::new();
         }
+        self.take_front(BATCH_BYTES, true)
+    }
+
+    /// The oldest waiting mirrors, at most `BATCH_MIRRORS` whose bodies come to at most
+    /// `max_bytes`; with `oversized_first`, a first one larger than that is taken alone.
+    fn take_front(&mut self, max_bytes: usize, oversized_first: bool) -> Vec<MirrorJob> {
+        let mut taken = Vec::new();
         let mut bytes = 0usize;
         while let Some(next) = self.waiting.front() {
             let size = next.body.len();
-            if batch.len() == BATCH_MIRRORS || (!batch.is_empty() && bytes + size > BATCH_BYTES) {
+            let fits = bytes + size <= max_bytes || (oversized_first && taken.is_empty());
+            if taken.len() == BATCH_MIRRORS || !fits {
                 break;
             }
             bytes += size;
             self.bytes -= size;
-            batch.extend(self.waiting.pop_front());
+            taken.extend(self.waiting.pop_front());
         }
-        batch
+        taken
     }
 
     /// The oldest waiting mirrors whose bodies come to at most `max_bytes` together, to ride an
     /// eviction ahead; empty when the first alone is larger (it waits for a batch).
     pub fn take_riders(&mut self, max_bytes: usize) -> Vec<MirrorJob> {
-        let mut riders = Vec::new();
-        let mut bytes = 0usize;
-        while let Some(next) = self.waiting.front() {
-            let size = next.body.len();
-            if bytes + size > max_bytes || riders.len() == BATCH_MIRRORS {
-                break;
-            }
-            bytes += size;
-            self.bytes -= size;
-            riders.extend(self.waiting.pop_front());
-        }
-        riders
+        self.take_front(max_bytes, false)
     }
 
     /// Riders whose eviction could not be sent: back at the front, in their order.

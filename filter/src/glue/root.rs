@@ -184,9 +184,7 @@ impl Root {
         };
         match sent {
             Ok((token, now)) => {
-                self.shared
-                    .evictions_sent
-                    .set(self.shared.evictions_sent.get() + 1);
+                self.shared.eviction_sent();
                 if let Ok(mut g) = self.shared.evictions.try_borrow_mut() {
                     g.sent(token, group.members, now);
                 }

@@ -343,8 +343,11 @@ mod glue {
                         Some(())
                     });
                     if sent.is_none() {
-                        GROUP.with(|g| g.borrow_mut().answered.insert(self.id));
-                        GROUP.with(|g| g.borrow_mut().live.insert(self.id));
+                        GROUP.with(|g| {
+                            let mut g = g.borrow_mut();
+                            g.answered.insert(self.id);
+                            g.live.insert(self.id);
+                        });
                     }
                 }
                 Eviction::Grouped | Eviction::Streamed => {
