@@ -16,6 +16,9 @@ pub const MAX_IN_FLIGHT: usize = 4;
 pub const BATCH_MIRRORS: usize = 256;
 /// A batch takes mirrors while their bodies stay within this (a larger mirror goes alone).
 pub const BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Mirrors keep gathering while writes keep coming only while they come to at most this: a
+/// larger backlog goes at once (holding is for small mirrors, and it holds no more memory).
+pub const HOLD_BYTES: usize = 64 * 1024;
 
 /// A batch callout on its way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +96,11 @@ impl MirrorQueue {
     /// Mirrors waiting to be sent.
     pub fn queued(&self) -> usize {
         self.waiting.len()
+    }
+
+    /// Whether more is waiting than the linger holds back while writes keep coming.
+    pub fn beyond_hold(&self) -> bool {
+        self.bytes > HOLD_BYTES
     }
 
     /// Whether a whole batch is waiting (it goes at once rather than lingering for more).

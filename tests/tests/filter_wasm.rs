@@ -2373,3 +2373,21 @@ fn while_writes_keep_coming_mirrors_keep_gathering_up_to_the_longest_linger() {
         assert_eq!(root_mirrors(&short).len(), id + 1);
     }
 }
+
+#[test]
+fn a_backlog_larger_than_the_hold_goes_at_once_while_writes_keep_coming() {
+    let mut vm = lingering_vm(r#"{"read_watermark":"off"}"#);
+    write_ahead(&mut vm, br#"{"deletes":[0]}"#, Some(APPLIED));
+    vm.advance_time_and_tick(DEFAULT_LINGER_MS).unwrap();
+    apply_batches(&mut vm, 0);
+    // A write whose mirror alone is over 64 KiB, while writes keep coming: not held.
+    let big = format!(
+        r#"{{"upsert_rows":[{{"id":1,"text":"{}"}}]}}"#,
+        "x".repeat(70_000)
+    );
+    write_ahead(&mut vm, big.as_bytes(), Some(APPLIED));
+    vm.advance_time_and_tick(DEFAULT_LINGER_MS).unwrap();
+    let out = root_mirrors(&vm);
+    assert_eq!(out.len(), 2, "the large mirror went after one linger");
+    assert_eq!(batch(&out[1]).len(), 1);
+}

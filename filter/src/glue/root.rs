@@ -350,15 +350,13 @@ impl Root {
 
     /// A linger's tick: what gathered goes in a batch, unless writes keep coming (an eviction
     /// went out during the linger), when it keeps gathering (or rides a group) for up to
-    /// `mirror_linger_max_ms` in all; a full batch goes at once. With nothing gathered the timer
+    /// `mirror_linger_max_ms` in all; a full batch, or more than `HOLD_BYTES`, goes at once. With nothing gathered the timer
     /// stays at the linger while writes keep coming (a steady flow does not wake the root for
     /// each mirror), else it goes back to the refresh period.
     fn linger_tick(&mut self, now: u64) {
-        let (gathered, full) = self
-            .shared
-            .mirrors
-            .try_borrow()
-            .map_or((false, false), |q| (q.queued() > 0, q.batch_full()));
+        let (gathered, full) = self.shared.mirrors.try_borrow().map_or((false, false), |q| {
+            (q.queued() > 0, q.batch_full() || q.beyond_hold())
+        });
         let moved = self.evictions_moved();
         let linger = self.config().mirror_linger_ms.max(1);
         let max_holds = (self.config().mirror_linger_max_ms / linger).saturating_sub(1);
