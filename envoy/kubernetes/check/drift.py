@@ -35,7 +35,7 @@ SIDECAR_PORT = int(re.search(r'env = "SIDECAR_LISTEN", default_value = "[^"]*:(\
 GATEWAY_PORT = int(re.search(r'env = "GATEWAY_URL", default_value = "http://[^"]*:(\d+)"', SIDECAR_RS).group(1))
 FILTER_FIELDS = set(re.findall(r"^\s+(\w+):", re.search(r"struct RawConfig \{(.*?)\n\}", FILTER_RS, re.S).group(1), re.M))
 SIDECAR_CLUSTER = re.search(r'DEFAULT_SIDECAR_CLUSTER: &str = "([^"]+)"', FILTER_RS).group(1)
-RENDER_ENV = set(re.findall(r'\b(?:env|port|positive)\("([A-Z0-9_]+)"', RENDER_PY))
+RENDER_ENV = set(re.findall(r'\b(?:env|port|positive|bounded)\("([A-Z0-9_]+)"', RENDER_PY))
 SECRET_ENV = set(SECRET_VALUES)
 
 
