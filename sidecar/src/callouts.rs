@@ -21,21 +21,40 @@ use crate::state::SharedState;
 /// (the filter's callout timeout) cannot cut it short while it is parsed, planned or applied and
 /// leave some documents older than what Turbopuffer now holds.
 pub async fn mirror(State(state): State<SharedState>, RawBody(body): RawBody) -> Result<Response, ApiError> {
-    detached(run_mirror(state, body)).await
+    let heavy = heavy_pool(&state, &body);
+    detached(heavy, run_mirror(state, body)).await
 }
 
 /// Several mirrors in one callout (a worker's root context sends the mirrors that go after their
 /// responses this way). Detached like a single mirror; the answer says, per mirror, whether it
 /// was applied. A batch that does not parse is refused whole (422).
 pub async fn mirrors(State(state): State<SharedState>, RawBody(body): RawBody) -> Result<Response, ApiError> {
-    detached(run_batch(state, body)).await
+    let heavy = heavy_pool(&state, &body);
+    detached(heavy, run_batch(state, body)).await
 }
 
-/// Runs a mirror handler in a task of its own, so that the caller going away cannot cut it short.
+/// Mirror bodies from this size on run on the shared runtime (`AppState::heavy`): a 10,000-row
+/// batch is several ms of CPU that would otherwise hold up every connection of its thread
+/// (`server`), among them evictions a response waits for. Smaller ones (a 1-row write's mirror
+/// is about 4 KB; riders are at most 64 KiB by default) stay on their thread, which wakes no other.
+pub const HEAVY_BODY_BYTES: usize = 64 << 10;
+
+/// Where a mirror callout with this body runs: None on its connection's thread.
+fn heavy_pool(state: &SharedState, body: &Bytes) -> Option<tokio::runtime::Handle> {
+    state.heavy.clone().filter(|_| body.len() >= HEAVY_BODY_BYTES)
+}
+
+/// Runs a mirror handler in a task of its own (on `pool`, else where the caller runs), so that
+/// the caller going away cannot cut it short.
 async fn detached(
+    pool: Option<tokio::runtime::Handle>,
     work: impl std::future::Future<Output = Result<Response, ApiError>> + Send + 'static,
 ) -> Result<Response, ApiError> {
-    tokio::spawn(work).await.unwrap_or_else(|e| {
+    let task = match pool {
+        Some(pool) => pool.spawn(work),
+        None => tokio::spawn(work),
+    };
+    task.await.unwrap_or_else(|e| {
         Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal_error",
@@ -210,7 +229,8 @@ pub async fn evict_mirrors(
     State(state): State<SharedState>,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    detached(async move {
+    let heavy = heavy_pool(&state, &body);
+    detached(heavy, async move {
         let request: EvictMirrorsCallout = parse_mirror(&state, &body)?;
         drop(body);
         let mirror_state = state.clone();
@@ -276,6 +296,35 @@ mod tests {
     use hevlayer_sidecar_api::{evict_body, EvictRequest, Fence};
 
     use super::*;
+
+    /// The thread a detached handler ran on (its error message carries the name).
+    async fn ran_on(pool: Option<tokio::runtime::Handle>) -> String {
+        let answer = detached(pool, async {
+            let name = std::thread::current().name().unwrap_or("?").to_owned();
+            Err(ApiError::new(StatusCode::IM_A_TEAPOT, "where", name))
+        })
+        .await;
+        match answer {
+            Err(e) => e.message,
+            Ok(_) => panic!("the handler answers an error"),
+        }
+    }
+
+    /// A large mirror runs on the shared runtime, a small one where its connection is served.
+    #[test]
+    fn large_mirrors_run_on_the_shared_runtime() {
+        let shared = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("shared-test")
+            .build()
+            .unwrap();
+        let lane = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let here = std::thread::current().name().unwrap_or("?").to_owned();
+        let (small, large) =
+            lane.block_on(async { (ran_on(None).await, ran_on(Some(shared.handle().clone())).await) });
+        assert_eq!(small, here);
+        assert_eq!(large, "shared-test");
+    }
 
     /// `EvictCallout` reads what the filter sends (`evict_body`) field for field; destructuring
     /// `Fence` without `..` makes a field added there fail to compile here until the callout has it.

@@ -11,6 +11,7 @@ pub mod gateway;
 pub mod metrics;
 pub mod mirror;
 pub mod pipeline;
+mod server;
 pub mod state;
 pub mod trace;
 pub mod watermark;
@@ -72,7 +73,28 @@ pub fn build_state_with_cache(
         cache_timeout: config.cache_op_timeout(),
         doc_max_age_ms: config.cache_max_age_seconds.saturating_mul(1000),
         watermarks: Watermarks::new(config.watermark_settings()),
+        heavy: tokio::runtime::Handle::try_current().ok(),
     }))
+}
+
+/// How the sidecar's connections are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serving {
+    /// Each connection on one of this many threads (0: one per CPU core) for its whole life
+    /// (`server`).
+    Lanes(usize),
+    /// Every connection on the runtime `serve` runs on.
+    Shared,
+}
+
+impl Serving {
+    pub fn of(config: &Config) -> Self {
+        if config.shared_runtime {
+            Serving::Shared
+        } else {
+            Serving::Lanes(config.worker_threads)
+        }
+    }
 }
 
 /// Serves the sidecar on `listener` (and polls watermarks) until `shutdown` resolves, then
@@ -81,13 +103,23 @@ pub async fn serve(
     listener: TcpListener,
     state: SharedState,
     max_body_bytes: usize,
+    serving: Serving,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let poller = tokio::spawn(watermark_poller::run_poller(state.clone()));
     let router = app::router(state, max_body_bytes);
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let served = match serving {
+        Serving::Shared => {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        Serving::Lanes(0) => {
+            let lanes = std::thread::available_parallelism().map_or(1, usize::from);
+            server::serve(listener, router, lanes, shutdown).await
+        }
+        Serving::Lanes(lanes) => server::serve(listener, router, lanes, shutdown).await,
+    };
     poller.abort();
     served
 }
@@ -114,6 +146,7 @@ impl RunningSidecar {
             listener,
             state.clone(),
             config.max_body_bytes,
+            Serving::of(config),
             async move {
                 let _ = rx.await;
             },

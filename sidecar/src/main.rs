@@ -45,6 +45,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The main runtime accepts connections and runs the background work (the watermark poller,
+    // the Aerospike client's upkeep) and large mirrors; requests are served on threads of their
+    // own (`serve`), as many.
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if config.worker_threads > 0 {
         runtime.worker_threads(config.worker_threads);
@@ -82,9 +85,18 @@ async fn run(config: Config, valid: hevlayer_sidecar::config::Validated) -> Exit
         gateway_url = %config.gateway_url,
         mirror_vectors = config.mirror_vectors,
         worker_threads = config.worker_threads,
+        shared_runtime = config.shared_runtime,
         "sidecar listening"
     );
-    match hevlayer_sidecar::serve(listener, state, config.max_body_bytes, shutdown_signal()).await {
+    match hevlayer_sidecar::serve(
+        listener,
+        state,
+        config.max_body_bytes,
+        hevlayer_sidecar::Serving::of(&config),
+        shutdown_signal(),
+    )
+    .await
+    {
         Ok(()) => {
             tracing::info!("sidecar stopped");
             ExitCode::SUCCESS

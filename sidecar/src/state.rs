@@ -41,6 +41,10 @@ pub struct AppState {
     /// Fetches serve no cached copy older than this (`CACHE_MAX_AGE_SECONDS`).
     pub doc_max_age_ms: u64,
     pub watermarks: Watermarks,
+    /// The runtime the state was built on (the main one, shared by its threads): large mirror
+    /// callouts run there rather than on their connection's thread (`callouts::detached`), so a
+    /// 10,000-row batch never holds up the evictions on the same thread. None outside a runtime.
+    pub heavy: Option<tokio::runtime::Handle>,
 }
 
 pub type SharedState = Arc<AppState>;

@@ -62,17 +62,40 @@ async fn an_empty_aerospike_hosts_means_the_embedded_store() {
     child.kill().await.unwrap();
 }
 
-/// The runtime's worker threads of a running sidecar (by their thread name).
-fn worker_threads(pid: u32) -> usize {
+/// A running sidecar's threads whose name starts with `prefix`.
+fn threads_named(pid: u32, prefix: &str) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-        .filter(|name| name.trim() == "tokio-rt-worker")
+        .filter(|name| name.trim().starts_with(prefix))
         .count()
 }
 
+/// The threads serving requests of a running sidecar (by their thread name).
+fn worker_threads(pid: u32) -> usize {
+    threads_named(pid, "sidecar-lane-")
+}
+
+/// `SIDECAR_SHARED_RUNTIME=true`: no lanes; the main runtime's workers serve.
 #[tokio::test]
-async fn sidecar_worker_threads_sets_the_runtime_threads() {
+async fn a_shared_runtime_serves_without_lanes() {
+    let (mut child, port) = start_sidecar(&[
+        ("SIDECAR_SHARED_RUNTIME", "true"),
+        ("SIDECAR_WORKER_THREADS", "3"),
+    ])
+    .await;
+    let a = Client::for_url(&format!("http://127.0.0.1:{port}"))
+        .get("/healthz")
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let pid = child.id().unwrap();
+    assert_eq!(worker_threads(pid), 0);
+    assert_eq!(threads_named(pid, "tokio-rt-worker"), 3);
+    child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn sidecar_worker_threads_sets_the_serving_threads() {
     for (setting, expected) in [("1", 1), ("3", 3)] {
         let (mut child, port) = start_sidecar(&[("SIDECAR_WORKER_THREADS", setting)]).await;
         let a = Client::for_url(&format!("http://127.0.0.1:{port}"))
