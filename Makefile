@@ -41,6 +41,12 @@ $(FILTER_WASM): wasm-target FORCE
 wasm-empty: wasm-target
 	cargo build --release --target $(WASM_TARGET) -p hevlayer-empty-filter
 
+# The empty filter with the filter's query core in it (`gateway-bench --floor`'s `plan` and
+# `exchange` modes), in a target directory of its own so the plain empty filter stays as it is.
+.PHONY: wasm-floor
+wasm-floor: wasm-target
+	cargo build --release --target $(WASM_TARGET) -p hevlayer-empty-filter --features core --target-dir target/floor
+
 .PHONY: fmt-check
 fmt-check:
 	cargo fmt --all --check

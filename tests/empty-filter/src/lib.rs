@@ -227,6 +227,15 @@ mod glue {
             self.touch = match config.as_slice() {
                 b"reads" => 1,
                 b"rewrites" => 2,
+                b"plan" | b"exchange" if !cfg!(feature = "core") => {
+                    let _ = hostcalls::log(
+                        proxy_wasm::types::LogLevel::Error,
+                        "the plan and exchange modes need the build with the `core` feature",
+                    );
+                    return false;
+                }
+                b"plan" => 3,
+                b"exchange" => 4,
                 _ => 0,
             };
             self.buffer = config == b"buffer" || self.touch > 0;
@@ -288,6 +297,7 @@ mod glue {
                 calls: self.calls,
                 spin: self.spin,
                 touch: self.touch,
+                headers: Vec::new(),
                 eviction: self.eviction,
                 queue: self.queue,
                 started: false,
@@ -309,6 +319,7 @@ mod glue {
         calls: usize,
         spin: usize,
         touch: u8,
+        headers: Vec<(String, String)>,
         eviction: Eviction,
         queue: Option<u32>,
         /// Whether this request's stand-in eviction went out (to the sidecar or the root).
@@ -404,7 +415,7 @@ mod glue {
                 std::hint::black_box(super::spin(self.spin));
             }
             if self.touch > 0 {
-                std::hint::black_box(hostcalls::get_map(MapType::HttpRequestHeaders).ok());
+                self.headers = hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default();
             }
             if self.buffer && !end_of_stream {
                 Action::Pause
@@ -421,6 +432,12 @@ mod glue {
             if self.touch > 0 {
                 let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size);
                 let body = body.ok().flatten().unwrap_or_default();
+                #[cfg(feature = "core")]
+                let body = match self.touch {
+                    3 => super::experiment::plan(&body),
+                    4 => super::experiment::exchange(&self.headers, body),
+                    _ => body,
+                };
                 if self.touch > 1 {
                     let _ = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_size, &body);
                     let length = body.len().to_string();
@@ -461,6 +478,58 @@ mod glue {
                 Action::Continue
             }
         }
+    }
+}
+
+/// The `plan` and `exchange` modes: the filter's own work on a query inside this filter, without
+/// its glue: `plan` only the rewrite's core (`reads::plan` and `reads::render`), `exchange` the
+/// whole decision core a query passes through (`Exchange`: route, auth, limits, the rewrite,
+/// the response), each request with a context of its own. Between them and the product's column
+/// is what the product's glue costs; between `rewrites` and `plan` what the rewrite's code costs
+/// when it runs once per request in caches Envoy's own work left cold.
+#[cfg(all(target_arch = "wasm32", feature = "core"))]
+mod experiment {
+    use hevlayer_filter::config::Config;
+    use hevlayer_filter::exchange::{Exchange, RequestHead, Step};
+    use hevlayer_filter::reads::{plan as read_plan, render, WatermarkRule};
+    use std::rc::Rc;
+
+    pub fn plan(body: &[u8]) -> Vec<u8> {
+        match read_plan(body, WatermarkRule::default()) {
+            Ok(p) if !p.is_identity() => render(body, &p),
+            _ => body.to_vec(),
+        }
+    }
+
+    thread_local! {
+        static CONFIG: Rc<Config> = Rc::new(Config::default());
+    }
+
+    pub fn exchange(headers: &[(String, String)], body: Vec<u8>) -> Vec<u8> {
+        let get = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        let head = RequestHead {
+            method: get(":method").unwrap_or(""),
+            path: get(":path").unwrap_or(""),
+            authorization: get("authorization"),
+            content_length: get("content-length"),
+            content_type: get("content-type"),
+            request_id: "0123456789abcdef0123456789abcdef",
+            now_ms: 1_795_000_000_000,
+            ..RequestHead::default()
+        };
+        let mut exchange = Exchange::new(CONFIG.with(Rc::clone));
+        let _ = exchange.on_request_headers(&head);
+        let step = exchange.on_request_body(body.len(), true, 0, &mut |start, size| {
+            body.get(start..start + size).map(<[u8]>::to_vec)
+        });
+        let out = match step {
+            Step::Forward(Some(rewritten)) => rewritten,
+            _ => body,
+        };
+        let _ = exchange.on_response_headers(200, None, false, 0);
+        exchange.on_stream_end();
+        std::hint::black_box(exchange.take_counters());
+        out
     }
 }
 

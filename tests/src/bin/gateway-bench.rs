@@ -139,7 +139,7 @@ fn start_envoy(
             "error",
         ])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log_file(&format!("envoy-{admin}.log"))?)
         .spawn()?;
     let pid = child.id();
     procs.0.push(child);
@@ -222,14 +222,22 @@ fn start_sidecar(procs: &mut Procs, port: u16, gateway: u16, worker_threads: usi
     let child = Command::new(bin)
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--gateway-url", &format!("http://127.0.0.1:{gateway}")])
-        .args(["--log-level", "warn"])
+        .args(["--log-level", "info"])
         .args(["--worker-threads", &worker_threads.to_string()])
-        .stdout(Stdio::null())
+        // Its log (refused requests and anything worse) is kept for a look after a run.
+        .stdout(log_file(&format!("sidecar-{port}.log"))?)
         .stderr(Stdio::null())
         .spawn()?;
     let pid = child.id();
     procs.0.push(child);
     Ok(pid)
+}
+
+/// A log file in `.run/bench/` (replaced), for a child's output.
+fn log_file(name: &str) -> Result<std::fs::File> {
+    let dir = root().join(".run/bench");
+    std::fs::create_dir_all(&dir)?;
+    Ok(std::fs::File::create(dir.join(name))?)
 }
 
 /// Serves `app` (any path, no body limit) on a free loopback port, for the life of the benchmark.
@@ -604,8 +612,10 @@ async fn main() -> Result<()> {
     // `--spin-cost`: one more Envoy, the empty filter hashing 16 KiB per request (plain wasm
     // work): what a known loop costs in Envoy's engine against the same loop run natively.
     let spin_cost = args.iter().any(|a| a == "--spin-cost");
-    // `--floor`: two more Envoys, the empty filter making the reads any query-reading filter
-    // must make (headers, body, status), and those plus a rewrite's writes (body, length).
+    // `--floor`: four more Envoys, the empty filter making the reads any query-reading filter
+    // must make (headers, body, status), those plus a rewrite's writes (body, length), and those
+    // plus the filter's own query core run inside it: the rewrite alone (`plan`), and the whole
+    // decision core without the product's glue (`exchange`; `make wasm-floor`).
     let floor = args.iter().any(|a| a == "--floor");
     // `--slow-breakdown`: the 5 ms-upstream row with the breakdown's Envoys too (empty filter,
     // the filter without callouts, with callouts answered at once), not only the two ends.
@@ -657,6 +667,11 @@ async fn main() -> Result<()> {
         if !module.exists() {
             bail!("{} is missing: run `make bench-gateway`", module.display());
         }
+    }
+    // `--floor`'s `plan` and `exchange` modes: the empty filter built with the filter's core.
+    let cored = root().join("target/floor/wasm32-wasip1/release/hevlayer_empty_filter.wasm");
+    if floor && !cored.exists() {
+        bail!("{} is missing: run `make wasm-floor`", cored.display());
     }
     let client = reqwest::Client::builder()
         .no_proxy()
@@ -752,6 +767,9 @@ async fn main() -> Result<()> {
     if floor {
         for mode in ["reads", "rewrites"] {
             all.push((format!("empty, {mode}"), Filter::Wasm(&empty, Some(mode)), stub));
+        }
+        for mode in ["plan", "exchange"] {
+            all.push((format!("empty, {mode}"), Filter::Wasm(&cored, Some(mode)), stub));
         }
     }
     if spin_cost {
