@@ -14,8 +14,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// Connections accepted and not yet taken up by their lane (a lane takes one per accept loop
-/// turn; more waiting means it is busy, and the next connections go to the others in turn anyway).
+/// Connections accepted and not yet taken up by their lane; beyond it the next lane gets them.
 const LANE_BACKLOG: usize = 256;
 
 /// A lane's side of the hand-over: the connections the acceptor gives it.
@@ -94,6 +93,22 @@ fn start_lanes(
         .collect()
 }
 
+/// Gives a connection to the lane whose turn it is or, when that one's backlog is full (its
+/// thread is stuck) or its thread has ended, to the next that takes it: one lane in trouble never
+/// stops the others from getting connections. False when none takes it.
+fn hand_over(lanes: &[Lane], turn: usize, mut connection: (std::net::TcpStream, SocketAddr)) -> bool {
+    for offset in 0..lanes.len() {
+        let lane = &lanes[turn.wrapping_add(offset) % lanes.len()];
+        match lane.connections.try_send(connection) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Full(back) | mpsc::error::TrySendError::Closed(back)) => {
+                connection = back;
+            }
+        }
+    }
+    false
+}
+
 /// Serves `router` on `listener` with `lanes` single-threaded runtimes until `shutdown` resolves,
 /// then stops accepting and waits for every lane to finish its in-flight requests.
 pub async fn serve(
@@ -119,13 +134,10 @@ pub async fn serve(
                 continue;
             }
         };
-        let lane = &lanes[turn % lanes.len()];
-        turn = turn.wrapping_add(1);
-        if lane.connections.send((stream, peer)).await.is_err() {
-            // The lane's thread ended (its runtime failed): say so; the next connections go on
-            // to the others, and the end of `serve` reports its error.
-            tracing::error!(peer = %peer, "a serving thread has stopped; connection dropped");
+        if !hand_over(&lanes, turn, (stream, peer)) {
+            tracing::error!(peer = %peer, "no serving thread takes connections; connection dropped");
         }
+        turn = turn.wrapping_add(1);
     }
     let _ = stop.send(true);
     let mut result = Ok(());
@@ -168,6 +180,34 @@ mod tests {
             *name = body.trim_end_matches('#').to_owned();
         }
         names
+    }
+
+    /// A lane with a full backlog or an ended thread is passed over; none left: false.
+    #[test]
+    fn a_lane_that_cannot_take_a_connection_is_passed_over() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connection = || (std::net::TcpStream::connect(addr).unwrap(), addr);
+        let lane = |capacity| {
+            let (connections, receiver) = mpsc::channel(capacity);
+            let (_finished, done) = oneshot::channel();
+            (Lane { connections, done }, receiver)
+        };
+        let (full, _full_rx) = lane(1);
+        full.connections.try_send(connection()).unwrap();
+        let (ended, ended_rx) = lane(4);
+        drop(ended_rx);
+        let (open, mut open_rx) = lane(4);
+        let lanes = [full, ended, open];
+        assert!(hand_over(&lanes, 0, connection()));
+        assert!(hand_over(&lanes, 1, connection()));
+        assert_eq!(
+            open_rx.len(),
+            2,
+            "both went to the one lane that takes connections"
+        );
+        open_rx.close();
+        assert!(!hand_over(&lanes, 2, connection()));
     }
 
     #[tokio::test]
