@@ -69,17 +69,16 @@ pub struct Config {
     #[arg(long, env = "SIDECAR_MAX_BODY_BYTES", default_value_t = 256 << 20)]
     pub max_body_bytes: usize,
 
-    /// Threads serving requests; 0: one per CPU core. Each connection is served on one of them
-    /// for its whole life (a single-threaded runtime per thread), so that serving a callout
-    /// wakes no other thread; Envoy's connections spread over them.
+    /// Threads serving requests (the runtime's workers, or with `SIDECAR_PINNED_CONNECTIONS` the
+    /// connections' own threads); 0: one per CPU core.
     #[arg(long, env = "SIDECAR_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
 
-    /// Serve every connection on one shared multi-threaded runtime instead (its threads steal
-    /// each other's work): the tail under many busy connections is shorter, the CPU per callout
-    /// higher (README, Serving).
-    #[arg(long, env = "SIDECAR_SHARED_RUNTIME", default_value_t = false, action = clap::ArgAction::Set)]
-    pub shared_runtime: bool,
+    /// Serve each connection on one of the serving threads for its whole life (a single-threaded
+    /// runtime each) instead of on one shared work-stealing runtime: less CPU per callout, a
+    /// longer tail under many busy connections (README, Serving).
+    #[arg(long, env = "SIDECAR_PINNED_CONNECTIONS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub pinned_connections: bool,
 
     /// Watermark poll interval of namespaces updating, recently written or without a watermark.
     #[arg(long, env = "WATERMARK_POLL_MS", default_value_t = 1_000)]

@@ -89,10 +89,10 @@ pub enum Serving {
 
 impl Serving {
     pub fn of(config: &Config) -> Self {
-        if config.shared_runtime {
-            Serving::Shared
-        } else {
+        if config.pinned_connections {
             Serving::Lanes(config.worker_threads)
+        } else {
+            Serving::Shared
         }
     }
 }

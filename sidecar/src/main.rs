@@ -45,9 +45,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // The main runtime accepts connections and runs the background work (the watermark poller,
-    // the Aerospike client's upkeep) and large mirrors; requests are served on threads of their
-    // own (`serve`), as many.
+    // The main runtime serves the connections, or with pinned connections accepts them and runs
+    // the background work (the watermark poller, the Aerospike client's upkeep) and large
+    // mirrors while requests are served on as many threads of their own (`serve`).
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if config.worker_threads > 0 {
         runtime.worker_threads(config.worker_threads);
@@ -85,7 +85,7 @@ async fn run(config: Config, valid: hevlayer_sidecar::config::Validated) -> Exit
         gateway_url = %config.gateway_url,
         mirror_vectors = config.mirror_vectors,
         worker_threads = config.worker_threads,
-        shared_runtime = config.shared_runtime,
+        pinned_connections = config.pinned_connections,
         "sidecar listening"
     );
     match hevlayer_sidecar::serve(

@@ -71,43 +71,27 @@ fn threads_named(pid: u32, prefix: &str) -> usize {
         .count()
 }
 
-/// The threads serving requests of a running sidecar (by their thread name).
-fn worker_threads(pid: u32) -> usize {
-    threads_named(pid, "sidecar-lane-")
-}
-
-/// `SIDECAR_SHARED_RUNTIME=true`: no lanes; the main runtime's workers serve.
-#[tokio::test]
-async fn a_shared_runtime_serves_without_lanes() {
-    let (mut child, port) = start_sidecar(&[
-        ("SIDECAR_SHARED_RUNTIME", "true"),
-        ("SIDECAR_WORKER_THREADS", "3"),
-    ])
-    .await;
-    let a = Client::for_url(&format!("http://127.0.0.1:{port}"))
-        .get("/healthz")
-        .await;
-    assert_eq!(a.status, 200, "{}", a.text);
-    let pid = child.id().unwrap();
-    assert_eq!(worker_threads(pid), 0);
-    assert_eq!(threads_named(pid, "tokio-rt-worker"), 3);
-    child.kill().await.unwrap();
-}
-
 #[tokio::test]
 async fn sidecar_worker_threads_sets_the_serving_threads() {
-    for (setting, expected) in [("1", 1), ("3", 3)] {
-        let (mut child, port) = start_sidecar(&[("SIDECAR_WORKER_THREADS", setting)]).await;
-        let a = Client::for_url(&format!("http://127.0.0.1:{port}"))
-            .get("/healthz")
+    for (pinned, prefix) in [("false", "tokio-rt-worker"), ("true", "sidecar-lane-")] {
+        for (setting, expected) in [("1", 1), ("3", 3)] {
+            let (mut child, port) = start_sidecar(&[
+                ("SIDECAR_WORKER_THREADS", setting),
+                ("SIDECAR_PINNED_CONNECTIONS", pinned),
+            ])
             .await;
-        assert_eq!(a.status, 200, "{}", a.text);
-        assert_eq!(
-            worker_threads(child.id().unwrap()),
-            expected,
-            "SIDECAR_WORKER_THREADS={setting}"
-        );
-        child.kill().await.unwrap();
+            let a = Client::for_url(&format!("http://127.0.0.1:{port}"))
+                .get("/healthz")
+                .await;
+            assert_eq!(a.status, 200, "{}", a.text);
+            let pid = child.id().unwrap();
+            let what = format!("SIDECAR_WORKER_THREADS={setting} SIDECAR_PINNED_CONNECTIONS={pinned}");
+            assert_eq!(threads_named(pid, prefix), expected, "{what}");
+            if pinned == "false" {
+                assert_eq!(threads_named(pid, "sidecar-lane-"), 0, "{what}");
+            }
+            child.kill().await.unwrap();
+        }
     }
     let out = Command::new(env!("CARGO_BIN_EXE_hevlayer-sidecar"))
         .env("SIDECAR_WORKER_THREADS", "5000")
@@ -132,9 +116,15 @@ async fn sigterm_stops_the_sidecar_cleanly() {
 }
 
 /// A request in flight when SIGTERM arrives (here a document fetch waiting on a slow gateway)
-/// completes with its response; then the process exits 0.
+/// completes with its response; then the process exits 0. Shared and pinned serving alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_an_in_flight_request_finish() {
+    for pinned in ["false", "true"] {
+        in_flight_request_finishes(pinned).await;
+    }
+}
+
+async fn in_flight_request_finishes(pinned: &str) {
     let gw = FakeGateway::start_with_delay(
         Arc::new(|_path: &str, _body: &Value| {
             (
@@ -146,7 +136,12 @@ async fn sigterm_lets_an_in_flight_request_finish() {
         Duration::from_millis(700),
     )
     .await;
-    let (mut child, port) = start_sidecar(&[("GATEWAY_URL", &gw.url), ("LOG_LEVEL", "warn")]).await;
+    let (mut child, port) = start_sidecar(&[
+        ("GATEWAY_URL", &gw.url),
+        ("LOG_LEVEL", "warn"),
+        ("SIDECAR_PINNED_CONNECTIONS", pinned),
+    ])
+    .await;
     let deadline = Instant::now() + Duration::from_secs(10);
     let c = Arc::new(Client::for_url(&format!("http://127.0.0.1:{port}")));
     let in_flight = {
@@ -169,7 +164,7 @@ async fn sigterm_lets_an_in_flight_request_finish() {
         .unwrap()
         .success());
     let a = in_flight.await.unwrap();
-    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.status, 200, "pinned {pinned}: {}", a.text);
     assert_eq!(a.json(), json!({"id": "d", "attributes": {"t": "slow"}}));
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await
