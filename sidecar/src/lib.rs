@@ -114,11 +114,13 @@ pub async fn serve(
                 .with_graceful_shutdown(shutdown)
                 .await
         }
-        Serving::Lanes(0) => {
-            let lanes = std::thread::available_parallelism().map_or(1, usize::from);
+        Serving::Lanes(lanes) => {
+            let lanes = match lanes {
+                0 => std::thread::available_parallelism().map_or(1, usize::from),
+                n => n,
+            };
             server::serve(listener, router, lanes, shutdown).await
         }
-        Serving::Lanes(lanes) => server::serve(listener, router, lanes, shutdown).await,
     };
     poller.abort();
     served
